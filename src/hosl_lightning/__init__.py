@@ -1,0 +1,1 @@
+"""hosl-lightning: hybrid-order split learning for Hugging Face causal LMs."""
