@@ -1,0 +1,67 @@
+"""The cut: the one place where activations go from client to server and losses or gradients come back.
+
+In-process for now: a crossing is a device move (client and server may sit on different devices) and a
+byte count. Everything that travels is counted, so the communication of the three modes can be compared.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor
+
+from hosl_lightning.split import CutActivations
+
+
+def _nbytes(tensor: Tensor | None) -> int:
+    return 0 if tensor is None else tensor.numel() * tensor.element_size()
+
+
+@dataclass
+class TrafficCounter:
+    """Bytes and messages that crossed the cut since the last :meth:`reset`."""
+
+    bytes_up: int = 0
+    bytes_down: int = 0
+    messages_up: int = 0
+    messages_down: int = 0
+
+    def reset(self) -> None:
+        self.bytes_up = self.bytes_down = self.messages_up = self.messages_down = 0
+
+
+@dataclass
+class InProcessBoundary:
+    """Moves payloads between the client's and the server's devices and counts what crosses."""
+
+    client_device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    server_device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    traffic: TrafficCounter = field(default_factory=TrafficCounter)
+
+    def send_up(self, activations: CutActivations, labels: Tensor | None = None) -> tuple[CutActivations, Tensor | None]:
+        """Client -> server: activations, the padding mask, position ids and (optionally) labels."""
+        self.traffic.bytes_up += sum(
+            _nbytes(t) for t in (activations.hidden, activations.attention_mask, activations.position_ids, labels)
+        )
+        self.traffic.messages_up += 1
+        device = self.server_device
+        moved = replace(
+            activations,
+            hidden=activations.hidden.to(device, non_blocking=True),
+            attention_mask=None if activations.attention_mask is None else activations.attention_mask.to(device),
+            position_ids=activations.position_ids.to(device),
+        )
+        return moved, None if labels is None else labels.to(device)
+
+    def send_down_losses(self, losses: Tensor) -> Tensor:
+        """Server -> client: scalar losses (all the ZO client needs back)."""
+        self.traffic.bytes_down += _nbytes(losses)
+        self.traffic.messages_down += 1
+        return losses.detach().to(self.client_device)
+
+    def send_down_gradient(self, gradient: Tensor) -> Tensor:
+        """Server -> client: dL/dh at the cut (first-order split learning)."""
+        self.traffic.bytes_down += _nbytes(gradient)
+        self.traffic.messages_down += 1
+        return gradient.to(self.client_device, non_blocking=True)

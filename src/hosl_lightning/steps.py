@@ -1,0 +1,172 @@
+"""One training step of each mode on a SplitCausalLM: hosl (ZO client, FO server), fo and zo baselines.
+
+Each function does the forward passes, crosses the boundary, computes updates and applies the
+zeroth-order ones; first-order gradients go through ``backward`` (Lightning's ``manual_backward``, so
+precision plugins and gradient scaling apply) and the caller steps the first-order optimizer. That keeps
+exactly one counted optimizer step per batch in Lightning's bookkeeping.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Literal
+
+import torch
+from torch import Tensor, nn
+
+from hosl_lightning.model import SplitCausalLM, concat_activations
+from hosl_lightning.split import CutActivations
+from hosl_lightning.zo import ZOSGD, ZOEstimate, two_point_estimate
+
+Mode = Literal["hosl", "fo", "zo"]
+MODES: tuple[str, ...] = ("hosl", "fo", "zo")
+ServerGrad = Literal["perturbed", "mean", "clean"]
+SERVER_GRADS: tuple[str, ...] = ("perturbed", "mean", "clean")
+
+
+@dataclass(frozen=True)
+class ZOSettings:
+    """How the two-point estimate is taken."""
+
+    queries: int = 1
+    mu: float = 1e-3
+    server_grad: ServerGrad = "perturbed"
+    batch_probes: bool = True
+
+
+@dataclass
+class StepOutput:
+    loss: Tensor  # detached training loss for logging
+    estimate: ZOEstimate | None = None  # the ZO update applied this step, if any
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Probe forwards run without dropout, or the two sides of a difference see different masks."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+def _batch_tensors(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor | None, Tensor]:
+    try:
+        return batch["input_ids"], batch.get("attention_mask"), batch["labels"]
+    except KeyError as missing:
+        raise KeyError(f"a training batch needs 'input_ids' and 'labels'; missing {missing}") from None
+
+
+def hosl_step(
+    model: SplitCausalLM,
+    batch: dict[str, Tensor],
+    client_optimizer: ZOSGD,
+    settings: ZOSettings,
+    step: int,
+    backward: Callable[[Tensor], None],
+) -> StepOutput:
+    """ZO on the client (2Q perturbed forwards, no activations kept), FO on the server."""
+    input_ids, attention_mask, labels = _batch_tensors(batch)
+    boundary = model.boundary
+    clean: CutActivations | None = None
+    with eval_mode(model):
+        if settings.server_grad == "clean":
+            with torch.no_grad():
+                clean = model.client_forward(input_ids, attention_mask)
+
+        def probe(query: int, sign: float) -> CutActivations:
+            with torch.no_grad(), client_optimizer.perturbed([model.client], step, query, sign * settings.mu):
+                return model.client_forward(input_ids, attention_mask)
+
+        def server_losses(outputs: list[CutActivations]) -> Tensor:
+            sent = [boundary.send_up(a, labels if i == 0 else None) for i, a in enumerate(outputs)]
+            with model.server_side():
+                return boundary.send_down_losses(_server_losses_and_backward([a for a, _ in sent], sent[0][1]))
+
+        def _server_losses_and_backward(ups: list[CutActivations], server_labels: Tensor | None) -> Tensor:
+            assert server_labels is not None
+            if settings.server_grad == "mean":
+                values = _losses(model, ups, server_labels, settings.batch_probes)
+                backward(values.mean())
+            elif settings.server_grad == "perturbed":
+                first = model.server_losses(ups[0], server_labels)
+                backward(first[0])
+                with torch.no_grad():
+                    rest = _losses(model, ups[1:], server_labels, settings.batch_probes)
+                values = torch.cat([first.detach(), rest])
+            else:
+                with torch.no_grad():
+                    values = _losses(model, ups, server_labels, settings.batch_probes)
+            return values
+
+        coefficients, losses = two_point_estimate(probe, server_losses, settings.queries, settings.mu)
+        if clean is not None:
+            up, server_labels = boundary.send_up(clean, labels)
+            with model.server_side():
+                clean_loss = model.server_losses(up, server_labels)[0]
+                backward(clean_loss)
+    estimate = ZOEstimate(step, coefficients)
+    client_optimizer.step(estimate=estimate)
+    loss = clean_loss.detach() if clean is not None else losses.mean()
+    return StepOutput(loss=loss, estimate=estimate)
+
+
+def _losses(model: SplitCausalLM, ups: list[CutActivations], labels: Tensor, batched: bool) -> Tensor:
+    if not ups:
+        return torch.empty(0, device=labels.device)
+    if batched:
+        return model.server_losses(concat_activations(ups), labels, groups=len(ups))
+    return torch.cat([model.server_losses(up, labels) for up in ups])
+
+
+def fo_step(model: SplitCausalLM, batch: dict[str, Tensor], backward: Callable[[Tensor], None]) -> StepOutput:
+    """First-order split learning: the server returns dL/dh and the client backpropagates it."""
+    input_ids, attention_mask, labels = _batch_tensors(batch)
+    boundary = model.boundary
+    activations = model.client_forward(input_ids, attention_mask)
+    up, server_labels = boundary.send_up(activations, labels)
+    assert server_labels is not None
+    with model.server_side():
+        server_input = up.hidden.detach().requires_grad_(True)
+        up.hidden = server_input
+        loss = model.server_losses(up, server_labels)[0]
+        backward(loss)
+        if server_input.grad is None:
+            raise RuntimeError("the server produced no gradient at the cut")
+        gradient = boundary.send_down_gradient(server_input.grad)
+    if activations.hidden.requires_grad:  # cut_layer=0 on a model whose embeddings are frozen has nothing to train
+        activations.hidden.backward(gradient)
+    return StepOutput(loss=loss.detach())
+
+
+def zo_step(
+    model: SplitCausalLM,
+    batch: dict[str, Tensor],
+    optimizer: ZOSGD,
+    settings: ZOSettings,
+    step: int,
+    apply: Callable[[ZOEstimate], None],
+) -> StepOutput:
+    """All-zeroth-order split learning (MeZO over the split model): one shared seed perturbs both halves."""
+    input_ids, attention_mask, labels = _batch_tensors(batch)
+    boundary = model.boundary
+
+    server_labels: list[Tensor] = []  # labels cross once per step, with the first activations
+
+    def probe(query: int, sign: float) -> Tensor:
+        with torch.no_grad(), optimizer.perturbed([model.client, model.server], step, query, sign * settings.mu):
+            activations = model.client_forward(input_ids, attention_mask)
+            up, sent = boundary.send_up(activations, None if server_labels else labels)
+            if sent is not None:
+                server_labels.append(sent)
+            with model.server_side():
+                return boundary.send_down_losses(model.server_losses(up, server_labels[0]))
+
+    with eval_mode(model):
+        coefficients, losses = two_point_estimate(probe, torch.cat, settings.queries, settings.mu)
+    estimate = ZOEstimate(step, coefficients)
+    apply(estimate)
+    return StepOutput(loss=losses.mean(), estimate=estimate)

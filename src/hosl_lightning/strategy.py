@@ -1,0 +1,335 @@
+"""HOSLStrategy: cut the model, place the halves, and dispatch each step to the hosl, fo or zo algorithm.
+
+The strategy owns everything that makes training *split*: it finds the Hugging Face causal LM inside any
+LightningModule, replaces it with a :class:`SplitCausalLM`, decides which parameters learn by gradients
+and which by zeroth-order estimates, holds the client's ZO optimizer and its seed counter, and saves both
+in checkpoints. Modules written for plain fine-tuning (automatic optimization) train unchanged: their own
+``training_step`` becomes the loss oracle of the ZO probes. :class:`~hosl_lightning.module.HOSLModule`
+(manual optimization) calls :meth:`HOSLStrategy.run_step` for the fast path with batched server probes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.plugins.precision import HalfPrecision, MixedPrecision
+from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+
+from hosl_lightning.model import SplitCausalLM
+from hosl_lightning.steps import MODES, SERVER_GRADS, Mode, ServerGrad, StepOutput, ZOSettings, eval_mode
+from hosl_lightning.steps import fo_step, hosl_step, zo_step
+from hosl_lightning.zo import DIRECTIONS, ZOSGD, ZOEstimate, two_point_estimate
+
+STRATEGY_NAME = "hosl"
+
+
+def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{key}={value!r} is not valid: choose one of {', '.join(map(repr, allowed))}")
+
+
+def _number(key: str, value: Any, kind: type, low: float, strict: bool = False) -> None:
+    ok = isinstance(value, kind) and not isinstance(value, bool) and (value > low if strict else value >= low)
+    if not ok:
+        bound = f"> {low}" if strict else f">= {low}"
+        raise ValueError(f"{key}={value!r} is not valid: it must be {'an integer' if kind is int else 'a number'} {bound}")
+
+
+def find_causal_lm(module: nn.Module) -> tuple[str, nn.Module]:
+    """The (dotted name, module) of the one HF causal LM (or already split model) inside ``module``."""
+    found = [(n, m) for n, m in module.named_modules() if isinstance(m, (SplitCausalLM, PreTrainedModel))]
+    outermost = [(n, m) for n, m in found if not any(n.startswith(o + ".") for o, _ in found if o != n and o)]
+    if not outermost:
+        raise ValueError(
+            f"HOSLStrategy found no Hugging Face model inside {type(module).__name__}: assign the causal LM as an "
+            "attribute of your LightningModule, e.g. self.model = AutoModelForCausalLM.from_pretrained(...)"
+        )
+    if len(outermost) > 1:
+        names = ", ".join(n or "<module>" for n, _ in outermost)
+        raise ValueError(f"HOSLStrategy found several Hugging Face models ({names}); it can split exactly one")
+    return outermost[0]
+
+
+@contextmanager
+def _silenced_logging(module: LightningModule) -> Iterator[None]:
+    """Probe forwards call the user's training_step; its self.log calls must count once per step, not 2Q+1 times."""
+    module.log, module.log_dict = (lambda *a, **k: None), (lambda *a, **k: None)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del module.log, module.log_dict
+
+
+def _loss_of(output: STEP_OUTPUT) -> Tensor:
+    loss = output["loss"] if isinstance(output, dict) else output
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        raise TypeError("under HOSLStrategy, training_step must return a scalar loss tensor or a dict with 'loss'")
+    return loss.detach().reshape(())
+
+
+class HOSLStrategy(SingleDeviceStrategy):
+    """Hybrid-order split learning: zeroth-order client, first-order server, cut at ``cut_layer``.
+
+    Args:
+        cut_layer: the client runs the embeddings and decoder blocks ``[0, cut_layer)``; the server the rest.
+        mode: ``"hosl"`` (ZO client, FO server), ``"fo"`` (first-order split learning baseline: the server
+            returns dL/dh) or ``"zo"`` (both halves zeroth-order with one shared seed, MeZO over the split model).
+        q: number of random directions (queries) per step; each costs two client forwards.
+        mu: smoothing radius of the two-point estimate.
+        zo_lr: learning rate of the zeroth-order updates (the client in hosl mode, both halves in zo mode).
+        zo_weight_decay: decoupled weight decay of the ZO updates; biases and norm weights are exempt.
+        direction: ``"gaussian"`` or ``"rademacher"`` directions.
+        seed: base seed of the directions; direction q of step t is drawn from hash(seed, t, q, tensor).
+        server_grad: which forward the server's gradient comes from in hosl mode: ``"perturbed"`` (the +mu
+            point of query 1, free: the authors' choice), ``"mean"`` (all 2Q points) or ``"clean"``
+            (unperturbed client weights; one more client forward).
+        batch_probes: compute the 2Q server losses in one batched forward (faster) instead of one at a time.
+        client_device / server_device: where each half lives (e.g. ``"cpu"`` and ``"cuda:0"`` to emulate an
+            edge device beside a server); by default the Trainer's device.
+    """
+
+    strategy_name = STRATEGY_NAME
+
+    def __init__(
+        self,
+        cut_layer: int = 1,
+        mode: Mode = "hosl",
+        q: int = 1,
+        mu: float = 1e-3,
+        zo_lr: float = 1e-6,
+        zo_weight_decay: float = 0.0,
+        direction: str = "gaussian",
+        seed: int = 0,
+        server_grad: ServerGrad = "perturbed",
+        batch_probes: bool = True,
+        client_device: str | None = None,
+        server_device: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        _number("cut_layer", cut_layer, int, 0)
+        _choice("mode", mode, MODES)
+        _number("q", q, int, 1)
+        _number("mu", mu, (int, float), 0, strict=True)  # type: ignore[arg-type]
+        _number("zo_lr", zo_lr, (int, float), 0)  # type: ignore[arg-type]
+        _number("zo_weight_decay", zo_weight_decay, (int, float), 0)  # type: ignore[arg-type]
+        _choice("direction", direction, DIRECTIONS)
+        _number("seed", seed, int, 0)
+        _choice("server_grad", server_grad, SERVER_GRADS)
+        super().__init__(device="cpu", **kwargs)
+        self.cut_layer = cut_layer
+        self.mode = mode
+        self.settings = ZOSettings(queries=q, mu=float(mu), server_grad=server_grad, batch_probes=batch_probes)
+        self.zo_lr = float(zo_lr)
+        self.zo_weight_decay = float(zo_weight_decay)
+        self.direction = direction
+        self.seed = seed
+        self._client_device = None if client_device is None else torch.device(client_device)
+        self._server_device = None if server_device is None else torch.device(server_device)
+        self.parallel_devices: list[torch.device] | None = None  # filled in by the Trainer from `devices`
+        self.client_optimizer: ZOSGD | None = None
+        self.zo_steps = 0  # ZO steps taken: the step index of the next direction seeds
+        self._pending_state: dict[str, Any] | None = None
+        self._last_step_time: float | None = None
+
+    # ---- placement -------------------------------------------------------------------------------------
+    @property
+    def root_device(self) -> torch.device:
+        """The Trainer's device (from its accelerator and ``devices``), as Lightning's own strategies do."""
+        return self.parallel_devices[0] if self.parallel_devices else torch.device("cpu")
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True  # checkpoints hold the split model's keys: load them after the cut
+
+    @property
+    def split_model(self) -> SplitCausalLM:
+        assert self.lightning_module is not None
+        _, model = find_causal_lm(self.lightning_module)
+        if not isinstance(model, SplitCausalLM):
+            raise RuntimeError("the model has not been cut yet: HOSLStrategy.setup runs when the Trainer starts")
+        return model
+
+    def model_to_device(self) -> None:
+        assert self.model is not None
+        self.model.to(self.root_device)
+        self.split_model.place(self._client_device or self.root_device, self._server_device or self.root_device)
+
+    # ---- setup -----------------------------------------------------------------------------------------
+    def setup(self, trainer: Trainer) -> None:
+        assert self.lightning_module is not None
+        self._check_precision()
+        self._cut(self.lightning_module)
+        super().setup(trainer)
+
+    def _check_precision(self) -> None:
+        plugin = self.precision_plugin
+        if self.mode != "fo" and isinstance(plugin, HalfPrecision):
+            raise ValueError(
+                f"precision={plugin.precision!r} stores weights in half precision, but mode={self.mode!r} updates "
+                "client weights by zeroth-order steps, which need float32: use precision '32-true' or 'bf16-mixed'"
+            )
+        if self.mode == "zo" and isinstance(plugin, MixedPrecision) and plugin.scaler is not None:
+            raise ValueError(
+                "precision='16-mixed' uses a GradScaler, which must never touch zeroth-order updates, and "
+                "mode='zo' trains only by them: use precision '32-true' or 'bf16-mixed'"
+            )
+
+    def _cut(self, module: LightningModule) -> None:
+        name, model = find_causal_lm(module)
+        if isinstance(model, SplitCausalLM):
+            return  # already cut (a second fit/validate on the same module)
+        if not name:
+            raise ValueError("HOSLStrategy needs the causal LM as an attribute of a LightningModule, not the module itself")
+        split = SplitCausalLM(model, self.cut_layer)
+        parent_name, _, attribute = name.rpartition(".")
+        setattr(module.get_submodule(parent_name) if parent_name else module, attribute, split)
+        zeroth_order = [split.client] if self.mode == "hosl" else [split.client, split.server] if self.mode == "zo" else []
+        for half in zeroth_order:
+            for param in half.parameters():
+                if param.requires_grad:
+                    param.requires_grad_(False)
+                    param._hosl_zo = True  # type: ignore[attr-defined]  # trained by ZO, never by backprop
+
+    def _zo_named_parameters(self, *halves: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for half in halves for n, p in half.named_parameters() if getattr(p, "_hosl_zo", False)]
+
+    def _new_zo_optimizer(self, *halves: nn.Module) -> ZOSGD:
+        return ZOSGD(self._zo_named_parameters(*halves), self.zo_lr, self.zo_weight_decay, self.direction, self.seed)
+
+    def setup_optimizers(self, trainer: Trainer) -> None:
+        module = self.lightning_module
+        assert module is not None
+        split = self.split_model
+        if self.mode == "zo":
+            if module.automatic_optimization:
+                raise ValueError(
+                    "mode='zo' trains both halves without gradients, which a module with automatic optimization "
+                    "cannot express; use hosl_lightning.HOSLModule (or mode 'hosl' / 'fo')"
+                )
+            self.optimizers, self.lr_scheduler_configs = [self._new_zo_optimizer(split.client, split.server)], []
+        else:
+            super().setup_optimizers(trainer)
+        if self.mode == "hosl":
+            self.client_optimizer = self._new_zo_optimizer(split.client)
+        self._apply_pending_state()
+
+    # ---- the step --------------------------------------------------------------------------------------
+    def run_step(self, batch: dict[str, Tensor]) -> StepOutput:
+        """One training step of the configured mode for a manual-optimization module; steps the optimizer once."""
+        module = self.lightning_module
+        assert module is not None and not module.automatic_optimization
+        split = self.split_model
+        optimizer = module.optimizers()
+        assert not isinstance(optimizer, list), "HOSLModule configures exactly one first-order optimizer"
+        split.boundary.traffic.reset()
+        step = self.zo_steps
+        if self.mode == "hosl":
+            assert self.client_optimizer is not None
+            output = hosl_step(split, batch, self.client_optimizer, self.settings, step, module.manual_backward)
+            optimizer.step()
+        elif self.mode == "fo":
+            output = fo_step(split, batch, module.manual_backward)
+            optimizer.step()
+        else:
+            output = zo_step(split, batch, optimizer.optimizer, self.settings, step, lambda e: optimizer.step(estimate=e))
+        optimizer.zero_grad(set_to_none=True)
+        self.zo_steps += 1
+        self._log_step(output.estimate)
+        return output
+
+    def training_step(self, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
+        """For automatic-optimization modules in hosl mode: ZO-probe the user's own training_step."""
+        module = self.lightning_module
+        assert module is not None
+        if not module.automatic_optimization or self.mode != "hosl":
+            return super().training_step(*args, **kwargs)
+        assert self.client_optimizer is not None
+        split, step, optimizer = self.split_model, self.zo_steps, self.client_optimizer
+        base_step = super().training_step
+        split.boundary.traffic.reset()
+
+        def probe(query: int, sign: float) -> Tensor:
+            with torch.no_grad(), optimizer.perturbed([split.client], step, query, sign * self.settings.mu):
+                with _silenced_logging(module):
+                    return _loss_of(base_step(*args, **kwargs))
+
+        with eval_mode(module):
+            coefficients, _ = two_point_estimate(probe, torch.stack, self.settings.queries, self.settings.mu)
+        output = base_step(*args, **kwargs)  # unperturbed, with autograd: the user's optimizer trains the server
+        estimate = ZOEstimate(step, coefficients)
+        optimizer.step(estimate=estimate)
+        self.zo_steps += 1
+        self._log_step(estimate)
+        return output
+
+    def _log_step(self, estimate: ZOEstimate | None) -> None:
+        module = self.lightning_module
+        assert module is not None
+        now = time.perf_counter()
+        metrics: dict[str, float] = {}
+        if self._last_step_time is not None:
+            metrics["steps_per_sec"] = 1.0 / max(now - self._last_step_time, 1e-9)
+        self._last_step_time = now
+        if estimate is not None:
+            metrics["zo_grad_abs"] = float(estimate.coefficients.abs().mean())
+        if self.client_optimizer is not None:
+            metrics["lr_client"] = self.client_optimizer.param_groups[0]["lr"]
+        if self.optimizers:
+            metrics["lr_server"] = self.optimizers[0].param_groups[0]["lr"]
+        traffic = self.split_model.boundary.traffic
+        metrics["bytes_up"], metrics["bytes_down"] = float(traffic.bytes_up), float(traffic.bytes_down)
+        module.log_dict({f"hosl/{k}": v for k, v in metrics.items()}, on_step=True, on_epoch=False, prog_bar=False)
+
+    # ---- checkpoints -----------------------------------------------------------------------------------
+    def hosl_state_dict(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "cut_layer": self.cut_layer,
+            "seed": self.seed,
+            "direction": self.direction,
+            "zo_steps": self.zo_steps,
+            "client_optimizer": None if self.client_optimizer is None else self.client_optimizer.state_dict(),
+        }
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        super().save_checkpoint({**checkpoint, "hosl": self.hosl_state_dict()}, filepath, storage_options)
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        state = checkpoint.get("hosl")
+        if state is not None:
+            for key in ("mode", "cut_layer", "seed", "direction"):
+                if state[key] != getattr(self, key):
+                    raise ValueError(
+                        f"checkpoint {checkpoint_path} was saved with {key}={state[key]!r}, this run has "
+                        f"{key}={getattr(self, key)!r}: resume with the same {key}"
+                    )
+            self.zo_steps = state["zo_steps"]
+            self._pending_state = state
+            self._apply_pending_state()
+        return checkpoint
+
+    def _apply_pending_state(self) -> None:
+        """The client's ZO optimizer exists only after setup; restore it whichever comes first."""
+        state = self._pending_state
+        if state is None or self.client_optimizer is None:
+            return
+        if state["client_optimizer"] is not None:
+            self.client_optimizer.load_state_dict(state["client_optimizer"])
+        self._pending_state = None
+
+    @classmethod
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        if STRATEGY_NAME not in strategy_registry:
+            strategy_registry.register(STRATEGY_NAME, cls, description="Hybrid-order split learning (hosl-lightning)")
+
+
+HOSLStrategy.register_strategies(StrategyRegistry)

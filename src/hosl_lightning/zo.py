@@ -1,0 +1,198 @@
+"""Zeroth-order machinery: seeded directions, perturbed forwards, the two-point estimate and ZO-SGD.
+
+A direction is never stored: each tensor's slice of direction ``u_q`` is regenerated from a seed derived
+from (base seed, step, query, parameter index), so a resumed run draws exactly the directions an
+uninterrupted one would, and a client update is fully described by a list of (seed, scalar) pairs.
+
+Perturbation happens *on the fly*: while a probe forward runs, each module that owns ZO parameters has
+them swapped for ``w + scale * u`` just for the duration of its own forward call (one tensor-sized
+temporary at a time), and the stored weights are never written. Restoring is therefore exact by
+construction, in any dtype, where an in-place ``+mu, -2mu, +mu`` round trip in fp32 drifts by one ulp
+on about half of the elements every probe.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+DIRECTIONS = ("gaussian", "rademacher")
+_MASK64 = (1 << 64) - 1
+T = TypeVar("T")
+
+
+def mix_seed(*parts: int) -> int:
+    """Hash integers into a 63-bit seed (splitmix64 rounds), stable across runs and platforms."""
+    state = 0x9E3779B97F4A7C15
+    for part in parts:
+        state = (state ^ (int(part) & _MASK64)) & _MASK64
+        state = (state + 0x9E3779B97F4A7C15) & _MASK64
+        z = state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+        state = z ^ (z >> 31)
+    return state >> 1
+
+
+class DirectionSampler:
+    """Regenerates the random direction of one parameter tensor for one (step, query) from its seed."""
+
+    def __init__(self, kind: str = "gaussian", seed: int = 0) -> None:
+        if kind not in DIRECTIONS:
+            raise ValueError(f"direction={kind!r} is not supported: choose one of {', '.join(DIRECTIONS)}")
+        self.kind = kind
+        self.seed = int(seed)
+
+    def seed_for(self, step: int, query: int, key: int) -> int:
+        return mix_seed(self.seed, step, query, key)
+
+    def direction(self, step: int, query: int, key: int, like: Tensor) -> Tensor:
+        """A fresh tensor shaped like ``like``: N(0, 1) entries, or +-1 for rademacher."""
+        generator = torch.Generator(device=like.device)
+        generator.manual_seed(self.seed_for(step, query, key))
+        if self.kind == "gaussian":
+            return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+        signs = torch.randint(0, 2, like.shape, generator=generator, device=like.device, dtype=torch.int8)
+        return signs.to(like.dtype).mul_(2).sub_(1)
+
+
+@dataclass(frozen=True)
+class ZOEstimate:
+    """One step's zeroth-order gradient: ``(1/Q) sum_q coefficients[q] * u(step, q)``."""
+
+    step: int
+    coefficients: Tensor  # [Q] projected gradients c_q = (L+ - L-) / (2 mu)
+
+
+def two_point_estimate(
+    probe: Callable[[int, float], T], losses: Callable[[list[T]], Tensor], queries: int, mu: float
+) -> tuple[Tensor, Tensor]:
+    """The symmetric two-point (SPSA) estimate over ``queries`` directions.
+
+    ``probe(q, sign)`` runs a forward at ``theta + sign * mu * u_q`` and returns what the loss needs
+    (a loss, or activations to batch); ``losses`` turns all 2Q outputs, in the order (+1, -1, +2, -2, ...),
+    into 2Q losses. Splitting the two lets the caller evaluate every loss in one batched server forward.
+    Returns the Q projected gradients and the 2Q losses.
+    """
+    outputs = [probe(q, sign) for q in range(queries) for sign in (1.0, -1.0)]
+    values = losses(outputs).detach().float().reshape(-1)
+    if values.numel() != 2 * queries:
+        raise ValueError(f"losses() returned {values.numel()} values for {2 * queries} probes")
+    return (values[0::2] - values[1::2]) / (2 * mu), values
+
+
+def is_no_decay(name: str, param: Tensor) -> bool:
+    """Biases and norm weights (1-D tensors) are exempt from weight decay, as in most LLM recipes."""
+    return param.ndim < 2 or name.endswith(".bias")
+
+
+class ZOSGD(Optimizer):
+    """Zeroth-order SGD: ``theta -= lr * ((1/Q) sum_q c_q u_q + wd * theta)`` with regenerated directions.
+
+    A real ``torch.optim.Optimizer`` so that LR schedulers, checkpoints and Lightning treat it like any
+    other; it never reads ``.grad``. Each parameter's direction key is its position in the order given
+    at construction, shared with :meth:`perturbed` so probes and updates draw the same ``u_q``.
+    """
+
+    def __init__(
+        self,
+        named_params: Iterable[tuple[str, nn.Parameter]],
+        lr: float = 1e-6,
+        weight_decay: float = 0.0,
+        direction: str = "gaussian",
+        seed: int = 0,
+    ) -> None:
+        named = list(named_params)
+        if not named:
+            raise ValueError("ZOSGD got no parameters to train")
+        if lr < 0:
+            raise ValueError(f"zo lr={lr} must be >= 0")
+        if weight_decay < 0:
+            raise ValueError(f"zo weight_decay={weight_decay} must be >= 0")
+        for name, param in named:
+            if not param.is_floating_point() or param.element_size() < 4:
+                raise TypeError(
+                    f"zeroth-order parameter {name!r} has dtype {param.dtype}: ZO updates of order lr*c*u vanish "
+                    "or drift in reduced precision; keep the ZO side in torch.float32 (use precision '32-true' "
+                    "or 'bf16-mixed', not '16-true'/'bf16-true')"
+                )
+        decay = [p for n, p in named if not is_no_decay(n, p)]
+        no_decay = [p for n, p in named if is_no_decay(n, p)]
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        super().__init__([g for g in groups if g["params"]], {"lr": lr, "weight_decay": weight_decay})
+        self.sampler = DirectionSampler(direction, seed)
+        self.names = {id(p): n for n, p in named}
+        self.keys = {id(p): index for index, (_, p) in enumerate(named)}
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None, *, estimate: ZOEstimate | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if estimate is None:
+            raise ValueError("ZOSGD.step needs estimate=ZOEstimate(step, coefficients)")
+        coefficients = estimate.coefficients.detach().float().cpu().tolist()
+        scale = 1.0 / len(coefficients)
+        for group in self.param_groups:
+            lr, weight_decay = group["lr"], group["weight_decay"]
+            for param in group["params"]:
+                if weight_decay:
+                    param.mul_(1.0 - lr * weight_decay)
+                key = self.keys[id(param)]
+                for query, coefficient in enumerate(coefficients):
+                    u = self.sampler.direction(estimate.step, query, key, param)
+                    param.add_(u, alpha=-lr * scale * coefficient)
+        return loss
+
+    @contextmanager
+    def perturbed(self, modules: Sequence[nn.Module], step: int, query: int, scale: float) -> Iterator[None]:
+        """Run forwards of ``modules`` at ``theta + scale * u(step, query)`` without writing ``theta``.
+
+        Raises if a ZO parameter was never reached by a module's own forward call (a parameter read
+        directly by another module would silently escape the perturbation).
+        """
+        swapped: dict[int, tuple[nn.Module, str, nn.Parameter]] = {}
+        reached: set[int] = set()
+
+        def swap_in(module: nn.Module, _args: Any) -> None:
+            for name, param in list(module._parameters.items()):
+                if param is None or id(param) not in self.keys or id(param) in swapped:
+                    continue
+                temp = self.sampler.direction(step, query, self.keys[id(param)], param)
+                module._parameters[name] = temp.mul_(scale).add_(param.detach())
+                swapped[id(param)] = (module, name, param)
+                reached.add(id(param))
+
+        def swap_out(module: nn.Module, _args: Any, _output: Any) -> None:
+            for key, (owner, name, param) in list(swapped.items()):
+                if owner is module:
+                    owner._parameters[name] = param
+                    del swapped[key]
+
+        handles = []
+        for root in modules:
+            for module in root.modules():
+                if any(p is not None and id(p) in self.keys for p in module._parameters.values()):
+                    handles.append(module.register_forward_pre_hook(swap_in))
+                    handles.append(module.register_forward_hook(swap_out))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            for owner, name, param in swapped.values():
+                owner._parameters[name] = param
+        missing = [self.names[key] for key in self.keys if key not in reached]
+        if missing:
+            raise RuntimeError(
+                f"{len(missing)} zeroth-order parameter(s) were not used by any module's forward during a probe, "
+                f"so perturbing them is impossible: {missing[:5]}. Parameters must be read by the module that "
+                "owns them (a module reading another module's .weight directly escapes the perturbation)."
+            )
