@@ -7,9 +7,11 @@ falling loss is visible within a couple hundred steps on a tiny model.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 
 class ProgressionDataset(Dataset):
@@ -27,6 +29,26 @@ class ProgressionDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         ids = self.input_ids[index]
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+class EpochShuffle(Sampler[int]):
+    """A shuffle drawn from (seed, epoch) alone, so a run resumed at an epoch boundary sees the same order.
+
+    Lightning calls ``set_epoch`` on samplers that have it before every epoch.
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
 
 
 class SyntheticLMDataModule(LightningDataModule):
@@ -64,8 +86,8 @@ class SyntheticLMDataModule(LightningDataModule):
         self.val_set = ProgressionDataset(h.val_size, h.seq_len, h.vocab_size, h.max_stride, h.seed + 1)
 
     def train_dataloader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.hparams.seed)
-        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, shuffle=True, generator=generator)
+        sampler = EpochShuffle(len(self.train_set), self.hparams.seed)
+        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.hparams.batch_size)

@@ -1,0 +1,55 @@
+"""The hosl-lightning command: configs run, --print_config round-trips, bad values fail before training."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hosl_lightning.cli import main
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+FAST = ["--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1",
+        "--trainer.enable_progress_bar=false", "--data.init_args.train_size=64"]
+
+
+@pytest.mark.parametrize("name", ["quickstart", "quickstart-fo", "quickstart-zo"])
+def test_each_mode_config_fits(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--config", str(CONFIGS / f"{name}.yaml"), *FAST])
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved["trainer"]["strategy"]["init_args"]["mode"] == {"quickstart": "hosl"}.get(name, name.split("-")[-1])
+
+
+def test_print_config_round_trips(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--print_config"])
+    first = capsys.readouterr().out
+    printed = tmp_path / "printed.yaml"
+    printed.write_text(first)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(printed), "--print_config"])
+    assert capsys.readouterr().out == first
+    assert yaml.safe_load(first)["trainer"]["strategy"]["class_path"] == "hosl_lightning.HOSLStrategy"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("--trainer.strategy.init_args.mode=hsol", "mode"),
+        ("--trainer.strategy.init_args.q=0", "q=0 is not valid"),
+        ("--trainer.strategy.init_args.mu=0", "mu=0"),
+        ("--trainer.strategy.init_args.direction=uniform", "direction='uniform' is not valid"),
+    ],
+)
+def test_invalid_values_fail_before_training(override: str, message: str, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "hosl_lightning.cli", "fit", "--config", str(CONFIGS / "quickstart.yaml"), override],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )
+    assert result.returncode != 0
+    assert message in result.stderr + result.stdout
+    assert "Epoch 0" not in result.stderr + result.stdout  # it never started training
