@@ -265,13 +265,7 @@ def test_tied_parameter_in_sibling_modules_gets_one_shared_perturbation() -> Non
     _assert_untouched(model, before)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG in zo.py (ZOSGD.perturbed): a tied parameter also registered on a module that runs *inside* "
-    "its owner's forward (nested in time) is skipped by swap_in (`id(param) in swapped`), so that reader "
-    "silently sees the unperturbed weight and no error is raised. Remove this marker once fixed.",
-)
-def test_BUG_tied_parameter_read_by_a_nested_module_is_perturbed_for_every_reader() -> None:
+def test_tied_parameter_read_by_a_nested_module_is_perturbed_for_every_reader() -> None:
     class Child(nn.Module):
         def __init__(self, weight: nn.Parameter) -> None:
             super().__init__()
@@ -455,7 +449,11 @@ def test_full_probe_and_step_cycle_never_creates_grads() -> None:
 
 
 def test_bad_direction_name_lists_the_choices() -> None:
-    for make in (lambda: DirectionSampler("uniform"), lambda: ZOSGD(nn.Linear(2, 2).named_parameters(), direction="sphere")):
+    makers = (
+        lambda: DirectionSampler("uniform"),
+        lambda: ZOSGD(nn.Linear(2, 2).named_parameters(), direction="sphere"),
+    )
+    for make in makers:
         with pytest.raises(ValueError) as info:
             make()
         assert "gaussian" in str(info.value) and "rademacher" in str(info.value)

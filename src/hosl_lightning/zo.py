@@ -158,16 +158,19 @@ class ZOSGD(Optimizer):
         Raises if a ZO parameter was never reached by a module's own forward call (a parameter read
         directly by another module would silently escape the perturbation).
         """
-        swapped: dict[int, tuple[nn.Module, str, nn.Parameter]] = {}
+        swapped: dict[tuple[int, str], tuple[nn.Module, str, nn.Parameter]] = {}
+        temps: dict[int, Tensor] = {}  # one perturbed copy per parameter, shared by every module reading it
         reached: set[int] = set()
 
         def swap_in(module: nn.Module, _args: Any) -> None:
             for name, param in list(module._parameters.items()):
-                if param is None or id(param) not in self.keys or id(param) in swapped:
+                if param is None or id(param) not in self.keys or (id(module), name) in swapped:
                     continue
-                temp = self.sampler.direction(step, query, self.keys[id(param)], param)
-                module._parameters[name] = temp.mul_(scale).add_(param.detach())
-                swapped[id(param)] = (module, name, param)
+                if id(param) not in temps:
+                    temp = self.sampler.direction(step, query, self.keys[id(param)], param)
+                    temps[id(param)] = temp.mul_(scale).add_(param.detach())
+                module._parameters[name] = temps[id(param)]
+                swapped[(id(module), name)] = (module, name, param)
                 reached.add(id(param))
 
         def swap_out(module: nn.Module, _args: Any, _output: Any) -> None:
@@ -175,6 +178,8 @@ class ZOSGD(Optimizer):
                 if owner is module:
                     owner._parameters[name] = param
                     del swapped[key]
+                    if not any(p is param for _, _, p in swapped.values()):
+                        temps.pop(id(param), None)
 
         handles = []
         for root in modules:
@@ -189,6 +194,7 @@ class ZOSGD(Optimizer):
                 handle.remove()
             for owner, name, param in swapped.values():
                 owner._parameters[name] = param
+            temps.clear()
         missing = [self.names[key] for key in self.keys if key not in reached]
         if missing:
             raise RuntimeError(
