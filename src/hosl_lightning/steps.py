@@ -60,6 +60,20 @@ def _batch_tensors(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor | None, Ten
         raise KeyError(f"a training batch needs 'input_ids' and 'labels'; missing {missing}") from None
 
 
+class _Uplink:
+    """Sends activations to the server; the labels travel once per step, with the first message."""
+
+    def __init__(self, model: SplitCausalLM, labels: Tensor) -> None:
+        self.boundary, self.labels = model.boundary, labels
+        self.server_labels: Tensor | None = None
+
+    def __call__(self, activations: CutActivations) -> CutActivations:
+        up, sent = self.boundary.send_up(activations, self.labels if self.server_labels is None else None)
+        if sent is not None:
+            self.server_labels = sent
+        return up
+
+
 def hosl_step(
     model: SplitCausalLM,
     batch: dict[str, Tensor],
@@ -70,48 +84,54 @@ def hosl_step(
 ) -> StepOutput:
     """ZO on the client (2Q perturbed forwards, no activations kept), FO on the server."""
     input_ids, attention_mask, labels = _batch_tensors(batch)
-    boundary = model.boundary
-    clean: CutActivations | None = None
+    send = _Uplink(model, labels)
+
+    def probe(query: int, sign: float) -> CutActivations:
+        with torch.no_grad(), client_optimizer.perturbed([model.client], step, query, sign * settings.mu):
+            return model.client_forward(input_ids, attention_mask)
+
+    def server_losses(outputs: list[CutActivations]) -> Tensor:
+        ups = [send(a) for a in outputs]
+        assert send.server_labels is not None
+        with model.server_side():
+            values = _probe_losses(model, ups, send.server_labels, settings, backward)
+        return model.boundary.send_down_losses(values)
+
     with eval_mode(model):
-        if settings.server_grad == "clean":
-            with torch.no_grad():
-                clean = model.client_forward(input_ids, attention_mask)
-
-        def probe(query: int, sign: float) -> CutActivations:
-            with torch.no_grad(), client_optimizer.perturbed([model.client], step, query, sign * settings.mu):
-                return model.client_forward(input_ids, attention_mask)
-
-        def server_losses(outputs: list[CutActivations]) -> Tensor:
-            sent = [boundary.send_up(a, labels if i == 0 else None) for i, a in enumerate(outputs)]
-            with model.server_side():
-                return boundary.send_down_losses(_server_losses_and_backward([a for a, _ in sent], sent[0][1]))
-
-        def _server_losses_and_backward(ups: list[CutActivations], server_labels: Tensor | None) -> Tensor:
-            assert server_labels is not None
-            if settings.server_grad == "mean":
-                values = _losses(model, ups, server_labels, settings.batch_probes)
-                backward(values.mean())
-            elif settings.server_grad == "perturbed":
-                first = model.server_losses(ups[0], server_labels)
-                backward(first[0])
-                with torch.no_grad():
-                    rest = _losses(model, ups[1:], server_labels, settings.batch_probes)
-                values = torch.cat([first.detach(), rest])
-            else:
-                with torch.no_grad():
-                    values = _losses(model, ups, server_labels, settings.batch_probes)
-            return values
-
         coefficients, losses = two_point_estimate(probe, server_losses, settings.queries, settings.mu)
-        if clean is not None:
-            up, server_labels = boundary.send_up(clean, labels)
+        loss = losses.mean()
+        if settings.server_grad == "clean":  # one more client forward, at the unperturbed weights
+            with torch.no_grad():
+                up = send(model.client_forward(input_ids, attention_mask))
+            assert send.server_labels is not None
             with model.server_side():
-                clean_loss = model.server_losses(up, server_labels)[0]
+                clean_loss = model.server_losses(up, send.server_labels)[0]
                 backward(clean_loss)
+            loss = clean_loss.detach()
     estimate = ZOEstimate(step, coefficients)
     client_optimizer.step(estimate=estimate)
-    loss = clean_loss.detach() if clean is not None else losses.mean()
     return StepOutput(loss=loss, estimate=estimate)
+
+
+def _probe_losses(
+    model: SplitCausalLM,
+    ups: list[CutActivations],
+    labels: Tensor,
+    settings: ZOSettings,
+    backward: Callable[[Tensor], None],
+) -> Tensor:
+    """The 2Q probe losses, with the server's backward through the points ``settings.server_grad`` names."""
+    if settings.server_grad == "mean":
+        values = _losses(model, ups, labels, settings.batch_probes)
+        backward(values.mean())
+        return values.detach()
+    if settings.server_grad == "perturbed":
+        first = model.server_losses(ups[0], labels)
+        backward(first[0])
+        with torch.no_grad():
+            return torch.cat([first.detach(), _losses(model, ups[1:], labels, settings.batch_probes)])
+    with torch.no_grad():
+        return _losses(model, ups, labels, settings.batch_probes)
 
 
 def _losses(model: SplitCausalLM, ups: list[CutActivations], labels: Tensor, batched: bool) -> Tensor:
@@ -125,18 +145,18 @@ def _losses(model: SplitCausalLM, ups: list[CutActivations], labels: Tensor, bat
 def fo_step(model: SplitCausalLM, batch: dict[str, Tensor], backward: Callable[[Tensor], None]) -> StepOutput:
     """First-order split learning: the server returns dL/dh and the client backpropagates it."""
     input_ids, attention_mask, labels = _batch_tensors(batch)
-    boundary = model.boundary
+    send = _Uplink(model, labels)
     activations = model.client_forward(input_ids, attention_mask)
-    up, server_labels = boundary.send_up(activations, labels)
-    assert server_labels is not None
+    up = send(activations)
+    assert send.server_labels is not None
     with model.server_side():
         server_input = up.hidden.detach().requires_grad_(True)
         up.hidden = server_input
-        loss = model.server_losses(up, server_labels)[0]
+        loss = model.server_losses(up, send.server_labels)[0]
         backward(loss)
         if server_input.grad is None:
             raise RuntimeError("the server produced no gradient at the cut")
-        gradient = boundary.send_down_gradient(server_input.grad)
+        gradient = model.boundary.send_down_gradient(server_input.grad)
     if activations.hidden.requires_grad:  # cut_layer=0 on a model whose embeddings are frozen has nothing to train
         activations.hidden.backward(gradient)
     return StepOutput(loss=loss.detach())
@@ -152,18 +172,14 @@ def zo_step(
 ) -> StepOutput:
     """All-zeroth-order split learning (MeZO over the split model): one shared seed perturbs both halves."""
     input_ids, attention_mask, labels = _batch_tensors(batch)
-    boundary = model.boundary
-
-    server_labels: list[Tensor] = []  # labels cross once per step, with the first activations
+    send = _Uplink(model, labels)
 
     def probe(query: int, sign: float) -> Tensor:
         with torch.no_grad(), optimizer.perturbed([model.client, model.server], step, query, sign * settings.mu):
-            activations = model.client_forward(input_ids, attention_mask)
-            up, sent = boundary.send_up(activations, None if server_labels else labels)
-            if sent is not None:
-                server_labels.append(sent)
+            up = send(model.client_forward(input_ids, attention_mask))
+            assert send.server_labels is not None
             with model.server_side():
-                return boundary.send_down_losses(model.server_losses(up, server_labels[0]))
+                return model.boundary.send_down_losses(model.server_losses(up, send.server_labels))
 
     with eval_mode(model):
         coefficients, losses = two_point_estimate(probe, torch.cat, settings.queries, settings.mu)

@@ -138,6 +138,7 @@ class HOSLStrategy(SingleDeviceStrategy):
         self.zo_steps = 0  # ZO steps taken: the step index of the next direction seeds
         self._pending_state: dict[str, Any] | None = None
         self._last_step_time: float | None = None
+        self._split: SplitCausalLM | None = None
 
     # ---- placement -------------------------------------------------------------------------------------
     @property
@@ -151,11 +152,10 @@ class HOSLStrategy(SingleDeviceStrategy):
 
     @property
     def split_model(self) -> SplitCausalLM:
-        assert self.lightning_module is not None
-        _, model = find_causal_lm(self.lightning_module)
-        if not isinstance(model, SplitCausalLM):
+        """The SplitCausalLM inside the LightningModule (found once, at the cut)."""
+        if self._split is None:
             raise RuntimeError("the model has not been cut yet: HOSLStrategy.setup runs when the Trainer starts")
-        return model
+        return self._split
 
     def model_to_device(self) -> None:
         assert self.model is not None
@@ -185,12 +185,14 @@ class HOSLStrategy(SingleDeviceStrategy):
     def _cut(self, module: LightningModule) -> None:
         name, model = find_causal_lm(module)
         if isinstance(model, SplitCausalLM):
-            return  # already cut (a second fit/validate on the same module)
+            self._split = model  # already cut (a second fit/validate on the same module)
+            return
         if not name:
             raise ValueError("HOSLStrategy needs the causal LM as an attribute of a LightningModule, not the module itself")
         split = SplitCausalLM(model, self.cut_layer)
         parent_name, _, attribute = name.rpartition(".")
         setattr(module.get_submodule(parent_name) if parent_name else module, attribute, split)
+        self._split = split
         zeroth_order = [split.client] if self.mode == "hosl" else [split.client, split.server] if self.mode == "zo" else []
         for half in zeroth_order:
             for param in half.parameters():
@@ -280,10 +282,11 @@ class HOSLStrategy(SingleDeviceStrategy):
         self._last_step_time = now
         if estimate is not None:
             metrics["zo_grad_abs"] = float(estimate.coefficients.abs().mean())
-        if self.client_optimizer is not None:
-            metrics["lr_client"] = self.client_optimizer.param_groups[0]["lr"]
-        if self.optimizers:
+        if self.optimizers:  # the server's optimizer; in zo mode the one ZOSGD that trains both halves
             metrics["lr_server"] = self.optimizers[0].param_groups[0]["lr"]
+        client = self.client_optimizer or (self.optimizers[0] if self.mode == "zo" else None)
+        if client is not None:
+            metrics["lr_client"] = client.param_groups[0]["lr"]
         traffic = self.split_model.boundary.traffic
         metrics["bytes_up"], metrics["bytes_down"] = float(traffic.bytes_up), float(traffic.bytes_down)
         module.log_dict({f"hosl/{k}": v for k, v in metrics.items()}, on_step=True, on_epoch=False, prog_bar=False)
