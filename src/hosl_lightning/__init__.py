@@ -6,7 +6,8 @@ Importing the package registers ``HOSLStrategy`` in Lightning's strategy registr
 from hosl_lightning.boundary import InProcessBoundary, TrafficCounter
 from hosl_lightning.data import SyntheticLMDataModule
 from hosl_lightning.model import SplitCausalLM
-from hosl_lightning.module import HOSLModule, load_causal_lm
+from hosl_lightning.models import load_causal_lm, load_tokenizer
+from hosl_lightning.module import HOSLModule
 from hosl_lightning.split import CutActivations, split_causal_lm
 from hosl_lightning.strategy import HOSLStrategy
 from hosl_lightning.zo import ZOSGD, DirectionSampler, ZOEstimate, two_point_estimate
@@ -25,6 +26,7 @@ __all__ = [
     "ZOEstimate",
     "ZOSGD",
     "load_causal_lm",
+    "load_tokenizer",
     "split_causal_lm",
     "two_point_estimate",
 ]

@@ -7,6 +7,7 @@ byte count. Everything that travels is counted, so the communication of the thre
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -39,11 +40,13 @@ class InProcessBoundary:
     server_device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     traffic: TrafficCounter = field(default_factory=TrafficCounter)
 
-    def send_up(self, activations: CutActivations, labels: Tensor | None = None) -> tuple[CutActivations, Tensor | None]:
-        """Client -> server: activations, the padding mask, position ids and (optionally) labels."""
-        self.traffic.bytes_up += sum(
-            _nbytes(t) for t in (activations.hidden, activations.attention_mask, activations.position_ids, labels)
-        )
+    def send_up(
+        self, activations: CutActivations, targets: dict[str, Any] | None = None
+    ) -> tuple[CutActivations, dict[str, Any] | None]:
+        """Client -> server: activations, the padding mask, position ids and (optionally) the loss targets."""
+        tensors = [activations.hidden, activations.attention_mask, activations.position_ids]
+        tensors += [v for v in (targets or {}).values() if isinstance(v, Tensor)]
+        self.traffic.bytes_up += sum(_nbytes(t) for t in tensors)
         self.traffic.messages_up += 1
         device = self.server_device
         moved = replace(
@@ -52,7 +55,9 @@ class InProcessBoundary:
             attention_mask=None if activations.attention_mask is None else activations.attention_mask.to(device),
             position_ids=activations.position_ids.to(device),
         )
-        return moved, None if labels is None else labels.to(device)
+        if targets is None:
+            return moved, None
+        return moved, {k: v.to(device) if isinstance(v, Tensor) else v for k, v in targets.items()}
 
     def send_down_losses(self, losses: Tensor) -> Tensor:
         """Server -> client: scalar losses (all the ZO client needs back)."""

