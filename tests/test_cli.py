@@ -16,17 +16,17 @@ FAST = ["--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.li
         "--trainer.enable_progress_bar=false", "--data.init_args.train_size=64"]
 
 
-@pytest.mark.parametrize("name", ["quickstart", "quickstart-fo", "quickstart-zo"])
+@pytest.mark.parametrize("name", ["synthetic", "synthetic-fo", "synthetic-zo"])
 def test_each_mode_config_fits(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     main(["fit", "--config", str(CONFIGS / f"{name}.yaml"), *FAST])
     saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
-    assert saved["trainer"]["strategy"]["init_args"]["mode"] == {"quickstart": "hosl"}.get(name, name.split("-")[-1])
+    assert saved["trainer"]["strategy"]["init_args"]["mode"] == {"synthetic": "hosl"}.get(name, name.split("-")[-1])
 
 
 def test_print_config_round_trips(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
-        main(["fit", "--config", str(CONFIGS / "quickstart.yaml"), "--print_config"])
+        main(["fit", "--config", str(CONFIGS / "synthetic.yaml"), "--print_config"])
     first = capsys.readouterr().out
     printed = tmp_path / "printed.yaml"
     printed.write_text(first)
@@ -47,7 +47,7 @@ def test_print_config_round_trips(tmp_path: Path, capsys: pytest.CaptureFixture[
 )
 def test_invalid_values_fail_before_training(override: str, message: str, tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "hosl_lightning.cli", "fit", "--config", str(CONFIGS / "quickstart.yaml"), override],
+        [sys.executable, "-m", "hosl_lightning.cli", "fit", "--config", str(CONFIGS / "synthetic.yaml"), override],
         capture_output=True, text=True, cwd=tmp_path, timeout=300,
     )
     assert result.returncode != 0

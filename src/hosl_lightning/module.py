@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor, nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
@@ -58,6 +59,7 @@ class HOSLModule(LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         self.metrics = nn.ModuleDict()  # built on first use: the number of classes comes with the data
+        self._updated: set[str] = set()  # metric keys updated since their last compute
 
     def configure_optimizers(self) -> Any:
         trainable = [p for p in self.parameters() if p.requires_grad]
@@ -93,10 +95,11 @@ class HOSLModule(LightningModule):
                 metric: nn.Module = MeanMetric()
             else:
                 metric = MetricCollection(
-                    {"acc": MulticlassAccuracy(num_classes), "f1": MulticlassF1Score(num_classes, average="macro")},
+                    {"acc": MulticlassAccuracy(num_classes, average="micro"), "f1": MulticlassF1Score(num_classes, average="macro")},
                     prefix=f"{stage}_",
                 )
             self.metrics[key] = metric.to(self.device)
+        self._updated.add(key)
         return self.metrics[key]  # type: ignore[return-value]
 
     def _evaluate_batch(self, batch: dict[str, Any], stage: str) -> None:
@@ -112,9 +115,9 @@ class HOSLModule(LightningModule):
 
     def _compute_and_reset(self, stage: str) -> dict[str, float]:
         results: dict[str, float] = {}
-        for key, metric in self.metrics.items():
-            if not key.startswith(f"{stage}_") or not metric.update_called:  # type: ignore[union-attr]
-                continue
+        for key in sorted(k for k in self._updated if k.startswith(f"{stage}_")):
+            metric = self.metrics[key]
+            self._updated.discard(key)
             if isinstance(metric, MeanMetric):
                 loss = float(metric.compute())
                 results |= {f"{stage}_loss": loss, f"{stage}_ppl": math.exp(min(loss, 80.0))}
@@ -141,7 +144,7 @@ class HOSLModule(LightningModule):
         count = 0
         with eval_mode(self):
             for batch in batches:
-                self._evaluate_batch(self.trainer.strategy.batch_to_device(batch), stage)
+                self._evaluate_batch(move_data_to_device(batch, self.device), stage)
                 count += 1
         if count == 0:
             raise ValueError("evaluate() got no batches: refusing to report metrics over zero examples")
