@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
@@ -78,8 +78,3 @@ def load_causal_lm(
     return AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], **kwargs)
 
 
-def load_tokenizer(model: str, gguf_file: str | None = None) -> PreTrainedTokenizerBase:
-    """The tokenizer that goes with ``model`` (same sources and aliases as :func:`load_causal_lm`)."""
-    source, gguf = resolve_source(model, gguf_file)
-    kwargs = {"gguf_file": gguf} if gguf else {}
-    return AutoTokenizer.from_pretrained(source, **kwargs)
