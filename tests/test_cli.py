@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hosl_lightning.cli import main
+from hosl_lightning.cli import build_cli, main
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 FAST = ["--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1",
@@ -53,3 +53,13 @@ def test_invalid_values_fail_before_training(override: str, message: str, tmp_pa
     assert result.returncode != 0
     assert message in result.stderr + result.stdout
     assert "Epoch 0" not in result.stderr + result.stdout  # it never started training
+
+
+def test_validate_scores_before_any_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cli = build_cli(["validate", "--config", str(CONFIGS / "synthetic.yaml"), "--trainer.limit_val_batches=2",
+                     "--trainer.enable_progress_bar=false"])
+    metrics = cli.trainer.callback_metrics
+    assert cli.trainer.global_step == 0
+    assert float(metrics["val_ppl"]) == pytest.approx(float(metrics["val_loss"].exp()), rel=1e-5)
+    assert float(metrics["val_loss"]) > 4.0  # an untrained 128-token model is near log(128) = 4.85

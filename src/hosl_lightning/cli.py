@@ -23,14 +23,19 @@ class HOSLCLI(LightningCLI):
         parser.set_defaults({"trainer.strategy": "hosl"})
 
 
-def main(args: list[str] | None = None) -> None:
-    HOSLCLI(
+def build_cli(args: list[str] | None = None) -> HOSLCLI:
+    """Parse ``args`` (default: the command line) and run the subcommand; returns the CLI with its trainer."""
+    return HOSLCLI(
         HOSLModule,
         subclass_mode_data=True,
         trainer_defaults={"callbacks": [LossSummary(), ZeroShotReport()]},
         save_config_kwargs={"overwrite": True},
         args=args if args is not None else sys.argv[1:],
     )
+
+
+def main(args: list[str] | None = None) -> None:
+    build_cli(args)
 
 
 if __name__ == "__main__":
