@@ -34,4 +34,4 @@ def test_hosl_client_peak_is_below_fo_and_holds_no_gradients_or_optimizer_state(
     assert all(p.grad is None for p in model.client.parameters())
     assert fo.optimizer_state > 0  # AdamW's two moments for every client parameter
     assert hosl.params == fo.params == floor.params  # the same client weights are counted on every path
-    assert floor.peak <= hosl.peak
+    assert floor.peak <= hosl.peak <= 1.25 * floor.peak  # probes are sent as they come: no 2Q activations kept

@@ -39,6 +39,9 @@ class InProcessBoundary:
     client_device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     server_device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     traffic: TrafficCounter = field(default_factory=TrafficCounter)
+    # Deliver copies, as a wire would, so sender and receiver never share a tensor. Off for training (same
+    # device: no copy at all); memory measurement turns it on so each side's account holds only its own data.
+    copy_on_send: bool = False
 
     def send_up(
         self, activations: CutActivations, targets: dict[str, Any] | None = None
@@ -48,25 +51,27 @@ class InProcessBoundary:
         tensors += [v for v in (targets or {}).values() if isinstance(v, Tensor)]
         self.traffic.bytes_up += sum(_nbytes(t) for t in tensors)
         self.traffic.messages_up += 1
-        device = self.server_device
         moved = replace(
             activations,
-            hidden=activations.hidden.to(device, non_blocking=True),
-            attention_mask=None if activations.attention_mask is None else activations.attention_mask.to(device),
-            position_ids=activations.position_ids.to(device),
+            hidden=self._deliver(activations.hidden, self.server_device),
+            attention_mask=None if activations.attention_mask is None else self._deliver(activations.attention_mask, self.server_device),
+            position_ids=self._deliver(activations.position_ids, self.server_device),
         )
         if targets is None:
             return moved, None
-        return moved, {k: v.to(device) if isinstance(v, Tensor) else v for k, v in targets.items()}
+        return moved, {k: self._deliver(v, self.server_device) if isinstance(v, Tensor) else v for k, v in targets.items()}
+
+    def _deliver(self, tensor: Tensor, device: torch.device) -> Tensor:
+        return tensor.to(device, non_blocking=True, copy=self.copy_on_send)
 
     def send_down_losses(self, losses: Tensor) -> Tensor:
         """Server -> client: scalar losses (all the ZO client needs back)."""
         self.traffic.bytes_down += _nbytes(losses)
         self.traffic.messages_down += 1
-        return losses.detach().to(self.client_device)
+        return self._deliver(losses.detach(), self.client_device)
 
     def send_down_gradient(self, gradient: Tensor) -> Tensor:
         """Server -> client: dL/dh at the cut (first-order split learning)."""
         self.traffic.bytes_down += _nbytes(gradient)
         self.traffic.messages_down += 1
-        return gradient.to(self.client_device, non_blocking=True)
+        return self._deliver(gradient, self.client_device)

@@ -78,6 +78,7 @@ def measure_client_step(
     tracker = _Tracker()
     tracker.track_external(model.client)
     model.server_side = _disable_current_modes
+    model.boundary.copy_on_send = True  # as over a wire: what the server receives is not the client's memory
     try:
         for p in client_params:
             p.requires_grad_(mode == "fo")
@@ -97,6 +98,7 @@ def measure_client_step(
                     zo_step(model, batch, zo, settings, 0, apply=lambda e: zo.step(estimate=e))
     finally:
         model.server_side = nullcontext
+        model.boundary.copy_on_send = False
     return _peak_of(tracker, device)
 
 

@@ -63,14 +63,19 @@ def _batch_tensors(batch: dict[str, Any]) -> tuple[Tensor, Tensor | None, Target
 
 
 class _Uplink:
-    """Sends activations to the server; the loss targets travel once per step, with the first message."""
+    """Sends activations to the server; the loss targets travel once per step, with the first message.
+
+    What arrives is the server's (received inside ``server_side``), so a client that sends each probe's
+    activations as soon as they exist keeps none of them.
+    """
 
     def __init__(self, model: SplitCausalLM, targets: Targets) -> None:
-        self.boundary, self.targets = model.boundary, targets
+        self.model, self.targets = model, targets
         self.server_targets: Targets | None = None
 
     def __call__(self, activations: CutActivations) -> CutActivations:
-        up, sent = self.boundary.send_up(activations, self.targets if self.server_targets is None else None)
+        with self.model.server_side():
+            up, sent = self.model.boundary.send_up(activations, self.targets if self.server_targets is None else None)
         if sent is not None:
             self.server_targets = sent
         return up
@@ -90,10 +95,9 @@ def hosl_step(
 
     def probe(query: int, sign: float) -> CutActivations:
         with torch.no_grad(), client_optimizer.perturbed([model.client], step, query, sign * settings.mu):
-            return model.client_forward(input_ids, attention_mask)
+            return send(model.client_forward(input_ids, attention_mask))  # sent at once: the client keeps nothing
 
-    def server_losses(outputs: list[CutActivations]) -> Tensor:
-        ups = [send(a) for a in outputs]
+    def server_losses(ups: list[CutActivations]) -> Tensor:
         assert send.server_targets is not None
         with model.server_side():
             values = _probe_losses(model, ups, send.server_targets, settings, backward)
@@ -158,7 +162,7 @@ def fo_step(model: SplitCausalLM, batch: dict[str, Tensor], backward: Callable[[
         backward(loss)
         if server_input.grad is None:
             raise RuntimeError("the server produced no gradient at the cut")
-        gradient = model.boundary.send_down_gradient(server_input.grad)
+    gradient = model.boundary.send_down_gradient(server_input.grad)  # received by the client
     if activations.hidden.requires_grad:  # cut_layer=0 on a model whose embeddings are frozen has nothing to train
         activations.hidden.backward(gradient)
     return StepOutput(loss=loss.detach())
