@@ -89,6 +89,7 @@ def test_logged_metrics_and_bytes_per_step() -> None:
     metrics = trainer.callback_metrics
     for key in ("train_loss", "hosl/zo_grad_abs", "hosl/lr_client", "hosl/lr_server", "hosl/bytes_up", "hosl/bytes_down"):
         assert key in metrics, key
+    assert metrics["hosl/server_sec"] > 0 and metrics["hosl/client_sec"] > 0
     batch, seq, hidden, q = 8, 16, TINY_LLAMA["hidden_size"], 2
     activation = batch * seq * hidden * 4 + batch * seq * 8 + seq * 8  # fp32 hidden, int64 mask, shared positions
     labels = batch * seq * 8

@@ -111,10 +111,12 @@ class SplitCausalLM(nn.Module):
     @torch.no_grad()
     def sequence_log_likelihood(self, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor) -> Tensor:
         """Sum of log-probabilities of each row's labelled tokens: the score of a candidate answer."""
-        up, targets = self.boundary.send_up(self.client_forward(input_ids, attention_mask), {"labels": labels})
-        assert targets is not None
-        nll, row_of_token = self._label_token_nll(self.server(up), targets["labels"])
-        return -torch.zeros(labels.shape[0], device=nll.device).index_add(0, row_of_token, nll)
+        activations = self.client_forward(input_ids, attention_mask)
+        with self.server_side():
+            up, targets = self.boundary.send_up(activations, {"labels": labels})
+            assert targets is not None
+            nll, row_of_token = self._label_token_nll(self.server(up), targets["labels"])
+            return -torch.zeros(labels.shape[0], device=nll.device).index_add(0, row_of_token, nll)
 
     def forward(
         self,
@@ -128,9 +130,10 @@ class SplitCausalLM(nn.Module):
             if kwargs.get(unsupported) is not None:
                 raise ValueError(f"SplitCausalLM does not support {unsupported}=...")
         targets = None if labels is None else {"labels": labels}
-        activations, server_targets = self.boundary.send_up(self.client_forward(input_ids, attention_mask), targets)
-        final_hidden = self.server(activations)
-        logits = self.server.logits(final_hidden)
+        client_activations = self.client_forward(input_ids, attention_mask)
+        with self.server_side():
+            activations, server_targets = self.boundary.send_up(client_activations, targets)
+            logits = self.server.logits(self.server(activations))
         loss = None
         if server_targets is not None:
             loss = F.cross_entropy(

@@ -138,6 +138,8 @@ class HOSLStrategy(SingleDeviceStrategy):
         self.zo_steps = 0  # ZO steps taken: the step index of the next direction seeds
         self._pending_state: dict[str, Any] | None = None
         self._last_step_time: float | None = None
+        self._step_started = 0.0
+        self._server_seconds = 0.0  # time spent in server-side work during the current step
         self._split: SplitCausalLM | None = None
 
     # ---- placement -------------------------------------------------------------------------------------
@@ -186,6 +188,7 @@ class HOSLStrategy(SingleDeviceStrategy):
         name, model = find_causal_lm(module)
         if isinstance(model, SplitCausalLM):
             self._split = model  # already cut (a second fit/validate on the same module)
+            model.server_side = self._timed_server_side
             return
         if not name:
             raise ValueError("HOSLStrategy needs the causal LM as an attribute of a LightningModule, not the module itself")
@@ -193,12 +196,26 @@ class HOSLStrategy(SingleDeviceStrategy):
         parent_name, _, attribute = name.rpartition(".")
         setattr(module.get_submodule(parent_name) if parent_name else module, attribute, split)
         self._split = split
+        split.server_side = self._timed_server_side
         zeroth_order = [split.client] if self.mode == "hosl" else [split.client, split.server] if self.mode == "zo" else []
         for half in zeroth_order:
             for param in half.parameters():
                 if param.requires_grad:
                     param.requires_grad_(False)
                     param._hosl_zo = True  # type: ignore[attr-defined]  # trained by ZO, never by backprop
+
+    @contextmanager
+    def _timed_server_side(self) -> Iterator[None]:
+        """Times the server's share of a step; the rest of the step is the client's."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._server_seconds += time.perf_counter() - started
+
+    def _start_step(self) -> None:
+        self.split_model.boundary.traffic.reset()
+        self._server_seconds, self._step_started = 0.0, time.perf_counter()
 
     def _zo_named_parameters(self, *halves: nn.Module) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for half in halves for n, p in half.named_parameters() if getattr(p, "_hosl_zo", False)]
@@ -231,7 +248,7 @@ class HOSLStrategy(SingleDeviceStrategy):
         split = self.split_model
         optimizer = module.optimizers()
         assert not isinstance(optimizer, list), "HOSLModule configures exactly one first-order optimizer"
-        split.boundary.traffic.reset()
+        self._start_step()
         step = self.zo_steps
         if self.mode == "hosl":
             assert self.client_optimizer is not None
@@ -256,7 +273,7 @@ class HOSLStrategy(SingleDeviceStrategy):
         assert self.client_optimizer is not None
         split, step, optimizer = self.split_model, self.zo_steps, self.client_optimizer
         base_step = super().training_step
-        split.boundary.traffic.reset()
+        self._start_step()
 
         def probe(query: int, sign: float) -> Tensor:
             with torch.no_grad(), optimizer.perturbed([split.client], step, query, sign * self.settings.mu):
@@ -276,7 +293,10 @@ class HOSLStrategy(SingleDeviceStrategy):
         module = self.lightning_module
         assert module is not None
         now = time.perf_counter()
-        metrics: dict[str, float] = {}
+        metrics: dict[str, float] = {
+            "server_sec": self._server_seconds,
+            "client_sec": max(now - self._step_started - self._server_seconds, 0.0),
+        }
         if self._last_step_time is not None:
             metrics["steps_per_sec"] = 1.0 / max(now - self._last_step_time, 1e-9)
         self._last_step_time = now
