@@ -301,7 +301,8 @@ def test_mix_seed_is_pinned_order_sensitive_and_63_bit() -> None:
     assert mix_seed(0) == 3980143261097177850
     assert mix_seed(1, 2, 3, 4) == 6990634552898421246
     assert mix_seed(123, 7, 2, 5) == 8924058439714710965
-    assert DirectionSampler("gaussian", 123).seed_for(7, 2, 5) == mix_seed(123, 7, 2, 5)
+    assert DirectionSampler("gaussian", 123).seed_for(7, 2, 5) == mix_seed(123, 7, 2, 5, 0)
+    assert DirectionSampler("gaussian", 123).seed_for(7, 2, 5, 9) == mix_seed(123, 7, 2, 5, 9)
     assert mix_seed(1, 2) != mix_seed(2, 1)
     assert mix_seed(0) != mix_seed(0, 0)
     assert mix_seed(-1) == mix_seed(2**64 - 1)  # parts are taken modulo 2**64, by design
@@ -329,6 +330,96 @@ def test_directions_depend_only_on_seed_step_query_key(direction: str) -> None:
     ):
         assert not torch.equal(other, u)
     assert a.direction(0, 0, 0, torch.empty(3, dtype=torch.float64)).dtype == torch.float64
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_chunked_direction_assembles_and_any_rows_regenerate_alone(direction: str) -> None:
+    table = torch.empty(37, 6)
+    small = DirectionSampler(direction, seed=5, chunk=24)  # 4 rows per chunk: 10 chunks, the last one short
+    assert small.rows_per_chunk(table) == 4
+    u = small.direction(2, 1, 3, table)
+    chunks = list(small.chunks(2, 1, 3, table))
+    assert len(chunks) == 10 and chunks[-1][1].shape == (1, 6)
+    assert torch.equal(torch.cat([part for _, part in chunks]), u)
+    # each chunk has its own seed: not one stream cut in pieces, so chunks differ from each other
+    assert not torch.equal(chunks[0][1], chunks[1][1])
+    index = torch.tensor([[36, 0, 5], [5, 17, 36]])  # repeats, first and last rows, 2-D index
+    assert torch.equal(small.rows(2, 1, 3, table, index), u[index])
+    # rows of a chunk are drawn without the chunks the index does not touch
+    drawn: list[int] = []
+    original = small._draw
+    small._draw = lambda *args: drawn.append(args[3]) or original(*args)  # type: ignore[method-assign]
+    small.rows(2, 1, 3, table, torch.tensor([0, 1, 33]))
+    assert sorted(drawn) == [0, 8]
+    # a row wider than a chunk is one chunk per row; 1-D and 0-D tensors work too
+    assert DirectionSampler(direction, chunk=4).rows_per_chunk(table) == 1
+    assert DirectionSampler(direction, chunk=4).direction(0, 0, 0, torch.empty(9)).shape == (9,)
+    scalar = DirectionSampler(direction).direction(0, 0, 0, torch.tensor(1.0))
+    assert scalar.shape == () and torch.equal(scalar, DirectionSampler(direction).direction(0, 0, 0, torch.tensor(2.0)))
+
+
+def test_chunk_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="chunk=0 must be >= 1"):
+        DirectionSampler("gaussian", chunk=0)
+
+
+class _Lookup(nn.Module):
+    """A token embedding (perturbed by rows) feeding a head (perturbed by a swapped copy)."""
+
+    def __init__(self, vocab: int = 300, width: int = 8) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.head = nn.Linear(width, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(ids))
+
+
+class _LargestAllocation(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the element count of the largest tensor any op returns."""
+
+    largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        out = func(*args, **(kwargs or {}))
+        for item in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(item, torch.Tensor):
+                self.largest = max(self.largest, item.numel())
+        return out
+
+
+def test_embedding_probe_perturbs_looked_up_rows_exactly_without_a_table_sized_temporary() -> None:
+    torch.manual_seed(0)
+    model = _Lookup()
+    opt = ZOSGD(model.named_parameters(), lr=0.1, seed=3)
+    opt.sampler.chunk = 64  # 8 rows per chunk, so a lookup of a few ids touches a few chunks
+    ids = torch.tensor([[1, 7, 299, 7], [150, 2, 3, 1]])
+    before = _snapshot(model)
+    with torch.no_grad(), opt.perturbed([model], 4, 1, 1e-2):
+        mode = _LargestAllocation()
+        with mode:
+            inside = model(ids)
+    _assert_untouched(model, before)
+    with torch.no_grad():
+        manual = _manually_perturbed(model, opt, 4, 1, 1e-2)(ids)
+    assert torch.equal(inside, manual)  # the very same floats as a lookup in the perturbed table
+    table = model.embed.weight.numel()
+    assert mode.largest < table // 4, f"a {mode.largest}-element temporary for a {table}-element table"
+
+
+def test_embedding_subclass_that_changes_its_output_takes_the_swapped_copy() -> None:
+    class Scaled(nn.Embedding):
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return super().forward(ids) * 3.0
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Scaled(50, 4), nn.Linear(4, 2))
+    opt = ZOSGD(model.named_parameters(), lr=0.1, seed=3)
+    ids = torch.tensor([[3, 49, 0]])
+    with torch.no_grad(), opt.perturbed([model], 0, 0, 1e-2):
+        inside = model(ids)
+    with torch.no_grad():
+        assert torch.equal(inside, _manually_perturbed(model, opt, 0, 0, 1e-2)(ids))
 
 
 def test_direction_distributions() -> None:

@@ -9,6 +9,12 @@ them swapped for ``w + scale * u`` just for the duration of its own forward call
 temporary at a time), and the stored weights are never written. Restoring is therefore exact by
 construction, in any dtype, where an in-place ``+mu, -2mu, +mu`` round trip in fp32 drifts by one ulp
 on about half of the elements every probe.
+
+Directions are drawn in chunks of rows, each from its own seed, so that nothing ever needs a whole
+table's direction at once: a token embedding adds ``scale * u`` to the rows a batch looks up (its
+output), never building the perturbed table, and the update walks each tensor chunk by chunk. On a
+135M-parameter model that is the difference between a client peak at the inference floor and one
+embedding table (~100 MiB) above it.
 """
 
 from __future__ import annotations
@@ -40,25 +46,73 @@ def mix_seed(*parts: int) -> int:
     return state >> 1
 
 
-class DirectionSampler:
-    """Regenerates the random direction of one parameter tensor for one (step, query) from its seed."""
+DIRECTION_CHUNK = 1 << 16  # elements drawn per generator call: 256 KiB in fp32
 
-    def __init__(self, kind: str = "gaussian", seed: int = 0) -> None:
+
+class DirectionSampler:
+    """Regenerates the random direction of one parameter tensor for one (step, query) from its seed.
+
+    A tensor's direction is cut into chunks of whole rows (dim 0), at most ``chunk`` elements each, and
+    chunk ``i`` is drawn from seed ``mix_seed(seed, step, query, key, i)``: any chunk, and so any rows, can
+    be regenerated alone, and the whole direction is the same however it is assembled.
+    """
+
+    def __init__(self, kind: str = "gaussian", seed: int = 0, chunk: int = DIRECTION_CHUNK) -> None:
         if kind not in DIRECTIONS:
             raise ValueError(f"direction={kind!r} is not supported: choose one of {', '.join(DIRECTIONS)}")
+        if chunk < 1:
+            raise ValueError(f"chunk={chunk} must be >= 1 (elements per generator call)")
         self.kind = kind
         self.seed = int(seed)
+        self.chunk = int(chunk)
 
-    def seed_for(self, step: int, query: int, key: int) -> int:
-        return mix_seed(self.seed, step, query, key)
+    def seed_for(self, step: int, query: int, key: int, chunk: int = 0) -> int:
+        return mix_seed(self.seed, step, query, key, chunk)
+
+    def rows_per_chunk(self, like: Tensor) -> int:
+        row = like[0].numel() if like.ndim > 1 else 1
+        return max(1, self.chunk // max(row, 1))
+
+    def chunks(self, step: int, query: int, key: int, like: Tensor) -> Iterator[tuple[Any, Tensor]]:
+        """``(rows, u[rows])`` for each chunk of ``like``'s direction, in order: one chunk alive at a time."""
+        if like.ndim == 0:
+            yield ..., self._draw(step, query, key, 0, like.shape, like)
+            return
+        per_chunk = self.rows_per_chunk(like)
+        for index, start in enumerate(range(0, like.shape[0], per_chunk)):
+            rows = slice(start, min(start + per_chunk, like.shape[0]))
+            yield rows, self._draw(step, query, key, index, (rows.stop - start, *like.shape[1:]), like)
 
     def direction(self, step: int, query: int, key: int, like: Tensor) -> Tensor:
         """A fresh tensor shaped like ``like``: N(0, 1) entries, or +-1 for rademacher."""
+        if like.ndim == 0:
+            return self._draw(step, query, key, 0, like.shape, like)
+        out = torch.empty_like(like, memory_format=torch.contiguous_format)
+        for rows, part in self.chunks(step, query, key, like):
+            out[rows] = part
+        return out
+
+    def rows(self, step: int, query: int, key: int, like: Tensor, index: Tensor) -> Tensor:
+        """``direction(...)[index]`` for integer ``index`` (any shape), drawing only the chunks it touches."""
+        per_chunk = self.rows_per_chunk(like)
+        flat = index.reshape(-1)
+        out = torch.empty((flat.numel(), *like.shape[1:]), dtype=like.dtype, device=like.device)
+        chunk_of = torch.div(flat, per_chunk, rounding_mode="floor")
+        for chunk in torch.unique(chunk_of).tolist():
+            where = (chunk_of == chunk).nonzero().squeeze(1)
+            start = chunk * per_chunk
+            size = min(per_chunk, like.shape[0] - start)
+            part = self._draw(step, query, key, chunk, (size, *like.shape[1:]), like)
+            out[where] = part[flat[where] - start]
+        return out.reshape(*index.shape, *like.shape[1:])
+
+    def _draw(self, step: int, query: int, key: int, chunk: int, shape: tuple[int, ...] | torch.Size,
+              like: Tensor) -> Tensor:
         generator = torch.Generator(device=like.device)
-        generator.manual_seed(self.seed_for(step, query, key))
+        generator.manual_seed(self.seed_for(step, query, key, chunk))
         if self.kind == "gaussian":
-            return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
-        signs = torch.randint(0, 2, like.shape, generator=generator, device=like.device, dtype=torch.int8)
+            return torch.randn(shape, generator=generator, device=like.device, dtype=like.dtype)
+        signs = torch.randint(0, 2, shape, generator=generator, device=like.device, dtype=torch.int8)
         return signs.to(like.dtype).mul_(2).sub_(1)
 
 
@@ -147,13 +201,17 @@ class ZOSGD(Optimizer):
                     param.mul_(1.0 - lr * weight_decay)
                 key = self.keys[id(param)]
                 for query, coefficient in enumerate(coefficients):
-                    u = self.sampler.direction(estimate.step, query, key, param)
-                    param.add_(u, alpha=-lr * scale * coefficient)
+                    for rows, u in self.sampler.chunks(estimate.step, query, key, param):
+                        param[rows].add_(u, alpha=-lr * scale * coefficient)
         return loss
 
     @contextmanager
     def perturbed(self, modules: Sequence[nn.Module], step: int, query: int, scale: float) -> Iterator[None]:
         """Run forwards of ``modules`` at ``theta + scale * u(step, query)`` without writing ``theta``.
+
+        A plain ``nn.Embedding`` looks up the stored table and adds ``scale * u`` to the rows it returned
+        (the same floats as a lookup in the perturbed table); any other module reads a perturbed copy of
+        its weights for the duration of its own forward call.
 
         Raises if a ZO parameter was never reached by a module's own forward call (a parameter read
         directly by another module would silently escape the perturbation).
@@ -167,8 +225,10 @@ class ZOSGD(Optimizer):
                 if param is None or id(param) not in self.keys or (id(module), name) in swapped:
                     continue
                 if id(param) not in temps:
-                    temp = self.sampler.direction(step, query, self.keys[id(param)], param)
-                    temps[id(param)] = temp.mul_(scale).add_(param.detach())
+                    temp = torch.empty_like(param)
+                    for rows, u in self.sampler.chunks(step, query, self.keys[id(param)], param):
+                        temp[rows] = u.mul_(scale).add_(param.detach()[rows])
+                    temps[id(param)] = temp
                 module._parameters[name] = temps[id(param)]
                 swapped[(id(module), name)] = (module, name, param)
                 reached.add(id(param))
@@ -181,10 +241,20 @@ class ZOSGD(Optimizer):
                     if not any(p is param for _, _, p in swapped.values()):
                         temps.pop(id(param), None)
 
+        def perturb_rows(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
+            weight = module.weight
+            reached.add(id(weight))
+            offset = self.sampler.rows(step, query, self.keys[id(weight)], weight, args[0])
+            return offset.mul_(scale).add_(output)
+
         handles = []
         for root in modules:
             for module in root.modules():
-                if any(p is not None and id(p) in self.keys for p in module._parameters.values()):
+                if not any(p is not None and id(p) in self.keys for p in module._parameters.values()):
+                    continue
+                if _is_plain_embedding(module) and id(module.weight) in self.keys:
+                    handles.append(module.register_forward_hook(perturb_rows))
+                else:
                     handles.append(module.register_forward_pre_hook(swap_in))
                     handles.append(module.register_forward_hook(swap_out))
         try:
@@ -202,3 +272,12 @@ class ZOSGD(Optimizer):
                 f"so perturbing them is impossible: {missing[:5]}. Parameters must be read by the module that "
                 "owns them (a module reading another module's .weight directly escapes the perturbation)."
             )
+
+
+def _is_plain_embedding(module: nn.Module) -> bool:
+    """An embedding whose output is exactly ``weight[ids]``, so perturbing rows equals perturbing the table.
+
+    Subclasses that scale or offset inside ``forward`` (OPT's learned positions, Gemma's scaled embedding)
+    and ``max_norm`` (which renormalises the looked-up rows) take the general path instead.
+    """
+    return type(module).forward is nn.Embedding.forward and isinstance(module, nn.Embedding) and module.max_norm is None
