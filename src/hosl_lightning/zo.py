@@ -46,7 +46,7 @@ def mix_seed(*parts: int) -> int:
     return state >> 1
 
 
-DIRECTION_CHUNK = 1 << 16  # elements drawn per generator call: 256 KiB in fp32
+DIRECTION_CHUNK = 1 << 14  # elements per generator call (64 KiB in fp32): ~5% call overhead, few wasted rows
 
 
 class DirectionSampler:
@@ -97,13 +97,17 @@ class DirectionSampler:
         per_chunk = self.rows_per_chunk(like)
         flat = index.reshape(-1)
         out = torch.empty((flat.numel(), *like.shape[1:]), dtype=like.dtype, device=like.device)
-        chunk_of = torch.div(flat, per_chunk, rounding_mode="floor")
-        for chunk in torch.unique(chunk_of).tolist():
-            where = (chunk_of == chunk).nonzero().squeeze(1)
-            start = chunk * per_chunk
-            size = min(per_chunk, like.shape[0] - start)
+        order = torch.argsort(flat)
+        chunk_of = torch.div(flat[order], per_chunk, rounding_mode="floor")
+        chunks, counts = torch.unique_consecutive(chunk_of, return_counts=True)
+        start_of_run = 0
+        for chunk, count in zip(chunks.tolist(), counts.tolist()):
+            where = order[start_of_run:start_of_run + count]
+            start_of_run += count
+            first = chunk * per_chunk
+            size = min(per_chunk, like.shape[0] - first)
             part = self._draw(step, query, key, chunk, (size, *like.shape[1:]), like)
-            out[where] = part[flat[where] - start]
+            out[where] = part[flat[where] - first]
         return out.reshape(*index.shape, *like.shape[1:])
 
     def _draw(self, step: int, query: int, key: int, chunk: int, shape: tuple[int, ...] | torch.Size,
