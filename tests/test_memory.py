@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import TINY_LLAMA
+
 from hosl_lightning import SplitCausalLM, load_causal_lm
 from hosl_lightning.memory import measure_client_inference, measure_client_step
 from hosl_lightning.steps import ZOSettings
@@ -33,5 +33,6 @@ def test_hosl_client_peak_is_below_fo_and_holds_no_gradients_or_optimizer_state(
     assert hosl.grads == 0 and hosl.optimizer_state == 0
     assert all(p.grad is None for p in model.client.parameters())
     assert fo.optimizer_state > 0  # AdamW's two moments for every client parameter
+    assert fo.grads == sum(p.numel() * p.element_size() for p in model.client.parameters())  # kept between steps
     assert hosl.params == fo.params == floor.params  # the same client weights are counted on every path
     assert floor.peak <= hosl.peak <= 1.25 * floor.peak  # probes are sent as they come: no 2Q activations kept

@@ -8,8 +8,9 @@ compute logits only where a label asks for them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -52,8 +53,10 @@ class SplitCausalLM(nn.Module):
         self.config = model.config
         self.cut_layer = cut_layer
         self.boundary = boundary or InProcessBoundary()
-        # Wraps every piece of server-side work in a step; memory measurement uses it to leave the server's
-        # allocations out of the client's account.
+        # Context factories that wrap every piece of each half's work (the client's forwards, updates and what
+        # it receives; the server's forward, loss, backward and what it receives). The strategy installs its
+        # own, so that time and memory are attributed to the half that does the work (``memory.SideSwitch``).
+        self.client_side: Callable[[], AbstractContextManager[Any]] = nullcontext
         self.server_side: Callable[[], AbstractContextManager[Any]] = nullcontext
 
     def place(self, client_device: torch.device, server_device: torch.device) -> None:
@@ -69,8 +72,9 @@ class SplitCausalLM(nn.Module):
 
     def client_forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> CutActivations:
         device = self.boundary.client_device
-        mask = None if attention_mask is None else attention_mask.to(device)
-        return self.client(input_ids.to(device), mask)
+        with self.client_side():
+            mask = None if attention_mask is None else attention_mask.to(device)
+            return self.client(input_ids.to(device), mask)
 
     def _label_token_nll(self, final_hidden: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """Next-token losses at labelled positions only, and the row of each (the LM head runs nowhere else).
@@ -131,12 +135,12 @@ class SplitCausalLM(nn.Module):
                 raise ValueError(f"SplitCausalLM does not support {unsupported}=...")
         targets = None if labels is None else {"labels": labels}
         client_activations = self.client_forward(input_ids, attention_mask)
-        with self.server_side():
+        with self.server_side():  # labels live on the server: the loss is its work too
             activations, server_targets = self.boundary.send_up(client_activations, targets)
             logits = self.server.logits(self.server(activations))
-        loss = None
-        if server_targets is not None:
-            loss = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), server_targets["labels"][:, 1:].flatten(), ignore_index=IGNORE_INDEX
-            )
+            loss = None
+            if server_targets is not None:
+                loss = F.cross_entropy(
+                    logits[:, :-1].flatten(0, 1).float(), server_targets["labels"][:, 1:].flatten(), ignore_index=IGNORE_INDEX
+                )
         return CausalLMOutputWithPast(loss=loss, logits=logits)

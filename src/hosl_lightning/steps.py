@@ -4,14 +4,17 @@ Each function does the forward passes, crosses the boundary, computes updates an
 zeroth-order ones; first-order gradients go through ``backward`` (Lightning's ``manual_backward``, so
 precision plugins and gradient scaling apply) and the caller steps the first-order optimizer. That keeps
 exactly one counted optimizer step per batch in Lightning's bookkeeping.
+
+Every piece of work runs inside ``model.client_side()`` or ``model.server_side()`` (what crosses the cut
+is the receiver's): that is how time and memory are attributed to each half (``hosl_lightning.memory``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -94,20 +97,22 @@ def hosl_step(
     send = _Uplink(model, targets)
 
     def probe(query: int, sign: float) -> CutActivations:
-        with torch.no_grad(), client_optimizer.perturbed([model.client], step, query, sign * settings.mu):
+        perturbed = client_optimizer.perturbed([model.client], step, query, sign * settings.mu)
+        with model.client_side(), torch.no_grad(), perturbed:
             return send(model.client_forward(input_ids, attention_mask))  # sent at once: the client keeps nothing
 
     def server_losses(ups: list[CutActivations]) -> Tensor:
         assert send.server_targets is not None
         with model.server_side():
             values = _probe_losses(model, ups, send.server_targets, settings, backward)
-        return model.boundary.send_down_losses(values)
+        with model.client_side():
+            return model.boundary.send_down_losses(values)
 
     with eval_mode(model):
         coefficients, losses = two_point_estimate(probe, server_losses, settings.queries, settings.mu)
         loss = losses.mean()
         if settings.server_grad == "clean":  # one more client forward, at the unperturbed weights
-            with torch.no_grad():
+            with model.client_side(), torch.no_grad():
                 up = send(model.client_forward(input_ids, attention_mask))
             assert send.server_targets is not None
             with model.server_side():
@@ -115,7 +120,8 @@ def hosl_step(
                 backward(clean_loss)
             loss = clean_loss.detach()
     estimate = ZOEstimate(step, coefficients)
-    client_optimizer.step(estimate=estimate)
+    with model.client_side():
+        client_optimizer.step(estimate=estimate)
     return StepOutput(loss=loss, estimate=estimate)
 
 
@@ -152,8 +158,9 @@ def fo_step(model: SplitCausalLM, batch: dict[str, Tensor], backward: Callable[[
     """First-order split learning: the server returns dL/dh and the client backpropagates it."""
     input_ids, attention_mask, targets = _batch_tensors(batch)
     send = _Uplink(model, targets)
-    activations = model.client_forward(input_ids, attention_mask)
-    up = send(activations)
+    with model.client_side():  # the client keeps these activations (and their graph) until its backward
+        activations = model.client_forward(input_ids, attention_mask)
+        up = send(activations)
     assert send.server_targets is not None
     with model.server_side():
         server_input = up.hidden.detach().requires_grad_(True)
@@ -162,9 +169,10 @@ def fo_step(model: SplitCausalLM, batch: dict[str, Tensor], backward: Callable[[
         backward(loss)
         if server_input.grad is None:
             raise RuntimeError("the server produced no gradient at the cut")
-    gradient = model.boundary.send_down_gradient(server_input.grad)  # received by the client
-    if activations.hidden.requires_grad:  # cut_layer=0 on a model whose embeddings are frozen has nothing to train
-        activations.hidden.backward(gradient)
+    with model.client_side():
+        gradient = model.boundary.send_down_gradient(server_input.grad)  # received by the client
+        if activations.hidden.requires_grad:  # cut_layer=0 on a model whose embeddings are frozen has nothing to train
+            activations.hidden.backward(gradient)
     return StepOutput(loss=loss.detach())
 
 
@@ -182,10 +190,13 @@ def zo_step(
 
     def probe(query: int, sign: float) -> Tensor:
         with torch.no_grad(), optimizer.perturbed([model.client, model.server], step, query, sign * settings.mu):
-            up = send(model.client_forward(input_ids, attention_mask))
+            with model.client_side():
+                up = send(model.client_forward(input_ids, attention_mask))
             assert send.server_targets is not None
             with model.server_side():
-                return model.boundary.send_down_losses(model.server_losses(up, send.server_targets))
+                losses = model.server_losses(up, send.server_targets)
+            with model.client_side():
+                return model.boundary.send_down_losses(losses)
 
     with eval_mode(model):
         coefficients, losses = two_point_estimate(probe, torch.cat, settings.queries, settings.mu)

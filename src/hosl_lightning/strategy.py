@@ -11,7 +11,7 @@ in checkpoints. Modules written for plain fine-tuning (automatic optimization) t
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -21,11 +21,23 @@ from lightning.pytorch.plugins.precision import HalfPrecision, MixedPrecision
 from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import Tensor, nn
+from torch.optim import Optimizer
 from transformers import PreTrainedModel
 
+from hosl_lightning.memory import MemoryReport, SideSwitch, StepMemoryMeter
 from hosl_lightning.model import SplitCausalLM
-from hosl_lightning.steps import MODES, SERVER_GRADS, Mode, ServerGrad, StepOutput, ZOSettings, eval_mode
-from hosl_lightning.steps import fo_step, hosl_step, zo_step
+from hosl_lightning.steps import (
+    MODES,
+    SERVER_GRADS,
+    Mode,
+    ServerGrad,
+    StepOutput,
+    ZOSettings,
+    eval_mode,
+    fo_step,
+    hosl_step,
+    zo_step,
+)
 from hosl_lightning.zo import DIRECTIONS, ZOSGD, ZOEstimate, two_point_estimate
 
 STRATEGY_NAME = "hosl"
@@ -94,6 +106,12 @@ class HOSLStrategy(SingleDeviceStrategy):
         batch_probes: compute the 2Q server losses in one batched forward (faster) instead of one at a time.
         client_device / server_device: where each half lives (e.g. ``"cpu"`` and ``"cuda:0"`` to emulate an
             edge device beside a server); by default the Trainer's device.
+        memory_every_n_steps: measure each side's memory (peak, parameters, gradients, optimizer state,
+            activations) on the first two steps of a fit and then on every step whose index is a multiple of
+            n; 0 turns it off. A measured step is slower (on CPU, torch's MemTracker sees every tensor);
+            other steps pay nothing. The latest :class:`~hosl_lightning.memory.MemoryReport` is
+            ``strategy.memory_report`` and is logged on every step under ``hosl/memory/`` (see
+            :mod:`hosl_lightning.memory` for what is measured how on CPU and CUDA).
     """
 
     strategy_name = STRATEGY_NAME
@@ -112,6 +130,7 @@ class HOSLStrategy(SingleDeviceStrategy):
         batch_probes: bool = True,
         client_device: str | None = None,
         server_device: str | None = None,
+        memory_every_n_steps: int = 50,
         **kwargs: Any,
     ) -> None:
         _number("cut_layer", cut_layer, int, 0)
@@ -123,6 +142,7 @@ class HOSLStrategy(SingleDeviceStrategy):
         _choice("direction", direction, DIRECTIONS)
         _number("seed", seed, int, 0)
         _choice("server_grad", server_grad, SERVER_GRADS)
+        _number("memory_every_n_steps", memory_every_n_steps, int, 0)
         super().__init__(device="cpu", **kwargs)
         self.cut_layer = cut_layer
         self.mode = mode
@@ -137,10 +157,18 @@ class HOSLStrategy(SingleDeviceStrategy):
         self.client_optimizer: ZOSGD | None = None
         self.zo_steps = 0  # ZO steps taken: the step index of the next direction seeds
         self._pending_state: dict[str, Any] | None = None
+        self.memory_every_n_steps = memory_every_n_steps
+        self.memory_report: MemoryReport | None = None  # the latest measurement, see memory_every_n_steps
+        self._steps_seen = 0  # training steps started in this fit
         self._last_step_time: float | None = None
         self._step_started = 0.0
         self._server_seconds = 0.0  # time spent in server-side work during the current step
+        self._switched_at = 0.0
+        # Which half is working: the split model's client_side/server_side enter it; time and memory follow it.
+        self._sides = SideSwitch()
+        self._sides.listeners.append(self._time_sides)
         self._split: SplitCausalLM | None = None
+        self._optimizer_sides: dict[int, str] = {}
 
     # ---- placement -------------------------------------------------------------------------------------
     @property
@@ -169,6 +197,7 @@ class HOSLStrategy(SingleDeviceStrategy):
         assert self.lightning_module is not None
         self._check_precision()
         self._cut(self.lightning_module)
+        self._steps_seen = 0
         super().setup(trainer)
 
     def _check_precision(self) -> None:
@@ -188,7 +217,7 @@ class HOSLStrategy(SingleDeviceStrategy):
         name, model = find_causal_lm(module)
         if isinstance(model, SplitCausalLM):
             self._split = model  # already cut (a second fit/validate on the same module)
-            model.server_side = self._timed_server_side
+            self._sides.install(model)
             return
         if not name:
             raise ValueError("HOSLStrategy needs the causal LM as an attribute of a LightningModule, not the module itself")
@@ -196,7 +225,7 @@ class HOSLStrategy(SingleDeviceStrategy):
         parent_name, _, attribute = name.rpartition(".")
         setattr(module.get_submodule(parent_name) if parent_name else module, attribute, split)
         self._split = split
-        split.server_side = self._timed_server_side
+        self._sides.install(split)
         zeroth_order = [split.client] if self.mode == "hosl" else [split.client, split.server] if self.mode == "zo" else []
         for half in zeroth_order:
             for param in half.parameters():
@@ -204,18 +233,77 @@ class HOSLStrategy(SingleDeviceStrategy):
                     param.requires_grad_(False)
                     param._hosl_zo = True  # type: ignore[attr-defined]  # trained by ZO, never by backprop
 
-    @contextmanager
-    def _timed_server_side(self) -> Iterator[None]:
+    def _time_sides(self, old: str, new: str) -> None:
         """Times the server's share of a step; the rest of the step is the client's."""
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            self._server_seconds += time.perf_counter() - started
+        now = time.perf_counter()
+        if old == "server":
+            self._server_seconds += now - self._switched_at
+        self._switched_at = now
 
     def _start_step(self) -> None:
         self.split_model.boundary.traffic.reset()
         self._server_seconds, self._step_started = 0.0, time.perf_counter()
+        self._switched_at = self._step_started
+
+    # ---- memory ----------------------------------------------------------------------------------------
+    @contextmanager
+    def _measured_step(self) -> Iterator[None]:
+        """Measures both sides' memory over the enclosed step when the step is due (see memory_every_n_steps)."""
+        assert self.lightning_module is not None
+        step = self.lightning_module.trainer.global_step
+        every = self.memory_every_n_steps
+        due = every > 0 and (self._steps_seen < 2 or step % every == 0)  # the first two: fo's state appears in step 1
+        self._steps_seen += 1
+        if not due:
+            yield
+            return
+        optimizers = [*self.optimizers, *([self.client_optimizer] if self.client_optimizer is not None else [])]
+        meter = StepMemoryMeter(self.split_model, self._sides, optimizers)
+        with meter:
+            yield
+        self.memory_report = meter.report(step, self.mode)
+
+    def _memory_metrics(self) -> dict[str, float]:
+        report = self.memory_report
+        return {} if report is None else {f"memory/{k}": v for k, v in report.metrics().items()}
+
+    def _side_of(self, optimizer: Optimizer) -> str:
+        """The half whose parameters ``optimizer`` updates, or "shared" when it updates both (fo, zo)."""
+        if id(optimizer) not in self._optimizer_sides:
+            split = self.split_model
+            owner = {id(p): "server" for p in split.server.parameters()}
+            owner |= {id(p): "client" for p in split.client.parameters()}
+            updated = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad or isinstance(optimizer, ZOSGD)]
+            sides = {owner.get(id(p), "shared") for p in updated}
+            self._optimizer_sides[id(optimizer)] = sides.pop() if len(sides) == 1 else "shared"
+        return self._optimizer_sides[id(optimizer)]
+
+    def optimizer_step(
+        self, optimizer: Optimizer, closure: Callable[[], Any], model: Any = None, **kwargs: Any
+    ) -> Any:
+        """The first-order optimizer's step is its half's work (both halves' in fo and zo: "shared")."""
+        side = self._side_of(optimizer)
+        module = self.lightning_module
+        if module is None or not module.automatic_optimization:
+            with self._sides.enter(side):
+                return super().optimizer_step(optimizer, closure, model, **kwargs)
+
+        def client_closure() -> Any:  # training_step, zero_grad and backward: each places its own work
+            with self._sides.enter("client"):
+                return closure()
+
+        # With automatic optimization, Lightning runs the whole step (the closure) inside the optimizer's step.
+        with self._measured_step(), self._sides.enter(side):
+            return super().optimizer_step(optimizer, client_closure, model, **kwargs)
+
+    def backward(self, closure_loss: Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any) -> Tensor:
+        module = self.lightning_module
+        if module is None or not module.automatic_optimization:
+            return super().backward(closure_loss, optimizer, *args, **kwargs)  # the step functions place it
+        # Lightning's own backward of a drop-in module's loss: only the server's graph in hosl (the client is
+        # frozen); in fo one backward runs through both halves at once, so it is shared.
+        with self._sides.enter("server" if self.mode == "hosl" else "shared"):
+            return super().backward(closure_loss, optimizer, *args, **kwargs)
 
     def _zo_named_parameters(self, *halves: nn.Module) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for half in halves for n, p in half.named_parameters() if getattr(p, "_hosl_zo", False)]
@@ -238,6 +326,7 @@ class HOSLStrategy(SingleDeviceStrategy):
             super().setup_optimizers(trainer)
         if self.mode == "hosl":
             self.client_optimizer = self._new_zo_optimizer(split.client)
+        self._optimizer_sides = {}
         self._apply_pending_state()
 
     # ---- the step --------------------------------------------------------------------------------------
@@ -250,15 +339,17 @@ class HOSLStrategy(SingleDeviceStrategy):
         assert not isinstance(optimizer, list), "HOSLModule configures exactly one first-order optimizer"
         self._start_step()
         step = self.zo_steps
-        if self.mode == "hosl":
-            assert self.client_optimizer is not None
-            output = hosl_step(split, batch, self.client_optimizer, self.settings, step, module.manual_backward)
-            optimizer.step()
-        elif self.mode == "fo":
-            output = fo_step(split, batch, module.manual_backward)
-            optimizer.step()
-        else:
-            output = zo_step(split, batch, optimizer.optimizer, self.settings, step, lambda e: optimizer.step(estimate=e))
+        with self._measured_step():
+            if self.mode == "hosl":
+                assert self.client_optimizer is not None
+                output = hosl_step(split, batch, self.client_optimizer, self.settings, step, module.manual_backward)
+                optimizer.step()
+            elif self.mode == "fo":
+                output = fo_step(split, batch, module.manual_backward)
+                optimizer.step()
+            else:
+                zo = optimizer.optimizer  # the one ZOSGD over both halves
+                output = zo_step(split, batch, zo, self.settings, step, lambda e: optimizer.step(estimate=e))
         optimizer.zero_grad(set_to_none=True)
         self.zo_steps += 1
         self._log_step(output.estimate)
@@ -269,22 +360,29 @@ class HOSLStrategy(SingleDeviceStrategy):
         module = self.lightning_module
         assert module is not None
         if not module.automatic_optimization or self.mode != "hosl":
-            return super().training_step(*args, **kwargs)
+            output = super().training_step(*args, **kwargs)
+            if module.automatic_optimization and self.memory_report is not None:
+                module.log_dict({f"hosl/{k}": v for k, v in self._memory_metrics().items()}, on_step=True, on_epoch=False)
+            return output
         assert self.client_optimizer is not None
         split, step, optimizer = self.split_model, self.zo_steps, self.client_optimizer
         base_step = super().training_step
         self._start_step()
 
+        # The user's training_step is the server's loss oracle: its only client work is the model's client
+        # forward, which places itself on the client side.
         def probe(query: int, sign: float) -> Tensor:
-            with torch.no_grad(), optimizer.perturbed([split.client], step, query, sign * self.settings.mu):
-                with _silenced_logging(module):
-                    return _loss_of(base_step(*args, **kwargs))
+            perturbed = optimizer.perturbed([split.client], step, query, sign * self.settings.mu)
+            with torch.no_grad(), perturbed, _silenced_logging(module), split.server_side():
+                return _loss_of(base_step(*args, **kwargs))
 
         with eval_mode(module):
             coefficients, _ = two_point_estimate(probe, torch.stack, self.settings.queries, self.settings.mu)
-        output = base_step(*args, **kwargs)  # unperturbed, with autograd: the user's optimizer trains the server
+        with split.server_side():
+            output = base_step(*args, **kwargs)  # unperturbed, with autograd: the user's optimizer trains the server
         estimate = ZOEstimate(step, coefficients)
-        optimizer.step(estimate=estimate)
+        with split.client_side():
+            optimizer.step(estimate=estimate)
         self.zo_steps += 1
         self._log_step(estimate)
         return output
@@ -309,6 +407,7 @@ class HOSLStrategy(SingleDeviceStrategy):
             metrics["lr_client"] = client.param_groups[0]["lr"]
         traffic = self.split_model.boundary.traffic
         metrics["bytes_up"], metrics["bytes_down"] = float(traffic.bytes_up), float(traffic.bytes_down)
+        metrics.update(self._memory_metrics())  # the latest measurement, on every step: loggers sample every n steps
         module.log_dict({f"hosl/{k}": v for k, v in metrics.items()}, on_step=True, on_epoch=False, prog_bar=False)
 
     # ---- checkpoints -----------------------------------------------------------------------------------
