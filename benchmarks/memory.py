@@ -22,7 +22,8 @@ Two choices keep the full study inside ~25 minutes on 2 cores, neither of which 
 
 - The server is trimmed to the final norm and LM head (the model is cut to ``cut`` blocks, so the client
   is exactly the full model's client). The server's allocations are outside the client's account anyway
-  (``SplitCausalLM.server_side`` switches the tracker off for them); only its compute time is saved. Each
+  (the tracker records only while the client works: ``SplitCausalLM.client_side``/``server_side``); only
+  its compute time is saved. Each
   run checks this on one setting per model, full server against trimmed, and reports the difference
   (``--full-server`` measures everything with the full server instead).
 - Only the last position of each row has a label, as in prompt classification (one label word per
@@ -293,10 +294,10 @@ def write_markdown(path: Path, rows: list[Row], per_setting: dict, info: dict) -
                   f"{model}: `{name}`, {mib(size):.1f} MiB" for model, (name, size) in info["largest"].items()) + ".",
               "- `activations`: anything allocated inside a forward. For zo and hosl that includes the perturbed "
               "copy `w + mu*u` of each parameter while its module runs (one tensor at a time).",
-              "- `optimizer state`: anything allocated inside an optimizer's step. For fo, AdamW's two moments and "
-              "the temporaries of its step; for zo and hosl, ZOSGD's update, which regenerates each direction `u`.",
-              "- `temporaries`: allocated in the backward. With MemTracker's module hooks off (see "
-              "`hosl_lightning.memory`), fo's gradients are counted here, not under `grads`.",
+              "- `optimizer state`: the optimizer's state tensors: AdamW's two moments for fo; ZOSGD keeps none.",
+              "- `temporaries`: allocated in the backward or inside an optimizer's step: AdamW's working tensors "
+              "for fo; for zo and hosl, ZOSGD's update, which regenerates each direction `u` one chunk at a time.",
+              "- `grads`: fo's gradients of the client's weights.",
               "- `other`: buffers and anything else.",
               "",
               "| model | cut | batch | seq | mode | peak | params | activations | temporaries | optimizer state | grads | other | s |",
