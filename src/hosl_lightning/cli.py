@@ -13,6 +13,8 @@ from lightning.pytorch.cli import LightningCLI
 
 import hosl_lightning  # noqa: F401  (registers the "hosl" strategy)
 from hosl_lightning.callbacks import LossSummary, ZeroShotReport
+from hosl_lightning.launch import run
+from hosl_lightning.models import deferred_weights
 from hosl_lightning.module import HOSLModule
 
 
@@ -21,6 +23,28 @@ class HOSLCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.set_defaults({"trainer.strategy": "hosl"})
+
+    def _distributed(self) -> bool:
+        strategy = self._get(self.config, "trainer.strategy", None)
+        init_args = getattr(strategy, "init_args", None)
+        return getattr(init_args, "transport", None) == "distributed"
+
+    def instantiate_classes(self) -> None:
+        """In a distributed run the model is built on the meta device; each process then loads only its half."""
+        if not self._distributed():
+            return super().instantiate_classes()
+        with deferred_weights():
+            super().instantiate_classes()
+
+    # Under a distributed strategy, the server process (rank 0) serves the client instead of running a loop.
+    def fit(self, model: Any, **kwargs: Any) -> None:
+        run(self.trainer, "fit", model, **kwargs)
+
+    def validate(self, model: Any, **kwargs: Any) -> None:
+        run(self.trainer, "validate", model, **kwargs)
+
+    def test(self, model: Any, **kwargs: Any) -> None:
+        run(self.trainer, "test", model, **kwargs)
 
 
 def build_cli(args: list[str] | None = None) -> HOSLCLI:

@@ -19,7 +19,7 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from hosl_lightning.boundary import InProcessBoundary
-from hosl_lightning.split import CutActivations, split_causal_lm
+from hosl_lightning.split import ClientHalf, CutActivations, ServerHalf, split_causal_lm
 
 IGNORE_INDEX = -100
 Targets = dict[str, Any]  # what the server needs to compute a loss: "labels", and "class_labels"/"num_classes"
@@ -50,7 +50,22 @@ class SplitCausalLM(nn.Module):
     def __init__(self, model: PreTrainedModel, cut_layer: int, boundary: InProcessBoundary | None = None) -> None:
         super().__init__()
         self.client, self.server = split_causal_lm(model, cut_layer)
-        self.config = model.config
+        self._init_rest(model.config, cut_layer, boundary)
+
+    @classmethod
+    def from_halves(
+        cls, client: ClientHalf | None, server: ServerHalf | None, config: Any, cut_layer: int,
+        boundary: InProcessBoundary | None = None,
+    ) -> SplitCausalLM:
+        """A split model holding the given halves; a process of a multi-process run holds only its own."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.client, self.server = client, server  # type: ignore[assignment]
+        self._init_rest(config, cut_layer, boundary)
+        return self
+
+    def _init_rest(self, config: Any, cut_layer: int, boundary: InProcessBoundary | None) -> None:
+        self.config = config
         self.cut_layer = cut_layer
         self.boundary = boundary or InProcessBoundary()
         # Context factories that wrap every piece of each half's work (the client's forwards, updates and what
@@ -61,8 +76,10 @@ class SplitCausalLM(nn.Module):
 
     def place(self, client_device: torch.device, server_device: torch.device) -> None:
         """Put each half on its own device (an edge device beside a server, emulated in one process)."""
-        self.client.to(client_device)
-        self.server.to(server_device)
+        if self.client is not None:
+            self.client.to(client_device)
+        if self.server is not None:
+            self.server.to(server_device)
         self.boundary.client_device = torch.device(client_device)
         self.boundary.server_device = torch.device(server_device)
 

@@ -12,6 +12,7 @@ which layers use a sliding window) is described by one small :class:`Family` per
 from __future__ import annotations
 
 import copy
+import inspect
 import numbers
 import operator
 from collections.abc import Callable
@@ -96,6 +97,9 @@ def _mistral_layer_types(config: transformers.PretrainedConfig, n: int) -> list[
     kind = "full_attention" if config.sliding_window is None else "sliding_attention"
     return [kind] * n
 
+
+# transformers 5.24 renamed the mask builders' `past_key_values` argument to `cache`; pass whichever exists.
+_NO_CACHE = {"cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values": None}
 
 _MASK_BUILDERS: dict[str, Callable[..., torch.Tensor | None]] = {
     "full_attention": create_causal_mask,
@@ -191,8 +195,8 @@ class DecoderStack(nn.Module):
                 config=self.config,
                 inputs_embeds=hidden,  # only its batch size, length, dtype and device are read
                 attention_mask=attention_mask,
-                past_key_values=None,
                 position_ids=mask_position_ids,
+                **_NO_CACHE,
             )
             for kind in dict.fromkeys(self.layer_types)
         }

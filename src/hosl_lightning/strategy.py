@@ -10,12 +10,16 @@ in checkpoints. Modules written for plain fine-tuning (automatic optimization) t
 
 from __future__ import annotations
 
+import os
+import resource
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.plugins.precision import HalfPrecision, MixedPrecision
 from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
@@ -26,6 +30,16 @@ from transformers import PreTrainedModel
 
 from hosl_lightning.memory import MemoryReport, SideSwitch, StepMemoryMeter
 from hosl_lightning.model import SplitCausalLM
+from hosl_lightning.models import materialize_half
+from hosl_lightning.remote import (
+    ClientSplitCausalLM,
+    RemoteServer,
+    SplitServer,
+    client_fo_step,
+    client_hosl_step,
+    client_zo_step,
+)
+from hosl_lightning.split import split_causal_lm
 from hosl_lightning.steps import (
     MODES,
     SERVER_GRADS,
@@ -38,9 +52,13 @@ from hosl_lightning.steps import (
     hosl_step,
     zo_step,
 )
+from hosl_lightning.wire import Wire, WireError
 from hosl_lightning.zo import DIRECTIONS, ZOSGD, ZOEstimate, two_point_estimate
 
 STRATEGY_NAME = "hosl"
+TRANSPORTS: tuple[str, ...] = ("in_process", "distributed")
+BACKENDS: tuple[str, ...] = ("gloo", "nccl")
+SERVER_RANK = 0  # in a multi-process run rank 0 is the server and rank 1 the client
 
 
 def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -112,6 +130,16 @@ class HOSLStrategy(SingleDeviceStrategy):
             other steps pay nothing. The latest :class:`~hosl_lightning.memory.MemoryReport` is
             ``strategy.memory_report`` and is logged on every step under ``hosl/memory/`` (see
             :mod:`hosl_lightning.memory` for what is measured how on CPU and CUDA).
+        transport: ``"in_process"`` (both halves in this process, the default) or ``"distributed"``: client and
+            server in separate processes that talk over ``torch.distributed``; rank 0 is the server, rank 1 the
+            client, and each process builds and holds only its own half (see README, "Client and server in
+            separate processes").
+        backend: the ``torch.distributed`` backend of a distributed run: ``"gloo"`` (CPU; the default when no
+            GPU is visible) or ``"nccl"`` (GPUs).
+        timeout_s: in a distributed run, how long either side waits for the other before failing with an
+            error that names the peer and what was awaited.
+        init_method / rank / world_size: how the processes find each other; by default ``"env://"`` and the
+            ``RANK`` / ``WORLD_SIZE`` / ``MASTER_ADDR`` / ``MASTER_PORT`` variables that ``torchrun`` sets.
     """
 
     strategy_name = STRATEGY_NAME
@@ -131,6 +159,12 @@ class HOSLStrategy(SingleDeviceStrategy):
         client_device: str | None = None,
         server_device: str | None = None,
         memory_every_n_steps: int = 50,
+        transport: str = "in_process",
+        backend: str | None = None,
+        timeout_s: float = 300.0,
+        init_method: str = "env://",
+        rank: int | None = None,
+        world_size: int | None = None,
         **kwargs: Any,
     ) -> None:
         _number("cut_layer", cut_layer, int, 0)
@@ -143,6 +177,14 @@ class HOSLStrategy(SingleDeviceStrategy):
         _number("seed", seed, int, 0)
         _choice("server_grad", server_grad, SERVER_GRADS)
         _number("memory_every_n_steps", memory_every_n_steps, int, 0)
+        _choice("transport", transport, TRANSPORTS)
+        if backend is not None:
+            _choice("backend", backend, BACKENDS)
+        _number("timeout_s", timeout_s, (int, float), 0, strict=True)  # type: ignore[arg-type]
+        if rank is not None:
+            _number("rank", rank, int, 0)
+        if world_size is not None:
+            _number("world_size", world_size, int, 2)
         super().__init__(device="cpu", **kwargs)
         self.cut_layer = cut_layer
         self.mode = mode
@@ -169,6 +211,131 @@ class HOSLStrategy(SingleDeviceStrategy):
         self._sides.listeners.append(self._time_sides)
         self._split: SplitCausalLM | None = None
         self._optimizer_sides: dict[int, str] = {}
+        self.transport = transport
+        self.backend = backend
+        self.timeout_s = float(timeout_s)
+        self.init_method = init_method
+        self._rank, self._world_size = rank, world_size
+        self._wire: Wire | None = None
+        self._owns_process_group = False
+
+    # ---- processes -------------------------------------------------------------------------------------
+    @property
+    def role(self) -> str:
+        """``"both"`` in-process; in a distributed run ``"server"`` (rank 0) or ``"client"``."""
+        if self.transport == "in_process":
+            return "both"
+        return "server" if self._process_rank() == SERVER_RANK else "client"
+
+    def _process_rank(self) -> int:
+        if self._rank is not None:
+            return self._rank
+        if "RANK" not in os.environ:
+            raise ValueError(
+                "transport='distributed' needs this process's rank: launch with torchrun (which sets RANK and "
+                "WORLD_SIZE), or pass rank= and world_size= (rank 0 is the server, rank 1 the client)"
+            )
+        return int(os.environ["RANK"])
+
+    def _connect(self) -> Wire:
+        """Join the process group (unless the launcher already did) and open the link to the peer."""
+        if self._wire is not None:
+            return self._wire
+        rank = self._process_rank()
+        world_size = self._world_size if self._world_size is not None else int(os.environ.get("WORLD_SIZE", "0"))
+        if world_size != 2:
+            raise ValueError(
+                f"world_size={world_size}: a distributed HOSL run has exactly two processes, the server (rank 0) "
+                "and one client (rank 1)"
+            )
+        if rank not in (0, 1):
+            raise ValueError(f"rank={rank} is not valid: choose 0 (the server) or 1 (the client)")
+        if not dist.is_initialized():
+            backend = self.backend or ("nccl" if torch.cuda.is_available() else "gloo")
+            dist.init_process_group(
+                backend, init_method=self.init_method, rank=rank, world_size=world_size, timeout=timedelta(seconds=self.timeout_s)
+            )
+            self._owns_process_group = True
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        peer = 1 - rank
+        self._wire = Wire(peer, f"{'client' if peer else 'server'} (rank {peer})", self.timeout_s, device)
+        return self._wire
+
+    def _disconnect(self) -> None:
+        self._wire = None
+        if self._owns_process_group and dist.is_initialized():
+            dist.destroy_process_group()
+        self._owns_process_group = False
+
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        if self.role == "client":
+            # torchrun gives the client RANK=1, which would silence Lightning's rank-zero-only logging and
+            # checkpointing; the client is the only process that runs a Trainer, so it is rank zero for them.
+            from lightning_utilities.core.rank_zero import rank_zero_only
+
+            rank_zero_only.rank = 0  # type: ignore[attr-defined]
+            self._connect()
+
+    def teardown(self) -> None:
+        if self.role == "client" and self._wire is not None:
+            try:
+                self._remote.close()
+            except WireError:
+                pass  # the server is already gone (and the error that ended the run is the one to report)
+            finally:
+                self._disconnect()
+        super().teardown()
+
+    @property
+    def _remote(self) -> RemoteServer:
+        split = self.split_model
+        assert isinstance(split, ClientSplitCausalLM)
+        return split.remote
+
+    def _client_zo_count(self, client: nn.Module) -> int:
+        if self.mode == "fo":
+            return 0
+        return sum(1 for p in client.parameters() if p.requires_grad or getattr(p, "_hosl_zo", False))
+
+    def serve(self, module: LightningModule) -> int:
+        """Run the server of a distributed run (rank 0) until the client is done; returns the steps served.
+
+        ``module`` is the same LightningModule the client trains (e.g. built from the same config); the server
+        keeps only its half of the model, trains it with the module's own optimizer (and scheduler), and saves
+        its half of every checkpoint the client saves.
+        """
+        if self.role != "server":
+            raise RuntimeError(f"serve() runs the server (rank {SERVER_RANK}); this process is the {self.role}")
+        wire = self._connect()
+        try:
+            name, model = find_causal_lm(module)
+            client, server = split_causal_lm(model, self.cut_layer)
+            device = self._server_device or torch.device("cpu")
+            if any(p.is_meta for p in server.parameters()):
+                materialize_half(model, server, device)
+            server.to(device)
+            split = SplitCausalLM.from_halves(None, server, model.config, self.cut_layer)
+            self._install(module, name, split)
+            first_key = self._client_zo_count(client)
+            if self.mode == "zo":
+                named = [(n, p) for n, p in server.named_parameters() if p.requires_grad]
+                for _, param in named:
+                    param.requires_grad_(False)
+                optimizer: Optimizer = ZOSGD(named, self.zo_lr, self.zo_weight_decay, self.direction, self.seed, first_key=first_key)
+                scheduler = None
+            else:
+                optimizer, scheduler = _optimizer_and_scheduler(module.configure_optimizers())
+            worker = SplitServer(split, wire, self.mode, self.settings, optimizer, scheduler, expected=self._hello_settings(first_key))
+            return worker.serve()
+        finally:
+            self._disconnect()
+
+    def _hello_settings(self, client_zo_params: int) -> dict[str, Any]:
+        return {
+            "cut_layer": self.cut_layer, "seed": self.seed, "direction": self.direction, "q": self.settings.queries,
+            "mu": self.settings.mu, "server_grad": self.settings.server_grad, "client_zo_params": client_zo_params,
+        }
 
     # ---- placement -------------------------------------------------------------------------------------
     @property
@@ -199,6 +366,8 @@ class HOSLStrategy(SingleDeviceStrategy):
         self._cut(self.lightning_module)
         self._steps_seen = 0
         super().setup(trainer)
+        if self.role == "client":
+            self._remote.hello(mode=self.mode, **self._hello_settings(self._client_zo_count(self.split_model.client)))
 
     def _check_precision(self) -> None:
         plugin = self.precision_plugin
@@ -213,21 +382,40 @@ class HOSLStrategy(SingleDeviceStrategy):
                 "mode='zo' trains only by them: use precision '32-true' or 'bf16-mixed'"
             )
 
+    def _install(self, module: LightningModule, name: str, split: SplitCausalLM) -> None:
+        if not name:
+            raise ValueError("HOSLStrategy needs the causal LM as an attribute of a LightningModule, not the module itself")
+        parent_name, _, attribute = name.rpartition(".")
+        setattr(module.get_submodule(parent_name) if parent_name else module, attribute, split)
+        self._split = split
+        self._sides.install(split)
+
+    def _client_split(self, model: nn.Module) -> SplitCausalLM:
+        """The client process's split model: its half only (materialised from the source if built on meta)."""
+        client, _ = split_causal_lm(model, self.cut_layer)  # type: ignore[arg-type]
+        if any(p.is_meta for p in client.parameters()):
+            materialize_half(model, client, self._client_device or self.root_device)  # type: ignore[arg-type]
+        split = ClientSplitCausalLM.from_halves(client, None, model.config, self.cut_layer)
+        split.remote = RemoteServer(self._connect(), split.boundary.traffic)
+        return split
+
     def _cut(self, module: LightningModule) -> None:
         name, model = find_causal_lm(module)
         if isinstance(model, SplitCausalLM):
             self._split = model  # already cut (a second fit/validate on the same module)
             self._sides.install(model)
             return
-        if not name:
-            raise ValueError("HOSLStrategy needs the causal LM as an attribute of a LightningModule, not the module itself")
-        split = SplitCausalLM(model, self.cut_layer)
-        parent_name, _, attribute = name.rpartition(".")
-        setattr(module.get_submodule(parent_name) if parent_name else module, attribute, split)
-        self._split = split
-        self._sides.install(split)
+        if self.role == "server":
+            raise RuntimeError("the server process of a distributed run does not run a Trainer: call strategy.serve(module)")
+        if any(p.is_meta for p in model.parameters()) and self.role == "both":
+            raise ValueError(
+                "the model was built on the meta device (hosl_lightning.models.deferred_weights) for a distributed "
+                "run, but this strategy has transport='in_process': build it without deferred_weights"
+            )
+        split = self._client_split(model) if self.role == "client" else SplitCausalLM(model, self.cut_layer)
+        self._install(module, name, split)
         zeroth_order = [split.client] if self.mode == "hosl" else [split.client, split.server] if self.mode == "zo" else []
-        for half in zeroth_order:
+        for half in [h for h in zeroth_order if h is not None]:
             for param in half.parameters():
                 if param.requires_grad:
                     param.requires_grad_(False)
@@ -254,7 +442,7 @@ class HOSLStrategy(SingleDeviceStrategy):
         every = self.memory_every_n_steps
         due = every > 0 and (self._steps_seen < 2 or step % every == 0)  # the first two: fo's state appears in step 1
         self._steps_seen += 1
-        if not due:
+        if not due or self.role == "client":  # a client process's own peak is measured whole (process_peak_rss_mib)
             yield
             return
         optimizers = [*self.optimizers, *([self.client_optimizer] if self.client_optimizer is not None else [])]
@@ -264,11 +452,15 @@ class HOSLStrategy(SingleDeviceStrategy):
         self.memory_report = meter.report(step, self.mode)
 
     def _memory_metrics(self) -> dict[str, float]:
+        if self.role == "client":  # the process holds only the client: its peak resident memory is the client's
+            return {"memory/process_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
         report = self.memory_report
         return {} if report is None else {f"memory/{k}": v for k, v in report.metrics().items()}
 
     def _side_of(self, optimizer: Optimizer) -> str:
         """The half whose parameters ``optimizer`` updates, or "shared" when it updates both (fo, zo)."""
+        if self.role == "client":
+            return "client"
         if id(optimizer) not in self._optimizer_sides:
             split = self.split_model
             owner = {id(p): "server" for p in split.server.parameters()}
@@ -315,6 +507,13 @@ class HOSLStrategy(SingleDeviceStrategy):
         module = self.lightning_module
         assert module is not None
         split = self.split_model
+        if self.role == "client" and self.mode != "fo":
+            # The client's only optimizer is its ZOSGD; registered with Lightning so each step counts once.
+            self.optimizers, self.lr_scheduler_configs = [self._new_zo_optimizer(split.client)], []
+            self.client_optimizer = self.optimizers[0] if self.mode == "hosl" else None
+            self._optimizer_sides = {}
+            self._apply_pending_state()
+            return
         if self.mode == "zo":
             if module.automatic_optimization:
                 raise ValueError(
@@ -339,6 +538,34 @@ class HOSLStrategy(SingleDeviceStrategy):
         assert not isinstance(optimizer, list), "HOSLModule configures exactly one first-order optimizer"
         self._start_step()
         step = self.zo_steps
+        if self.role == "client":
+            output = self._client_step(batch, optimizer, step)
+        else:
+            output = self._in_process_step(batch, optimizer, step)
+        optimizer.zero_grad(set_to_none=True)
+        self.zo_steps += 1
+        self._log_step(output.estimate)
+        return output
+
+    def _client_step(self, batch: dict[str, Tensor], optimizer: Any, step: int) -> StepOutput:
+        """The client's share of a step in a distributed run; the server does its share in its own process."""
+        split = self.split_model
+        assert isinstance(split, ClientSplitCausalLM)
+        split.remote.training = split.training
+        if self.mode == "fo":
+            output = client_fo_step(split, batch, lambda tensor, gradient: tensor.backward(gradient))
+            optimizer.step()
+            return output
+        zo = optimizer.optimizer
+        step_fn = client_hosl_step if self.mode == "hosl" else client_zo_step
+        output = step_fn(split, batch, zo, self.settings, step)
+        optimizer.step(estimate=output.estimate)
+        return output
+
+    def _in_process_step(self, batch: dict[str, Tensor], optimizer: Any, step: int) -> StepOutput:
+        module = self.lightning_module
+        assert module is not None
+        split = self.split_model
         with self._measured_step():
             if self.mode == "hosl":
                 assert self.client_optimizer is not None
@@ -350,9 +577,6 @@ class HOSLStrategy(SingleDeviceStrategy):
             else:
                 zo = optimizer.optimizer  # the one ZOSGD over both halves
                 output = zo_step(split, batch, zo, self.settings, step, lambda e: optimizer.step(estimate=e))
-        optimizer.zero_grad(set_to_none=True)
-        self.zo_steps += 1
-        self._log_step(output.estimate)
         return output
 
     def training_step(self, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
@@ -422,6 +646,8 @@ class HOSLStrategy(SingleDeviceStrategy):
         }
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        if self.role == "client":  # the server first: a client checkpoint on disk always has its server half
+            self._remote.save(str(filepath))
         super().save_checkpoint({**checkpoint, "hosl": self.hosl_state_dict()}, filepath, storage_options)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
@@ -435,6 +661,8 @@ class HOSLStrategy(SingleDeviceStrategy):
                         f"{key}={getattr(self, key)!r}: resume with the same {key}"
                     )
             self.zo_steps = state["zo_steps"]
+            if self.role == "client":
+                self._remote.load(str(checkpoint_path))
             self._pending_state = state
             self._apply_pending_state()
         return checkpoint
@@ -452,6 +680,19 @@ class HOSLStrategy(SingleDeviceStrategy):
     def register_strategies(cls, strategy_registry: Any) -> None:
         if STRATEGY_NAME not in strategy_registry:
             strategy_registry.register(STRATEGY_NAME, cls, description="Hybrid-order split learning (hosl-lightning)")
+
+
+def _optimizer_and_scheduler(configured: Any) -> tuple[Optimizer, Any | None]:
+    """The optimizer and (optional) scheduler of what ``configure_optimizers`` returned, for the server process."""
+    if isinstance(configured, Optimizer):
+        return configured, None
+    if isinstance(configured, dict) and isinstance(configured.get("optimizer"), Optimizer):
+        scheduler = configured.get("lr_scheduler")
+        return configured["optimizer"], scheduler.get("scheduler") if isinstance(scheduler, dict) else scheduler
+    raise TypeError(
+        "the server of a distributed run supports configure_optimizers returning one optimizer or a dict with "
+        f"'optimizer' and 'lr_scheduler', got {type(configured).__name__}"
+    )
 
 
 HOSLStrategy.register_strategies(StrategyRegistry)

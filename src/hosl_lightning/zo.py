@@ -155,7 +155,7 @@ class ZOSGD(Optimizer):
 
     A real ``torch.optim.Optimizer`` so that LR schedulers, checkpoints and Lightning treat it like any
     other; it never reads ``.grad``. Each parameter's direction key is its position in the order given
-    at construction, shared with :meth:`perturbed` so probes and updates draw the same ``u_q``.
+    at construction (plus ``first_key``), shared with :meth:`perturbed` so probes and updates draw the same ``u_q``.
     """
 
     def __init__(
@@ -165,6 +165,7 @@ class ZOSGD(Optimizer):
         weight_decay: float = 0.0,
         direction: str = "gaussian",
         seed: int = 0,
+        first_key: int = 0,
     ) -> None:
         named = list(named_params)
         if not named:
@@ -186,7 +187,9 @@ class ZOSGD(Optimizer):
         super().__init__([g for g in groups if g["params"]], {"lr": lr, "weight_decay": weight_decay})
         self.sampler = DirectionSampler(direction, seed)
         self.names = {id(p): n for n, p in named}
-        self.keys = {id(p): index for index, (_, p) in enumerate(named)}
+        # first_key: a server process's share of an all-ZO split continues the client's keys, so both draw
+        # exactly the directions that one optimizer over both halves would.
+        self.keys = {id(p): first_key + index for index, (_, p) in enumerate(named)}
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *, estimate: ZOEstimate | None = None) -> Any:
