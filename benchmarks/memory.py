@@ -385,6 +385,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("benchmarks/memory.py draws memory.png with matplotlib: pip install matplotlib")
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    code = code_state()  # what is imported now, not what HEAD is when the run ends
     notes: list[str] = []
     if args.quick:
         notes.append("`--quick`: a subset of the settings, a smoke test, not the study.")
@@ -434,7 +435,7 @@ def main(argv: list[str] | None = None) -> None:
     per_setting = ratios(rows)
     runtime = time.perf_counter() - started
     info = dict(command=command, runtime=f"{runtime / 60:.1f} min ({runtime:.0f} s)", machine=machine(),
-                code=code_state(), date=time.strftime("%Y-%m-%d %H:%M %Z"), notes=notes, largest=largest)
+                code=code, date=time.strftime("%Y-%m-%d %H:%M %Z"), notes=notes, largest=largest)
     write_csv(args.out / "memory.csv", rows, per_setting)
     write_markdown(args.out / "memory.md", rows, per_setting, info)
     plot(args.out / "memory.png", rows, per_setting)
