@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import re
 import socket
 import traceback
 from pathlib import Path
@@ -10,12 +11,17 @@ from typing import Any
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import TINY_LLAMA, quiet_trainer, tiny_data
 from hosl_lightning import HOSLModule, HOSLStrategy
 from hosl_lightning.launch import fit
+from hosl_lightning.model import SplitCausalLM
 from hosl_lightning.models import deferred_weights
+from hosl_lightning.remote import SplitServer
+from hosl_lightning.steps import ZOSettings
+from hosl_lightning.wire import MalformedPayload, Message, Wire
 
 PROCESS_DEADLINE_S = 120  # a test never waits longer than this for its processes, and kills what is left
 
@@ -60,11 +66,16 @@ def _process(rank: int, port: int, model_dir: str, mode: str, steps: int, out: s
     torch.manual_seed(0)
     try:
         fault = options.pop("fault", None)
+        ckpt_path = options.pop("ckpt_path", None)
+        checkpoint_dir = options.pop("checkpoint_dir", None)
         with deferred_weights():
             module = _module(Path(model_dir), mode)
         strategy = _strategy(mode, transport="distributed", rank=rank, world_size=2,
                              init_method=f"tcp://127.0.0.1:{port}", **options)
-        trainer = quiet_trainer(strategy, max_steps=steps)
+        extra: dict[str, Any] = {}
+        if checkpoint_dir is not None:
+            extra = dict(enable_checkpointing=True, callbacks=[ModelCheckpoint(checkpoint_dir, every_n_train_steps=4, save_top_k=-1)])
+        trainer = quiet_trainer(strategy, max_steps=steps, **extra)
         if fault == "client_dies" and rank == 1:
             strategy._connect()
             raise SystemExit(3)  # exits without a word after joining the group
@@ -91,7 +102,7 @@ def _process(rank: int, port: int, model_dir: str, mode: str, steps: int, out: s
                 return original(batch, batch_idx)
 
             module.training_step = poisoned  # type: ignore[method-assign]
-        fit(trainer, module, datamodule=tiny_data())
+        fit(trainer, module, datamodule=tiny_data(), ckpt_path=ckpt_path)
         half = module.model.client if rank == 1 else module.model.server
         side = "client" if rank == 1 else "server"
         torch.save({f"{side}.{k}": v for k, v in half.state_dict().items()}, out)
@@ -158,3 +169,74 @@ def test_nan_activations_are_rejected_by_the_server(model_dir: Path, tmp_path: P
     server, client = _run_pair(model_dir, tmp_path, "hosl", 2, fault="nan", timeout_s=60)
     assert isinstance(server, str) and "MalformedPayload" in server and "NaN or inf" in server, server
     assert isinstance(client, str) and "server (rank 0) failed" in client and "NaN or inf" in client, client
+
+
+def test_both_sides_resume_from_a_checkpoint_with_nothing_lost(model_dir: Path, tmp_path: Path) -> None:
+    # 4 batches per epoch: the checkpoint after step 4 resumes exactly (as in-process, see tests/test_training.py)
+    expected = _in_process(model_dir, "hosl", 8)
+    first = tmp_path / "first"
+    first.mkdir()
+    server, client = _run_pair(model_dir, first, "hosl", 4, checkpoint_dir=str(tmp_path / "ckpt"))
+    assert isinstance(server, dict) and isinstance(client, dict), (server, client)
+    checkpoint = next((tmp_path / "ckpt").glob("*step=4.ckpt"))
+    assert Path(f"{checkpoint}.server.pt").is_file(), "the server saved no half beside the client's checkpoint"
+    server, client = _run_pair(model_dir, tmp_path, "hosl", 8, ckpt_path=str(checkpoint))
+    assert isinstance(server, dict) and isinstance(client, dict), (server, client)
+    got = {**client, **server}
+    changed = [k for k in expected if not torch.equal(got[k], expected[k])]
+    assert not changed, f"resumed run differs from an uninterrupted one in {changed[:3]}"
+
+
+# ---- payload checks, without processes -------------------------------------------------------------------
+
+
+def _server_for_checks() -> SplitServer:
+    config = dict(TINY_LLAMA)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config))
+    split = SplitCausalLM(model, 1)
+    split.client = None  # type: ignore[assignment]
+    wire = Wire(1, "client (rank 1)", 1.0)
+    return SplitServer(split, wire, "hosl", ZOSettings(), torch.optim.SGD(split.server.parameters(), lr=0.1))
+
+
+def _act(hidden: torch.Tensor, **extra: torch.Tensor) -> Message:
+    rows, length = hidden.shape[:2]
+    return Message("act", tensors={"hidden": hidden, "position_ids": torch.arange(length)[None], **extra})
+
+
+@pytest.mark.parametrize(
+    ("hidden", "extra", "error"),
+    [
+        (torch.zeros(2, 5, 16), {}, "expected shape [2, 5, 32]"),  # the wrong width
+        (torch.zeros(3, 5, 32), {}, "expected shape [2, 5, 32]"),  # rows that do not match the labels
+        (torch.zeros(2, 5, 32, dtype=torch.int64), {}, "dtype torch.int64"),
+        (torch.full((2, 5, 32), float("inf")), {}, "NaN or inf"),
+        (torch.zeros(2, 5, 32), {"attention_mask": torch.ones(2, 4)}, "'attention_mask' of shape [2, 4]"),
+    ],
+)
+def test_malformed_activations_are_rejected_with_what_was_wrong(hidden: torch.Tensor, extra: dict, error: str) -> None:
+    server = _server_for_checks()
+    with pytest.raises(MalformedPayload, match=re.escape(error)) as caught:
+        server._checked_activations(_act(hidden, **extra), 2, 5, "probe 1 of 2")
+    assert "client (rank 1)" in str(caught.value)
+
+
+def test_a_well_formed_payload_passes_the_checks() -> None:
+    server = _server_for_checks()
+    up = server._checked_activations(_act(torch.zeros(2, 5, 32), attention_mask=torch.ones(2, 5, dtype=torch.int64)), 2, 5, "x")
+    assert up.hidden.shape == (2, 5, 32) and up.position_ids.shape == (1, 5)
+
+
+def test_a_mismatched_hello_names_each_differing_setting() -> None:
+    server = _server_for_checks()
+    server.expected = {"mode": "hosl", "cut_layer": 1, "q": 2}
+
+    class _Wire:
+        peer_name = "client (rank 1)"
+
+        def recv(self, *_: Any) -> Message:
+            return Message("hello", fields={"mode": "hosl", "cut_layer": 2, "q": 2})
+
+    server.wire = _Wire()  # type: ignore[assignment]
+    with pytest.raises(ValueError, match=re.escape("cut_layer: client 2, server 1")):
+        server._handshake()

@@ -91,11 +91,15 @@ class HOSLModule(LightningModule):
     def _stage_metrics(self, stage: str, num_classes: int | None) -> MetricCollection | MeanMetric:
         key = f"{stage}_{num_classes or 'lm'}"
         if key not in self.metrics:
+            # Never synced across processes: in a distributed HOSL run the other process is the server, which
+            # keeps no metrics (torchmetrics would wait for it at a barrier forever).
+            local = {"sync_on_compute": False}
             if num_classes is None:
-                metric: nn.Module = MeanMetric()
+                metric: nn.Module = MeanMetric(**local)
             else:
                 metric = MetricCollection(
-                    {"acc": MulticlassAccuracy(num_classes, average="micro"), "f1": MulticlassF1Score(num_classes, average="macro")},
+                    {"acc": MulticlassAccuracy(num_classes, average="micro", **local),
+                     "f1": MulticlassF1Score(num_classes, average="macro", **local)},
                     prefix=f"{stage}_",
                 )
             self.metrics[key] = metric.to(self.device)

@@ -230,9 +230,14 @@ class SplitServer:
             raise
 
     def _report(self, error: Exception) -> None:
+        """Tell the client why we stop. The client may still be sending the rest of a step, so the error goes out
+        without waiting and what arrives is read and dropped until the client, having read it, says ``bye``."""
         try:
-            self.wire.send("error", message=f"{type(error).__name__}: {error}")
-        except Exception:  # the client is gone: nothing to tell
+            self.wire.send("error", wait=False, message=f"{type(error).__name__}: {error}")
+            while self.wire.recv(None, "the client to read our error and stop").kind != "bye":
+                pass
+            self.wire.flush()
+        except Exception:  # the client is gone, or it stalled: there is no one left to tell
             pass
 
     def _handshake(self) -> None:

@@ -72,9 +72,23 @@ class Wire:
     def __init__(self, peer: int, peer_name: str, timeout_s: float, device: torch.device | str = "cpu") -> None:
         self.peer, self.peer_name, self.timeout_s = peer, peer_name, float(timeout_s)
         self.device = torch.device(device)
+        self._pending: list[tuple[Any, Tensor]] = []  # unfinished sends of wait=False, with their buffers
 
-    def send(self, kind: str, tensors: dict[str, Tensor | None] | None = None, **fields: Any) -> int:
-        """Send a message; returns the bytes of its tensors (the payload, as the traffic counters count it)."""
+    def flush(self) -> None:
+        """Wait (up to the deadline) for the sends made with ``wait=False``."""
+        pending, self._pending = self._pending, []
+        for work, _ in pending:
+            try:
+                work.wait(timeout=timedelta(seconds=self.timeout_s))
+            except RuntimeError as error:
+                raise WireError(f"could not send to {self.peer_name}: {error}") from None
+
+    def send(self, kind: str, tensors: dict[str, Tensor | None] | None = None, *, wait: bool = True, **fields: Any) -> int:
+        """Send a message; returns the bytes of its tensors (the payload, as the traffic counters count it).
+
+        ``wait=False`` returns before the peer has received it (finish with :meth:`flush`): a side that fails
+        mid-step can then tell its peer why while the peer is still sending to it.
+        """
         present = {name: t for name, t in (tensors or {}).items() if t is not None}
         specs = []
         for name, tensor in present.items():
@@ -82,14 +96,18 @@ class Wire:
                 raise TypeError(f"cannot send {name!r} of dtype {tensor.dtype}: allowed {', '.join(DTYPES)}")
             specs.append([name, _NAMES[tensor.dtype], list(tensor.shape)])
         header = json.dumps({"kind": kind, "fields": fields, "tensors": specs}).encode()
-        self._send(torch.tensor([len(header)], dtype=torch.int64))
-        self._send(torch.frombuffer(bytearray(header), dtype=torch.uint8))
-        for tensor in present.values():
-            self._send(tensor.detach().contiguous())
+        parts = [torch.tensor([len(header)], dtype=torch.int64), torch.frombuffer(bytearray(header), dtype=torch.uint8)]
+        parts += [tensor.detach().contiguous() for tensor in present.values()]
+        for part in parts:
+            if wait:
+                self._send(part)
+            else:
+                part = part.to(self.device)
+                self._pending.append((dist.isend(part, dst=self.peer), part))
         return sum(t.numel() * t.element_size() for t in present.values())
 
-    def recv(self, expect: str | tuple[str, ...], waiting_for: str) -> Message:
-        """The next message, which must be of a kind in ``expect``; a peer's ``error`` message is raised here."""
+    def recv(self, expect: str | tuple[str, ...] | None, waiting_for: str) -> Message:
+        """The next message, which must be of a kind in ``expect`` (None: any); a peer's ``error`` is raised here."""
         expected = (expect,) if isinstance(expect, str) else expect
         size = int(self._recv(torch.empty(1, dtype=torch.int64), waiting_for).item())
         if not 0 < size <= MAX_HEADER_BYTES:
@@ -110,7 +128,7 @@ class Wire:
         message = Message(kind, fields, tensors)
         if kind == "error":
             raise RemoteError(f"{self.peer_name} failed: {fields.get('message', '(no message)')}")
-        if kind not in expected:
+        if expected is not None and kind not in expected:
             raise MalformedPayload(
                 f"{self.peer_name} sent a {kind!r} message while we waited for {waiting_for} (expected {' or '.join(expected)})"
             )
