@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import TINY_LLAMA, quiet_trainer, tiny_data
 from lightning.pytorch.callbacks import ModelCheckpoint
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from conftest import TINY_LLAMA, quiet_trainer, tiny_data
 from hosl_lightning import HOSLModule, HOSLStrategy
 from hosl_lightning.launch import fit
 from hosl_lightning.model import SplitCausalLM
@@ -74,7 +74,8 @@ def _process(rank: int, port: int, model_dir: str, mode: str, steps: int, out: s
                              init_method=f"tcp://127.0.0.1:{port}", **options)
         extra: dict[str, Any] = {}
         if checkpoint_dir is not None:
-            extra = dict(enable_checkpointing=True, callbacks=[ModelCheckpoint(checkpoint_dir, every_n_train_steps=4, save_top_k=-1)])
+            extra = {"enable_checkpointing": True,
+                     "callbacks": [ModelCheckpoint(checkpoint_dir, every_n_train_steps=4, save_top_k=-1)]}
         trainer = quiet_trainer(strategy, max_steps=steps, **extra)
         if fault == "client_dies" and rank == 1:
             strategy._connect()
@@ -200,7 +201,7 @@ def _server_for_checks() -> SplitServer:
 
 
 def _act(hidden: torch.Tensor, **extra: torch.Tensor) -> Message:
-    rows, length = hidden.shape[:2]
+    length = hidden.shape[1]
     return Message("act", tensors={"hidden": hidden, "position_ids": torch.arange(length)[None], **extra})
 
 

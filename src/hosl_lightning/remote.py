@@ -24,7 +24,13 @@ from torch import Tensor
 from hosl_lightning.boundary import TrafficCounter
 from hosl_lightning.model import SplitCausalLM, Targets
 from hosl_lightning.split import CutActivations
-from hosl_lightning.steps import StepOutput, ZOSettings, _batch_tensors, _probe_losses, eval_mode
+from hosl_lightning.steps import (
+    StepOutput,
+    ZOSettings,
+    _batch_tensors,
+    _probe_losses,
+    eval_mode,
+)
 from hosl_lightning.wire import Message, Wire, check_finite, check_shape
 from hosl_lightning.zo import ZOSGD, ZOEstimate, two_point_estimate
 
@@ -237,7 +243,7 @@ class SplitServer:
             while self.wire.recv(None, "the client to read our error and stop").kind != "bye":
                 pass
             self.wire.flush()
-        except Exception:  # the client is gone, or it stalled: there is no one left to tell
+        except Exception:  # noqa: BLE001, S110 - the client is gone or stalled: no one is left to tell
             pass
 
     def _handshake(self) -> None:

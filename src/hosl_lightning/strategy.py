@@ -533,7 +533,6 @@ class HOSLStrategy(SingleDeviceStrategy):
         """One training step of the configured mode for a manual-optimization module; steps the optimizer once."""
         module = self.lightning_module
         assert module is not None and not module.automatic_optimization
-        split = self.split_model
         optimizer = module.optimizers()
         assert not isinstance(optimizer, list), "HOSLModule configures exactly one first-order optimizer"
         self._start_step()

@@ -1,0 +1,132 @@
+"""Peak memory of the client and server processes of a two-process hosl run, beside the one-process run.
+
+    python benchmarks/processes.py            # SmolLM2-135M, cut 2, 4 steps of batch 8 x 64
+    python benchmarks/processes.py --steps 2  # quicker
+
+The GGUF model is first saved as a safetensors directory (each process of a split run loads only its half),
+then three runs of the same steps follow, each in fresh processes: in-process, and server (rank 0) + client
+(rank 1) over gloo on loopback. Each process reports its own peak resident memory (ru_maxrss), which counts
+everything the process ever held: Python, torch, the libraries, the model half, the work. Writes
+``results/processes.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import socket
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _batches(steps: int, batch: int, length: int):  # noqa: ANN202
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        ids = torch.randint(0, 49152, (batch, length), generator=generator)
+        labels = torch.full_like(ids, -100)
+        labels[:, -1] = ids[:, -1]
+        yield {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def _run(role: str, model_dir: str, port: int, args: dict, out: str) -> None:
+    import lightning as L
+    import torch
+    from torch.utils.data import DataLoader
+
+    from hosl_lightning import HOSLModule, HOSLStrategy
+    from hosl_lightning.launch import fit
+    from hosl_lightning.models import deferred_weights
+
+    torch.manual_seed(0)
+    data = list(_batches(args["steps"], args["batch"], args["length"]))
+    options = {} if role == "in_process" else {
+        "transport": "distributed", "rank": 0 if role == "server" else 1, "world_size": 2,
+        "init_method": f"tcp://127.0.0.1:{port}",
+    }
+    if role == "in_process":
+        module = HOSLModule(model=model_dir)
+    else:
+        with deferred_weights():
+            module = HOSLModule(model=model_dir)
+    strategy = HOSLStrategy(cut_layer=args["cut"], memory_every_n_steps=0, **options)
+    trainer = L.Trainer(strategy=strategy, max_steps=args["steps"], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    started = time.perf_counter()
+    fit(trainer, module, train_dataloaders=DataLoader(data, batch_size=None))
+    seconds = time.perf_counter() - started
+    traffic = None if role == "server" else module.model.boundary.traffic
+    Path(out).write_text(json.dumps({
+        "role": role, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "seconds": seconds,
+        "bytes_up_last_step": None if traffic is None else traffic.bytes_up,
+        "bytes_down_last_step": None if traffic is None else traffic.bytes_down,
+    }))
+
+
+def _spawn(roles: list[str], model_dir: str, args: dict, tmp: Path) -> list[dict]:
+    context = mp.get_context("spawn")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    outs = [str(tmp / f"{role}.json") for role in roles]
+    processes = [context.Process(target=_run, args=(role, model_dir, port, args, out)) for role, out in zip(roles, outs)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(1800)
+        if process.exitcode != 0:
+            raise SystemExit(f"a process failed (exit code {process.exitcode}); see its output above")
+    return [json.loads(Path(out).read_text()) for out in outs]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--length", type=int, default=64)
+    parser.add_argument("--cut", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    options = parser.parse_args()
+    args = {"steps": options.steps, "batch": options.batch, "length": options.length, "cut": options.cut}
+    tmp = Path(options.out) / "_processes_tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    model_dir = tmp / "smollm2-135m"
+    if not (model_dir / "model.safetensors").exists():
+        from hosl_lightning import load_causal_lm
+
+        load_causal_lm("smollm2-135m").save_pretrained(model_dir)
+    started = time.perf_counter()
+    (alone,) = _spawn(["in_process"], str(model_dir), args, tmp)
+    server, client = _spawn(["server", "client"], str(model_dir), args, tmp)
+    minutes = (time.perf_counter() - started) / 60
+    lines = [
+        "# Process memory: a two-process hosl run beside the one-process run",
+        "",
+        f"Command: `python benchmarks/processes.py --steps {options.steps}` ({minutes:.1f} min). SmolLM2-135M "
+        f"(safetensors, fp32), cut after block {options.cut}, {options.steps} hosl steps of batch {options.batch} x "
+        f"{options.length}, Q=1, AdamW on the server. Peak resident memory of each process (ru_maxrss), which "
+        "includes Python, torch and the libraries.",
+        "",
+        "| process | holds | peak RSS (MiB) | fit seconds |",
+        "|---|---|---:|---:|",
+        f"| one process | both halves | {alone['peak_rss_mib']:.0f} | {alone['seconds']:.1f} |",
+        f"| server (rank 0) | server half | {server['peak_rss_mib']:.0f} | {server['seconds']:.1f} |",
+        f"| client (rank 1) | client half | {client['peak_rss_mib']:.0f} | {client['seconds']:.1f} |",
+        "",
+        f"- Bytes per step over the wire (client's count, last step): up {client['bytes_up_last_step']}, "
+        f"down {client['bytes_down_last_step']}; in-process the same step counts up {alone['bytes_up_last_step']}, "
+        f"down {alone['bytes_down_last_step']}.",
+        f"- Python {sys.version.split()[0]}.",
+    ]
+    (Path(options.out) / "processes.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
