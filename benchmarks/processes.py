@@ -98,9 +98,9 @@ def main() -> None:
     tmp.mkdir(parents=True, exist_ok=True)
     model_dir = tmp / "smollm2-135m"
     if not (model_dir / "model.safetensors").exists():
-        from hosl_lightning import load_causal_lm
+        from hosl_lightning.models import export_model, load_causal_lm
 
-        load_causal_lm("smollm2-135m").save_pretrained(model_dir)
+        export_model(load_causal_lm("smollm2-135m"), model_dir)
     started = time.perf_counter()
     (alone,) = _spawn(["in_process"], str(model_dir), args, tmp)
     server, client = _spawn(["server", "client"], str(model_dir), args, tmp)

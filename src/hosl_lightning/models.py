@@ -7,6 +7,7 @@ SmolLM2-135M-Instruct (Llama architecture, 30 blocks, the size of the paper's OP
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -119,6 +120,24 @@ def weights_deferred() -> bool:
     return _DEFERRED[0]
 
 
+def export_model(model: PreTrainedModel, directory: str | Path) -> Path:
+    """Save ``model`` as ``config.json`` + ``model.safetensors`` (what a multi-process run loads half by half).
+
+    Unlike ``save_pretrained`` this also works for a model dequantized from GGUF, which transformers refuses
+    to serialise: the weights are plain tensors by then, so they are written as they are.
+    """
+    from safetensors.torch import save_model
+
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the GGUF file's; the saved tensors are not quantized
+    config.save_pretrained(path)
+    save_model(model, str(path / "model.safetensors"))
+    return path
+
+
 def _config_of(source: ModelSource) -> Any:
     if source.model_config is not None:
         config = dict(source.model_config)
@@ -129,7 +148,8 @@ def _config_of(source: ModelSource) -> Any:
         raise ValueError(
             f"model={source.model!r} is a GGUF file, which transformers can only load whole; a multi-process run "
             "loads each half alone, so convert it once into a directory and pass that instead: "
-            f"python -c \"from hosl_lightning import load_causal_lm; load_causal_lm({source.model!r}).save_pretrained('model-dir')\""
+            "python -c \"from hosl_lightning.models import export_model, load_causal_lm; "
+            f"export_model(load_causal_lm({source.model!r}), 'model-dir')\""
         )
     return AutoConfig.from_pretrained(path)
 
@@ -190,6 +210,7 @@ def materialize_half(model: PreTrainedModel, half: nn.Module, device: torch.devi
     module_names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
     head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
     head_name, embedding_name = module_names[id(head)], module_names[id(embeddings)]
+    tied = head.weight is embeddings.weight
     wanted: dict[str, list[str]] = {}
     owners: dict[str, tuple[nn.Module, str]] = {}
     for module in half.modules():
@@ -203,8 +224,9 @@ def materialize_half(model: PreTrainedModel, half: nn.Module, device: torch.devi
                 continue
             key = f"{prefix}.{name}" if prefix else name
             candidates = [key]
-            if prefix == head_name and name == "weight":
-                candidates.append(f"{embedding_name}.weight")  # tied: the file may hold only the embedding
+            if tied and name == "weight" and prefix in (head_name, embedding_name):
+                # tied weights are stored once, under either name
+                candidates.append(f"{embedding_name if prefix == head_name else head_name}.weight")
             wanted[key], owners[key] = candidates, (module, name)
     half.to_empty(device=device)
     with torch.no_grad():
