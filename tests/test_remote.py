@@ -60,7 +60,8 @@ def _in_process(model_dir: Path, mode: str, steps: int) -> dict[str, torch.Tenso
             **{f"server.{k}": v for k, v in split.server.state_dict().items()}}
 
 
-def _process(rank: int, port: int, model_dir: str, mode: str, steps: int, out: str, options: dict[str, Any]) -> None:
+def _process(rank: int, port: int, model_dir: str, mode: str, steps: int, out: str, options: dict[str, Any],
+             world_size: int = 2) -> None:
     """One process of a distributed run; writes its half's weights (or its error) to ``out``."""
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -70,7 +71,7 @@ def _process(rank: int, port: int, model_dir: str, mode: str, steps: int, out: s
         checkpoint_dir = options.pop("checkpoint_dir", None)
         with deferred_weights():
             module = _module(Path(model_dir), mode)
-        strategy = _strategy(mode, transport="distributed", rank=rank, world_size=2,
+        strategy = _strategy(mode, transport="distributed", rank=rank, world_size=world_size,
                              init_method=f"tcp://127.0.0.1:{port}", **options)
         extra: dict[str, Any] = {}
         if checkpoint_dir is not None:
@@ -103,21 +104,34 @@ def _process(rank: int, port: int, model_dir: str, mode: str, steps: int, out: s
                 return original(batch, batch_idx)
 
             module.training_step = poisoned  # type: ignore[method-assign]
-        fit(trainer, module, datamodule=tiny_data(), ckpt_path=ckpt_path)
-        half = module.model.client if rank == 1 else module.model.server
-        side = "client" if rank == 1 else "server"
-        torch.save({f"{side}.{k}": v for k, v in half.state_dict().items()}, out)
+        data = tiny_data() if world_size == 2 else tiny_data(seed=rank)  # several clients: each its own data
+        fit(trainer, module, datamodule=data, ckpt_path=ckpt_path)
+        half = module.model.client if rank >= 1 else module.model.server
+        side = "client" if rank >= 1 else "server"
+        state = {f"{side}.{k}": v for k, v in half.state_dict().items()}
+        if world_size > 2 and rank >= 1:
+            sync = strategy._client_sync
+            state["sync_bytes"] = torch.tensor([sync.bytes_up, sync.bytes_down])
+        torch.save(state, out)
     except BaseException as error:  # noqa: BLE001 - the parent reads what happened from the file
         Path(out).write_text(f"{type(error).__name__}: {error}\n{traceback.format_exc()}")
 
 
 def _run_pair(model_dir: Path, tmp_path: Path, mode: str, steps: int, **options: Any) -> tuple[Any, Any]:
     """Run server (rank 0) and client (rank 1) as two fresh processes; returns what each left behind."""
+    server, client = _run_group(model_dir, tmp_path, mode, steps, 2, **options)
+    return server, client
+
+
+def _run_group(model_dir: Path, tmp_path: Path, mode: str, steps: int, world_size: int, **options: Any) -> list[Any]:
+    """Run the server (rank 0) and its clients as fresh processes; returns what each left behind, by rank."""
     context = mp.get_context("spawn")
     port = _free_port()
-    outs = [str(tmp_path / f"rank{rank}.out") for rank in (0, 1)]
-    processes = [context.Process(target=_process, args=(rank, port, str(model_dir), mode, steps, outs[rank], dict(options)))
-                 for rank in (0, 1)]
+    outs = [str(tmp_path / f"rank{rank}.out") for rank in range(world_size)]
+    processes = [
+        context.Process(target=_process, args=(rank, port, str(model_dir), mode, steps, outs[rank], dict(options), world_size))
+        for rank in range(world_size)
+    ]
     for process in processes:
         process.start()
     for process in processes:
@@ -136,7 +150,7 @@ def _run_pair(model_dir: Path, tmp_path: Path, mode: str, steps: int, **options:
             results.append(torch.load(path, weights_only=True))
         else:
             results.append(path.read_text())
-    return results[0], results[1]
+    return results
 
 
 @pytest.mark.parametrize("mode", ["hosl", "fo", "zo"])
@@ -241,3 +255,57 @@ def test_a_mismatched_hello_names_each_differing_setting() -> None:
     server.wire = _Wire()  # type: ignore[assignment]
     with pytest.raises(ValueError, match=re.escape("cut_layer: client 2, server 1")):
         server._handshake()
+
+
+# ---- several clients -------------------------------------------------------------------------------------
+
+
+def _clients(results: list[Any]) -> list[dict[str, torch.Tensor]]:
+    assert all(isinstance(r, dict) for r in results), [r for r in results if not isinstance(r, dict)]
+    return results[1:]
+
+
+def test_sequential_clients_hand_on_by_seeds_exactly_as_by_weights(model_dir: Path, tmp_path: Path) -> None:
+    # two clients, each with its own data, turns of 2 steps, 4 steps each: turns 1, 2, 1, 2
+    runs = {}
+    for sync in ("seeds", "weights"):
+        (tmp_path / sync).mkdir()
+        runs[sync] = _clients(_run_group(model_dir, tmp_path / sync, "hosl", 4, 3, schedule="sequential",
+                                         client_sync=sync, steps_per_turn=2))
+    for sync, (first, second) in runs.items():
+        for key in first:
+            if key != "sync_bytes":
+                assert torch.equal(first[key], second[key]), f"{sync}: the clients end with different {key}"
+    seeds, weights = runs["seeds"][0], runs["weights"][0]
+    assert all(torch.equal(seeds[k], weights[k]) for k in seeds if k != "sync_bytes"), "replayed seeds != handed weights"
+    initial = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert not torch.equal(seeds["client.embeddings.embed_tokens.weight"], initial.model.embed_tokens.weight)
+    seed_bytes, weight_bytes = int(seeds["sync_bytes"].sum()), int(weights["sync_bytes"].sum())
+    assert 0 < seed_bytes * 100 < weight_bytes, (seed_bytes, weight_bytes)
+
+
+def test_parallel_clients_average_their_halves_by_seeds_as_by_weights(model_dir: Path, tmp_path: Path) -> None:
+    # One round (2 steps each, then the average). Over several rounds the two runs drift apart further than
+    # rounding: a ZO coefficient (L+ - L-)/(2 mu) of float32 losses moves by ~1e-4 when the weights move by 1e-8.
+    runs = {}
+    for sync in ("seeds", "weights"):
+        (tmp_path / sync).mkdir()
+        runs[sync] = _clients(_run_group(model_dir, tmp_path / sync, "hosl", 2, 3, schedule="parallel",
+                                         client_sync=sync, sync_every_n_steps=2))
+    first, second = runs["weights"]
+    assert all(torch.equal(first[k], second[k]) for k in first if k != "sync_bytes"), "averaged weights differ"
+    for key in first:
+        if key == "sync_bytes" or not first[key].is_floating_point():
+            continue
+        for client in runs["seeds"]:  # undoing one's own updates is exact only to rounding
+            torch.testing.assert_close(client[key], first[key], rtol=1e-6, atol=1e-7)
+    initial = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert not torch.equal(first["client.embeddings.embed_tokens.weight"], initial.model.embed_tokens.weight)
+    assert int(runs["seeds"][0]["sync_bytes"].sum()) * 100 < int(first["sync_bytes"].sum())
+
+
+def test_several_clients_refuse_seed_sync_in_fo_mode() -> None:
+    strategy = HOSLStrategy(mode="fo", transport="distributed", client_sync="seeds")
+    strategy.clients = 2
+    with pytest.raises(ValueError, match="client_sync='weights'"):
+        strategy._check_clients()

@@ -31,10 +31,12 @@ from hosl_lightning.steps import (
     _probe_losses,
     eval_mode,
 )
-from hosl_lightning.wire import Message, Wire, check_finite, check_shape
+from hosl_lightning.clients import TurnKeeper
+from hosl_lightning.wire import Message, Wire, check_finite, check_shape, recv_from_any
 from hosl_lightning.zo import ZOSGD, ZOEstimate, two_point_estimate
 
 PROTOCOL_VERSION = 1
+REQUESTS = ("train", "eval", "save", "load", "await_turn", "handoff", "sync", "finish", "bye")
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _INTEGERS = (torch.int64, torch.int32)
 _MASKS = (torch.int64, torch.int32, torch.bool, torch.float32)
@@ -203,16 +205,20 @@ class SplitServer:
     def __init__(
         self,
         model: SplitCausalLM,
-        wire: Wire,
+        wire: Wire | dict[int, Wire],
         mode: str,
         settings: ZOSettings,
         optimizer: torch.optim.Optimizer,
         scheduler: Any | None = None,
         expected: dict[str, Any] | None = None,
+        schedule: str = "sequential",
     ) -> None:
         if model.server is None:
             raise ValueError("SplitServer needs a split model that holds the server half")
-        self.model, self.wire, self.mode, self.settings = model, wire, mode, settings
+        self.wires = wire if isinstance(wire, dict) else {wire.peer: wire}
+        self.wire = next(iter(self.wires.values()))  # the client whose request is being answered
+        self.model, self.mode, self.settings = model, mode, settings
+        self.turns = TurnKeeper(sorted(self.wires), schedule, self._send_to)
         self.optimizer, self.scheduler = optimizer, scheduler
         self.expected = {"mode": mode, "protocol": PROTOCOL_VERSION, **(expected or {})}
         self.steps = 0  # training steps served
@@ -225,24 +231,56 @@ class SplitServer:
     def serve(self) -> int:
         """Run the session; returns the number of training steps served. Failures are reported to the client."""
         try:
-            self._handshake()
-            while True:
-                request = self.wire.recv(("train", "eval", "save", "load", "bye"), "the client's next request")
+            for wire in self.wires.values():
+                self.wire = wire
+                self._handshake()
+            active = dict(self.wires)
+            while active:
+                if len(active) == 1:
+                    rank, wire = next(iter(active.items()))
+                    request = wire.recv(REQUESTS, "the client's next request")
+                else:
+                    rank, request = recv_from_any(active, REQUESTS, "the clients' next request")
+                self.wire = self.wires[rank]
                 if request.kind == "bye":
-                    return self.steps
+                    del active[rank]
+                    continue
                 getattr(self, f"_on_{request.kind}")(request)
+            return self.steps
         except Exception as error:
             self._report(error)
             raise
+
+    # ---- several clients: turns, rounds and the end (see hosl_lightning.clients) ----------------------
+    def _send_to(self, rank: int, kind: str, tensors: dict[str, Tensor] | None, fields: dict[str, Any]) -> None:
+        self.wires[rank].send(kind, tensors, **fields)
+
+    def _on_await_turn(self, request: Message) -> None:
+        self.turns.await_turn(self.wire.peer)
+
+    def _on_handoff(self, request: Message) -> None:
+        check_finite(request, "a hand-off", self.peer)
+        self.turns.handoff(self.wire.peer, request)
+
+    def _on_sync(self, request: Message) -> None:
+        check_finite(request, "a synchronisation round", self.peer)
+        self.turns.sync(self.wire.peer, request)
+
+    def _on_finish(self, request: Message) -> None:
+        check_finite(request, "a client's last progress", self.peer)
+        self.turns.finish(self.wire.peer, request)
 
     def _report(self, error: Exception) -> None:
         """Tell the client why we stop. The client may still be sending the rest of a step, so the error goes out
         without waiting and what arrives is read and dropped until the client, having read it, says ``bye``."""
         try:
-            self.wire.send("error", wait=False, message=f"{type(error).__name__}: {error}")
-            while self.wire.recv(None, "the client to read our error and stop").kind != "bye":
-                pass
-            self.wire.flush()
+            for wire in self.wires.values():
+                wire.send("error", wait=False, message=f"{type(error).__name__}: {error}")
+            if len(self.wires) == 1:
+                while self.wire.recv(None, "the client to read our error and stop").kind != "bye":
+                    pass
+            for wire in self.wires.values():
+                wire.flush()
         except Exception:  # noqa: BLE001, S110 - the client is gone or stalled: no one is left to tell
             pass
 
@@ -290,6 +328,9 @@ class SplitServer:
         mode = request.fields.get("mode")
         if mode != self.mode:
             raise ValueError(f"the client asked for a {mode!r} step, this server runs mode={self.mode!r}")
+        holder = self.turns.ranks[self.turns.turn]
+        if self.turns.schedule == "sequential" and len(self.wires) > 1 and self.wire.peer != holder:
+            raise ValueError(f"{self.peer} sent a training step during client (rank {holder})'s turn")
         targets = self._targets(request)
         rows, length = targets["labels"].shape
         self.model.train(bool(request.fields.get("training", True)))

@@ -39,6 +39,7 @@ from hosl_lightning.remote import (
     client_hosl_step,
     client_zo_step,
 )
+from hosl_lightning.clients import ClientSync
 from hosl_lightning.split import split_causal_lm
 from hosl_lightning.steps import (
     MODES,
@@ -52,6 +53,7 @@ from hosl_lightning.steps import (
     hosl_step,
     zo_step,
 )
+from hosl_lightning.sync import CLIENT_SYNCS, SCHEDULES, ZOUpdate, check_replayable, client_seed
 from hosl_lightning.wire import Wire, WireError
 from hosl_lightning.zo import DIRECTIONS, ZOSGD, ZOEstimate, two_point_estimate
 
@@ -165,6 +167,10 @@ class HOSLStrategy(SingleDeviceStrategy):
         init_method: str = "env://",
         rank: int | None = None,
         world_size: int | None = None,
+        schedule: str = "sequential",
+        client_sync: str = "seeds",
+        steps_per_turn: int = 10,
+        sync_every_n_steps: int = 10,
         **kwargs: Any,
     ) -> None:
         _number("cut_layer", cut_layer, int, 0)
@@ -185,6 +191,10 @@ class HOSLStrategy(SingleDeviceStrategy):
             _number("rank", rank, int, 0)
         if world_size is not None:
             _number("world_size", world_size, int, 2)
+        _choice("schedule", schedule, SCHEDULES)
+        _choice("client_sync", client_sync, CLIENT_SYNCS)
+        _number("steps_per_turn", steps_per_turn, int, 1)
+        _number("sync_every_n_steps", sync_every_n_steps, int, 1)
         super().__init__(device="cpu", **kwargs)
         self.cut_layer = cut_layer
         self.mode = mode
@@ -217,7 +227,12 @@ class HOSLStrategy(SingleDeviceStrategy):
         self.init_method = init_method
         self._rank, self._world_size = rank, world_size
         self._wire: Wire | None = None
+        self._client_wires: dict[int, Wire] = {}
         self._owns_process_group = False
+        self.schedule, self.client_sync = schedule, client_sync
+        self.steps_per_turn, self.sync_every_n_steps = steps_per_turn, sync_every_n_steps
+        self.clients = 1  # client processes in a distributed run (world size - 1)
+        self._client_sync: ClientSync | None = None
 
     # ---- processes -------------------------------------------------------------------------------------
     @property
@@ -243,13 +258,14 @@ class HOSLStrategy(SingleDeviceStrategy):
             return self._wire
         rank = self._process_rank()
         world_size = self._world_size if self._world_size is not None else int(os.environ.get("WORLD_SIZE", "0"))
-        if world_size != 2:
+        if world_size < 2:
             raise ValueError(
-                f"world_size={world_size}: a distributed HOSL run has exactly two processes, the server (rank 0) "
-                "and one client (rank 1)"
+                f"world_size={world_size}: a distributed HOSL run has the server (rank 0) and at least one client"
             )
-        if rank not in (0, 1):
-            raise ValueError(f"rank={rank} is not valid: choose 0 (the server) or 1 (the client)")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank={rank} is not valid: choose 0 (the server) or 1..{world_size - 1} (the clients)")
+        self.clients = world_size - 1
+        self._check_clients()
         if not dist.is_initialized():
             backend = self.backend or ("nccl" if torch.cuda.is_available() else "gloo")
             dist.init_process_group(
@@ -257,9 +273,29 @@ class HOSLStrategy(SingleDeviceStrategy):
             )
             self._owns_process_group = True
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-        peer = 1 - rank
-        self._wire = Wire(peer, f"{'client' if peer else 'server'} (rank {peer})", self.timeout_s, device)
+        if rank == SERVER_RANK:
+            self._client_wires = {r: Wire(r, f"client (rank {r})", self.timeout_s, device) for r in range(1, world_size)}
+            self._wire = self._client_wires[1]
+        else:
+            self._wire = Wire(SERVER_RANK, f"server (rank {SERVER_RANK})", self.timeout_s, device)
         return self._wire
+
+    def _check_clients(self) -> None:
+        if self.clients == 1:
+            return
+        if self.mode == "zo":
+            raise ValueError("several clients train in modes 'hosl' and 'fo'; mode='zo' runs with one client")
+        if self.mode == "fo" and self.client_sync == "seeds":
+            raise ValueError(
+                "client_sync='seeds' replays zeroth-order updates from their seeds, but mode='fo' updates the client "
+                "by gradients: use client_sync='weights'"
+            )
+        if self.backend == "nccl":
+            raise ValueError("several clients need backend='gloo': the server receives from whichever client sends first")
+
+    def _wait_for_others_s(self) -> float:
+        """How long a client may wait for the others: every step they may take before it is its go."""
+        return self.timeout_s * (max(self.steps_per_turn, self.sync_every_n_steps) * self.clients + 1)
 
     def _disconnect(self) -> None:
         self._wire = None
@@ -280,6 +316,8 @@ class HOSLStrategy(SingleDeviceStrategy):
     def teardown(self) -> None:
         if self.role == "client" and self._wire is not None:
             try:
+                if self._client_sync is not None:
+                    self._client_sync.finish(self._wait_for_others_s())
                 self._remote.close()
             except WireError:
                 pass  # the server is already gone (and the error that ended the run is the one to report)
@@ -326,7 +364,8 @@ class HOSLStrategy(SingleDeviceStrategy):
                 scheduler = None
             else:
                 optimizer, scheduler = _optimizer_and_scheduler(module.configure_optimizers())
-            worker = SplitServer(split, wire, self.mode, self.settings, optimizer, scheduler, expected=self._hello_settings(first_key))
+            worker = SplitServer(split, self._client_wires, self.mode, self.settings, optimizer, scheduler,
+                                 expected=self._hello_settings(first_key), schedule=self.schedule)
             return worker.serve()
         finally:
             self._disconnect()
@@ -335,6 +374,8 @@ class HOSLStrategy(SingleDeviceStrategy):
         return {
             "cut_layer": self.cut_layer, "seed": self.seed, "direction": self.direction, "q": self.settings.queries,
             "mu": self.settings.mu, "server_grad": self.settings.server_grad, "client_zo_params": client_zo_params,
+            "clients": self.clients, "schedule": self.schedule, "client_sync": self.client_sync,
+            "steps_per_turn": self.steps_per_turn, "sync_every_n_steps": self.sync_every_n_steps,
         }
 
     # ---- placement -------------------------------------------------------------------------------------
@@ -501,7 +542,8 @@ class HOSLStrategy(SingleDeviceStrategy):
         return [(n, p) for half in halves for n, p in half.named_parameters() if getattr(p, "_hosl_zo", False)]
 
     def _new_zo_optimizer(self, *halves: nn.Module) -> ZOSGD:
-        return ZOSGD(self._zo_named_parameters(*halves), self.zo_lr, self.zo_weight_decay, self.direction, self.seed)
+        seed = self.seed if self.role != "client" else client_seed(self.seed, self._process_rank(), self.clients)
+        return ZOSGD(self._zo_named_parameters(*halves), self.zo_lr, self.zo_weight_decay, self.direction, seed)
 
     def setup_optimizers(self, trainer: Trainer) -> None:
         module = self.lightning_module
@@ -513,6 +555,7 @@ class HOSLStrategy(SingleDeviceStrategy):
             self.client_optimizer = self.optimizers[0] if self.mode == "hosl" else None
             self._optimizer_sides = {}
             self._apply_pending_state()
+            self._start_client_sync()
             return
         if self.mode == "zo":
             if module.automatic_optimization:
@@ -527,6 +570,16 @@ class HOSLStrategy(SingleDeviceStrategy):
             self.client_optimizer = self._new_zo_optimizer(split.client)
         self._optimizer_sides = {}
         self._apply_pending_state()
+        if self.role == "client":
+            self._start_client_sync()
+
+    def _start_client_sync(self) -> None:
+        if self.clients > 1:
+            assert self._wire is not None
+            self._client_sync = ClientSync(self._wire, self.split_model.client, self.client_optimizer, self.schedule,
+                                           self.client_sync, self.steps_per_turn, self.sync_every_n_steps)
+            if self.client_optimizer is not None and self.client_sync == "seeds":
+                check_replayable(self.client_optimizer)
 
     # ---- the step --------------------------------------------------------------------------------------
     def run_step(self, batch: dict[str, Tensor]) -> StepOutput:
@@ -551,14 +604,22 @@ class HOSLStrategy(SingleDeviceStrategy):
         split = self.split_model
         assert isinstance(split, ClientSplitCausalLM)
         split.remote.training = split.training
+        sync, wait_s = self._client_sync, self._wait_for_others_s()
+        if sync is not None:
+            sync.before_step(wait_s)
         if self.mode == "fo":
             output = client_fo_step(split, batch, lambda tensor, gradient: tensor.backward(gradient))
             optimizer.step()
-            return output
-        zo = optimizer.optimizer
-        step_fn = client_hosl_step if self.mode == "hosl" else client_zo_step
-        output = step_fn(split, batch, zo, self.settings, step)
-        optimizer.step(estimate=output.estimate)
+            update = None
+        else:
+            zo = optimizer.optimizer
+            step_fn = client_hosl_step if self.mode == "hosl" else client_zo_step
+            output = step_fn(split, batch, zo, self.settings, step)
+            optimizer.step(estimate=output.estimate)
+            assert output.estimate is not None
+            update = ZOUpdate(zo.sampler.seed, step, zo.param_groups[0]["lr"], tuple(output.estimate.coefficients.tolist()))
+        if sync is not None:
+            sync.after_step(update, wait_s)
         return output
 
     def _in_process_step(self, batch: dict[str, Tensor], optimizer: Any, step: int) -> StepOutput:
@@ -630,6 +691,9 @@ class HOSLStrategy(SingleDeviceStrategy):
             metrics["lr_client"] = client.param_groups[0]["lr"]
         traffic = self.split_model.boundary.traffic
         metrics["bytes_up"], metrics["bytes_down"] = float(traffic.bytes_up), float(traffic.bytes_down)
+        if self._client_sync is not None:  # all that keeping the clients in step has cost so far
+            metrics["sync_bytes_up"] = float(self._client_sync.bytes_up)
+            metrics["sync_bytes_down"] = float(self._client_sync.bytes_down)
         metrics.update(self._memory_metrics())  # the latest measurement, on every step: loggers sample every n steps
         module.log_dict({f"hosl/{k}": v for k, v in metrics.items()}, on_step=True, on_epoch=False, prog_bar=False)
 

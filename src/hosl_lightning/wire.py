@@ -106,10 +106,13 @@ class Wire:
                 self._pending.append((dist.isend(part, dst=self.peer), part))
         return sum(t.numel() * t.element_size() for t in present.values())
 
-    def recv(self, expect: str | tuple[str, ...] | None, waiting_for: str) -> Message:
-        """The next message, which must be of a kind in ``expect`` (None: any); a peer's ``error`` is raised here."""
+    def recv(self, expect: str | tuple[str, ...] | None, waiting_for: str, header_size: int | None = None) -> Message:
+        """The next message, which must be of a kind in ``expect`` (None: any); a peer's ``error`` is raised here.
+
+        ``header_size``: the message's first part, when :func:`recv_from_any` already received it.
+        """
         expected = (expect,) if isinstance(expect, str) else expect
-        size = int(self._recv(torch.empty(1, dtype=torch.int64), waiting_for).item())
+        size = header_size if header_size is not None else int(self._recv(torch.empty(1, dtype=torch.int64), waiting_for).item())
         if not 0 < size <= MAX_HEADER_BYTES:
             raise MalformedPayload(f"{self.peer_name} announced a header of {size} bytes while we waited for {waiting_for}")
         raw = self._recv(torch.empty(size, dtype=torch.uint8), waiting_for)
@@ -151,6 +154,24 @@ class Wire:
                 ) from None
             raise WireError(f"lost {self.peer_name} while waiting for {waiting_for}: {error}") from None
         return buffer
+
+
+def recv_from_any(wires: dict[int, Wire], expect: str | tuple[str, ...] | None, waiting_for: str) -> tuple[int, Message]:
+    """The next message from whichever peer sends first, and its rank (a server with several clients)."""
+    anyone = next(iter(wires.values()))
+    size = torch.empty(1, dtype=torch.int64)
+    try:
+        work = dist.irecv(size.to(anyone.device), src=None)
+        work.wait(timeout=timedelta(seconds=anyone.timeout_s))
+        source = int(work._source_rank())
+    except RuntimeError as error:
+        names = ", ".join(w.peer_name for w in wires.values())
+        if "timed out" in str(error).lower() or "timeout" in str(error).lower():
+            raise PeerTimeout(f"no message from any of {names} within timeout_s={anyone.timeout_s:g} s while waiting for {waiting_for}") from None
+        raise WireError(f"lost a peer ({names}) while waiting for {waiting_for}: {error}") from None
+    if source not in wires:
+        raise MalformedPayload(f"rank {source} sent a message but is not one of {sorted(wires)}")
+    return source, wires[source].recv(expect, waiting_for, header_size=int(size.item()))
 
 
 def check_finite(message: Message, waiting_for: str, peer_name: str) -> None:

@@ -200,17 +200,24 @@ class ZOSGD(Optimizer):
         if estimate is None:
             raise ValueError("ZOSGD.step needs estimate=ZOEstimate(step, coefficients)")
         coefficients = estimate.coefficients.detach().float().cpu().tolist()
-        scale = 1.0 / len(coefficients)
         for group in self.param_groups:
             lr, weight_decay = group["lr"], group["weight_decay"]
             for param in group["params"]:
                 if weight_decay:
                     param.mul_(1.0 - lr * weight_decay)
-                key = self.keys[id(param)]
-                for query, coefficient in enumerate(coefficients):
-                    for rows, u in self.sampler.chunks(estimate.step, query, key, param):
-                        param[rows].add_(u, alpha=-lr * scale * coefficient)
+                self.add_directions(param, self.sampler, estimate.step, coefficients, lr)
         return loss
+
+    @torch.no_grad()
+    def add_directions(self, param: Tensor, sampler: DirectionSampler, step: int, coefficients: list[float], lr: float,
+                       scale: float = 1.0) -> None:
+        """``param -= scale * lr * (1/Q) sum_q c_q u_q``: the ZO update of one tensor, also used to replay an
+        update that another client made (``sampler`` with its seed) from its (seed, step, coefficients)."""
+        key = self.keys[id(param)]
+        per_query = 1.0 / len(coefficients)
+        for query, coefficient in enumerate(coefficients):
+            for rows, u in sampler.chunks(step, query, key, param):
+                param[rows].add_(u, alpha=-lr * per_query * coefficient * scale)
 
     @contextmanager
     def perturbed(self, modules: Sequence[nn.Module], step: int, query: int, scale: float) -> Iterator[None]:
