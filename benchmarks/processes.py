@@ -4,8 +4,9 @@
     python benchmarks/processes.py --steps 2  # quicker
 
 The GGUF model is first saved as a safetensors directory (each process of a split run loads only its half),
-then three runs of the same steps follow, each in fresh processes: in-process, and server (rank 0) + client
-(rank 1) over gloo on loopback. Each process reports its own peak resident memory (ru_maxrss), which counts
+then runs of the same steps follow, each in fresh processes: in-process; server (rank 0) + client (rank 1)
+over gloo on loopback; and server + two clients taking turns, keeping their halves in step by seeds and by
+weights. Each process reports its own peak resident memory (ru_maxrss), which counts
 everything the process ever held: Python, torch, the libraries, the model half, the work. Writes
 ``results/processes.md``.
 """
@@ -35,7 +36,8 @@ def _batches(steps: int, batch: int, length: int):  # noqa: ANN202
         yield {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
-def _run(role: str, model_dir: str, port: int, args: dict, out: str) -> None:
+def _run(role: str, model_dir: str, port: int, args: dict, out: str, rank: int = 0, world_size: int = 2,
+         extra: dict | None = None) -> None:
     import lightning as L
     import torch
     from torch.utils.data import DataLoader
@@ -48,8 +50,8 @@ def _run(role: str, model_dir: str, port: int, args: dict, out: str) -> None:
     torch.manual_seed(0)
     data = list(_batches(args["steps"], args["batch"], args["length"]))
     options = {} if role == "in_process" else {
-        "transport": "distributed", "rank": 0 if role == "server" else 1, "world_size": 2,
-        "init_method": f"tcp://127.0.0.1:{port}",
+        "transport": "distributed", "rank": rank, "world_size": world_size,
+        "init_method": f"tcp://127.0.0.1:{port}", **(extra or {}),
     }
     if role == "in_process":
         module = HOSLModule(model=model_dir)
@@ -63,20 +65,24 @@ def _run(role: str, model_dir: str, port: int, args: dict, out: str) -> None:
     fit(trainer, module, train_dataloaders=DataLoader(data, batch_size=None))
     seconds = time.perf_counter() - started
     traffic = None if role == "server" else module.model.boundary.traffic
+    sync = strategy._client_sync
     Path(out).write_text(json.dumps({
+        "sync_bytes_up": None if sync is None else sync.bytes_up,
+        "sync_bytes_down": None if sync is None else sync.bytes_down,
         "role": role, "imports_mib": imports_mib, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "seconds": seconds,
         "bytes_up_last_step": None if traffic is None else traffic.bytes_up,
         "bytes_down_last_step": None if traffic is None else traffic.bytes_down,
     }))
 
 
-def _spawn(roles: list[str], model_dir: str, args: dict, tmp: Path) -> list[dict]:
+def _spawn(roles: list[str], model_dir: str, args: dict, tmp: Path, extra: dict | None = None) -> list[dict]:
     context = mp.get_context("spawn")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    outs = [str(tmp / f"{role}.json") for role in roles]
-    processes = [context.Process(target=_run, args=(role, model_dir, port, args, out)) for role, out in zip(roles, outs)]
+    outs = [str(tmp / f"{role}{rank}.json") for rank, role in enumerate(roles)]
+    processes = [context.Process(target=_run, args=(role, model_dir, port, args, out, rank, len(roles), extra))
+                 for rank, (role, out) in enumerate(zip(roles, outs))]
     for process in processes:
         process.start()
     for process in processes:
@@ -105,6 +111,10 @@ def main() -> None:
     started = time.perf_counter()
     (alone,) = _spawn(["in_process"], str(model_dir), args, tmp)
     server, client = _spawn(["server", "client"], str(model_dir), args, tmp)
+    clients = {}
+    for sync in ("seeds", "weights"):  # two clients taking turns of 2 steps
+        clients[sync] = _spawn(["server", "client", "client"], str(model_dir), args, tmp,
+                               {"schedule": "sequential", "client_sync": sync, "steps_per_turn": 2})[1:]
     minutes = (time.perf_counter() - started) / 60
     lines = [
         "# Process memory: a two-process hosl run beside the one-process run",
@@ -124,6 +134,16 @@ def main() -> None:
         f"- Bytes per step over the wire (client's count, last step): up {client['bytes_up_last_step']}, "
         f"down {client['bytes_down_last_step']}; in-process the same step counts up {alone['bytes_up_last_step']}, "
         f"down {alone['bytes_down_last_step']}.",
+        "",
+        f"## Two clients taking turns (sequential split learning, turns of 2 steps, {options.steps} steps each)",
+        "",
+        "How much keeping the two client halves in step cost, per client, all told:",
+        "",
+        "| client_sync | client | sync bytes up | sync bytes down | peak RSS (MiB) |",
+        "|---|---|---:|---:|---:|",
+        *[f"| {sync} | rank {i + 1} | {c['sync_bytes_up']:,} | {c['sync_bytes_down']:,} | {c['peak_rss_mib']:.0f} |"
+          for sync, pair in clients.items() for i, c in enumerate(pair)],
+        "",
         "- `of which imports`: the peak after importing Python, torch, Lightning and transformers, before the model.",
         "- The client's one message down per step is 4 bytes larger than in-process: the step's loss, for its log.",
         f"- Python {sys.version.split()[0]}.",

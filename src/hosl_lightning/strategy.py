@@ -142,6 +142,14 @@ class HOSLStrategy(SingleDeviceStrategy):
             error that names the peer and what was awaited.
         init_method / rank / world_size: how the processes find each other; by default ``"env://"`` and the
             ``RANK`` / ``WORLD_SIZE`` / ``MASTER_ADDR`` / ``MASTER_PORT`` variables that ``torchrun`` sets.
+            Rank 0 is the server; ranks 1..world_size-1 are clients, each with its own data.
+        schedule: with several clients, ``"sequential"`` (they take turns of ``steps_per_turn`` steps, the client
+            half passing from one to the next: sequential split learning) or ``"parallel"`` (they train at the
+            same time and their halves are averaged every ``sync_every_n_steps`` steps: split-federated learning).
+        client_sync: how client halves are kept in step: ``"seeds"`` (the ZO updates travel as (seed, step, lr,
+            coefficients) and are replayed: bytes instead of megabytes; needs zo_weight_decay=0) or ``"weights"``
+            (the half's weights; the only choice in ``fo`` mode).
+        steps_per_turn / sync_every_n_steps: the length of a turn (sequential) and of a round (parallel).
     """
 
     strategy_name = STRATEGY_NAME
