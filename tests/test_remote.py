@@ -309,3 +309,11 @@ def test_several_clients_refuse_seed_sync_in_fo_mode() -> None:
     strategy.clients = 2
     with pytest.raises(ValueError, match="client_sync='weights'"):
         strategy._check_clients()
+
+
+def test_first_order_clients_take_turns_by_weights(model_dir: Path, tmp_path: Path) -> None:
+    first, second = _clients(_run_group(model_dir, tmp_path, "fo", 2, 3, schedule="sequential", client_sync="weights",
+                                        steps_per_turn=1))
+    assert all(torch.equal(first[k], second[k]) for k in first if k != "sync_bytes"), "the clients end apart"
+    initial = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert not torch.equal(first["client.embeddings.embed_tokens.weight"], initial.model.embed_tokens.weight)

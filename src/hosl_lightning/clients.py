@@ -143,6 +143,8 @@ class ClientSync:
             self.half.load_state_dict(message.tensors, strict=False)
             return
         raw = message.fields.get("updates", [])
+        if not raw:
+            return  # nothing new (the first turn, or nothing happened since ours)
         self.bytes_down += encoded_size([ZOUpdate.from_json(u[1] if own_scale is not None else u) for u in raw])
         assert self.optimizer is not None
         if own_scale is None:  # sequential: the others' updates, in order, exactly as they were applied

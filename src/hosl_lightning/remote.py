@@ -191,15 +191,17 @@ def client_zo_step(model: ClientSplitCausalLM, batch: dict[str, Tensor], optimiz
 
 
 class SplitServer:
-    """Answers one client's requests with the server half until the client says ``bye``.
+    """Answers its clients' requests with the server half until every client has said ``bye``.
 
     Args:
         model: a :class:`SplitCausalLM` holding only the server half.
-        wire: the link to the client.
+        wire: the link to the client, or one link per client rank (several clients take requests in the order
+            they arrive; their turns and rounds are kept by :class:`~hosl_lightning.clients.TurnKeeper`).
         mode / settings: the run's algorithm; the client's ``hello`` must agree.
         optimizer: the server half's first-order optimizer (hosl, fo), or its ZOSGD (zo).
         scheduler: optional learning-rate scheduler of ``optimizer``, stepped once per training step.
         expected: further settings the client's ``hello`` must match (cut layer, seed, directions, ...).
+        schedule: ``"sequential"`` or ``"parallel"``, for several clients.
     """
 
     def __init__(
