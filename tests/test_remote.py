@@ -81,6 +81,9 @@ def _process(rank: int, port: int, model_dir: str, mode: str, steps: int, out: s
         if fault == "client_dies" and rank == 1:
             strategy._connect()
             raise SystemExit(3)  # exits without a word after joining the group
+        if fault == "server_dies" and rank == 0:
+            strategy._connect()
+            raise SystemExit(3)
         if fault == "client_stalls" and rank == 1:
             strategy._connect()
             import time
@@ -172,6 +175,11 @@ def test_a_client_that_dies_fails_the_server_naming_it(model_dir: Path, tmp_path
     server, _ = _run_pair(model_dir, tmp_path, "hosl", 2, fault="client_dies", timeout_s=60)
     assert isinstance(server, str) and "client (rank 1)" in server, server
     assert "hello" in server
+
+
+def test_a_server_that_dies_fails_the_client_naming_it(model_dir: Path, tmp_path: Path) -> None:
+    _, client = _run_pair(model_dir, tmp_path, "hosl", 2, fault="server_dies", timeout_s=60)
+    assert isinstance(client, str) and "server (rank 0)" in client, client
 
 
 def test_a_stalled_client_times_out_the_server(model_dir: Path, tmp_path: Path) -> None:
