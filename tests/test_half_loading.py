@@ -82,3 +82,18 @@ def test_a_missing_tensor_is_named(tmp_path: Path) -> None:
 def test_a_gguf_source_is_refused_with_the_conversion_command() -> None:
     with deferred_weights(), pytest.raises(ValueError, match="export_model"):
         load_causal_lm("model.Q4_0.gguf")
+
+
+def test_a_checkpoint_of_the_bare_base_model_loads(tmp_path: Path) -> None:
+    """Stock GPT-2 files name tensors without the ``transformer.`` prefix of GPT2LMHeadModel."""
+    from safetensors.torch import save_file
+
+    full = _model("gpt2")
+    full.config.save_pretrained(tmp_path)
+    state = {k.removeprefix("transformer."): v.contiguous() for k, v in full.state_dict().items() if k != "lm_head.weight"}
+    save_file(state, str(tmp_path / "model.safetensors"))
+    ids = torch.randint(0, 64, (2, 7))
+    client, server = split_causal_lm(full, 2)
+    _, client_half = _half(tmp_path, 0)
+    _, server_half = _half(tmp_path, 1)
+    assert torch.equal(server_half.logits(server_half(client_half(ids))), server.logits(server(client(ids))))

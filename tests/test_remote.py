@@ -19,7 +19,7 @@ from hosl_lightning import HOSLModule, HOSLStrategy
 from hosl_lightning.launch import fit
 from hosl_lightning.model import SplitCausalLM
 from hosl_lightning.models import deferred_weights
-from hosl_lightning.remote import SplitServer
+from hosl_lightning.remote import SplitServer, server_checkpoint_path
 from hosl_lightning.steps import ZOSettings
 from hosl_lightning.wire import MalformedPayload, Message, Wire
 
@@ -199,11 +199,12 @@ def test_both_sides_resume_from_a_checkpoint_with_nothing_lost(model_dir: Path, 
     expected = _in_process(model_dir, "hosl", 8)
     first = tmp_path / "first"
     first.mkdir()
-    server, client = _run_pair(model_dir, first, "hosl", 4, checkpoint_dir=str(tmp_path / "ckpt"))
+    server_dir = str(tmp_path / "server")
+    server, client = _run_pair(model_dir, first, "hosl", 4, checkpoint_dir=str(tmp_path / "ckpt"), server_checkpoint_dir=server_dir)
     assert isinstance(server, dict) and isinstance(client, dict), (server, client)
     checkpoint = next((tmp_path / "ckpt").glob("*step=4.ckpt"))
-    assert Path(f"{checkpoint}.server.pt").is_file(), "the server saved no half beside the client's checkpoint"
-    server, client = _run_pair(model_dir, tmp_path, "hosl", 8, ckpt_path=str(checkpoint))
+    assert (tmp_path / "server" / f"{checkpoint.name}.server.pt").is_file(), "the server saved no half of the checkpoint"
+    server, client = _run_pair(model_dir, tmp_path, "hosl", 8, ckpt_path=str(checkpoint), server_checkpoint_dir=server_dir)
     assert isinstance(server, dict) and isinstance(client, dict), (server, client)
     got = {**client, **server}
     changed = [k for k in expected if not torch.equal(got[k], expected[k])]
@@ -325,3 +326,9 @@ def test_first_order_clients_take_turns_by_weights(model_dir: Path, tmp_path: Pa
     assert all(torch.equal(first[k], second[k]) for k in first if k != "sync_bytes"), "the clients end apart"
     initial = AutoModelForCausalLM.from_pretrained(model_dir)
     assert not torch.equal(first["client.embeddings.embed_tokens.weight"], initial.model.embed_tokens.weight)
+
+
+@pytest.mark.parametrize("name", ["../x.ckpt", "/etc/passwd", "", ".hidden", "a/b.ckpt"])
+def test_a_checkpoint_name_cannot_be_a_path(name: str, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="plain file name"):
+        server_checkpoint_path(tmp_path, name)

@@ -86,6 +86,8 @@ class TurnKeeper:
         self.finished.add(rank)
         if self.schedule == "sequential" and self.ranks[self.turn] == rank:
             self._advance()
+        if self.schedule == "parallel":
+            self._close_round()  # the others may be waiting for this client's part of a round
         if len(self.finished) == len(self.ranks):
             for other in self.ranks:
                 tensors, fields = self._missed(other)
@@ -94,16 +96,21 @@ class TurnKeeper:
     # ---- parallel ------------------------------------------------------------------------------------
     def sync(self, rank: int, message: Message) -> None:
         self.round[rank] = message
-        if len(self.round) < len(self.ranks):
+        self._close_round()
+
+    def _close_round(self) -> None:
+        """A round closes when every client still training has sent its part (finished clients sit it out)."""
+        members = [r for r in self.ranks if r not in self.finished]
+        if not self.round or any(r not in self.round for r in members):
             return
-        messages = [self.round[r] for r in self.ranks]
+        messages = [self.round[r] for r in members]
         self.round = {}
-        updates = [[r, u] for r, m in zip(self.ranks, messages) for u in m.fields.get("updates", [])]
+        updates = [[r, u] for r, m in zip(members, messages) for u in m.fields.get("updates", [])]
         average = None
         if messages[0].tensors:
             average = {k: sum(m.tensors[k] for m in messages) / len(messages) for k in messages[0].tensors}
-        for r in self.ranks:
-            self.send(r, "synced", average, {"updates": updates, "clients": len(self.ranks)})
+        for r in members:
+            self.send(r, "synced", average, {"updates": updates, "clients": len(members)})
 
 
 class ClientSync:

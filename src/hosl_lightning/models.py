@@ -227,6 +227,8 @@ def materialize_half(model: PreTrainedModel, half: nn.Module, device: torch.devi
             if tied and name == "weight" and prefix in (head_name, embedding_name):
                 # tied weights are stored once, under either name
                 candidates.append(f"{embedding_name if prefix == head_name else head_name}.weight")
+            base = model.base_model_prefix  # checkpoints of the bare base model (e.g. stock GPT-2) lack it
+            candidates += [c[len(base) + 1:] for c in candidates if base and c.startswith(base + ".")]
             wanted[key], owners[key] = candidates, (module, name)
     half.to_empty(device=device)
     with torch.no_grad():

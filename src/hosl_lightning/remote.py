@@ -42,9 +42,11 @@ _INTEGERS = (torch.int64, torch.int32)
 _MASKS = (torch.int64, torch.int32, torch.bool, torch.float32)
 
 
-def server_checkpoint_path(client_path: str | os.PathLike[str]) -> str:
-    """Where the server keeps its half of a checkpoint: beside the client's, on the server's filesystem."""
-    return f"{os.fspath(client_path)}.server.pt"
+def server_checkpoint_path(directory: str | os.PathLike[str], name: str) -> Path:
+    """Where the server keeps its half of the client checkpoint ``name``: a file name, never a path."""
+    if not name or Path(name).name != name or name.startswith("."):
+        raise ValueError(f"a checkpoint name must be a plain file name, got {name!r}")
+    return Path(directory) / f"{name}.server.pt"
 
 
 def _activation_tensors(up: CutActivations) -> dict[str, Tensor | None]:
@@ -103,13 +105,14 @@ class RemoteServer:
         message = self._recv("scores", "evaluation scores")
         return check_shape(message, "scores", (labels.shape[0],), (torch.float32,), self.wire.peer_name)
 
-    def save(self, client_path: str) -> None:
-        self.wire.send("save", path=server_checkpoint_path(client_path))
-        self.wire.recv("saved", f"the server to save {server_checkpoint_path(client_path)}")
+    def save(self, name: str) -> None:
+        """Ask the server to save its half of the checkpoint ``name`` (a file name: the server picks the folder)."""
+        self.wire.send("save", name=name)
+        self.wire.recv("saved", f"the server to save its half of {name}")
 
-    def load(self, client_path: str) -> None:
-        self.wire.send("load", path=server_checkpoint_path(client_path))
-        self.wire.recv("loaded", f"the server to load {server_checkpoint_path(client_path)}")
+    def load(self, name: str) -> None:
+        self.wire.send("load", name=name)
+        self.wire.recv("loaded", f"the server to load its half of {name}")
 
     def close(self) -> None:
         self.wire.send("bye")
@@ -202,6 +205,7 @@ class SplitServer:
         scheduler: optional learning-rate scheduler of ``optimizer``, stepped once per training step.
         expected: further settings the client's ``hello`` must match (cut layer, seed, directions, ...).
         schedule: ``"sequential"`` or ``"parallel"``, for several clients.
+        checkpoint_dir: where the server's halves of checkpoints go (the client names the file only).
     """
 
     def __init__(
@@ -214,6 +218,7 @@ class SplitServer:
         scheduler: Any | None = None,
         expected: dict[str, Any] | None = None,
         schedule: str = "sequential",
+        checkpoint_dir: str | os.PathLike[str] = "server_checkpoints",
     ) -> None:
         if model.server is None:
             raise ValueError("SplitServer needs a split model that holds the server half")
@@ -222,6 +227,7 @@ class SplitServer:
         self.model, self.mode, self.settings = model, mode, settings
         self.turns = TurnKeeper(sorted(self.wires), schedule, self._send_to)
         self.optimizer, self.scheduler = optimizer, scheduler
+        self.checkpoint_dir = Path(checkpoint_dir)
         self.expected = {"mode": mode, "protocol": PROTOCOL_VERSION, **(expected or {})}
         self.steps = 0  # training steps served
         self.device = next(model.server.parameters()).device
@@ -417,7 +423,7 @@ class SplitServer:
         self.steps = state["steps"]
 
     def _on_save(self, request: Message) -> None:
-        path = Path(str(request.fields["path"]))
+        path = server_checkpoint_path(self.checkpoint_dir, str(request.fields.get("name", "")))
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(path.name + ".partial")
         torch.save(self.state_dict(), partial)
@@ -425,7 +431,7 @@ class SplitServer:
         self.wire.send("saved")
 
     def _on_load(self, request: Message) -> None:
-        path = Path(str(request.fields["path"]))
+        path = server_checkpoint_path(self.checkpoint_dir, str(request.fields.get("name", "")))
         if not path.is_file():
             raise FileNotFoundError(f"the server has no checkpoint at {path} (the server's half of the client's checkpoint)")
         self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))

@@ -150,6 +150,8 @@ class HOSLStrategy(SingleDeviceStrategy):
             coefficients) and are replayed: bytes instead of megabytes; needs zo_weight_decay=0) or ``"weights"``
             (the half's weights; the only choice in ``fo`` mode).
         steps_per_turn / sync_every_n_steps: the length of a turn (sequential) and of a round (parallel).
+        server_checkpoint_dir: where the server keeps its half of each client checkpoint (``<name>.server.pt``, on
+            the server's disk); a client names only the file, never a path, so no peer can write elsewhere.
     """
 
     strategy_name = STRATEGY_NAME
@@ -179,6 +181,7 @@ class HOSLStrategy(SingleDeviceStrategy):
         client_sync: str = "seeds",
         steps_per_turn: int = 10,
         sync_every_n_steps: int = 10,
+        server_checkpoint_dir: str = "server_checkpoints",
         **kwargs: Any,
     ) -> None:
         _number("cut_layer", cut_layer, int, 0)
@@ -239,8 +242,10 @@ class HOSLStrategy(SingleDeviceStrategy):
         self._owns_process_group = False
         self.schedule, self.client_sync = schedule, client_sync
         self.steps_per_turn, self.sync_every_n_steps = steps_per_turn, sync_every_n_steps
+        self.server_checkpoint_dir = server_checkpoint_dir
         self.clients = 1  # client processes in a distributed run (world size - 1)
         self._client_sync: ClientSync | None = None
+        self._failure: BaseException | None = None
 
     # ---- processes -------------------------------------------------------------------------------------
     @property
@@ -275,7 +280,7 @@ class HOSLStrategy(SingleDeviceStrategy):
         self.clients = world_size - 1
         self._check_clients()
         if not dist.is_initialized():
-            backend = self.backend or ("nccl" if torch.cuda.is_available() else "gloo")
+            backend = self.backend or "gloo"  # both sides must agree; NCCL is opt-in (one client, GPUs both sides)
             dist.init_process_group(
                 backend, init_method=self.init_method, rank=rank, world_size=world_size, timeout=timedelta(seconds=self.timeout_s)
             )
@@ -319,16 +324,30 @@ class HOSLStrategy(SingleDeviceStrategy):
             from lightning_utilities.core.rank_zero import rank_zero_only
 
             rank_zero_only.rank = 0  # type: ignore[attr-defined]
-            self._connect()
+            # It connects at the cut, once its half is loaded: a slow load never counts against timeout_s.
+
+    def on_exception(self, exception: BaseException) -> None:
+        """A failing client tells the server why (instead of vanishing mid-protocol) and waits for no one."""
+        self._failure = exception
+        if self.role == "client" and self._wire is not None:
+            try:
+                self._wire.send("error", wait=False, message=f"{type(exception).__name__}: {exception}")
+            except Exception:  # noqa: BLE001, S110 - the server is gone: the original error is the one to report
+                pass
+        super().on_exception(exception)
 
     def teardown(self) -> None:
         if self.role == "client" and self._wire is not None:
             try:
-                if self._client_sync is not None:
-                    self._client_sync.finish(self._wait_for_others_s())
-                self._remote.close()
+                if self._failure is None:
+                    if self._client_sync is not None:
+                        self._client_sync.finish(self._wait_for_others_s())
+                    self._remote.close()
+                else:
+                    self._wire.flush()  # the error message sent by on_exception
             except WireError:
-                pass  # the server is already gone (and the error that ended the run is the one to report)
+                if self._failure is None:
+                    raise
             finally:
                 self._disconnect()
         super().teardown()
@@ -338,6 +357,9 @@ class HOSLStrategy(SingleDeviceStrategy):
         split = self.split_model
         assert isinstance(split, ClientSplitCausalLM)
         return split.remote
+
+    def _checkpoint_name(self, filepath: Any) -> str:
+        return os.path.basename(os.fspath(filepath))
 
     def _client_zo_count(self, client: nn.Module) -> int:
         if self.mode == "fo":
@@ -353,16 +375,17 @@ class HOSLStrategy(SingleDeviceStrategy):
         """
         if self.role != "server":
             raise RuntimeError(f"serve() runs the server (rank {SERVER_RANK}); this process is the {self.role}")
-        wire = self._connect()
+        # Load first, then connect: a slow load (or download) never counts against timeout_s.
+        name, model = find_causal_lm(module)
+        client, server = split_causal_lm(model, self.cut_layer)
+        device = self._server_device or torch.device("cpu")
+        if any(p.is_meta for p in server.parameters()):
+            materialize_half(model, server, device)
+        server.to(device)
+        split = SplitCausalLM.from_halves(None, server, model.config, self.cut_layer)
+        self._install(module, name, split)
+        self._connect()
         try:
-            name, model = find_causal_lm(module)
-            client, server = split_causal_lm(model, self.cut_layer)
-            device = self._server_device or torch.device("cpu")
-            if any(p.is_meta for p in server.parameters()):
-                materialize_half(model, server, device)
-            server.to(device)
-            split = SplitCausalLM.from_halves(None, server, model.config, self.cut_layer)
-            self._install(module, name, split)
             first_key = self._client_zo_count(client)
             if self.mode == "zo":
                 named = [(n, p) for n, p in server.named_parameters() if p.requires_grad]
@@ -373,7 +396,8 @@ class HOSLStrategy(SingleDeviceStrategy):
             else:
                 optimizer, scheduler = _optimizer_and_scheduler(module.configure_optimizers())
             worker = SplitServer(split, self._client_wires, self.mode, self.settings, optimizer, scheduler,
-                                 expected=self._hello_settings(first_key), schedule=self.schedule)
+                                 expected=self._hello_settings(first_key), schedule=self.schedule,
+                                 checkpoint_dir=self.server_checkpoint_dir)
             return worker.serve()
         finally:
             self._disconnect()
@@ -383,6 +407,7 @@ class HOSLStrategy(SingleDeviceStrategy):
             "cut_layer": self.cut_layer, "seed": self.seed, "direction": self.direction, "q": self.settings.queries,
             "mu": self.settings.mu, "server_grad": self.settings.server_grad, "client_zo_params": client_zo_params,
             "clients": self.clients, "schedule": self.schedule, "client_sync": self.client_sync,
+            "zo_lr": self.zo_lr, "zo_weight_decay": self.zo_weight_decay,
             "steps_per_turn": self.steps_per_turn, "sync_every_n_steps": self.sync_every_n_steps,
         }
 
@@ -420,6 +445,11 @@ class HOSLStrategy(SingleDeviceStrategy):
 
     def _check_precision(self) -> None:
         plugin = self.precision_plugin
+        if self.transport == "distributed" and plugin.precision != "32-true":
+            raise ValueError(
+                f"precision={plugin.precision!r}: a distributed run computes in float32 on both sides (the server "
+                "has no precision plugin), so use precision '32-true' or transport='in_process'"
+            )
         if self.mode != "fo" and isinstance(plugin, HalfPrecision):
             raise ValueError(
                 f"precision={plugin.precision!r} stores weights in half precision, but mode={self.mode!r} updates "
@@ -718,7 +748,7 @@ class HOSLStrategy(SingleDeviceStrategy):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
         if self.role == "client":  # the server first: a client checkpoint on disk always has its server half
-            self._remote.save(str(filepath))
+            self._remote.save(self._checkpoint_name(filepath))
         super().save_checkpoint({**checkpoint, "hosl": self.hosl_state_dict()}, filepath, storage_options)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
@@ -733,7 +763,7 @@ class HOSLStrategy(SingleDeviceStrategy):
                     )
             self.zo_steps = state["zo_steps"]
             if self.role == "client":
-                self._remote.load(str(checkpoint_path))
+                self._remote.load(self._checkpoint_name(checkpoint_path))
             self._pending_state = state
             self._apply_pending_state()
         return checkpoint

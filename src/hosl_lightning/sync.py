@@ -14,12 +14,14 @@ decay would make the update depend on the weights themselves, so seed synchronis
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from hosl_lightning.wire import MalformedPayload
 from hosl_lightning.zo import ZOSGD, DirectionSampler, mix_seed
 
 SCHEDULES: tuple[str, ...] = ("sequential", "parallel")
@@ -45,8 +47,15 @@ class ZOUpdate:
 
     @classmethod
     def from_json(cls, item: list) -> ZOUpdate:
-        seed, step, lr, coefficients = item
-        return cls(int(seed), int(step), float(lr), tuple(float(c) for c in coefficients))
+        """Parse and check one update from a peer: replaying NaN or inf would corrupt every weight it touches."""
+        try:
+            seed, step, lr, coefficients = item
+            update = cls(int(seed), int(step), float(lr), tuple(float(c) for c in coefficients))
+        except (TypeError, ValueError) as error:
+            raise MalformedPayload(f"an update must be [seed, step, lr, [coefficients]], got {item!r}: {error}") from None
+        if not all(math.isfinite(v) for v in (update.lr, *update.coefficients)) or not update.coefficients:
+            raise MalformedPayload(f"an update holds NaN, inf or no coefficients: {item!r}")
+        return update
 
 
 def encoded_size(updates: Sequence[ZOUpdate]) -> int:

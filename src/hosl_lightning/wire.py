@@ -121,12 +121,19 @@ class Wire:
             kind, fields, specs = header["kind"], header["fields"], header["tensors"]
         except (ValueError, KeyError, TypeError) as error:
             raise MalformedPayload(f"{self.peer_name} sent an unreadable header while we waited for {waiting_for}: {error}") from None
-        tensors = {}
+        if not isinstance(specs, list) or not all(isinstance(t, list) and len(t) == 3 and isinstance(t[2], list) for t in specs):
+            raise MalformedPayload(f"{self.peer_name} sent a header whose tensor list is not [name, dtype, shape] entries")
+        total = 0
         for name, dtype, shape in specs:
             if dtype not in DTYPES:
                 raise MalformedPayload(f"{self.peer_name} sent {name!r} as {dtype!r}; allowed dtypes: {', '.join(DTYPES)}")
-            if not all(isinstance(n, int) and n >= 0 for n in shape) or math.prod(shape) > MAX_TENSOR_ELEMENTS:
+            if not all(isinstance(n, int) and n >= 0 for n in shape):
                 raise MalformedPayload(f"{self.peer_name} sent {name!r} with an invalid shape {shape}")
+            total += math.prod(shape)
+        if total > MAX_TENSOR_ELEMENTS:  # checked before anything is allocated
+            raise MalformedPayload(f"{self.peer_name} announced {total} elements in one message (at most {MAX_TENSOR_ELEMENTS})")
+        tensors = {}
+        for name, dtype, shape in specs:
             tensors[name] = self._recv(torch.empty(shape, dtype=DTYPES[dtype], device=self.device), waiting_for)
         message = Message(kind, fields, tensors)
         if kind == "error":

@@ -1,0 +1,67 @@
+"""Replaying ZO updates from (seed, step, lr, coefficients): exact hand-on, undo to rounding, bad input refused."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from hosl_lightning.sync import ZOUpdate, client_seed, replay
+from hosl_lightning.wire import MalformedPayload
+from hosl_lightning.zo import ZOSGD, ZOEstimate
+
+
+def _optimizer(module: nn.Module, seed: int = 7, weight_decay: float = 0.0) -> ZOSGD:
+    return ZOSGD(list(module.named_parameters()), lr=1e-2, weight_decay=weight_decay, seed=seed)
+
+
+def _module() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Embedding(50, 8), nn.Linear(8, 4))
+
+
+def test_replaying_a_clients_updates_gives_its_weights_bit_for_bit() -> None:
+    trained, follower = _module(), _module()
+    optimizer = _optimizer(trained)
+    updates = []
+    for step in range(3):
+        estimate = ZOEstimate(step, torch.tensor([0.7, -1.3]) * (step + 1))
+        optimizer.step(estimate=estimate)
+        updates.append(ZOUpdate(optimizer.sampler.seed, step, 1e-2, tuple(estimate.coefficients.tolist())))
+    replay(_optimizer(follower, seed=123), updates)  # the follower's own seed does not matter: the update names its own
+    for a, b in zip(trained.parameters(), follower.parameters()):
+        assert torch.equal(a, b)
+    assert not torch.equal(next(trained.parameters()), next(_module().parameters()))
+
+
+def test_replaying_negated_updates_undoes_them_to_rounding() -> None:
+    module, original = _module(), _module()
+    optimizer = _optimizer(module)
+    update = ZOUpdate(7, 0, 1e-2, (2.0, -0.5))
+    replay(optimizer, [update])
+    replay(optimizer, [update], scale=-1.0)
+    for a, b in zip(module.parameters(), original.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)  # one ulp of values near 1
+
+
+def test_seed_sync_refuses_weight_decay() -> None:
+    with pytest.raises(ValueError, match="zo_weight_decay=0"):
+        replay(_optimizer(_module(), weight_decay=0.1), [ZOUpdate(7, 0, 1e-2, (1.0,))])
+
+
+@pytest.mark.parametrize("item", [[1, 2, 0.1, [math.nan]], [1, 2, math.inf, [1.0]], [1, 2, 0.1, []], [1, 2], "x"])
+def test_malformed_updates_are_refused(item: object) -> None:
+    with pytest.raises(MalformedPayload):
+        ZOUpdate.from_json(item)  # type: ignore[arg-type]
+
+
+def test_update_round_trips_through_json_exactly() -> None:
+    update = ZOUpdate(2**62 + 5, 17, 1e-6 / 3, (float(torch.tensor(0.1)), -3.25))
+    assert ZOUpdate.from_json(update.to_json()) == update
+
+
+def test_each_of_several_clients_draws_its_own_directions() -> None:
+    assert client_seed(5, 1, 1) == 5  # one client: the run's seed, as in-process
+    assert len({client_seed(5, rank, 3) for rank in (1, 2, 3)}) == 3
