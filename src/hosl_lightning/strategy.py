@@ -136,8 +136,8 @@ class HOSLStrategy(SingleDeviceStrategy):
             server in separate processes that talk over ``torch.distributed``; rank 0 is the server, rank 1 the
             client, and each process builds and holds only its own half (see README, "Client and server in
             separate processes").
-        backend: the ``torch.distributed`` backend of a distributed run: ``"gloo"`` (CPU; the default when no
-            GPU is visible) or ``"nccl"`` (GPUs).
+        backend: the ``torch.distributed`` backend of a distributed run: ``"gloo"`` (the default, on both sides) or
+            ``"nccl"`` (one client, GPUs on both sides; untested without a GPU).
         timeout_s: in a distributed run, how long either side waits for the other before failing with an
             error that names the peer and what was awaited.
         init_method / rank / world_size: how the processes find each other; by default ``"env://"`` and the
