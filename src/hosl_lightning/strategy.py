@@ -61,6 +61,7 @@ STRATEGY_NAME = "hosl"
 TRANSPORTS: tuple[str, ...] = ("in_process", "distributed")
 BACKENDS: tuple[str, ...] = ("gloo", "nccl")
 SERVER_RANK = 0  # in a multi-process run rank 0 is the server and rank 1 the client
+JOIN_GRACE_S = 60.0  # the least time processes wait for each other to join, whatever timeout_s is
 
 
 def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -281,8 +282,11 @@ class HOSLStrategy(SingleDeviceStrategy):
         self._check_clients()
         if not dist.is_initialized():
             backend = self.backend or "gloo"  # both sides must agree; NCCL is opt-in (one client, GPUs both sides)
+            # Joining waits for every process to start (imports and loading can take a while on a busy machine);
+            # once joined, every receive has its own deadline of timeout_s (wire.Wire).
+            join_s = max(self.timeout_s, JOIN_GRACE_S)
             dist.init_process_group(
-                backend, init_method=self.init_method, rank=rank, world_size=world_size, timeout=timedelta(seconds=self.timeout_s)
+                backend, init_method=self.init_method, rank=rank, world_size=world_size, timeout=timedelta(seconds=join_s)
             )
             self._owns_process_group = True
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
