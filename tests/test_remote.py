@@ -335,3 +335,26 @@ def test_first_order_clients_take_turns_by_weights(model_dir: Path, tmp_path: Pa
 def test_a_checkpoint_name_cannot_be_a_path(name: str, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="plain file name"):
         server_checkpoint_path(tmp_path, name)
+
+
+def test_seed_sync_refuses_clients_that_start_from_different_weights() -> None:
+    server = _server_for_checks()
+    server.expected = {"mode": "hosl", "client_sync": "seeds"}
+
+    class _Wire:
+        def __init__(self, rank: int, digest: str) -> None:
+            self.peer, self.peer_name, self.digest, self.sent = rank, f"client (rank {rank})", digest, []
+
+        def recv(self, *_: Any) -> Message:
+            return Message("hello", fields={"mode": "hosl", "client_sync": "seeds", "client_digest": self.digest})
+
+        def send(self, kind: str, *_: Any, **__: Any) -> None:
+            self.sent.append(kind)
+
+    server.wires = {1: _Wire(1, "aaaa"), 2: _Wire(2, "bbbb")}  # type: ignore[dict-item]
+    with pytest.raises(ValueError, match="start from different weights"):
+        server._greet()
+    assert not any(w.sent for w in server.wires.values()), "no client may be told ready"
+    server.wires = {1: _Wire(1, "aaaa"), 2: _Wire(2, "aaaa")}  # type: ignore[dict-item]
+    server._greet()
+    assert all(w.sent == ["ready"] for w in server.wires.values())

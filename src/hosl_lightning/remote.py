@@ -32,7 +32,7 @@ from hosl_lightning.steps import (
     eval_mode,
 )
 from hosl_lightning.clients import TurnKeeper
-from hosl_lightning.wire import Message, Wire, check_finite, check_shape, recv_from_any
+from hosl_lightning.wire import Message, PeerTimeout, Wire, check_finite, check_shape, recv_from_any
 from hosl_lightning.zo import ZOSGD, ZOEstimate, two_point_estimate
 
 PROTOCOL_VERSION = 1
@@ -239,9 +239,7 @@ class SplitServer:
     def serve(self) -> int:
         """Run the session; returns the number of training steps served. Failures are reported to the client."""
         try:
-            for wire in self.wires.values():
-                self.wire = wire
-                self._handshake()
+            self._greet()
             active = dict(self.wires)
             while active:
                 if len(active) == 1:
@@ -284,7 +282,7 @@ class SplitServer:
         try:
             for wire in self.wires.values():
                 wire.send("error", wait=False, message=f"{type(error).__name__}: {error}")
-            if len(self.wires) == 1:
+            if len(self.wires) == 1 and not isinstance(error, PeerTimeout):  # after a timeout the link is dead
                 while self.wire.recv(None, "the client to read our error and stop").kind != "bye":
                     pass
             for wire in self.wires.values():
@@ -292,14 +290,30 @@ class SplitServer:
         except Exception:  # noqa: BLE001, S110 - the client is gone or stalled: no one is left to tell
             pass
 
-    def _handshake(self) -> None:
+    def _handshake(self) -> Message:
         hello = self.wire.recv("hello", "the client's hello")
         wrong = {k: (hello.fields.get(k), v) for k, v in self.expected.items() if hello.fields.get(k) != v}
         if wrong:
             details = "; ".join(f"{k}: client {c!r}, server {s!r}" for k, (c, s) in wrong.items())
             raise ValueError(f"the client's settings differ from the server's ({details}): run both with the same config")
         self.client_zo_params = int(hello.fields.get("client_zo_params", 0))
-        self.wire.send("ready")
+        return hello
+
+    def _greet(self) -> None:
+        """Every client's hello first, then ``ready`` to all: clients that replay each other's updates must
+        start from the same half, which their hellos' digests show."""
+        hellos = {}
+        for rank, wire in self.wires.items():
+            self.wire = wire
+            hellos[rank] = self._handshake()
+        digests = {rank: hello.fields.get("client_digest") for rank, hello in hellos.items()}
+        if self.expected.get("client_sync") == "seeds" and len(set(digests.values())) > 1:
+            raise ValueError(
+                "client_sync='seeds' replays updates onto the same starting half, but the clients start from different "
+                f"weights (digests by rank: {digests}): load the same weights in every client, or use client_sync='weights'"
+            )
+        for wire in self.wires.values():
+            wire.send("ready")
 
     # ---- payloads ------------------------------------------------------------------------------------
     def _targets(self, request: Message) -> Targets:
