@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _batches(steps: int, batch: int, length: int):  # noqa: ANN202
+def _batches(steps: int, batch: int, length: int):
     import torch
 
     generator = torch.Generator().manual_seed(0)

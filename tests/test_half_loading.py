@@ -8,7 +8,13 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from hosl_lightning.models import ModelSource, deferred_weights, export_model, load_causal_lm, materialize_half
+from hosl_lightning.models import (
+    ModelSource,
+    deferred_weights,
+    export_model,
+    load_causal_lm,
+    materialize_half,
+)
 from hosl_lightning.split import split_causal_lm
 
 CONFIGS = {

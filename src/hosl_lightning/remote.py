@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from hosl_lightning.boundary import TrafficCounter
+from hosl_lightning.clients import TurnKeeper
 from hosl_lightning.model import SplitCausalLM, Targets
 from hosl_lightning.split import CutActivations
 from hosl_lightning.steps import (
@@ -31,8 +32,14 @@ from hosl_lightning.steps import (
     _probe_losses,
     eval_mode,
 )
-from hosl_lightning.clients import TurnKeeper
-from hosl_lightning.wire import Message, PeerTimeout, Wire, check_finite, check_shape, recv_from_any
+from hosl_lightning.wire import (
+    Message,
+    PeerTimeout,
+    Wire,
+    check_finite,
+    check_shape,
+    recv_from_any,
+)
 from hosl_lightning.zo import ZOSGD, ZOEstimate, two_point_estimate
 
 PROTOCOL_VERSION = 1

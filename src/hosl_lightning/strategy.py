@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from transformers import PreTrainedModel
 
+from hosl_lightning.clients import ClientSync
 from hosl_lightning.memory import MemoryReport, SideSwitch, StepMemoryMeter
 from hosl_lightning.model import SplitCausalLM
 from hosl_lightning.models import materialize_half
@@ -40,7 +41,6 @@ from hosl_lightning.remote import (
     client_hosl_step,
     client_zo_step,
 )
-from hosl_lightning.clients import ClientSync
 from hosl_lightning.split import split_causal_lm
 from hosl_lightning.steps import (
     MODES,
@@ -54,7 +54,13 @@ from hosl_lightning.steps import (
     hosl_step,
     zo_step,
 )
-from hosl_lightning.sync import CLIENT_SYNCS, SCHEDULES, ZOUpdate, check_replayable, client_seed
+from hosl_lightning.sync import (
+    CLIENT_SYNCS,
+    SCHEDULES,
+    ZOUpdate,
+    check_replayable,
+    client_seed,
+)
 from hosl_lightning.wire import Wire, WireError
 from hosl_lightning.zo import DIRECTIONS, ZOSGD, ZOEstimate, two_point_estimate
 
