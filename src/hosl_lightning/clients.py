@@ -135,11 +135,7 @@ class ClientSync:
         return None, {"updates": [u.to_json() for u in self.pending]}
 
     def _receive(self, kind: str, waiting_for: str, timeout_s: float) -> Message:
-        saved, self.wire.timeout_s = self.wire.timeout_s, timeout_s
-        try:
-            message = self.wire.recv(kind, waiting_for)
-        finally:
-            self.wire.timeout_s = saved
+        message = self.wire.recv(kind, waiting_for, timeout_s=timeout_s)
         check_finite(message, waiting_for, self.wire.peer_name)
         return message
 

@@ -136,8 +136,13 @@ class SplitCausalLM(nn.Module):
         with self.server_side():
             up, targets = self.boundary.send_up(activations, {"labels": labels})
             assert targets is not None
-            nll, row_of_token = self._label_token_nll(self.server(up), targets["labels"])
-            return -torch.zeros(labels.shape[0], device=nll.device).index_add(0, row_of_token, nll)
+            return self.server_scores(up, targets["labels"])
+
+    @torch.no_grad()
+    def server_scores(self, activations: CutActivations, labels: Tensor) -> Tensor:
+        """The server's half of :meth:`sequence_log_likelihood`: each row's summed labelled-token log-probability."""
+        nll, row_of_token = self._label_token_nll(self.server(activations), labels)
+        return -torch.zeros(labels.shape[0], device=nll.device).index_add(0, row_of_token, nll)
 
     def forward(
         self,

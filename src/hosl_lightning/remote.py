@@ -40,7 +40,7 @@ from hosl_lightning.wire import (
     check_shape,
     recv_from_any,
 )
-from hosl_lightning.zo import ZOSGD, ZOEstimate, two_point_estimate
+from hosl_lightning.zo import ZOSGD, ZOEstimate, projected_gradients, two_point_estimate
 
 PROTOCOL_VERSION = 1
 REQUESTS = ("train", "eval", "save", "load", "await_turn", "handoff", "sync", "finish", "bye")
@@ -416,16 +416,14 @@ class SplitServer:
                     values.append(self.model.server_losses(up, targets))
         losses = torch.cat(values).float()
         self.wire.send("losses", {"losses": losses, "loss": losses.mean()})
-        coefficients = (losses[0::2] - losses[1::2]) / (2 * self.settings.mu)  # as two_point_estimate does
-        optimizer.step(estimate=ZOEstimate(step, coefficients))
+        optimizer.step(estimate=ZOEstimate(step, projected_gradients(losses, self.settings.mu)))
 
     @torch.no_grad()
     def _on_eval(self, request: Message) -> None:
         labels = check_shape(request, "labels", (None, None), _INTEGERS, self.peer).to(self.device)
         up = self._checked_activations(request, *labels.shape, "an evaluation request")
         with eval_mode(self.model):
-            nll, row_of_token = self.model._label_token_nll(self.model.server(up), labels)
-        scores = -torch.zeros(labels.shape[0], device=nll.device).index_add(0, row_of_token, nll)
+            scores = self.model.server_scores(up, labels)
         self.wire.send("scores", {"scores": scores.float()})
 
     def state_dict(self) -> dict[str, Any]:

@@ -106,13 +106,16 @@ class Wire:
                 self._pending.append((dist.isend(part, dst=self.peer), part))
         return sum(t.numel() * t.element_size() for t in present.values())
 
-    def recv(self, expect: str | tuple[str, ...] | None, waiting_for: str, header_size: int | None = None) -> Message:
+    def recv(self, expect: str | tuple[str, ...] | None, waiting_for: str, header_size: int | None = None,
+             timeout_s: float | None = None) -> Message:
         """The next message, which must be of a kind in ``expect`` (None: any); a peer's ``error`` is raised here.
 
         ``header_size``: the message's first part, when :func:`recv_from_any` already received it.
+        ``timeout_s``: a deadline for the message's first part other than the wire's (waiting for other clients).
         """
         expected = (expect,) if isinstance(expect, str) else expect
-        size = header_size if header_size is not None else int(self._recv(torch.empty(1, dtype=torch.int64), waiting_for).item())
+        size = header_size if header_size is not None else int(
+            self._recv(torch.empty(1, dtype=torch.int64), waiting_for, timeout_s).item())
         if not 0 < size <= MAX_HEADER_BYTES:
             raise MalformedPayload(f"{self.peer_name} announced a header of {size} bytes while we waited for {waiting_for}")
         raw = self._recv(torch.empty(size, dtype=torch.uint8), waiting_for)
@@ -150,14 +153,15 @@ class Wire:
         except RuntimeError as error:
             raise WireError(f"could not send to {self.peer_name}: {error}") from None
 
-    def _recv(self, buffer: Tensor, waiting_for: str) -> Tensor:
+    def _recv(self, buffer: Tensor, waiting_for: str, timeout_s: float | None = None) -> Tensor:
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
         try:
             work = dist.irecv(buffer, src=self.peer)
-            work.wait(timeout=timedelta(seconds=self.timeout_s))
+            work.wait(timeout=timedelta(seconds=timeout_s))
         except RuntimeError as error:
             if "timed out" in str(error).lower() or "timeout" in str(error).lower():
                 raise PeerTimeout(
-                    f"no answer from {self.peer_name} within timeout_s={self.timeout_s:g} s while waiting for {waiting_for}"
+                    f"no answer from {self.peer_name} within timeout_s={timeout_s:g} s while waiting for {waiting_for}"
                 ) from None
             raise WireError(f"lost {self.peer_name} while waiting for {waiting_for}: {error}") from None
         return buffer

@@ -142,7 +142,12 @@ def two_point_estimate(
     values = losses(outputs).detach().float().reshape(-1)
     if values.numel() != 2 * queries:
         raise ValueError(f"losses() returned {values.numel()} values for {2 * queries} probes")
-    return (values[0::2] - values[1::2]) / (2 * mu), values
+    return projected_gradients(values, mu), values
+
+
+def projected_gradients(losses: Tensor, mu: float) -> Tensor:
+    """c_q = (L+_q - L-_q) / (2 mu) from 2Q losses in the order (+1, -1, +2, -2, ...)."""
+    return (losses[0::2] - losses[1::2]) / (2 * mu)
 
 
 def is_no_decay(name: str, param: Tensor) -> bool:
