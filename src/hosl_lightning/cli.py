@@ -2,6 +2,7 @@
 
 ``hosl-lightning fit --config configs/quickstart.yaml`` trains; ``--print_config`` prints a config that
 runs as is; invalid options fail while the config is parsed, before any model is loaded.
+``hosl-lightning tune --fit_config ... --space ...`` searches hyperparameters (``hosl_lightning.tune``).
 """
 
 from __future__ import annotations
@@ -59,6 +60,12 @@ def build_cli(args: list[str] | None = None) -> HOSLCLI:
 
 
 def main(args: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if args is None else args)
+    if args[:1] == ["tune"]:  # hyperparameter search over fit configs (hosl_lightning.tune)
+        from hosl_lightning.tune import main as tune_main
+
+        tune_main(args[1:])
+        return
     build_cli(args)
 
 

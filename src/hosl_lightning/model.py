@@ -22,7 +22,7 @@ from hosl_lightning.boundary import InProcessBoundary
 from hosl_lightning.split import ClientHalf, CutActivations, ServerHalf, split_causal_lm
 
 IGNORE_INDEX = -100
-Targets = dict[str, Any]  # what the server needs to compute a loss: "labels", and "class_labels"/"num_classes"
+Targets = dict[str, Any]  # what the server needs for a loss: "labels"; "class_labels"/"num_classes"; "loss_weight"
 
 
 def concat_activations(parts: list[CutActivations]) -> CutActivations:
@@ -42,6 +42,15 @@ def concat_activations(parts: list[CutActivations]) -> CutActivations:
             [p.expand(h.hidden.shape[0], -1) for p, h in zip(positions, parts)]
         ),
     )
+
+
+def _weighted(losses: Tensor, targets: Targets) -> Tensor:
+    weight = targets.get("loss_weight")
+    if weight is None:
+        return losses
+    if not isinstance(weight, Tensor) or weight.numel() != 1:
+        raise ValueError(f"loss_weight must be a scalar tensor (one weight per batch), got {weight!r}")
+    return losses * weight.to(losses.device, losses.dtype).reshape(())
 
 
 class SplitCausalLM(nn.Module):
@@ -109,6 +118,8 @@ class SplitCausalLM(nn.Module):
         ``targets["labels"]`` alone: the mean next-token loss over labelled tokens (the HF causal-LM loss).
         With ``class_labels`` and ``num_classes`` (rows are C candidate sequences per example): cross-entropy
         over the candidates' sequence log-likelihoods, the classification-style loss MeZO trains with.
+        With ``loss_weight`` (a scalar: the batch's weight in a weighted subset, ``hosl_lightning.subsets``)
+        every group's loss is multiplied by it, so it scales the server's gradient and the ZO differences alike.
         """
         final_hidden = self.server(activations)
         labels = targets["labels"].to(final_hidden.device)
@@ -121,13 +132,34 @@ class SplitCausalLM(nn.Module):
             log_likelihood = -torch.zeros(groups * rows, device=nll.device).index_add(0, row_of_token, nll)
             class_labels = targets["class_labels"].to(nll.device).repeat(groups)
             losses = F.cross_entropy(log_likelihood.view(-1, num_classes), class_labels, reduction="none")
-            return losses.view(groups, -1).mean(dim=1)
+            return _weighted(losses.view(groups, -1).mean(dim=1), targets)
         group_of_token = torch.div(row_of_token, rows, rounding_mode="floor")
         sums = torch.zeros(groups, device=nll.device).index_add(0, group_of_token, nll)
         counts = torch.bincount(group_of_token, minlength=groups)
         if bool((counts == 0).any()):
             raise ValueError("a batch has no labelled tokens (all labels are -100): there is nothing to train on")
-        return sums / counts
+        return _weighted(sums / counts, targets)
+
+    @torch.no_grad()
+    def server_loss_gradient(self, activations: CutActivations, labels: Tensor) -> Tensor:
+        """dL/dh at the final hidden state, averaged over the batch's labelled tokens: a batch's gradient feature.
+
+        L is the next-token loss at labelled positions. Only the LM head is differentiated (one matmul back),
+        never the blocks, and the vocab x hidden weight gradient is never formed: the result has ``hidden``
+        entries. It is the signal backprop sends into every server block, which makes it a cheap stand-in
+        for the batch's gradient when choosing subsets (GradMatch).
+        """
+        final_hidden = self.server(activations)
+        labels = labels.to(final_hidden.device)
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        if not bool(keep.any()):
+            raise ValueError("a batch has no labelled tokens (all labels are -100): it has no gradient feature")
+        hidden = final_hidden[:, :-1][keep].detach().requires_grad_(True)
+        with torch.enable_grad():
+            loss = F.cross_entropy(self.server.logits(hidden).float(), targets[keep], reduction="sum")
+            (gradient,) = torch.autograd.grad(loss, hidden)
+        return gradient.float().sum(dim=0) / hidden.shape[0]
 
     @torch.no_grad()
     def sequence_log_likelihood(self, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor) -> Tensor:

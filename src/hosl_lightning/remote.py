@@ -330,6 +330,8 @@ class SplitServer:
         if "class_labels" in request.tensors:
             targets["class_labels"] = check_shape(request, "class_labels", (None,), _INTEGERS, self.peer).to(self.device)
             targets["num_classes"] = int(request.fields["num_classes"])
+        if "loss_weight" in request.tensors:
+            targets["loss_weight"] = check_shape(request, "loss_weight", (), _FLOATS, self.peer).to(self.device)
         return targets
 
     def _activations(self, rows: int, length: int, waiting_for: str) -> tuple[CutActivations, Message]:

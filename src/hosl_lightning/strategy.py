@@ -115,6 +115,21 @@ def _loss_of(output: STEP_OUTPUT) -> Tensor:
     return loss.detach().reshape(())
 
 
+def _pop_loss_weight(args: tuple[Any, ...]) -> Tensor | None:
+    """A weighted subset's batch weight (``hosl_lightning.subsets``), taken out before a user's training_step sees it."""
+    batch = args[0] if args else None
+    return batch.pop("loss_weight", None) if isinstance(batch, dict) else None
+
+
+def _scaled(output: STEP_OUTPUT, weight: Tensor | None) -> STEP_OUTPUT:
+    if weight is None:
+        return output
+    if isinstance(output, dict):
+        return {**output, "loss": output["loss"] * weight.to(output["loss"].device)}
+    assert isinstance(output, Tensor)
+    return output * weight.to(output.device)
+
+
 class HOSLStrategy(SingleDeviceStrategy):
     """Hybrid-order split learning: zeroth-order client, first-order server, cut at ``cut_layer``.
 
@@ -694,8 +709,9 @@ class HOSLStrategy(SingleDeviceStrategy):
         """For automatic-optimization modules in hosl mode: ZO-probe the user's own training_step."""
         module = self.lightning_module
         assert module is not None
+        weight = _pop_loss_weight(args) if module.automatic_optimization else None  # HOSLModule weighs its own loss
         if not module.automatic_optimization or self.mode != "hosl":
-            output = super().training_step(*args, **kwargs)
+            output = _scaled(super().training_step(*args, **kwargs), weight)
             if module.automatic_optimization and self.memory_report is not None:
                 module.log_dict({f"hosl/{k}": v for k, v in self._memory_metrics().items()}, on_step=True, on_epoch=False)
             return output
@@ -709,12 +725,12 @@ class HOSLStrategy(SingleDeviceStrategy):
         def probe(query: int, sign: float) -> Tensor:
             perturbed = optimizer.perturbed([split.client], step, query, sign * self.settings.mu)
             with torch.no_grad(), perturbed, _silenced_logging(module), split.server_side():
-                return _loss_of(base_step(*args, **kwargs))
+                return _loss_of(_scaled(base_step(*args, **kwargs), weight))
 
         with eval_mode(module):
             coefficients, _ = two_point_estimate(probe, torch.stack, self.settings.queries, self.settings.mu)
         with split.server_side():
-            output = base_step(*args, **kwargs)  # unperturbed, with autograd: the user's optimizer trains the server
+            output = _scaled(base_step(*args, **kwargs), weight)  # unperturbed, with autograd: trains the server
         estimate = ZOEstimate(step, coefficients)
         with split.client_side():
             optimizer.step(estimate=estimate)

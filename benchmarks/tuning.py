@@ -1,0 +1,255 @@
+"""Tuning on subsets (AUTOMATA): full data vs random subsets vs GradMatch subsets, each with Optuna TPE + Hyperband.
+
+    python benchmarks/tuning.py            # the study (planned for ~40 minutes on 2 quiet CPU cores; budget 90)
+    python benchmarks/tuning.py --quick    # a few-minute smoke run (2 blocks, 64 examples, 3 trials)
+    python benchmarks/tuning.py --out DIR  # where tuning.md, tuning.csv and tuning.png go (default benchmarks/results)
+
+Issue 6, item 3. The model is SmolLM2-135M-Instruct truncated to its first ``--layers`` decoder blocks (final
+norm and head kept), saved once as a directory so each trial loads it in about a second. The task is
+rotten_tomatoes (``../shared/data``, the built-in template "<text> It was" + " terrible"/" great") with a
+seeded ``--num-train`` training sample, a fixed 200-example validation sample (what trials are ranked by) and
+a fixed 1000-example test sample (what the retrained winners are scored on).
+
+The same ``hosl_lightning.tune.tune`` call runs three times, differing only in ``subset``: ``full`` (every
+batch), ``random`` and ``gradmatch`` (``--fraction`` of the batches, re-chosen every two subset epochs; the
+first choice of every trial starts from the same pretrained weights and is computed once per study). Each
+search: ``--trials`` trials, TPE with seed 0 whose first ``--startup`` trials are random (and never pruned),
+Hyperband on val_acc after each of ``--epochs`` epochs, over client lr, mu, server lr, cut layer and Q. The
+startup trials have the same configurations in all three searches (same sampler seed), which is what the
+rank agreement (Kendall tau, subset's val_acc vs full data's) is computed on. Each search's best
+configuration is then retrained on the full data (plain loader, no subset) and tested; a configuration two
+searches share is trained once.
+
+Wall time is the whole search: model loading, training, validation and selection, in one process, one search
+after the other. Outputs: tuning.md (command, machine, commit, the table and the verdict on each target),
+tuning.csv (one row per trial) and tuning.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from accuracy import code_state, machine  # noqa: E402
+
+from hosl_lightning.subsets import subset_length  # noqa: E402
+from hosl_lightning.tune import TuneResult, _fit, override_args, tune  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "rotten_tomatoes"
+METHODS = ("full", "random", "gradmatch")
+FULL = {"layers": 4, "num_train": 640, "num_validation": 200, "num_test": 1000, "trials": 10, "startup": 6,
+        "epochs": 3, "fraction": 0.1}
+QUICK = {"layers": 2, "num_train": 64, "num_validation": 16, "num_test": 16, "trials": 3, "startup": 2,
+         "epochs": 2, "fraction": 0.25}
+SPACE = {
+    "trainer.strategy.init_args.zo_lr": {"low": 1.0e-7, "high": 1.0e-4, "log": True},
+    "trainer.strategy.init_args.mu": {"low": 1.0e-4, "high": 1.0e-2, "log": True},
+    "model.optimizer.init_args.lr": {"low": 1.0e-5, "high": 1.0e-3, "log": True},
+    "trainer.strategy.init_args.cut_layer": {"choices": [1, 2]},
+    "trainer.strategy.init_args.q": {"choices": [1, 2]},
+}
+TARGET_SPEEDUP, TARGET_GAP = 3.0, 1.0
+
+
+def prepare_model(layers: int, directory: Path) -> Path:
+    """SmolLM2-135M-Instruct's first ``layers`` blocks, with its tokenizer, as a directory (made once)."""
+    if (directory / "model.safetensors").exists():
+        return directory
+    from hosl_lightning import load_causal_lm, resolve_tokenizer
+    from hosl_lightning.models import export_model
+
+    model = load_causal_lm("smollm2-135m")
+    model.model.layers = model.model.layers[:layers]
+    model.config.num_hidden_layers = layers
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[:layers]
+    export_model(model, directory)
+    resolve_tokenizer("smollm2-135m").save_pretrained(directory)
+    return directory
+
+
+def fit_config(model_dir: Path, size: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "seed_everything": 0,
+        "trainer": {"max_epochs": size["epochs"], "num_sanity_val_steps": 0, "logger": False,
+                    "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False,
+                    "strategy": {"class_path": "hosl_lightning.HOSLStrategy",
+                                 "init_args": {"cut_layer": 2, "mode": "hosl", "memory_every_n_steps": 0}}},
+        "model": {"model": str(model_dir),
+                  "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1.0e-4}}},
+        "data": {"class_path": "hosl_lightning.PromptClassificationDataModule",
+                 "init_args": {"tokenizer": str(model_dir), "task": "rotten_tomatoes", "data_dir": str(DATA),
+                               "max_length": 48, "batch_size": 16, "eval_batch_size": 64, "seed": 0,
+                               "num_train": size["num_train"], "num_validation": size["num_validation"],
+                               "num_test": size["num_test"]}},
+    }
+
+
+def retrain(config: Path, params: dict[str, Any], memo: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Fit ``params`` on the full data and test; a configuration already retrained is not trained again."""
+    key = json.dumps(params, sort_keys=True)
+    if key not in memo:
+        started = time.perf_counter()
+        cli, trainer, value = _fit(["--config", str(config), *override_args(params)], [], "val_acc")
+        (scores,) = trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
+        memo[key] = {"val_acc": value, **{k: float(v) for k, v in scores.items()},
+                     "seconds": time.perf_counter() - started}
+    return memo[key]
+
+
+def kendall_tau(a: list[float], b: list[float]) -> float:
+    from torchmetrics.functional import kendall_rank_corrcoef
+
+    return float(kendall_rank_corrcoef(torch.tensor(a), torch.tensor(b), variant="b"))
+
+
+def startup_values(result: TuneResult, startup: int) -> dict[int, tuple[str, float | None]]:
+    return {t.number: (json.dumps(t.params, sort_keys=True), t.value) for t in result.trials if t.number < startup}
+
+
+def summarise(results: dict[str, TuneResult], retrained: dict[str, dict[str, float]], startup: int) -> list[dict]:
+    rows, full = [], results["full"]
+    base = startup_values(full, startup)
+    for method, result in results.items():
+        shared = startup_values(result, startup)
+        assert all(shared[n][0] == base[n][0] for n in base), "startup configurations differ between searches"
+        pairs = [(base[n][1], shared[n][1]) for n in base if base[n][1] is not None and shared[n][1] is not None]
+        tau = kendall_tau([p[0] for p in pairs], [p[1] for p in pairs]) if len(pairs) > 2 else float("nan")
+        rows.append({
+            "method": method, "search_s": result.search_seconds,
+            "selection_s": sum(t.selection_seconds for t in result.trials),
+            "speedup": full.search_seconds / result.search_seconds,
+            "pruned": sum(t.state == "PRUNED" for t in result.trials), "trials": len(result.trials),
+            "best_val": result.best_value, "best_params": result.best_params,
+            "retrain_s": retrained[method]["seconds"], "test_acc": retrained[method]["test_acc"],
+            "test_f1": retrained[method].get("test_f1"), "retrain_val": retrained[method]["val_acc"],
+            "tau": tau if method != "full" else 1.0,
+        })
+    return rows
+
+
+def write_outputs(out: Path, rows: list[dict], results: dict[str, TuneResult], size: dict, command: str,
+                  wall_s: float) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "tuning.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["method", "trial", "state", "val_acc", "seconds", "selection_seconds", "steps", "params"])
+        for method, result in results.items():
+            for t in result.trials:
+                writer.writerow([method, t.number, t.state, t.value, f"{t.seconds:.2f}", f"{t.selection_seconds:.2f}",
+                                 t.steps, json.dumps(t.params, sort_keys=True)])
+    by = {r["method"]: r for r in rows}
+    full = by["full"]
+    lines = [
+        "# Tuning on subsets: full data vs random vs GradMatch (Optuna TPE + Hyperband)", "",
+        f"Command: `{command}`  ", f"Machine: {machine()}  ", f"Code: {code_state()}  ",
+        f"Total wall time: {wall_s / 60:.1f} min.", "",
+        f"Model: SmolLM2-135M-Instruct truncated to its first {size['layers']} blocks. Data: rotten_tomatoes, "
+        f"{size['num_train']} training examples (batches of 16), {size['num_validation']} validation (ranking), "
+        f"{size['num_test']} test (retrained winners). Each search: {size['trials']} trials, the first "
+        f"{size['startup']} random and never pruned, {size['epochs']} epochs per trial, subsets of "
+        f"{size['fraction']:.0%} of the batches.", "",
+        "| method | search wall time | selection time | speedup vs full | trials pruned | best val_acc (in search) "
+        "| retrained test acc | Kendall tau vs full (startup trials) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['search_s']:.0f} s | {r['selection_s']:.0f} s | {r['speedup']:.2f}x | "
+                     f"{r['pruned']}/{r['trials']} | {r['best_val'] * 100:.1f} | {r['test_acc'] * 100:.1f} | "
+                     f"{r['tau']:.2f} |")
+    lines += ["", "Best configurations:", ""]
+    lines += [f"- {r['method']}: `{json.dumps({k.rsplit('.', 1)[-1]: v for k, v in r['best_params'].items()})}` "
+              f"(retrain {r['retrain_s']:.0f} s)" for r in rows]
+    lines += ["", "Targets:", ""]
+    for method in ("random", "gradmatch"):
+        r = by[method]
+        gap = (full["test_acc"] - r["test_acc"]) * 100
+        lines.append(f"- {method}: speedup {r['speedup']:.2f}x (target >= {TARGET_SPEEDUP}x: "
+                     f"{'met' if r['speedup'] >= TARGET_SPEEDUP else 'NOT met'}); test accuracy {gap:+.1f} points "
+                     f"below full-data tuning (target <= {TARGET_GAP}: {'met' if gap <= TARGET_GAP else 'NOT met'})")
+    g, r = by["gradmatch"], by["random"]
+    lines.append(f"- GradMatch no worse than random: test {g['test_acc'] * 100:.1f} vs {r['test_acc'] * 100:.1f}, "
+                 f"tau {g['tau']:.2f} vs {r['tau']:.2f} "
+                 f"({'met' if g['test_acc'] >= r['test_acc'] else 'NOT met'} on test accuracy)")
+    (out / "tuning.md").write_text("\n".join(lines) + "\n")
+    plot(out / "tuning.png", rows, results, size["startup"])
+
+
+def plot(path: Path, rows: list[dict], results: dict[str, TuneResult], startup: int) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(13, 4))
+    names = [r["method"] for r in rows]
+    left.bar(names, [r["search_s"] / 60 for r in rows], color=["grey", "tab:orange", "tab:blue"])
+    left.set_ylabel("search wall time (min)")
+    middle.bar(names, [r["test_acc"] * 100 for r in rows], color=["grey", "tab:orange", "tab:blue"])
+    middle.set_ylabel("test accuracy after full-data retrain (%)")
+    middle.set_ylim(min(r["test_acc"] for r in rows) * 100 - 5, max(r["test_acc"] for r in rows) * 100 + 3)
+    full = {t.number: t.value for t in results["full"].trials if t.number < startup}
+    for method, color in (("random", "tab:orange"), ("gradmatch", "tab:blue")):
+        sub = {t.number: t.value for t in results[method].trials if t.number < startup}
+        shared = [n for n in full if full[n] is not None and sub.get(n) is not None]
+        right.scatter([full[n] * 100 for n in shared], [sub[n] * 100 for n in shared], label=method, color=color)
+    right.set_xlabel("val acc, trained on full data (%)")
+    right.set_ylabel("val acc, trained on the subset (%)")
+    right.legend()
+    right.set_title("same configurations (startup trials)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = parser.parse_args(argv)
+    size = QUICK if args.quick else FULL
+    command = "python benchmarks/tuning.py" + (" " + shlex.join(argv or sys.argv[1:]) if (argv or sys.argv[1:]) else "")
+    work = ROOT / "benchmarks" / "results" / "_tuning_tmp"
+    started = time.perf_counter()
+    model_dir = prepare_model(size["layers"], work / f"smollm2-135m-{size['layers']}-blocks")
+    config, space = work / "fit.yaml", work / "space.yaml"
+    config.write_text(yaml.safe_dump(fit_config(model_dir, size)))
+    space.write_text(yaml.safe_dump(SPACE))
+    batches = -(-size["num_train"] // 16)
+    subset_epoch = subset_length(size["fraction"], batches)
+    results: dict[str, TuneResult] = {}
+    for method in METHODS:
+        run_dir = work / ("quick" if args.quick else "full") / method
+        for old in run_dir.glob("*.db"):
+            old.unlink()  # a fresh study each time
+        print(f"=== search on {method} data ===", flush=True)
+        results[method] = tune(str(config), str(space), n_trials=size["trials"], subset=method,
+                               fraction=size["fraction"], select_every_n_steps=2 * subset_epoch,
+                               output_dir=str(run_dir), n_startup_trials=size["startup"], retrain=False)
+    memo: dict[str, dict[str, float]] = {}
+    retrained = {}
+    for method, result in results.items():
+        print(f"=== retrain the {method} search's best on full data ===", flush=True)
+        retrained[method] = retrain(config, result.best_params, memo)
+    rows = summarise(results, retrained, size["startup"])
+    out = Path(args.out) if not args.quick else Path(args.out) / "_tuning_quick"
+    write_outputs(out, rows, results, size, command, time.perf_counter() - started)
+    print((out / "tuning.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,327 @@
+"""Train on a weighted subset of mini-batches, re-chosen every few steps (AUTOMATA's data side).
+
+``SubsetSelection`` is a callback: it wraps the training DataLoader of the datamodule (or module) so that an
+"epoch" is ``fraction`` of the batches, and every ``every_n_steps`` steps it chooses them again: by GradMatch
+over each candidate batch's gradient feature (``SplitCausalLM.server_loss_gradient``: dL/dh at the final
+hidden state, from one forward and the head's backward), at random, or all of them (the full-data baseline,
+through the same code path). Each training batch carries its weight as ``loss_weight``, which the split model
+multiplies into the server's loss and into every ZO probe loss, so the weights enter both halves' updates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import move_data_to_device
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
+
+from hosl_lightning.gradmatch import Selection, gradmatch, random_subset
+from hosl_lightning.model import SplitCausalLM
+from hosl_lightning.steps import eval_mode
+
+log = logging.getLogger(__name__)
+
+Method = Literal["gradmatch", "random", "full"]
+METHODS: tuple[str, ...] = ("gradmatch", "random", "full")
+WeightedIndex = tuple[int, float]
+
+
+class WeightedDataset(Dataset):
+    """Fetches ``dataset[index]`` for an ``(index, weight)`` pair and keeps the weight beside it."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: WeightedIndex) -> tuple[Any, float]:
+        index, weight = item
+        return self.dataset[index], weight
+
+
+@dataclass(frozen=True)
+class WeightedCollate:
+    """The loader's own collate, plus the batch's weight as a scalar ``loss_weight``."""
+
+    collate: Callable[[list[Any]], Any]
+
+    def __call__(self, items: list[tuple[Any, float]]) -> dict[str, Any]:
+        batch = self.collate([example for example, _ in items])
+        if not isinstance(batch, dict):
+            raise TypeError(f"SubsetSelection needs batches that are dicts (to add 'loss_weight'), got {type(batch).__name__}")
+        batch["loss_weight"] = torch.tensor(items[0][1], dtype=torch.float32)
+        return batch
+
+
+class SelectedBatches(Sampler[list[WeightedIndex]]):
+    """Yields the chosen batches (as ``(index, weight)`` lists) in an order drawn from (seed, epoch, selection).
+
+    An epoch has ``length`` batches whatever the selection, so Lightning's epoch bookkeeping holds. A new
+    selection takes effect at once, even mid-epoch: the iterator reads the current order on every step. The
+    order depends on nothing else, so a resumed run sees the same batches (Lightning calls ``set_epoch``).
+    """
+
+    def __init__(self, length: int, seed: int) -> None:
+        self.length, self.seed = length, seed
+        self.batches: list[list[WeightedIndex]] = []
+        self.epoch = self.round = 0
+        self._order: list[int] = []
+
+    def __len__(self) -> int:
+        return self.length
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self._shuffle()
+
+    def update(self, batches: list[list[WeightedIndex]], round: int) -> None:
+        self.batches, self.round = batches, round
+        self._shuffle()
+
+    def _shuffle(self) -> None:
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_000_003 + self.round)
+        self._order = torch.randperm(len(self.batches), generator=generator).tolist()
+
+    def __iter__(self) -> Iterator[list[WeightedIndex]]:
+        if not self.batches:
+            raise RuntimeError("SubsetSelection has not chosen batches yet: it chooses when training starts")
+        for position in range(self.length):
+            yield self.batches[self._order[position % len(self._order)]]
+
+
+def subset_length(fraction: float, candidates: int) -> int:
+    """Batches in a subset epoch: ``fraction`` of the candidates, rounded up (0.1 of 30 is 3, not 4), at least 1."""
+    return max(1, math.ceil(round(fraction * candidates, 9)))
+
+
+def partition(size: int, batch_size: int, generator: torch.Generator) -> list[list[int]]:
+    """The candidates: a seeded shuffle of all examples cut into batches (the last one may be short)."""
+    order = torch.randperm(size, generator=generator).tolist()
+    return [order[i : i + batch_size] for i in range(0, size, batch_size)]
+
+
+@torch.no_grad()
+def batch_feature(model: SplitCausalLM, batch: dict[str, Any]) -> Tensor:
+    """One batch's gradient feature; classification batches (C rows per example) use each example's gold row."""
+    input_ids, mask, labels = batch["input_ids"], batch.get("attention_mask"), batch["labels"]
+    if "class_labels" in batch and "num_classes" in batch:
+        gold = torch.arange(len(batch["class_labels"]), device=input_ids.device) * int(batch["num_classes"])
+        rows = gold + batch["class_labels"].to(input_ids.device)
+        input_ids, labels = input_ids[rows], labels[rows]
+        mask = None if mask is None else mask[rows]
+    activations = model.client_forward(input_ids, mask)
+    with model.server_side():
+        up, targets = model.boundary.send_up(activations, {"labels": labels})
+        assert targets is not None
+        return model.server_loss_gradient(up, targets["labels"])
+
+
+class SelectionCache:
+    """Selections keyed by the weights they were computed from, shared across fits (e.g. the trials of a study).
+
+    Every trial of a study starts from the same pretrained weights, so its first GradMatch selection is the
+    same: it is computed once. A key holds a digest of all weights, so trained weights never hit.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[Any, ...], list[list[WeightedIndex]]] = {}
+        self.hits = 0
+
+    def get(self, key: tuple[Any, ...]) -> list[list[WeightedIndex]] | None:
+        found = self._entries.get(key)
+        self.hits += found is not None
+        return found
+
+    def put(self, key: tuple[Any, ...], batches: list[list[WeightedIndex]]) -> None:
+        self._entries[key] = batches
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+class SubsetSelection(Callback):
+    """Train on ``fraction`` of the training batches, chosen again every ``every_n_steps`` steps.
+
+    Args:
+        method: ``"gradmatch"`` (orthogonal matching pursuit over per-batch gradient features, non-negative
+            weights), ``"random"`` (uniform, weight 1) or ``"full"`` (every batch, weight 1: the full-data
+            baseline through the same code).
+        fraction: the share of batches in the subset, in (0, 1]; an epoch is that many steps.
+        every_n_steps: steps between selections; default one subset epoch.
+        seed: seeds the candidate batches (re-drawn at every selection), random picks and the epoch order.
+        ridge: GradMatch's ridge, relative to the mean squared feature norm.
+        cache: share selections between fits that start from the same weights (``SelectionCache``).
+        progress: show a progress bar while features are computed.
+
+    The batches are those the training DataLoader would make (its dataset, batch size, collate and workers);
+    its sampler is replaced. Needs a model trained under ``HOSLStrategy`` in one process (the features come
+    from the split model's server half). Logs ``subset/selection_sec`` (time spent choosing, cumulative).
+    """
+
+    def __init__(
+        self,
+        method: Method = "gradmatch",
+        fraction: float = 0.1,
+        every_n_steps: int | None = None,
+        seed: int = 0,
+        ridge: float = 1e-3,
+        cache: SelectionCache | None = None,
+        progress: bool = True,
+    ) -> None:
+        if method not in METHODS:
+            raise ValueError(f"method={method!r} is not valid: choose one of {', '.join(METHODS)}")
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+            raise ValueError(f"fraction={fraction!r} is not valid: it must be a number in (0, 1]")
+        if every_n_steps is not None and (isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int)
+                                          or every_n_steps < 1):
+            raise ValueError(f"every_n_steps={every_n_steps!r} is not valid: it must be an integer >= 1 (or None)")
+        if not ridge >= 0:
+            raise ValueError(f"ridge={ridge!r} is not valid: it must be >= 0")
+        self.method, self.fraction, self.every_n_steps = method, float(fraction), every_n_steps
+        self.seed, self.ridge, self.cache, self.progress = seed, ridge, cache, progress
+        self.selection_seconds = 0.0
+        self.selections = 0  # selections made (including cache hits)
+        self.last: Selection | None = None
+        self._round = 0
+        self._since_selection = 0
+        self._restored: list[list[WeightedIndex]] | None = None
+        self._sampler: SelectedBatches | None = None
+        self._loader: DataLoader | None = None
+        self._source: Any = None
+        self._original: Any = None
+
+    # ---- the DataLoader ----------------------------------------------------------------------------------
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._source = trainer.datamodule if trainer.datamodule is not None else pl_module
+        self._original = self._source.train_dataloader
+        self._source.train_dataloader = self._wrapped_train_dataloader  # Lightning calls it by name
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit" and self._source is not None:
+            del self._source.train_dataloader  # the instance attribute: the class's method shows again
+            self._source = None
+
+    def _wrapped_train_dataloader(self) -> DataLoader:
+        loader = self._original()
+        if not isinstance(loader, DataLoader) or loader.batch_size is None:
+            raise TypeError("SubsetSelection needs train_dataloader() to return one DataLoader with a batch_size")
+        self._loader = loader
+        candidates = math.ceil(len(loader.dataset) / loader.batch_size)  # type: ignore[arg-type]
+        length = candidates if self.method == "full" else subset_length(self.fraction, candidates)
+        self._sampler = SelectedBatches(length, self.seed)
+        if self._restored is not None:
+            self._sampler.update(self._restored, self._round)
+        return DataLoader(
+            WeightedDataset(loader.dataset), batch_sampler=self._sampler, collate_fn=WeightedCollate(loader.collate_fn),
+            num_workers=loader.num_workers, pin_memory=loader.pin_memory,
+        )
+
+    # ---- when to choose ------------------------------------------------------------------------------------
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._restored is None:
+            self._select(trainer)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        assert self._sampler is not None
+        self._since_selection += 1
+        if self._since_selection >= (self.every_n_steps or self._sampler.length):
+            self._select(trainer)
+        pl_module.log("subset/selection_sec", self.selection_seconds, on_step=True, on_epoch=False)
+
+    # ---- choosing --------------------------------------------------------------------------------------
+    def _select(self, trainer: Trainer) -> None:
+        assert self._sampler is not None and self._loader is not None
+        started = time.perf_counter()
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self._round + 1)
+        candidates = partition(len(self._loader.dataset), self._loader.batch_size, generator)  # type: ignore[arg-type]
+        budget = self._sampler.length
+        if self.method == "full":
+            chosen = Selection(list(range(len(candidates))), [1.0] * len(candidates), 0, 0.0)
+        elif self.method == "random":
+            chosen = random_subset(len(candidates), budget, generator)
+        else:
+            chosen = self._gradmatch(trainer, candidates, budget, generator)
+        if chosen is not None:
+            self.last = chosen
+            batches = [[(i, w) for i in candidates[c]] for c, w in zip(chosen.indices, chosen.weights)]
+            self._sampler.update(batches, self._round + 1)
+        self._round += 1
+        self._since_selection = 0
+        self.selections += 1
+        self.selection_seconds += time.perf_counter() - started
+
+    def _gradmatch(
+        self, trainer: Trainer, candidates: list[list[int]], budget: int, generator: torch.Generator
+    ) -> Selection | None:
+        model = _split_model(trainer)
+        key = None
+        if self.cache is not None:
+            key = (weights_digest(model), self._round, self.seed, len(candidates), budget, self.ridge)
+            cached = self.cache.get(key)
+            if cached is not None:
+                self._sampler.update(cached, self._round + 1)  # type: ignore[union-attr]
+                return None
+        features = self._features(trainer, model, candidates)
+        chosen = gradmatch(features, budget, generator, self.ridge)
+        log.info("GradMatch chose %d of %d batches (%d matched, residual %.3f)", budget, len(candidates),
+                 chosen.matched, chosen.residual)
+        if self.cache is not None and key is not None:
+            self.cache.put(key, [[(i, w) for i in candidates[c]] for c, w in zip(chosen.indices, chosen.weights)])
+        return chosen
+
+    def _features(self, trainer: Trainer, model: SplitCausalLM, candidates: Sequence[list[int]]) -> Tensor:
+        assert self._loader is not None
+        loader = DataLoader(
+            WeightedDataset(self._loader.dataset), batch_sampler=[[(i, 1.0) for i in batch] for batch in candidates],
+            collate_fn=WeightedCollate(self._loader.collate_fn), num_workers=self._loader.num_workers,
+        )
+        device = trainer.strategy.root_device
+        rows = []
+        bar = tqdm(loader, desc=f"GradMatch features (selection {self._round})", leave=False, disable=not self.progress)
+        with eval_mode(model):
+            for batch in bar:
+                rows.append(batch_feature(model, move_data_to_device(batch, device)).cpu())
+        return torch.stack(rows)
+
+    # ---- checkpoints ------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        batches = None if self._sampler is None else self._sampler.batches
+        return {"round": self._round, "since_selection": self._since_selection, "batches": batches,
+                "selection_seconds": self.selection_seconds}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._round, self._since_selection = state_dict["round"], state_dict["since_selection"]
+        self.selection_seconds = state_dict["selection_seconds"]
+        self._restored = state_dict["batches"]
+        if self._sampler is not None and self._restored is not None:
+            self._sampler.update(self._restored, self._round)
+
+
+def _split_model(trainer: Trainer) -> SplitCausalLM:
+    from hosl_lightning.strategy import HOSLStrategy
+
+    strategy = trainer.strategy
+    if not isinstance(strategy, HOSLStrategy) or strategy.transport != "in_process":
+        raise ValueError(
+            "SubsetSelection(method='gradmatch') computes features with the split model in this process: use it "
+            "with HOSLStrategy(transport='in_process') (or method='random' / 'full')"
+        )
+    return strategy.split_model

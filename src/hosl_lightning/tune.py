@@ -1,0 +1,372 @@
+"""``hosl-lightning tune``: hyperparameter search with Optuna, trials trained on small weighted subsets (AUTOMATA).
+
+Each trial is a ``fit`` of the same config with the sampled values as command-line overrides, trained on
+``fraction`` of the batches (``SubsetSelection``: GradMatch, random, or full data) and reporting the monitored
+metric after every validation to a Hyperband pruner. TPE proposes the values. The study lives in a database
+(SQLite by default; any SQLAlchemy URL, so workers on many machines can share one study). The best
+configuration is then retrained on the full data, and a table and a plot are written.
+
+Needs the ``tune`` extra: ``pip install 'hosl-lightning[tune]'`` (optuna, optuna-integration).
+"""
+
+from __future__ import annotations
+
+import csv
+import gc
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from hosl_lightning.subsets import METHODS, Method, SelectionCache, SubsetSelection
+
+log = logging.getLogger(__name__)
+
+SPEC_KEYS = ("low", "high", "log", "step", "choices")
+INSTALL_HINT = "pip install 'hosl-lightning[tune]'  (optuna and optuna-integration)"
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One searched option: a config key (as on the command line, without ``--``) and its distribution."""
+
+    key: str
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: tuple[Any, ...] | None = None
+
+    def suggest(self, trial: Any) -> Any:
+        if self.choices is not None:
+            return trial.suggest_categorical(self.key, list(self.choices))
+        assert self.low is not None and self.high is not None
+        if isinstance(self.low, int) and isinstance(self.high, int) and not isinstance(self.step, float):
+            return trial.suggest_int(self.key, self.low, self.high, step=int(self.step or 1), log=self.log)
+        return trial.suggest_float(self.key, float(self.low), float(self.high), step=self.step, log=self.log)
+
+
+def load_space(path: str | Path) -> list[Parameter]:
+    """Read a search space: a YAML mapping of config keys to ``{low, high[, log, step]}`` or ``{choices: [...]}``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"search space file {str(path)!r} does not exist")
+    raw = yaml.safe_load(path.read_text())
+    if not isinstance(raw, dict) or not raw:
+        raise ValueError(f"search space {str(path)!r} must be a non-empty mapping of config keys to distributions")
+    return [parse_parameter(str(key), spec) for key, spec in raw.items()]
+
+
+def parse_parameter(key: str, spec: Any) -> Parameter:
+    where = f"search space entry {key!r}"
+    if not isinstance(spec, dict):
+        raise ValueError(f"{where} must be a mapping such as {{low: 1.0e-6, high: 1.0e-4, log: true}} or {{choices: [1, 2]}}")
+    unknown = sorted(set(spec) - set(SPEC_KEYS))
+    if unknown:
+        raise ValueError(f"{where} has unknown field(s) {unknown}: valid fields are {', '.join(SPEC_KEYS)}")
+    if "choices" in spec:
+        choices = spec["choices"]
+        if set(spec) != {"choices"} or not isinstance(choices, list) or not choices:
+            raise ValueError(f"{where}: 'choices' must be a non-empty list and stand alone, got {spec}")
+        return Parameter(key, choices=tuple(choices))
+    if "low" not in spec or "high" not in spec:
+        raise ValueError(f"{where} needs 'low' and 'high' (or 'choices'), got {spec}")
+    low, high = spec["low"], spec["high"]
+    for name, value in (("low", low), ("high", high)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where}: {name}={value!r} is not a number")
+    if not low < high:
+        raise ValueError(f"{where}: low={low} must be below high={high}")
+    log_scale = spec.get("log", False)
+    if not isinstance(log_scale, bool):
+        raise ValueError(f"{where}: log={log_scale!r} must be true or false")
+    if log_scale and low <= 0:
+        raise ValueError(f"{where}: a log scale needs low > 0, got low={low}")
+    return Parameter(key, low=low, high=high, log=log_scale, step=spec.get("step"))
+
+
+def override_args(values: dict[str, Any]) -> list[str]:
+    """Command-line overrides for the sampled values (``--key=value``)."""
+    return [f"--{key}={value if isinstance(value, str) else json.dumps(value)}" for key, value in values.items()]
+
+
+@dataclass
+class TrialRecord:
+    number: int
+    state: str
+    params: dict[str, Any]
+    value: float | None
+    seconds: float
+    selection_seconds: float
+    steps: int
+    last_epoch: int | None
+
+
+@dataclass
+class TuneResult:
+    """What a ``tune`` call measured; also written to ``output_dir`` (trials.csv, results.md, history.png)."""
+
+    study_name: str
+    storage: str
+    subset: str
+    trials: list[TrialRecord] = field(default_factory=list)
+    best_params: dict[str, Any] = field(default_factory=dict)
+    best_value: float | None = None
+    search_seconds: float = 0.0
+    retrain_seconds: float = 0.0
+    retrain_metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _require_optuna() -> Any:
+    try:
+        import optuna
+        import optuna_integration  # noqa: F401
+    except ImportError as error:
+        raise ImportError(f"hosl-lightning tune needs optuna and optuna-integration: {INSTALL_HINT}") from error
+    return optuna
+
+
+def build_trial_cli(args: list[str], callbacks: list[Any], parse_only: bool = False) -> Any:
+    """A LightningCLI for one trial (no run, no zero-shot report, no config file written)."""
+    from hosl_lightning.cli import HOSLCLI
+    from hosl_lightning.module import HOSLModule
+
+    class _ParseOnly(HOSLCLI):
+        def instantiate_classes(self) -> None:  # the check before a study: keys and values, no model
+            pass
+
+        def _add_configure_optimizers_method_to_model(self, subcommand: str | None) -> None:
+            pass
+
+    cls = _ParseOnly if parse_only else HOSLCLI
+    return cls(HOSLModule, subclass_mode_data=True, trainer_defaults={"callbacks": callbacks}, run=False,
+               save_config_callback=None, args=args)
+
+
+def _metric(trainer: Any, name: str) -> float | None:
+    value = trainer.callback_metrics.get(name)
+    return None if value is None else float(value)
+
+
+def _fit(args: list[str], callbacks: list[Any], metric: str) -> tuple[Any, Any, float]:
+    """Fit once; the monitored metric after the last validation (one more validation if the fit ran none)."""
+    cli = build_trial_cli(args, callbacks)
+    if cli.trainer.strategy.__class__.__name__ == "HOSLStrategy" and cli.trainer.strategy.transport != "in_process":
+        raise ValueError("tune runs trials in this process: drop transport=distributed from the config")
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    value = _metric(cli.trainer, metric)
+    if value is None:
+        cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
+        value = _metric(cli.trainer, metric)
+    if value is None:
+        raise KeyError(f"metric {metric!r} was not logged; logged metrics: {sorted(cli.trainer.callback_metrics)}")
+    return cli, cli.trainer, value
+
+
+class _StartupCompletes:
+    """Wraps a pruner so the first ``n`` trials (TPE's random start-up) always finish: TPE models full-fidelity values."""
+
+    def __init__(self, inner: Any, n: int) -> None:
+        self.inner, self.n = inner, n
+
+    def prune(self, study: Any, trial: Any) -> bool:
+        return trial.number >= self.n and self.inner.prune(study, trial)
+
+
+def tune(
+    fit_config: str,
+    space: str,
+    n_trials: int = 20,
+    subset: Method = "gradmatch",
+    fraction: float = 0.1,
+    select_every_n_steps: int | None = None,
+    metric: str = "val_acc",
+    direction: Literal["maximize", "minimize"] = "maximize",
+    study_name: str = "hosl-tune",
+    storage: str | None = None,
+    output_dir: str = "tune_results",
+    sampler_seed: int = 0,
+    n_startup_trials: int = 5,
+    pruner: Literal["hyperband", "none"] = "hyperband",
+    reduction_factor: int = 3,
+    retrain: bool = True,
+    test: bool = True,
+    timeout_s: float | None = None,
+    overrides: list[str] | None = None,
+) -> TuneResult:
+    """Search ``space`` for the config ``fit_config`` with Optuna, training trials on subsets; retrain the best on full data.
+
+    Args:
+        fit_config: the fit config every trial starts from (as for ``hosl-lightning fit --config``).
+        space: a YAML search space: config keys (as on the command line) mapped to ``{low, high, log, step}``
+            (ints give integer parameters) or ``{choices: [...]}``, e.g.
+            ``trainer.strategy.init_args.zo_lr: {low: 1.0e-7, high: 1.0e-5, log: true}``.
+        n_trials: trials this worker runs (several workers on one study add up).
+        subset: how trials choose their training batches: ``gradmatch``, ``random`` or ``full``.
+        fraction: the share of training batches a trial trains on per epoch (``subset`` gradmatch / random).
+        select_every_n_steps: steps between re-selections; default once per subset epoch.
+        metric: the logged metric trials are ranked by (after each validation, and at the end).
+        direction: ``maximize`` or ``minimize`` the metric.
+        study_name: the study's name in the storage; workers with the same name and storage share it.
+        storage: an SQLAlchemy database URL (``postgresql://...``, ``mysql://...``); default
+            ``sqlite:///<output_dir>/<study_name>.db``.
+        output_dir: where trials.csv, results.md and history.png go.
+        sampler_seed: seed of the TPE sampler (its first ``n_startup_trials`` are random).
+        n_startup_trials: TPE's random start-up trials; they are never pruned.
+        pruner: ``hyperband`` (by the metric at each validation, i.e. per epoch) or ``none``.
+        reduction_factor: Hyperband's reduction factor.
+        retrain: fit the best configuration on the full data afterwards and report its metrics.
+        test: also test the retrained model (when the datamodule has a test_dataloader).
+        timeout_s: stop starting new trials after this many seconds.
+        overrides: extra command-line arguments for every trial and the retrain, e.g. ``--trainer.max_epochs=3``.
+    """
+    optuna = _require_optuna()
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+    from optuna_integration import PyTorchLightningPruningCallback
+
+    if subset not in METHODS:
+        raise ValueError(f"subset={subset!r} is not valid: choose one of {', '.join(METHODS)}")
+    if direction not in ("maximize", "minimize"):
+        raise ValueError(f"direction={direction!r} is not valid: choose maximize or minimize")
+    if pruner not in ("hyperband", "none"):
+        raise ValueError(f"pruner={pruner!r} is not valid: choose hyperband or none")
+    if n_trials < 1:
+        raise ValueError(f"n_trials={n_trials} is not valid: it must be >= 1")
+    if not Path(fit_config).is_file():
+        raise FileNotFoundError(f"fit_config file {fit_config!r} does not exist")
+    parameters = load_space(space)
+    base = ["fit", "--config", fit_config, *(overrides or [])]
+    # Keys and values are checked before the study starts: the space's first point, parsed without building a model.
+    probe = {p.key: p.choices[0] if p.choices is not None else p.low for p in parameters}
+    build_trial_cli(base[1:] + override_args(probe), [], parse_only=True)
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    storage = storage or f"sqlite:///{out / study_name}.db"
+    sampler = optuna.samplers.TPESampler(seed=sampler_seed, n_startup_trials=n_startup_trials)
+    inner = optuna.pruners.HyperbandPruner(reduction_factor=reduction_factor) if pruner == "hyperband" else optuna.pruners.NopPruner()
+    study = optuna.create_study(study_name=study_name, storage=storage, direction=direction, sampler=sampler,
+                                pruner=_StartupCompletes(inner, n_startup_trials), load_if_exists=True)
+    result = TuneResult(study_name, storage, subset)
+    cache = SelectionCache()
+    started = time.perf_counter()
+
+    def objective(trial: Any) -> float:
+        values = {p.key: p.suggest(trial) for p in parameters}
+        print(f"[tune] trial {trial.number} ({len(result.trials) + 1}/{n_trials}): "
+              + ", ".join(f"{k.rsplit('.', 1)[-1]}={v:.3g}" if isinstance(v, float) else f"{k.rsplit('.', 1)[-1]}={v}"
+                          for k, v in values.items()), flush=True)
+        selection = SubsetSelection(subset, fraction, select_every_n_steps, seed=sampler_seed, cache=cache)
+        pruning = PyTorchLightningPruningCallback(trial, monitor=metric)
+        trial_started = time.perf_counter()
+        record = TrialRecord(trial.number, "RUNNING", values, None, 0.0, 0.0, 0, None)
+        result.trials.append(record)
+        cli = None
+        try:
+            cli, trainer, value = _fit(base[1:] + override_args(values), [selection, pruning], metric)
+            record.state, record.value = "COMPLETE", value
+            return value
+        except optuna.TrialPruned:
+            record.state = "PRUNED"
+            raise
+        finally:
+            record.seconds = time.perf_counter() - trial_started
+            record.selection_seconds = selection.selection_seconds
+            if cli is not None:
+                record.steps, record.last_epoch = cli.trainer.global_step, cli.trainer.current_epoch
+            trial.set_user_attr("seconds", record.seconds)
+            trial.set_user_attr("selection_seconds", record.selection_seconds)
+            print(f"[tune] trial {trial.number}: {record.state.lower()}"
+                  + (f", {metric}={record.value:.4f}" if record.value is not None else "")
+                  + f" in {record.seconds:.1f} s (selection {record.selection_seconds:.1f} s)", flush=True)
+            del cli
+            gc.collect()
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial from here instead
+    study.optimize(objective, n_trials=n_trials, timeout=timeout_s, catch=())
+    result.search_seconds = time.perf_counter() - started
+    finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not finished:
+        raise RuntimeError("no trial completed: nothing to retrain (see the trial errors above)")
+    result.best_params, result.best_value = dict(study.best_params), float(study.best_value)
+    print(f"[tune] best {metric}={result.best_value:.4f} with {result.best_params} "
+          f"({result.search_seconds:.1f} s of search)", flush=True)
+    write_results(out, result, metric, study)  # the search is kept even if the retrain fails
+    if retrain:
+        retrain_started = time.perf_counter()
+        cli, trainer, value = _fit(base[1:] + override_args(result.best_params), [], metric)
+        result.retrain_metrics = {metric: value}
+        if test and is_overridden("test_dataloader", cli.datamodule):
+            for scores in trainer.test(cli.model, datamodule=cli.datamodule, verbose=False):
+                result.retrain_metrics.update({k: float(v) for k, v in scores.items()})
+        result.retrain_seconds = time.perf_counter() - retrain_started
+        print(f"[tune] retrained on full data in {result.retrain_seconds:.1f} s: {result.retrain_metrics}", flush=True)
+        del cli, trainer
+        gc.collect()
+        write_results(out, result, metric, study)
+    return result
+
+
+def write_results(out: Path, result: TuneResult, metric: str, study: Any = None) -> None:
+    """trials.csv (one row per trial), results.md (table, best, retrain) and history.png (if matplotlib is there)."""
+    keys = sorted({k for t in result.trials for k in t.params})
+    with (out / "trials.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["number", "state", metric, "seconds", "selection_seconds", "steps", "last_epoch", *keys])
+        for t in result.trials:
+            writer.writerow([t.number, t.state, t.value, f"{t.seconds:.2f}", f"{t.selection_seconds:.2f}", t.steps,
+                             t.last_epoch, *[t.params.get(k) for k in keys]])
+    ranked = sorted(result.trials, key=lambda t: -math.inf if t.value is None else t.value, reverse=True)
+    short = [k.rsplit(".", 1)[-1] for k in keys]
+    lines = [f"# Tuning study `{result.study_name}` (subset: {result.subset})", "",
+             f"Storage: `{result.storage}`. Search: {result.search_seconds:.1f} s for {len(result.trials)} trials.", "",
+             f"| trial | state | {metric} | seconds | selection s | " + " | ".join(short) + " |",
+             "|---|---|---:|---:|---:|" + "---:|" * len(short)]
+    for t in ranked:
+        value = "" if t.value is None else f"{t.value:.4f}"
+        cells = [f"{t.params.get(k):.3g}" if isinstance(t.params.get(k), float) else str(t.params.get(k)) for k in keys]
+        lines.append(f"| {t.number} | {t.state.lower()} | {value} | {t.seconds:.1f} | {t.selection_seconds:.1f} | "
+                     + " | ".join(cells) + " |")
+    lines += ["", f"Best: {metric}={result.best_value} with `{json.dumps(result.best_params)}`."]
+    if result.retrain_metrics:
+        lines += [f"Retrained on the full data in {result.retrain_seconds:.1f} s: "
+                  + ", ".join(f"{k}={v:.4f}" for k, v in sorted(result.retrain_metrics.items())) + "."]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    if study is not None:
+        _plot(out / "history.png", study)
+
+
+def _plot(path: Path, study: Any) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import optuna.visualization.matplotlib as ovm
+    except ImportError:
+        log.warning("matplotlib is not installed: no plot written (pip install matplotlib)")
+        return
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # optuna marks its matplotlib plots experimental
+        axes = ovm.plot_optimization_history(study)
+    axes.figure.set_size_inches(7, 4)
+    axes.figure.tight_layout()
+    axes.figure.savefig(path, dpi=120)
+    plt.close(axes.figure)
+
+
+def main(args: list[str] | None = None) -> TuneResult:
+    """``hosl-lightning tune --fit_config fit.yaml --space space.yaml [--n_trials 20 ...]`` (see :func:`tune`).
+
+    ``--config tune.yaml`` reads these options from a file; ``--print_config`` writes one.
+    """
+    from jsonargparse import auto_cli
+
+    return auto_cli(tune, args=args, as_positional=False)
