@@ -40,10 +40,10 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import code_state, machine  # noqa: E402
+from accuracy import code_state, machine
 
-from hosl_lightning.subsets import subset_length  # noqa: E402
-from hosl_lightning.tune import TuneResult, _fit, override_args, tune  # noqa: E402
+from hosl_lightning.subsets import subset_length
+from hosl_lightning.tune import TuneResult, _fit, override_args, tune
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "rotten_tomatoes"
