@@ -1,6 +1,6 @@
 """Tuning on subsets (AUTOMATA): full data vs random subsets vs GradMatch subsets, each with Optuna TPE + Hyperband.
 
-    python benchmarks/tuning.py            # the study (planned for ~40 minutes on 2 quiet CPU cores; budget 90)
+    python benchmarks/tuning.py            # the study (planned for ~45 minutes on 2 quiet CPU cores; budget 90)
     python benchmarks/tuning.py --quick    # a few-minute smoke run (2 blocks, 64 examples, 3 trials)
     python benchmarks/tuning.py --out DIR  # where tuning.md, tuning.csv and tuning.png go (default benchmarks/results)
 
@@ -48,7 +48,7 @@ from hosl_lightning.tune import TuneResult, _fit, override_args, tune
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "rotten_tomatoes"
 METHODS = ("full", "random", "gradmatch")
-FULL = {"layers": 4, "num_train": 640, "num_validation": 200, "num_test": 1000, "trials": 10, "startup": 6,
+FULL = {"layers": 4, "num_train": 480, "num_validation": 200, "num_test": 1000, "trials": 10, "startup": 6,
         "epochs": 3, "fraction": 0.1}
 QUICK = {"layers": 2, "num_train": 64, "num_validation": 16, "num_test": 16, "trials": 3, "startup": 2,
          "epochs": 2, "fraction": 0.25}

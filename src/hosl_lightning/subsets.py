@@ -69,13 +69,14 @@ class SelectedBatches(Sampler[list[WeightedIndex]]):
 
     An epoch has ``length`` batches whatever the selection, so Lightning's epoch bookkeeping holds. A new
     selection takes effect at once, even mid-epoch: the iterator reads the current order on every step. The
-    order depends on nothing else, so a resumed run sees the same batches (Lightning calls ``set_epoch``).
+    order depends on nothing else, so a resumed run sees the same batches (Lightning calls ``set_epoch``);
+    ``skip`` makes the next epoch start where a checkpoint taken mid-epoch left off.
     """
 
     def __init__(self, length: int, seed: int) -> None:
         self.length, self.seed = length, seed
         self.batches: list[list[WeightedIndex]] = []
-        self.epoch = self.round = 0
+        self.epoch = self.round = self.skip = 0
         self._order: list[int] = []
 
     def __len__(self) -> int:
@@ -96,7 +97,8 @@ class SelectedBatches(Sampler[list[WeightedIndex]]):
     def __iter__(self) -> Iterator[list[WeightedIndex]]:
         if not self.batches:
             raise RuntimeError("SubsetSelection has not chosen batches yet: it chooses when training starts")
-        for position in range(self.length):
+        start, self.skip = self.skip, 0
+        for position in range(start, self.length):
             yield self.batches[self._order[position % len(self._order)]]
 
 
@@ -200,7 +202,9 @@ class SubsetSelection(Callback):
         self.last: Selection | None = None
         self._round = 0
         self._since_selection = 0
+        self._in_epoch = 0  # batches trained in this epoch (a checkpoint mid-epoch resumes after them)
         self._restored: list[list[WeightedIndex]] | None = None
+        self._restored_skip = 0
         self._sampler: SelectedBatches | None = None
         self._loader: DataLoader | None = None
         self._source: Any = None
@@ -229,6 +233,7 @@ class SubsetSelection(Callback):
         self._sampler = SelectedBatches(length, self.seed)
         if self._restored is not None:
             self._sampler.update(self._restored, self._round)
+            self._sampler.skip = self._restored_skip
         return DataLoader(
             WeightedDataset(loader.dataset), batch_sampler=self._sampler, collate_fn=WeightedCollate(loader.collate_fn),
             num_workers=loader.num_workers, pin_memory=loader.pin_memory,
@@ -239,8 +244,12 @@ class SubsetSelection(Callback):
         if self._restored is None:
             self._select(trainer)
 
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._in_epoch = 0
+
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         assert self._sampler is not None
+        self._in_epoch += 1
         self._since_selection += 1
         if self._since_selection >= (self.every_n_steps or self._sampler.length):
             self._select(trainer)
@@ -305,14 +314,16 @@ class SubsetSelection(Callback):
     def state_dict(self) -> dict[str, Any]:
         batches = None if self._sampler is None else self._sampler.batches
         return {"round": self._round, "since_selection": self._since_selection, "batches": batches,
-                "selection_seconds": self.selection_seconds}
+                "in_epoch": self._in_epoch, "selection_seconds": self.selection_seconds}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._round, self._since_selection = state_dict["round"], state_dict["since_selection"]
         self.selection_seconds = state_dict["selection_seconds"]
         self._restored = state_dict["batches"]
+        self._restored_skip = state_dict["in_epoch"]
         if self._sampler is not None and self._restored is not None:
             self._sampler.update(self._restored, self._round)
+            self._sampler.skip = self._restored_skip
 
 
 def _split_model(trainer: Trainer) -> SplitCausalLM:

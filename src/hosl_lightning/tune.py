@@ -114,6 +114,7 @@ class TuneResult:
     study_name: str
     storage: str
     subset: str
+    direction: str = "maximize"
     trials: list[TrialRecord] = field(default_factory=list)
     best_params: dict[str, Any] = field(default_factory=dict)
     best_value: float | None = None
@@ -239,6 +240,7 @@ def tune(
         raise ValueError(f"n_trials={n_trials} is not valid: it must be >= 1")
     if not Path(fit_config).is_file():
         raise FileNotFoundError(f"fit_config file {fit_config!r} does not exist")
+    SubsetSelection(subset, fraction, select_every_n_steps)  # checks these options now, not in the first trial
     parameters = load_space(space)
     base = ["fit", "--config", fit_config, *(overrides or [])]
     # Keys and values are checked before the study starts: the space's first point, parsed without building a model.
@@ -252,7 +254,7 @@ def tune(
     inner = optuna.pruners.HyperbandPruner(reduction_factor=reduction_factor) if pruner == "hyperband" else optuna.pruners.NopPruner()
     study = optuna.create_study(study_name=study_name, storage=storage, direction=direction, sampler=sampler,
                                 pruner=_StartupCompletes(inner, n_startup_trials), load_if_exists=True)
-    result = TuneResult(study_name, storage, subset)
+    result = TuneResult(study_name, storage, subset, direction=direction)
     cache = SelectionCache()
     started = time.perf_counter()
 
@@ -321,7 +323,8 @@ def write_results(out: Path, result: TuneResult, metric: str, study: Any = None)
         for t in result.trials:
             writer.writerow([t.number, t.state, t.value, f"{t.seconds:.2f}", f"{t.selection_seconds:.2f}", t.steps,
                              t.last_epoch, *[t.params.get(k) for k in keys]])
-    ranked = sorted(result.trials, key=lambda t: -math.inf if t.value is None else t.value, reverse=True)
+    sign = 1.0 if result.direction == "maximize" else -1.0
+    ranked = sorted(result.trials, key=lambda t: -math.inf if t.value is None else sign * t.value, reverse=True)
     short = [k.rsplit(".", 1)[-1] for k in keys]
     lines = [f"# Tuning study `{result.study_name}` (subset: {result.subset})", "",
              f"Storage: `{result.storage}`. Search: {result.search_seconds:.1f} s for {len(result.trials)} trials.", "",
