@@ -140,7 +140,7 @@ def summarise(results: dict[str, TuneResult], retrained: dict[str, dict[str, flo
 
 
 def write_outputs(out: Path, rows: list[dict], results: dict[str, TuneResult], size: dict, command: str,
-                  wall_s: float) -> None:
+                  wall_s: float, code: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with (out / "tuning.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
@@ -153,7 +153,7 @@ def write_outputs(out: Path, rows: list[dict], results: dict[str, TuneResult], s
     full = by["full"]
     lines = [
         "# Tuning on subsets: full data vs random vs GradMatch (Optuna TPE + Hyperband)", "",
-        f"Command: `{command}`  ", f"Machine: {machine()}  ", f"Code: {code_state()}  ",
+        f"Command: `{command}`  ", f"Machine: {machine()}  ", f"Code: {code}  ",
         f"Total wall time: {wall_s / 60:.1f} min.", "",
         f"Model: SmolLM2-135M-Instruct truncated to its first {size['layers']} blocks. Data: rotten_tomatoes, "
         f"{size['num_train']} training examples (batches of 16), {size['num_validation']} validation (ranking), "
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     size = QUICK if args.quick else FULL
     command = "python benchmarks/tuning.py" + (" " + shlex.join(argv or sys.argv[1:]) if (argv or sys.argv[1:]) else "")
     work = ROOT / "benchmarks" / "results" / "_tuning_tmp"
-    started = time.perf_counter()
+    started, code = time.perf_counter(), code_state()  # the code this run imported, before anything changes
     model_dir = prepare_model(size["layers"], work / f"smollm2-135m-{size['layers']}-blocks")
     config, space = work / "fit.yaml", work / "space.yaml"
     config.write_text(yaml.safe_dump(fit_config(model_dir, size)))
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
         retrained[method] = retrain(config, result.best_params, memo)
     rows = summarise(results, retrained, size["startup"])
     out = Path(args.out) if not args.quick else Path(args.out) / "_tuning_quick"
-    write_outputs(out, rows, results, size, command, time.perf_counter() - started)
+    write_outputs(out, rows, results, size, command, time.perf_counter() - started, code)
     print((out / "tuning.md").read_text())
 
 
