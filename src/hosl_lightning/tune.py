@@ -144,9 +144,14 @@ def build_trial_cli(args: list[str], callbacks: list[Any], parse_only: bool = Fa
         def _add_configure_optimizers_method_to_model(self, subcommand: str | None) -> None:
             pass
 
-    cls = _ParseOnly if parse_only else HOSLCLI
-    return cls(HOSLModule, subclass_mode_data=True, trainer_defaults={"callbacks": callbacks}, run=False,
-               save_config_callback=None, args=args)
+    if not parse_only:
+        return HOSLCLI(HOSLModule, subclass_mode_data=True, trainer_defaults={"callbacks": callbacks}, run=False,
+                       save_config_callback=None, args=args)
+    try:
+        return _ParseOnly(HOSLModule, subclass_mode_data=True, run=False, save_config_callback=None, args=args,
+                          parser_kwargs={"exit_on_error": False})
+    except Exception as error:  # jsonargparse's ArgumentError: the key or value the config does not accept
+        raise ValueError(f"the search space or overrides do not fit the config: {error}") from None
 
 
 def _metric(trainer: Any, name: str) -> float | None:
@@ -217,7 +222,8 @@ def tune(
         storage: an SQLAlchemy database URL (``postgresql://...``, ``mysql://...``); default
             ``sqlite:///<output_dir>/<study_name>.db``.
         output_dir: where trials.csv, results.md and history.png go.
-        sampler_seed: seed of the TPE sampler (its first ``n_startup_trials`` are random).
+        sampler_seed: seed of the TPE sampler (its first ``n_startup_trials`` are random); a worker that joins a
+            study with n trials already in it uses ``sampler_seed + n``.
         n_startup_trials: TPE's random start-up trials; they are never pruned.
         pruner: ``hyperband`` (by the metric at each validation, i.e. per epoch) or ``none``.
         reduction_factor: Hyperband's reduction factor.
@@ -250,10 +256,12 @@ def tune(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     storage = storage or f"sqlite:///{out / study_name}.db"
-    sampler = optuna.samplers.TPESampler(seed=sampler_seed, n_startup_trials=n_startup_trials)
     inner = optuna.pruners.HyperbandPruner(reduction_factor=reduction_factor) if pruner == "hyperband" else optuna.pruners.NopPruner()
-    study = optuna.create_study(study_name=study_name, storage=storage, direction=direction, sampler=sampler,
+    study = optuna.create_study(study_name=study_name, storage=storage, direction=direction,
                                 pruner=_StartupCompletes(inner, n_startup_trials), load_if_exists=True)
+    # A worker joining a study already under way gets its own random stream (the same seed would propose the
+    # same start-up points again); a lone worker on a fresh study stays reproducible from sampler_seed.
+    study.sampler = optuna.samplers.TPESampler(seed=sampler_seed + len(study.trials), n_startup_trials=n_startup_trials)
     result = TuneResult(study_name, storage, subset, direction=direction)
     cache = SelectionCache()
     started = time.perf_counter()

@@ -1,0 +1,276 @@
+"""Subset selection: GradMatch's matching pursuit, the gradient feature, batch weights in every loss, the callback."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch import nn
+
+from conftest import TINY_LLAMA, quiet_trainer, tiny_data
+from hosl_lightning import HOSLModule, HOSLStrategy, SplitCausalLM, SyntheticLMDataModule
+from hosl_lightning.gradmatch import gradmatch, nnls, orthogonal_matching_pursuit, random_subset
+from hosl_lightning.steps import ZOSettings, hosl_step
+from hosl_lightning.subsets import SelectionCache, SubsetSelection, batch_feature, subset_length
+from hosl_lightning.zo import ZOSGD
+
+# ---- matching pursuit ---------------------------------------------------------------------------------------
+
+
+def test_nnls_matches_the_clamped_solution_of_a_diagonal_problem() -> None:
+    gram = torch.diag(torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64))
+    rhs = torch.tensor([3.0, -1.0, 2.0], dtype=torch.float64)
+    assert torch.allclose(nnls(gram, rhs), torch.tensor([3.0, 0.0, 0.5], dtype=torch.float64), atol=1e-6)
+
+
+def test_omp_recovers_a_nonnegative_combination_and_skips_anticorrelated_rows() -> None:
+    torch.manual_seed(0)
+    features = torch.randn(50, 16)
+    target = 2.0 * features[7] + 0.5 * features[31]
+    features[3] = -target  # perfectly anti-correlated: a non-negative weight can never use it
+    chosen, weights, residual = orthogonal_matching_pursuit(features, target, budget=5, ridge=0.0)
+    assert sorted(chosen) == [7, 31]  # stops once matched, before spending the budget
+    assert torch.allclose(weights[[chosen.index(7), chosen.index(31)]], torch.tensor([2.0, 0.5]), atol=1e-3)
+    assert residual < 1e-3
+    assert 3 not in chosen
+
+
+def test_gradmatch_fills_the_budget_and_weights_average_one() -> None:
+    torch.manual_seed(0)
+    features = torch.randn(40, 8).abs()  # all positively correlated with their mean
+    chosen = gradmatch(features, budget=10, generator=torch.Generator().manual_seed(0))
+    assert len(chosen.indices) == len(set(chosen.indices)) == 10
+    matched = chosen.weights[: chosen.matched]
+    assert all(w > 0 for w in chosen.weights)
+    assert sum(matched) / len(matched) == pytest.approx(1.0)
+    assert chosen.weights[chosen.matched:] == [1.0] * (10 - chosen.matched)
+
+
+def test_gradmatch_matches_the_mean_gradient_better_than_random_picks() -> None:
+    torch.manual_seed(0)
+    features = torch.randn(200, 32) + torch.linspace(-1, 1, 32)
+    target = features.mean(dim=0)
+
+    def error(indices: list[int], weights: list[float]) -> float:
+        w = torch.tensor(weights)
+        estimate = (w[:, None] * features[indices]).sum(dim=0) / len(indices)  # mean-1 weights: sum / k ~ mean
+        return float((estimate - target).norm() / target.norm())
+
+    chosen = gradmatch(features, budget=20, generator=torch.Generator().manual_seed(0))
+    random_errors = [error(random_subset(200, 20, torch.Generator().manual_seed(s)).indices, [1.0] * 20)
+                     for s in range(20)]
+    assert chosen.residual < 0.5
+    assert error(chosen.indices, chosen.weights) < min(random_errors)
+
+
+def test_budget_outside_the_candidates_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"budget=11 is not valid: it must be between 1 and the number of candidates \(10\)"):
+        orthogonal_matching_pursuit(torch.randn(10, 4), torch.randn(4), budget=11)
+
+
+def test_subset_length_rounds_up_without_float_noise() -> None:
+    assert subset_length(0.1, 30) == 3  # 0.1 * 30 = 3.0000000000000004 in floating point
+    assert subset_length(0.1, 31) == 4
+    assert subset_length(0.01, 5) == 1
+
+
+# ---- the gradient feature and the weights in the losses -------------------------------------------------------
+
+
+def _split(cut: int = 1) -> SplitCausalLM:
+    torch.manual_seed(0)
+    return SplitCausalLM(HOSLModule(model_config=TINY_LLAMA).model, cut)
+
+
+def _batch(rows: int = 4, length: int = 10) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    input_ids = torch.randint(0, 64, (rows, length), generator=generator)
+    labels = torch.full_like(input_ids, -100)
+    labels[:, -3:] = input_ids[:, -3:]
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+
+
+def test_batch_feature_is_the_loss_gradient_at_the_final_hidden_state() -> None:
+    model, batch = _split(), _batch()
+    feature = batch_feature(model, batch)
+    assert all(p.grad is None for p in model.parameters())  # only a local gradient: no parameter is touched
+    # Reference: full autograd, with the final hidden state as a leaf.
+    activations = model.client_forward(batch["input_ids"], batch["attention_mask"])
+    hidden = model.server(activations).detach().requires_grad_(True)
+    logits = model.server.logits(hidden)
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100)
+    loss.backward()
+    assert feature.shape == (TINY_LLAMA["hidden_size"],)
+    assert torch.allclose(feature, hidden.grad.sum(dim=(0, 1)), atol=1e-6)
+
+
+def test_loss_weight_scales_every_group_loss() -> None:
+    model, batch = _split(), _batch()
+    activations = model.client_forward(batch["input_ids"], batch["attention_mask"])
+    plain = model.server_losses(activations, {"labels": batch["labels"]})
+    weighted = model.server_losses(activations, {"labels": batch["labels"], "loss_weight": torch.tensor(2.5)})
+    assert torch.allclose(weighted, 2.5 * plain)
+    with pytest.raises(ValueError, match="loss_weight must be a scalar tensor"):
+        model.server_losses(activations, {"labels": batch["labels"], "loss_weight": torch.ones(4)})
+
+
+@pytest.mark.parametrize("server_grad", ["perturbed", "mean", "clean"])
+def test_loss_weight_scales_the_zo_difference_and_the_server_loss(server_grad: str) -> None:
+    def step(weight: float | None) -> tuple[torch.Tensor, list[float]]:
+        model, batch = _split(), _batch()
+        if weight is not None:
+            batch["loss_weight"] = torch.tensor(weight)
+        optimizer = ZOSGD(list(model.client.named_parameters()), lr=0.0, seed=3)
+        backward_losses: list[float] = []
+        output = hosl_step(model, batch, optimizer, ZOSettings(queries=2, server_grad=server_grad), 0,
+                           lambda loss: backward_losses.append(float(loss.detach())))
+        assert output.estimate is not None
+        return output.estimate.coefficients, backward_losses
+
+    (plain, plain_losses), (weighted, weighted_losses) = step(None), step(3.0)
+    assert torch.allclose(weighted, 3.0 * plain, rtol=1e-4)
+    assert weighted_losses == pytest.approx([3.0 * x for x in plain_losses], rel=1e-5)
+
+
+def test_dropin_module_never_sees_loss_weight_and_a_zero_weight_moves_nothing() -> None:
+    class Plain(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.model = HOSLModule(model_config=TINY_LLAMA).model
+            self.keys: list[set[str]] = []
+
+        def training_step(self, batch, batch_idx):
+            self.keys.append(set(batch))
+            return self.model(**batch).loss
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    class ZeroWeight(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            batch["loss_weight"] = torch.tensor(0.0)
+
+    module = Plain()
+    before = {k: v.clone() for k, v in module.model.state_dict().items()}
+    trainer = quiet_trainer(HOSLStrategy(cut_layer=1, q=2, zo_lr=1e-2), max_steps=2, callbacks=[ZeroWeight()])
+    trainer.fit(module, tiny_data())
+    assert module.keys and all("loss_weight" not in keys for keys in module.keys)
+    after = trainer.strategy.split_model.state_dict()
+    moved = [k for k in after if not torch.equal(after[k], before.get(k, after[k]))]
+    assert moved == []
+
+
+# ---- the callback ------------------------------------------------------------------------------------------
+
+
+class BatchLog(Callback):
+    """Records the weight and the example rows of every training batch."""
+
+    def __init__(self) -> None:
+        self.weights: list[float] = []
+        self.rows: list[torch.Tensor] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.weights.append(float(batch["loss_weight"]))
+        self.rows.append(batch["input_ids"].clone())
+
+
+def _fit(selection: SubsetSelection, steps: int, train_size: int = 128, **trainer_kwargs):
+    L.seed_everything(0)
+    module = HOSLModule(model_config=TINY_LLAMA)
+    log = BatchLog()
+    callbacks = [selection, log, *trainer_kwargs.pop("callbacks", [])]
+    ckpt_path = trainer_kwargs.pop("ckpt_path", None)
+    trainer = quiet_trainer(HOSLStrategy(cut_layer=1, q=2, zo_lr=1e-3), max_steps=steps, callbacks=callbacks,
+                            **trainer_kwargs)
+    trainer.fit(module, tiny_data(train_size=train_size), ckpt_path=ckpt_path)
+    return trainer, log
+
+
+@pytest.mark.parametrize("method", ["gradmatch", "random", "full"])
+def test_each_method_trains_on_its_chosen_weighted_batches(method: str) -> None:
+    selection = SubsetSelection(method, fraction=0.25, every_n_steps=100, progress=False)
+    candidates = math.ceil(128 / 8)
+    trainer, log = _fit(selection, steps=candidates if method == "full" else 4)  # one epoch
+    assert trainer.num_training_batches == (candidates if method == "full" else 4)
+    chosen = selection.last
+    assert chosen is not None and len(chosen.indices) == trainer.num_training_batches
+    assert sorted(log.weights) == pytest.approx(sorted(chosen.weights))  # one epoch: each chosen batch once
+    if method != "gradmatch":
+        assert set(log.weights) == {1.0}
+    else:
+        assert chosen.matched >= 1
+    data = tiny_data(train_size=128)
+    data.setup("fit")
+    for rows in log.rows:  # every batch is one of the candidate batches: rows of the training set, batch_size of them
+        assert rows.shape[0] == 8
+        for row in rows:
+            assert any(torch.equal(row, data.train_set[i]["input_ids"]) for i in range(128))
+
+
+def test_selection_repeats_every_n_steps_and_logs_its_time() -> None:
+    selection = SubsetSelection("gradmatch", fraction=0.25, every_n_steps=3, progress=False)
+    trainer, _ = _fit(selection, steps=7)
+    assert selection.selections == 1 + 7 // 3
+    assert float(trainer.callback_metrics["subset/selection_sec"]) == pytest.approx(selection.selection_seconds)
+
+
+def test_selection_cache_reuses_the_first_choice_of_identical_weights() -> None:
+    cache = SelectionCache()
+    first = SubsetSelection("gradmatch", fraction=0.25, cache=cache, progress=False)
+    _, log_a = _fit(first, steps=2)
+    second = SubsetSelection("gradmatch", fraction=0.25, cache=cache, progress=False)
+    _, log_b = _fit(second, steps=2)
+    assert cache.hits == 1
+    assert log_a.weights == log_b.weights
+    assert all(torch.equal(a, b) for a, b in zip(log_a.rows, log_b.rows))
+
+
+def test_resume_mid_epoch_reproduces_the_uninterrupted_run(tmp_path: Path) -> None:
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1, filename="{step}")
+    uninterrupted, log_a = _fit(SubsetSelection("gradmatch", 0.25, every_n_steps=2, progress=False), steps=6,
+                                callbacks=[checkpoint], enable_checkpointing=True)
+    resumed, log_b = _fit(SubsetSelection("gradmatch", 0.25, every_n_steps=2, progress=False), steps=6,
+                          ckpt_path=str(tmp_path / "step=3.ckpt"))
+    assert log_b.weights == log_a.weights[3:]
+    assert all(torch.equal(a, b) for a, b in zip(log_a.rows[3:], log_b.rows))
+    a, b = uninterrupted.strategy.split_model.state_dict(), resumed.strategy.split_model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"method": "craig"}, "method='craig' is not valid: choose one of gradmatch, random, full"),
+        ({"fraction": 0.0}, r"fraction=0.0 is not valid: it must be a number in \(0, 1\]"),
+        ({"fraction": 1.5}, r"fraction=1.5 is not valid"),
+        ({"every_n_steps": 0}, r"every_n_steps=0 is not valid: it must be an integer >= 1"),
+    ],
+)
+def test_bad_options_name_the_option_and_the_valid_values(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        SubsetSelection(**kwargs)
+
+
+def test_gradmatch_needs_the_split_model_in_this_process() -> None:
+    class Plain(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = nn.Linear(2, 2)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch["input_ids"].float()[:, :2]).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[SubsetSelection("gradmatch", progress=False)])
+    with pytest.raises(ValueError, match="HOSLStrategy"):
+        trainer.fit(Plain(), SyntheticLMDataModule(vocab_size=64, seq_len=8, batch_size=4, train_size=16))
