@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from transformers import PreTrainedModel
 
+from hosl_lightning.adapters import adapter_config, add_adapters
 from hosl_lightning.clients import ClientSync
 from hosl_lightning.memory import MemoryReport, SideSwitch, StepMemoryMeter
 from hosl_lightning.model import SplitCausalLM
@@ -175,6 +176,12 @@ class HOSLStrategy(SingleDeviceStrategy):
         steps_per_turn / sync_every_n_steps: the length of a turn (sequential) and of a round (parallel).
         server_checkpoint_dir: where the server keeps its half of each client checkpoint (``<name>.server.pt``, on
             the server's disk); a client names only the file, never a path, so no peer can write elsewhere.
+        client_adapter / server_adapter: peft adapters on that side's decoder blocks, as a dict of
+            ``peft.LoraConfig`` fields (e.g. ``{r: 8, lora_alpha: 16, target_modules: [q_proj, v_proj]}``; add
+            ``peft_type`` for another method) or a peft config. A side with adapters trains only them (its base
+            weights are frozen: ZO never perturbs them and backprop gives them no gradient); a side without
+            trains all its weights. ``strategy.peft_model`` is the PeftModel for saving and merging
+            (:mod:`hosl_lightning.adapters`). In-process runs only; needs ``pip install 'hosl-lightning[peft]'``.
     """
 
     strategy_name = STRATEGY_NAME
@@ -205,6 +212,8 @@ class HOSLStrategy(SingleDeviceStrategy):
         steps_per_turn: int = 10,
         sync_every_n_steps: int = 10,
         server_checkpoint_dir: str = "server_checkpoints",
+        client_adapter: dict[str, Any] | None = None,
+        server_adapter: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         _number("cut_layer", cut_layer, int, 0)
@@ -229,7 +238,14 @@ class HOSLStrategy(SingleDeviceStrategy):
         _choice("client_sync", client_sync, CLIENT_SYNCS)
         _number("steps_per_turn", steps_per_turn, int, 1)
         _number("sync_every_n_steps", sync_every_n_steps, int, 1)
+        if transport == "distributed" and (client_adapter is not None or server_adapter is not None):
+            raise ValueError("client_adapter / server_adapter run in-process only for now: use transport='in_process'")
+        for side, spec in (("client", client_adapter), ("server", server_adapter)):
+            if spec is not None:
+                adapter_config(spec, side)  # a bad field fails now, not when training starts
         super().__init__(device="cpu", **kwargs)
+        self.client_adapter, self.server_adapter = client_adapter, server_adapter
+        self.peft_model: Any = None  # the PeftModel around the adapted model, once adapters are injected
         self.cut_layer = cut_layer
         self.mode = mode
         self.settings = ZOSettings(queries=q, mu=float(mu), server_grad=server_grad, batch_probes=batch_probes)
@@ -519,6 +535,8 @@ class HOSLStrategy(SingleDeviceStrategy):
                 "the model was built on the meta device (hosl_lightning.models.deferred_weights) for a distributed "
                 "run, but this strategy has transport='in_process': build it without deferred_weights"
             )
+        if self.client_adapter is not None or self.server_adapter is not None:
+            self.peft_model = add_adapters(model, self.cut_layer, self.client_adapter, self.server_adapter)
         split = self._client_split(model) if self.role == "client" else SplitCausalLM(model, self.cut_layer)
         self._install(module, name, split)
         zeroth_order = [split.client] if self.mode == "hosl" else [split.client, split.server] if self.mode == "zo" else []
