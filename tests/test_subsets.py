@@ -221,6 +221,14 @@ def test_selection_repeats_every_n_steps_and_logs_its_time() -> None:
     assert float(trainer.callback_metrics["subset/selection_sec"]) == pytest.approx(selection.selection_seconds)
 
 
+def test_reloaded_dataloaders_keep_the_current_choice() -> None:
+    selection = SubsetSelection("random", fraction=0.25, every_n_steps=100, progress=False)
+    trainer, log = _fit(selection, steps=8, reload_dataloaders_every_n_epochs=1)  # two epochs of 4
+    assert trainer.current_epoch == 2 and len(log.rows) == 8
+    chosen = {tuple(row.tolist()) for rows in log.rows[:4] for row in rows}
+    assert {tuple(row.tolist()) for rows in log.rows[4:] for row in rows} == chosen
+
+
 def test_selection_cache_reuses_the_first_choice_of_identical_weights() -> None:
     cache = SelectionCache()
     first = SubsetSelection("gradmatch", fraction=0.25, cache=cache, progress=False)

@@ -10,7 +10,6 @@ in checkpoints. Modules written for plain fine-tuning (automatic optimization) t
 
 from __future__ import annotations
 
-import hashlib
 import os
 import resource
 import time
@@ -61,6 +60,7 @@ from hosl_lightning.sync import (
     ZOUpdate,
     check_replayable,
     client_seed,
+    weights_digest,
 )
 from hosl_lightning.wire import Wire, WireError
 from hosl_lightning.zo import DIRECTIONS, ZOSGD, ZOEstimate, two_point_estimate
@@ -484,7 +484,7 @@ class HOSLStrategy(SingleDeviceStrategy):
         super().setup(trainer)
         if self.role == "client":
             client = self.split_model.client
-            self._remote.hello(mode=self.mode, client_digest=_digest(client) if self.clients > 1 else None,
+            self._remote.hello(mode=self.mode, client_digest=weights_digest(client) if self.clients > 1 else None,
                                **self._hello_settings(self._client_zo_count(client)))
 
     def _check_precision(self) -> None:
@@ -828,14 +828,6 @@ class HOSLStrategy(SingleDeviceStrategy):
     def register_strategies(cls, strategy_registry: Any) -> None:
         if STRATEGY_NAME not in strategy_registry:
             strategy_registry.register(STRATEGY_NAME, cls, description="Hybrid-order split learning (hosl-lightning)")
-
-
-def _digest(module: nn.Module) -> str:
-    """A fingerprint of a half's weights: clients that sync by seeds must start from the same ones."""
-    digest = hashlib.sha256()
-    for tensor in module.state_dict().values():
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def _optimizer_and_scheduler(configured: Any) -> tuple[Optimizer, Any | None]:

@@ -10,7 +10,6 @@ multiplies into the server's loss and into every ZO probe loss, so the weights e
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import time
@@ -28,6 +27,7 @@ from tqdm.auto import tqdm
 from hosl_lightning.gradmatch import Selection, gradmatch, random_subset
 from hosl_lightning.model import SplitCausalLM
 from hosl_lightning.steps import eval_mode
+from hosl_lightning.sync import weights_digest
 
 log = logging.getLogger(__name__)
 
@@ -149,14 +149,6 @@ class SelectionCache:
         self._entries[key] = batches
 
 
-def weights_digest(module: torch.nn.Module) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 class SubsetSelection(Callback):
     """Train on ``fraction`` of the training batches, chosen again every ``every_n_steps`` steps.
 
@@ -230,10 +222,12 @@ class SubsetSelection(Callback):
         self._loader = loader
         candidates = math.ceil(len(loader.dataset) / loader.batch_size)  # type: ignore[arg-type]
         length = candidates if self.method == "full" else subset_length(self.fraction, candidates)
-        self._sampler = SelectedBatches(length, self.seed)
+        previous, self._sampler = self._sampler, SelectedBatches(length, self.seed)
         if self._restored is not None:
             self._sampler.update(self._restored, self._round)
             self._sampler.skip = self._restored_skip
+        elif previous is not None and previous.batches:  # reload_dataloaders_every_n_epochs: keep the choice
+            self._sampler.update(previous.batches, self._round)
         return DataLoader(
             WeightedDataset(loader.dataset), batch_sampler=self._sampler, collate_fn=WeightedCollate(loader.collate_fn),
             num_workers=loader.num_workers, pin_memory=loader.pin_memory,

@@ -13,6 +13,7 @@ decay would make the update depend on the weights themselves, so seed synchronis
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Sequence
@@ -91,3 +92,12 @@ def weights_of(module: nn.Module) -> dict[str, Tensor]:
 
 def weight_bytes(tensors: dict[str, Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def weights_digest(module: nn.Module) -> str:
+    """A fingerprint of a module's weights: clients that sync by seeds must start from the same ones, and a
+    subset selection computed for some weights is reused only for the very same weights."""
+    digest = hashlib.sha256()
+    for tensor in module.state_dict().values():
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
