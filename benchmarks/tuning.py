@@ -108,6 +108,23 @@ def retrain(config: Path, params: dict[str, Any], memo: dict[str, dict[str, floa
     return memo[key]
 
 
+def load_search(database: Path, subset: str) -> TuneResult:
+    """A finished search read back from its Optuna database (trial values, parameters and recorded times)."""
+    import optuna
+
+    from hosl_lightning.tune import TrialRecord
+
+    study = optuna.load_study(study_name="hosl-tune", storage=f"sqlite:///{database}")
+    result = TuneResult("hosl-tune", f"sqlite:///{database}", subset)
+    for t in study.trials:
+        result.trials.append(TrialRecord(t.number, t.state.name, dict(t.params), t.value,
+                                         t.user_attrs.get("seconds", 0.0), t.user_attrs.get("selection_seconds", 0.0),
+                                         0, None))
+    result.search_seconds = sum(t.seconds for t in result.trials)
+    result.best_params, result.best_value = dict(study.best_params), float(study.best_value)
+    return result
+
+
 def kendall_tau(a: list[float], b: list[float]) -> float:
     from torchmetrics.functional import kendall_rank_corrcoef
 
@@ -139,10 +156,10 @@ def summarise(results: dict[str, TuneResult], retrained: dict[str, dict[str, flo
     return rows
 
 
-def write_outputs(out: Path, rows: list[dict], results: dict[str, TuneResult], size: dict, command: str,
-                  wall_s: float, code: str) -> None:
+def write_outputs(out: Path, name: str, rows: list[dict], results: dict[str, TuneResult], size: dict, command: str,
+                  wall_s: float, code: str, reused_full: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    with (out / "tuning.csv").open("w", newline="") as handle:
+    with (out / f"{name}.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["method", "trial", "state", "val_acc", "seconds", "selection_seconds", "steps", "params"])
         for method, result in results.items():
@@ -158,8 +175,12 @@ def write_outputs(out: Path, rows: list[dict], results: dict[str, TuneResult], s
         f"Model: SmolLM2-135M-Instruct truncated to its first {size['layers']} blocks. Data: rotten_tomatoes, "
         f"{size['num_train']} training examples (batches of 16), {size['num_validation']} validation (ranking), "
         f"{size['num_test']} test (retrained winners). Each search: {size['trials']} trials, the first "
-        f"{size['startup']} random and never pruned, {size['epochs']} epochs per trial, subsets of "
-        f"{size['fraction']:.0%} of the batches.", "",
+        f"{size['startup']} random and never pruned, {size['epochs']} epochs per full-data trial and "
+        f"{size['subset_epochs']} per subset trial (validated {size['epochs']} times), subsets of "
+        f"{size['fraction']:.0%} of the batches, re-chosen every {size['select_every']} subset epochs.", "",
+        *(["The full-data search was not rerun: it is read from the study database of the previous run with the "
+           "same sizes (`_tuning_tmp/full/full/hosl-tune.db`); its wall time is the sum of its trials' times.", ""]
+          if reused_full else []),
         "| method | search wall time | selection time | speedup vs full | trials pruned | best val_acc (in search) "
         "| retrained test acc | Kendall tau vs full (startup trials) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -182,8 +203,8 @@ def write_outputs(out: Path, rows: list[dict], results: dict[str, TuneResult], s
     lines.append(f"- GradMatch no worse than random: test {g['test_acc'] * 100:.1f} vs {r['test_acc'] * 100:.1f}, "
                  f"tau {g['tau']:.2f} vs {r['tau']:.2f} "
                  f"({'met' if g['test_acc'] >= r['test_acc'] else 'NOT met'} on test accuracy)")
-    (out / "tuning.md").write_text("\n".join(lines) + "\n")
-    plot(out / "tuning.png", rows, results, size["startup"])
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    plot(out / f"{name}.png", rows, results, size["startup"])
 
 
 def plot(path: Path, rows: list[dict], results: dict[str, TuneResult], startup: int) -> None:
@@ -220,8 +241,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--subset-epochs", type=int, default=None,
+                        help="epochs of a subset trial (default: as many as a full-data trial); validation then "
+                             "runs as many times as in a full-data trial")
+    parser.add_argument("--reuse-full", action="store_true",
+                        help="take the full-data search from the study database of an earlier run (same sizes) "
+                             "instead of running it again; its wall time is the sum of its trials' times")
+    parser.add_argument("--select-every-epochs", type=int, default=2,
+                        help="GradMatch re-selects every this many subset epochs (AUTOMATA's R)")
+    parser.add_argument("--tag", default="", help="suffix of the output files (tuning-TAG.md, ...)")
     args = parser.parse_args(argv)
-    size = QUICK if args.quick else FULL
+    size = dict(QUICK if args.quick else FULL)
     command = "python benchmarks/tuning.py" + (" " + shlex.join(argv or sys.argv[1:]) if (argv or sys.argv[1:]) else "")
     work = ROOT / "benchmarks" / "results" / "_tuning_tmp"
     started, code = time.perf_counter(), code_state()  # the code this run imported, before anything changes
@@ -232,23 +262,37 @@ def main(argv: list[str] | None = None) -> None:
     batches = -(-size["num_train"] // 16)
     subset_epoch = subset_length(size["fraction"], batches)
     results: dict[str, TuneResult] = {}
+    subset_epochs = args.subset_epochs or size["epochs"]
+    size["subset_epochs"], size["select_every"] = subset_epochs, args.select_every_epochs
     for method in METHODS:
-        run_dir = work / ("quick" if args.quick else "full") / method
+        run_dir = work / ("quick" if args.quick else "full") / (method if method == "full" else method + args.tag)
+        if method == "full" and args.reuse_full:
+            results[method] = load_search(run_dir / "hosl-tune.db", method)
+            print(f"=== full-data search reused: {results[method].search_seconds:.0f} s ===", flush=True)
+            continue
         for old in run_dir.glob("*.db"):
             old.unlink()  # a fresh study each time
+        overrides = []
+        if method != "full" and subset_epochs != size["epochs"]:
+            overrides = [f"--trainer.max_epochs={subset_epochs}",
+                         f"--trainer.check_val_every_n_epoch={-(-subset_epochs // size['epochs'])}"]
         print(f"=== search on {method} data ===", flush=True)
         results[method] = tune(str(config), str(space), n_trials=size["trials"], subset=method,
-                               fraction=size["fraction"], select_every_n_steps=2 * subset_epoch,
-                               output_dir=str(run_dir), n_startup_trials=size["startup"], retrain=False)
-    memo: dict[str, dict[str, float]] = {}
+                               fraction=size["fraction"], select_every_n_steps=args.select_every_epochs * subset_epoch,
+                               output_dir=str(run_dir), n_startup_trials=size["startup"], retrain=False,
+                               overrides=overrides)
+    memo_path = work / ("retrain-quick.json" if args.quick else "retrain.json")
+    memo: dict[str, dict[str, float]] = json.loads(memo_path.read_text()) if memo_path.exists() else {}
     retrained = {}
     for method, result in results.items():
         print(f"=== retrain the {method} search's best on full data ===", flush=True)
         retrained[method] = retrain(config, result.best_params, memo)
+        memo_path.write_text(json.dumps(memo))  # a later run with the same sizes reuses these retrains
     rows = summarise(results, retrained, size["startup"])
     out = Path(args.out) if not args.quick else Path(args.out) / "_tuning_quick"
-    write_outputs(out, rows, results, size, command, time.perf_counter() - started, code)
-    print((out / "tuning.md").read_text())
+    name = "tuning" + (f"-{args.tag}" if args.tag else "")
+    write_outputs(out, name, rows, results, size, command, time.perf_counter() - started, code, args.reuse_full)
+    print((out / f"{name}.md").read_text())
 
 
 if __name__ == "__main__":
