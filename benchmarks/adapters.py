@@ -206,6 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--layers", type=int, default=None, help="keep only the first N blocks (smoke runs)")
     args = parser.parse_args(argv)
     size = QUICK if args.quick else FULL
     arguments = argv if argv is not None else sys.argv[1:]
@@ -213,6 +214,11 @@ def main(argv: list[str] | None = None) -> None:
     started, code = time.perf_counter(), code_state()
     quiet_lightning()
     base = load_causal_lm("smollm2-135m")
+    if args.layers is not None:
+        base.model.layers = base.model.layers[: args.layers]
+        base.config.num_hidden_layers = args.layers
+        if getattr(base.config, "layer_types", None):
+            base.config.layer_types = base.config.layer_types[: args.layers]
     tokenizer = resolve_tokenizer("smollm2-135m")
     zero = HOSLModule(model=copy.deepcopy(base))
     zero.model = SplitCausalLM(zero.model, 2)  # evaluate() scores through the split model's server half

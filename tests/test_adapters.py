@@ -68,6 +68,20 @@ def test_a_side_without_adapters_trains_all_its_weights() -> None:
     assert all(not p.requires_grad and not getattr(p, "_hosl_zo", False) for p in base)
 
 
+def test_a_tied_head_keeps_training_on_a_server_without_adapters() -> None:
+    L.seed_everything(0)
+    module = HOSLModule(model_config=dict(TINY_LLAMA, tie_word_embeddings=True))
+    assert module.model.lm_head.weight is module.model.get_input_embeddings().weight
+    strategy = HOSLStrategy(cut_layer=2, q=1, zo_lr=1e-2, client_adapter=LORA)
+    snapshot = Snapshot()
+    quiet_trainer(strategy, max_steps=2, callbacks=[snapshot]).fit(module, tiny_data())
+    split = strategy.split_model
+    assert split.server.lm_head.weight.requires_grad
+    assert not torch.equal(split.server.lm_head.weight, snapshot.state["server.lm_head.weight"])
+    embedding = split.client.get_submodule("embeddings.embed_tokens").weight
+    assert not embedding.requires_grad and torch.equal(embedding, snapshot.state["client.embeddings.embed_tokens.weight"])
+
+
 def test_zo_perturbs_only_the_client_adapters() -> None:
     trainer, _ = _fit("hosl", steps=1)
     strategy = trainer.strategy

@@ -93,6 +93,7 @@ def add_adapters(model: PreTrainedModel, cut_layer: int, client: AdapterSpec | N
     """
     peft = _peft()
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    head_flag = model.get_output_embeddings().weight.requires_grad
     n = num_blocks(model)
     ranges = {"client": range(0, cut_layer), "server": range(cut_layer, n)}
     configs = {side: _side_config(adapter_config(spec, side), model, side, ranges[side])
@@ -107,6 +108,9 @@ def add_adapters(model: PreTrainedModel, cut_layer: int, client: AdapterSpec | N
     for name in names[1:]:
         wrapped.add_adapter(name, configs[name])
     wrapped.base_model.set_adapter(names)  # both active: each block holds one side's adapter only
+    # A head tied to the embeddings is one parameter with the client's embedding until the cut unties it; the
+    # server's copy must then train as the server side says, not as the client's frozen embedding does.
+    wrapped.hosl_head_requires_grad = head_flag and "server" not in configs
     for name, param in model.named_parameters():
         side = _side_of(name, model, cut_layer)
         if side in configs:
@@ -129,6 +133,11 @@ def _side_of(name: str, model: PreTrainedModel, cut_layer: int) -> str:
         return "client" if int(name[len(marker):].split(".", 1)[0]) < cut_layer else "server"
     embeddings = tuple(f"{family.base}.{e}." for e in family.embeddings)
     return "client" if name.startswith(embeddings) else "server"
+
+
+def untied_head_trainable(peft_model: Any, server_head: nn.Module) -> None:
+    """After the cut: give the server's head (a clone, if it was tied) the trainability of the server's side."""
+    server_head.weight.requires_grad_(bool(getattr(peft_model, "hosl_head_requires_grad", False)))
 
 
 def save_adapters(peft_model: Any, directory: str | Path) -> list[Path]:

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from transformers import PreTrainedModel
 
-from hosl_lightning.adapters import adapter_config, add_adapters
+from hosl_lightning.adapters import adapter_config, add_adapters, untied_head_trainable
 from hosl_lightning.clients import ClientSync
 from hosl_lightning.memory import MemoryReport, SideSwitch, StepMemoryMeter
 from hosl_lightning.model import SplitCausalLM
@@ -538,6 +538,8 @@ class HOSLStrategy(SingleDeviceStrategy):
         if self.client_adapter is not None or self.server_adapter is not None:
             self.peft_model = add_adapters(model, self.cut_layer, self.client_adapter, self.server_adapter)
         split = self._client_split(model) if self.role == "client" else SplitCausalLM(model, self.cut_layer)
+        if self.peft_model is not None:
+            untied_head_trainable(self.peft_model, split.server.lm_head)
         self._install(module, name, split)
         zeroth_order = [split.client] if self.mode == "hosl" else [split.client, split.server] if self.mode == "zo" else []
         for half in [h for h in zeroth_order if h is not None]:
