@@ -239,7 +239,8 @@ class SubsetSelection(Callback):
             self._select(trainer)
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._in_epoch = 0
+        # 0, or after a resume from a checkpoint taken mid-epoch the batches of this epoch already trained
+        self._in_epoch, self._restored_skip = self._restored_skip, 0
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
         assert self._sampler is not None
