@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -56,7 +57,7 @@ def test_tune_runs_trials_on_subsets_retrains_the_best_and_writes_results(tmp_pa
     table = [line for line in markdown.splitlines() if line.startswith("| ") and "complete" in line]
     values = [float(line.split("|")[3]) for line in table]
     assert values == sorted(values)  # best first: ascending when minimising
-    assert (out / "history.png").exists()
+    assert (out / "history.png").exists() == (importlib.util.find_spec("matplotlib") is not None)  # optional
 
 
 def test_workers_with_one_storage_share_the_study(tmp_path: Path) -> None:
