@@ -218,6 +218,9 @@ def test_selection_repeats_every_n_steps_and_logs_its_time() -> None:
     selection = SubsetSelection("gradmatch", fraction=0.25, every_n_steps=3, progress=False)
     trainer, _ = _fit(selection, steps=7)
     assert selection.selections == 1 + 7 // 3
+    at_the_end = SubsetSelection("gradmatch", fraction=0.25, every_n_steps=3, progress=False)
+    _fit(at_the_end, steps=6)
+    assert at_the_end.selections == 2  # at the start and after step 3; none after the last step
     assert float(trainer.callback_metrics["subset/selection_sec"]) == pytest.approx(selection.selection_seconds)
 
 

@@ -246,7 +246,7 @@ class SubsetSelection(Callback):
         assert self._sampler is not None
         self._in_epoch += 1
         self._since_selection += 1
-        if self._since_selection >= (self.every_n_steps or self._sampler.length):
+        if self._since_selection >= (self.every_n_steps or self._sampler.length) and not _training_ends(trainer):
             self._select(trainer)
         pl_module.log("subset/selection_sec", self.selection_seconds, on_step=True, on_epoch=False)
 
@@ -319,6 +319,13 @@ class SubsetSelection(Callback):
         if self._sampler is not None and self._restored is not None:
             self._sampler.update(self._restored, self._round)
             self._sampler.skip = self._restored_skip
+
+
+def _training_ends(trainer: Trainer) -> bool:
+    """After this batch the fit is over (max_steps reached, or the last batch of the last epoch): no use choosing."""
+    out_of_steps = trainer.max_steps is not None and 0 <= trainer.max_steps <= trainer.global_step
+    last_epoch = trainer.max_epochs is not None and 0 <= trainer.max_epochs <= trainer.current_epoch + 1
+    return out_of_steps or (last_epoch and trainer.is_last_batch)
 
 
 def _split_model(trainer: Trainer) -> SplitCausalLM:
