@@ -43,6 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import code_state, machine, quiet_lightning
+from tuning import keep_blocks
 
 from hosl_lightning import (
     HOSLModule,
@@ -215,10 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     quiet_lightning()
     base = load_causal_lm("smollm2-135m")
     if args.layers is not None:
-        base.model.layers = base.model.layers[: args.layers]
-        base.config.num_hidden_layers = args.layers
-        if getattr(base.config, "layer_types", None):
-            base.config.layer_types = base.config.layer_types[: args.layers]
+        base = keep_blocks(base, args.layers)
     tokenizer = resolve_tokenizer("smollm2-135m")
     zero = HOSLModule(model=copy.deepcopy(base))
     zero.model = SplitCausalLM(zero.model, 2)  # evaluate() scores through the split model's server half

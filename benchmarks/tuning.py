@@ -62,6 +62,15 @@ SPACE = {
 TARGET_SPEEDUP, TARGET_GAP = 3.0, 1.0
 
 
+def keep_blocks(model: Any, layers: int) -> Any:
+    """A Llama-family causal LM cut down to its first ``layers`` decoder blocks (final norm and head kept)."""
+    model.model.layers = model.model.layers[:layers]
+    model.config.num_hidden_layers = layers
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = model.config.layer_types[:layers]
+    return model
+
+
 def prepare_model(layers: int, directory: Path) -> Path:
     """SmolLM2-135M-Instruct's first ``layers`` blocks, with its tokenizer, as a directory (made once)."""
     if (directory / "model.safetensors").exists():
@@ -69,11 +78,7 @@ def prepare_model(layers: int, directory: Path) -> Path:
     from hosl_lightning import load_causal_lm, resolve_tokenizer
     from hosl_lightning.models import export_model
 
-    model = load_causal_lm("smollm2-135m")
-    model.model.layers = model.model.layers[:layers]
-    model.config.num_hidden_layers = layers
-    if getattr(model.config, "layer_types", None):
-        model.config.layer_types = model.config.layer_types[:layers]
+    model = keep_blocks(load_causal_lm("smollm2-135m"), layers)
     export_model(model, directory)
     resolve_tokenizer("smollm2-135m").save_pretrained(directory)
     return directory
