@@ -16,7 +16,14 @@ from conftest import TINY_LLAMA, quiet_trainer, tiny_data
 from hosl_lightning import HOSLModule, HOSLStrategy, SplitCausalLM, SyntheticLMDataModule
 from hosl_lightning.gradmatch import gradmatch, nnls, orthogonal_matching_pursuit, random_subset
 from hosl_lightning.steps import ZOSettings, hosl_step
-from hosl_lightning.subsets import SelectionCache, SubsetSelection, batch_feature, subset_length
+from hosl_lightning.subsets import (
+    SelectionCache,
+    SubsetSelection,
+    batch_feature,
+    class_labels,
+    partition,
+    subset_length,
+)
 from hosl_lightning.zo import ZOSGD
 
 # ---- matching pursuit ---------------------------------------------------------------------------------------
@@ -255,6 +262,57 @@ def test_resume_mid_epoch_reproduces_the_uninterrupted_run(tmp_path: Path) -> No
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_stratified_candidates_keep_the_class_mix_in_every_batch() -> None:
+    labels = torch.tensor([1] * 265 + [0] * 215)[torch.randperm(480, generator=torch.Generator().manual_seed(0))]
+    expected = 16 * 265 / 480
+
+    def worst(batches: list[list[int]]) -> float:
+        return max(abs(float(labels[batch].sum()) - len(batch) * 265 / 480) for batch in batches)
+
+    for seed in range(20):
+        batches = partition(480, 16, torch.Generator().manual_seed(seed), labels)
+        assert sorted(i for batch in batches for i in batch) == list(range(480))
+        assert worst(batches) < 2, f"seed {seed}: a batch is off the mix of {expected:.1f} positives by 2 or more"
+    plain = partition(480, 16, torch.Generator().manual_seed(0))
+    assert worst(plain) >= 2  # what stratifying removes
+    again = partition(480, 16, torch.Generator().manual_seed(3), labels)
+    assert again == partition(480, 16, torch.Generator().manual_seed(3), labels)
+
+
+def test_class_labels_come_from_label_attributes_or_keys_and_are_none_otherwise() -> None:
+    class Example:
+        def __init__(self, label: object) -> None:
+            self.label = label
+
+    assert class_labels([Example(1), Example(0)]).tolist() == [1, 0]
+    assert class_labels([{"label": torch.tensor(2)}, {"label": 0}]).tolist() == [2, 0]
+    assert class_labels([{"input_ids": [1, 2], "labels": [1, 2]}]) is None  # language-model data
+    assert class_labels([Example(1), Example("positive")]) is None
+    assert class_labels([Example(True)]) is None
+
+
+def test_prompt_classification_candidates_are_stratified_by_default(tmp_path: Path) -> None:
+    from test_tasks import sentiment_dm, word_tokenizer
+
+    rows = [{"text": f"film number {i}", "label": "positive" if i % 4 == 0 else "negative"} for i in range(32)]
+    tokenizer = word_tokenizer()
+    selection = SubsetSelection("random", fraction=0.5, every_n_steps=100, progress=False)
+    log = BatchLog()
+    torch.manual_seed(0)
+    module = HOSLModule(model_config=dict(TINY_LLAMA, vocab_size=len(tokenizer)))
+    trainer = quiet_trainer(HOSLStrategy(cut_layer=1), max_steps=4, callbacks=[selection, log], limit_val_batches=0)
+    trainer.fit(module, sentiment_dm(tmp_path, tokenizer, rows, batch_size=4, eval_batch_size=4))
+    dataset, labels = selection._loader.dataset, selection._labels
+    assert labels is not None and labels.bincount().tolist() in ([24, 8], [8, 24])
+    positive = int(labels.bincount().argmin())
+    assert len(selection._sampler.batches) == 4
+    for batch in selection._sampler.batches:  # 8 positives in 32: every batch of 4 has exactly one
+        assert [dataset[i].label for i, _ in batch].count(positive) == 1
+    assert len(log.weights) == 4
+    with pytest.raises(ValueError, match=r"stratify=True\) needs every training example to have an integer 'label'"):
+        _fit(SubsetSelection("random", fraction=0.25, stratify=True, progress=False), steps=1)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -262,6 +320,7 @@ def test_resume_mid_epoch_reproduces_the_uninterrupted_run(tmp_path: Path) -> No
         ({"fraction": 0.0}, r"fraction=0.0 is not valid: it must be a number in \(0, 1\]"),
         ({"fraction": 1.5}, r"fraction=1.5 is not valid"),
         ({"every_n_steps": 0}, r"every_n_steps=0 is not valid: it must be an integer >= 1"),
+        ({"stratify": "yes"}, r"stratify='yes' is not valid: choose None \(when labels exist\), True or False"),
     ],
 )
 def test_bad_options_name_the_option_and_the_valid_values(kwargs: dict, message: str) -> None:

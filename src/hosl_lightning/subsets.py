@@ -107,10 +107,39 @@ def subset_length(fraction: float, candidates: int) -> int:
     return max(1, math.ceil(round(fraction * candidates, 9)))
 
 
-def partition(size: int, batch_size: int, generator: torch.Generator) -> list[list[int]]:
-    """The candidates: a seeded shuffle of all examples cut into batches (the last one may be short)."""
-    order = torch.randperm(size, generator=generator).tolist()
+def partition(size: int, batch_size: int, generator: torch.Generator, labels: Tensor | None = None) -> list[list[int]]:
+    """The candidates: a seeded shuffle of all examples cut into batches (the last one may be short).
+
+    With ``labels`` the shuffle is stratified: each class's examples are spread evenly along the order, so every
+    batch holds the classes in the data's proportions (to within one example per class).
+    """
+    if labels is None:
+        order = torch.randperm(size, generator=generator).tolist()
+    else:
+        if len(labels) != size:
+            raise ValueError(f"{len(labels)} labels for {size} examples")
+        position = torch.empty(size, dtype=torch.float64)
+        for label in labels.unique():
+            members = (labels == label).nonzero().flatten()
+            members = members[torch.randperm(len(members), generator=generator)]
+            jitter = torch.rand(len(members), generator=generator, dtype=torch.float64)
+            position[members] = (torch.arange(len(members), dtype=torch.float64) + jitter) / len(members)
+        order = position.argsort().tolist()
     return [order[i : i + batch_size] for i in range(0, size, batch_size)]
+
+
+def class_labels(dataset: Any) -> Tensor | None:
+    """Each example's class (an integer ``label`` attribute or key, as prompt classification data has), or None."""
+    labels = []
+    for index in range(len(dataset)):
+        example = dataset[index]
+        label = example.get("label") if isinstance(example, dict) else getattr(example, "label", None)
+        if isinstance(label, Tensor) and label.numel() == 1:
+            label = label.item()
+        if isinstance(label, bool) or not isinstance(label, int):
+            return None
+        labels.append(label)
+    return torch.tensor(labels, dtype=torch.long)
 
 
 @torch.no_grad()
@@ -161,6 +190,12 @@ class SubsetSelection(Callback):
         seed: seeds the candidate batches (re-drawn at every selection), random picks and the epoch order.
         ridge: GradMatch's ridge, relative to the mean squared feature norm.
         cache: share selections between fits that start from the same weights (``SelectionCache``).
+        stratify: cut the candidate batches so that each holds the classes in about the training data's
+            proportions. ``None`` (default): when every training example has an integer ``label`` (as
+            ``PromptClassificationDataModule``'s do); ``True``: require such labels; ``False``: a plain shuffle.
+            On a classification task the gradient feature mostly measures a batch's class mix, and without
+            stratification GradMatch picks batches of opposite, extreme mixes whose errors cancel in the sum but
+            not step by step (benchmarks/README.md, "Tuning").
         progress: show a progress bar while features are computed.
 
     The batches are those the training DataLoader would make (its dataset, batch size, collate and workers);
@@ -176,6 +211,7 @@ class SubsetSelection(Callback):
         seed: int = 0,
         ridge: float = 1e-3,
         cache: SelectionCache | None = None,
+        stratify: bool | None = None,
         progress: bool = True,
     ) -> None:
         if method not in METHODS:
@@ -187,8 +223,10 @@ class SubsetSelection(Callback):
             raise ValueError(f"every_n_steps={every_n_steps!r} is not valid: it must be an integer >= 1 (or None)")
         if not ridge >= 0:
             raise ValueError(f"ridge={ridge!r} is not valid: it must be >= 0")
+        if stratify not in (None, True, False):
+            raise ValueError(f"stratify={stratify!r} is not valid: choose None (when labels exist), True or False")
         self.method, self.fraction, self.every_n_steps = method, float(fraction), every_n_steps
-        self.seed, self.ridge, self.cache, self.progress = seed, ridge, cache, progress
+        self.seed, self.ridge, self.cache, self.stratify, self.progress = seed, ridge, cache, stratify, progress
         self.selection_seconds = 0.0
         self.selections = 0  # selections made (including cache hits)
         self.last: Selection | None = None
@@ -199,6 +237,7 @@ class SubsetSelection(Callback):
         self._restored_skip = 0
         self._sampler: SelectedBatches | None = None
         self._loader: DataLoader | None = None
+        self._labels: Tensor | None = None  # each training example's class, when candidates are stratified
         self._source: Any = None
         self._original: Any = None
 
@@ -219,6 +258,8 @@ class SubsetSelection(Callback):
         loader = self._original()
         if not isinstance(loader, DataLoader) or loader.batch_size is None:
             raise TypeError("SubsetSelection needs train_dataloader() to return one DataLoader with a batch_size")
+        if loader.dataset is not getattr(self._loader, "dataset", None):
+            self._labels = self._stratify_by(loader.dataset)
         self._loader = loader
         candidates = math.ceil(len(loader.dataset) / loader.batch_size)  # type: ignore[arg-type]
         length = candidates if self.method == "full" else subset_length(self.fraction, candidates)
@@ -232,6 +273,15 @@ class SubsetSelection(Callback):
             WeightedDataset(loader.dataset), batch_sampler=self._sampler, collate_fn=WeightedCollate(loader.collate_fn),
             num_workers=loader.num_workers, pin_memory=loader.pin_memory,
         )
+
+    def _stratify_by(self, dataset: Any) -> Tensor | None:
+        if self.stratify is False:
+            return None
+        labels = class_labels(dataset)
+        if labels is None and self.stratify:
+            raise ValueError("SubsetSelection(stratify=True) needs every training example to have an integer 'label' "
+                             "(attribute or key); this dataset's do not: use stratify=None or False")
+        return labels
 
     # ---- when to choose ------------------------------------------------------------------------------------
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -255,7 +305,7 @@ class SubsetSelection(Callback):
         assert self._sampler is not None and self._loader is not None
         started = time.perf_counter()
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self._round + 1)
-        candidates = partition(len(self._loader.dataset), self._loader.batch_size, generator)  # type: ignore[arg-type]
+        candidates = partition(len(self._loader.dataset), self._loader.batch_size, generator, self._labels)  # type: ignore[arg-type]
         budget = self._sampler.length
         if self.method == "full":
             chosen = Selection(list(range(len(candidates))), [1.0] * len(candidates), 0, 0.0)
@@ -278,7 +328,8 @@ class SubsetSelection(Callback):
         model = _split_model(trainer)
         key = None
         if self.cache is not None:
-            key = (weights_digest(model), self._round, self.seed, len(candidates), budget, self.ridge)
+            key = (weights_digest(model), self._round, self.seed, len(candidates), budget, self.ridge,
+                   self._labels is not None)
             cached = self.cache.get(key)
             if cached is not None:
                 self._sampler.update(cached, self._round + 1)  # type: ignore[union-attr]
