@@ -9,12 +9,22 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_LLAMA, quiet_trainer, tiny_data
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 
-from conftest import TINY_LLAMA, quiet_trainer, tiny_data
-from hosl_lightning import HOSLModule, HOSLStrategy, SplitCausalLM, SyntheticLMDataModule
-from hosl_lightning.gradmatch import gradmatch, nnls, orthogonal_matching_pursuit, random_subset
+from hosl_lightning import (
+    HOSLModule,
+    HOSLStrategy,
+    SplitCausalLM,
+    SyntheticLMDataModule,
+)
+from hosl_lightning.gradmatch import (
+    gradmatch,
+    nnls,
+    orthogonal_matching_pursuit,
+    random_subset,
+)
 from hosl_lightning.steps import ZOSettings, hosl_step
 from hosl_lightning.subsets import (
     SelectionCache,
