@@ -1,6 +1,6 @@
 """Tuning on subsets (AUTOMATA): full data vs random subsets vs GradMatch subsets, each with Optuna TPE + Hyperband.
 
-    python benchmarks/tuning.py            # the study (planned for ~45 minutes on 2 quiet CPU cores; budget 90)
+    python benchmarks/tuning.py            # the study (about 65 minutes on 2 quiet CPU cores; budget 90)
     python benchmarks/tuning.py --quick    # a few-minute smoke run (2 blocks, 64 examples, 3 trials)
     python benchmarks/tuning.py --out DIR  # where tuning.md, tuning.csv and tuning.png go (default benchmarks/results)
 
@@ -11,10 +11,13 @@ seeded ``--num-train`` training sample, a fixed 200-example validation sample (w
 a fixed 1000-example test sample (what the retrained winners are scored on).
 
 The same ``hosl_lightning.tune.tune`` call runs three times, differing only in ``subset``: ``full`` (every
-batch), ``random`` and ``gradmatch`` (``--fraction`` of the batches, re-chosen every two subset epochs; the
-first choice of every trial starts from the same pretrained weights and is computed once per study). Each
-search: ``--trials`` trials, TPE with seed 0 whose first ``--startup`` trials are random (and never pruned),
-Hyperband on val_acc after each of ``--epochs`` epochs, over client lr, mu, server lr, cut layer and Q. The
+batch), ``random`` and ``gradmatch`` (``--fraction`` of the batches; candidate batches are stratified by class,
+the default on labelled data). A full-data trial runs ``epochs`` epochs; a subset trial runs twice as many
+subset epochs (``--subset-epochs``), i.e. a fifth of the steps, and is validated as often. By default the
+subset is chosen once per trial (``--select-every-epochs``): a GradMatch feature pass costs about as much as
+four training steps here, and every trial's first choice, made from the same pretrained weights, is computed
+once per study. Each search: ``--trials`` trials, TPE with seed 0 whose first ``--startup`` trials are random
+(and never pruned), Hyperband on val_acc at each validation, over client lr, mu, server lr, cut layer and Q. The
 startup trials have the same configurations in all three searches (same sampler seed), which is what the
 rank agreement (Kendall tau, subset's val_acc vs full data's) is computed on. Each search's best
 configuration is then retrained on the full data (plain loader, no subset) and tested; a configuration two
@@ -182,7 +185,9 @@ def write_outputs(out: Path, name: str, rows: list[dict], results: dict[str, Tun
         f"{size['num_test']} test (retrained winners). Each search: {size['trials']} trials, the first "
         f"{size['startup']} random and never pruned, {size['epochs']} epochs per full-data trial and "
         f"{size['subset_epochs']} per subset trial (validated {size['epochs']} times), subsets of "
-        f"{size['fraction']:.0%} of the batches, re-chosen every {size['select_every']} subset epochs.", "",
+        f"{size['fraction']:.0%} of the batches (candidates stratified by class), "
+        + (f"re-chosen every {size['select_every']} subset epochs." if size["select_every"] < size["subset_epochs"]
+           else "chosen once per trial."), "",
         *(["The full-data search was not rerun: it is read from the study database of the previous run with the "
            "same sizes (`_tuning_tmp/full/full/hosl-tune.db`); its wall time is the sum of its trials' times.", ""]
           if reused_full else []),
@@ -247,13 +252,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--subset-epochs", type=int, default=None,
-                        help="epochs of a subset trial (default: as many as a full-data trial); validation then "
-                             "runs as many times as in a full-data trial")
+                        help="epochs of a subset trial, a multiple of a full-data trial's epochs (default: twice "
+                             "as many); validation runs as many times as in a full-data trial")
     parser.add_argument("--reuse-full", action="store_true",
                         help="take the full-data search from the study database of an earlier run (same sizes) "
                              "instead of running it again; its wall time is the sum of its trials' times")
-    parser.add_argument("--select-every-epochs", type=int, default=2,
-                        help="GradMatch re-selects every this many subset epochs (AUTOMATA's R)")
+    parser.add_argument("--select-every-epochs", type=int, default=None,
+                        help="choose the subset again every this many subset epochs (AUTOMATA's R; default: "
+                             "once per trial)")
     parser.add_argument("--tag", default="", help="suffix of the output files (tuning-TAG.md, ...)")
     args = parser.parse_args(argv)
     size = dict(QUICK if args.quick else FULL)
@@ -267,8 +273,12 @@ def main(argv: list[str] | None = None) -> None:
     batches = -(-size["num_train"] // 16)
     subset_epoch = subset_length(size["fraction"], batches)
     results: dict[str, TuneResult] = {}
-    subset_epochs = args.subset_epochs or size["epochs"]
-    size["subset_epochs"], size["select_every"] = subset_epochs, args.select_every_epochs
+    subset_epochs = args.subset_epochs or 2 * size["epochs"]
+    if subset_epochs % size["epochs"]:
+        parser.error(f"--subset-epochs={subset_epochs} is not valid: it must be a multiple of {size['epochs']} "
+                     "(a full-data trial's epochs), so that subset trials validate at the same fractions of training")
+    select_every = args.select_every_epochs or subset_epochs
+    size["subset_epochs"], size["select_every"] = subset_epochs, select_every
     for method in METHODS:
         run_dir = work / ("quick" if args.quick else "full") / (method if method == "full" else method + args.tag)
         if method == "full" and args.reuse_full:
@@ -283,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
                          f"--trainer.check_val_every_n_epoch={-(-subset_epochs // size['epochs'])}"]
         print(f"=== search on {method} data ===", flush=True)
         results[method] = tune(str(config), str(space), n_trials=size["trials"], subset=method,
-                               fraction=size["fraction"], select_every_n_steps=args.select_every_epochs * subset_epoch,
+                               fraction=size["fraction"], select_every_n_steps=select_every * subset_epoch,
                                output_dir=str(run_dir), n_startup_trials=size["startup"], retrain=False,
                                overrides=overrides)
     memo_path = work / ("retrain-quick.json" if args.quick else "retrain.json")
