@@ -188,11 +188,11 @@ def write_outputs(out: Path, name: str, rows: list[dict], results: dict[str, Tun
         f"{size['fraction']:.0%} of the batches (candidates stratified by class), "
         + (f"re-chosen every {size['select_every']} subset epochs." if size["select_every"] < size["subset_epochs"]
            else "chosen once per trial."), "",
-        *(["The full-data search was not rerun: it is read from the study database of the previous run with the "
-           "same sizes (`_tuning_tmp/full/full/hosl-tune.db`); its wall time is the sum of its trials' times.", ""]
+        *([("The full-data search was not rerun: it is read from the study database of the previous run with the "
+            "same sizes (`_tuning_tmp/full/full/hosl-tune.db`); its wall time is the sum of its trials' times."), ""]
           if reused_full else []),
-        "| method | search wall time | selection time | speedup vs full | trials pruned | best val_acc (in search) "
-        "| retrained test acc | Kendall tau vs full (startup trials) |",
+        ("| method | search wall time | selection time | speedup vs full | trials pruned | best val_acc (in search) "
+         "| retrained test acc | Kendall tau vs full (startup trials) |"),
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
