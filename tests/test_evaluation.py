@@ -71,7 +71,7 @@ def _module_under_trainer() -> HOSLModule:
     return module
 
 
-def test_evaluate_reports_accuracy_and_macro_f1_of_the_likelihood_argmax() -> None:
+def test_evaluate_reports_accuracy_macro_f1_and_loss_of_the_class_scores() -> None:
     module = _module_under_trainer()
     batch = _candidate_batch()
     scores = _reference_log_likelihood(module.model, batch).view(B, C)
@@ -85,10 +85,13 @@ def test_evaluate_reports_accuracy_and_macro_f1_of_the_likelihood_argmax() -> No
         fn = ((predictions != c) & (truth == c)).sum().item()
         f1s.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
     results = module.evaluate([batch], stage="val")
+    assert set(results) == {"val_acc", "val_f1", "val_loss"}
     assert results["val_acc"] == pytest.approx(accuracy)
     assert results["val_f1"] == pytest.approx(sum(f1s) / C)
+    assert results["val_loss"] == pytest.approx(F.cross_entropy(scores, truth).item(), rel=1e-5)
     again = module.evaluate([batch, batch], stage="val")  # metrics were reset: same scores, not accumulated
     assert again["val_acc"] == pytest.approx(accuracy)
+    assert again["val_loss"] == pytest.approx(results["val_loss"], rel=1e-6)
 
 
 def test_evaluate_reports_perplexity_for_language_modelling_batches() -> None:

@@ -23,7 +23,7 @@ def test_zero_shot_validate_reports_accuracy_over_every_example(tmp_path: Path) 
     dm = sentiment_dm(tmp_path, tokenizer, batch_size=2, eval_batch_size=2)
     trainer = quiet_trainer(HOSLStrategy(cut_layer=1), limit_val_batches=None)
     (scores,) = trainer.validate(_module(len(tokenizer)), dm)
-    assert set(scores) == {"val_acc", "val_f1"}
+    assert set(scores) == {"val_acc", "val_f1", "val_loss"}
     assert any(scores["val_acc"] == pytest.approx(i / 5) for i in range(6))  # 5 examples, each counted once
 
 
@@ -40,6 +40,6 @@ def test_fit_on_prompts_with_each_loss_and_report_zero_shot_then_final(
     with caplog.at_level("INFO"):
         trainer.fit(module, dm)
     assert trainer.global_step == 3
-    assert set(report.zero_shot) == {"val_acc", "val_f1"}
+    assert set(report.zero_shot) == {"val_acc", "val_f1", "val_loss"}
     assert "zero-shot -> final" in caplog.text
     assert float(trainer.callback_metrics["train_loss"]) > 0

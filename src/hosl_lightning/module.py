@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import move_data_to_device
@@ -27,8 +28,10 @@ class HOSLModule(LightningModule):
     """Fine-tune a causal LM on batches with ``labels`` (-100 = ignored), split by HOSLStrategy.
 
     Evaluation follows the batch: with ``class_labels`` (C candidate sequences per example), each class
-    is scored by the log-likelihood of its label word and ``{stage}_acc`` / ``{stage}_f1`` (macro) are
-    logged; otherwise ``{stage}_loss`` and ``{stage}_ppl`` (perplexity over labelled tokens).
+    is scored by the log-likelihood of its label word and ``{stage}_acc``, ``{stage}_f1`` (macro) and
+    ``{stage}_loss`` (cross-entropy over the classes' scores: it moves before accuracy does, so short runs
+    can be ranked by it) are logged; otherwise ``{stage}_loss`` and ``{stage}_ppl`` (perplexity over labelled
+    tokens).
 
     Args:
         model: a Hugging Face hub id, a local directory, a ``.gguf`` file, an alias (``smollm2-135m``), or a
@@ -88,13 +91,13 @@ class HOSLModule(LightningModule):
         return output.loss
 
     # ---- evaluation -------------------------------------------------------------------------------------
-    def _stage_metrics(self, stage: str, num_classes: int | None) -> MetricCollection | MeanMetric:
-        key = f"{stage}_{num_classes or 'lm'}"
+    def _stage_metrics(self, stage: str, num_classes: int | None, kind: str = "") -> MetricCollection | MeanMetric:
+        key = f"{stage}_{num_classes or 'lm'}{kind}"
         if key not in self.metrics:
             # Never synced across processes: in a distributed HOSL run the other process is the server, which
             # keeps no metrics (torchmetrics would wait for it at a barrier forever).
             local = {"sync_on_compute": False}
-            if num_classes is None:
+            if num_classes is None or kind:
                 metric: nn.Module = MeanMetric(**local)
             else:
                 metric = MetricCollection(
@@ -111,8 +114,10 @@ class HOSLModule(LightningModule):
         scores = self.model.sequence_log_likelihood(batch["input_ids"], batch.get("attention_mask"), batch["labels"])
         if "class_labels" in batch:
             num_classes = int(batch["num_classes"])
-            predictions = scores.view(-1, num_classes).argmax(dim=-1)
-            self._stage_metrics(stage, num_classes).update(predictions, batch["class_labels"].to(predictions.device))
+            class_scores, class_labels = scores.view(-1, num_classes), batch["class_labels"].to(scores.device)
+            self._stage_metrics(stage, num_classes).update(class_scores.argmax(dim=-1), class_labels)
+            losses = F.cross_entropy(class_scores.float(), class_labels, reduction="none")
+            self._stage_metrics(stage, num_classes, "_loss").update(losses)
         else:
             tokens = (batch["labels"][:, 1:] != -100).sum().to(scores.device)
             self._stage_metrics(stage, None).update(-scores.sum() / tokens, weight=tokens)
@@ -122,7 +127,9 @@ class HOSLModule(LightningModule):
         for key in sorted(k for k in self._updated if k.startswith(f"{stage}_")):
             metric = self.metrics[key]
             self._updated.discard(key)
-            if isinstance(metric, MeanMetric):
+            if key.endswith("_loss"):
+                results[f"{stage}_loss"] = float(metric.compute())
+            elif isinstance(metric, MeanMetric):
                 loss = float(metric.compute())
                 results |= {f"{stage}_loss": loss, f"{stage}_ppl": math.exp(min(loss, 80.0))}
             else:
