@@ -143,13 +143,17 @@ def startup_values(result: TuneResult, startup: int) -> dict[int, tuple[str, flo
     return {t.number: (json.dumps(t.params, sort_keys=True), t.value) for t in result.trials if t.number < startup}
 
 
-def summarise(results: dict[str, TuneResult], retrained: dict[str, dict[str, float]], startup: int) -> list[dict]:
+def summarise(results: dict[str, TuneResult], retrained: dict[str, dict[str, float]], startup: int,
+              subset_metric: str = "val_acc") -> list[dict]:
+    """One row per search; tau compares the subset's ranking (higher is better) with the full data's val_acc."""
     rows, full = [], results["full"]
     base = startup_values(full, startup)
     for method, result in results.items():
         shared = startup_values(result, startup)
         assert all(shared[n][0] == base[n][0] for n in base), "startup configurations differ between searches"
-        pairs = [(base[n][1], shared[n][1]) for n in base if base[n][1] is not None and shared[n][1] is not None]
+        sign = -1.0 if method != "full" and subset_metric == "val_loss" else 1.0
+        pairs = [(base[n][1], sign * shared[n][1]) for n in base
+                 if base[n][1] is not None and shared[n][1] is not None]
         tau = kendall_tau([p[0] for p in pairs], [p[1] for p in pairs]) if len(pairs) > 2 else float("nan")
         rows.append({
             "method": method, "search_s": result.search_seconds,
@@ -157,6 +161,7 @@ def summarise(results: dict[str, TuneResult], retrained: dict[str, dict[str, flo
             "speedup": full.search_seconds / result.search_seconds,
             "pruned": sum(t.state == "PRUNED" for t in result.trials), "trials": len(result.trials),
             "best_val": result.best_value, "best_params": result.best_params,
+            "metric": "val_acc" if method == "full" else subset_metric,
             "retrain_s": retrained[method]["seconds"], "test_acc": retrained[method]["test_acc"],
             "test_f1": retrained[method].get("test_f1"), "retrain_val": retrained[method]["val_acc"],
             "tau": tau if method != "full" else 1.0,
@@ -164,17 +169,23 @@ def summarise(results: dict[str, TuneResult], retrained: dict[str, dict[str, flo
     return rows
 
 
+def best_in_search(row: dict) -> str:
+    value = row["best_val"]
+    return f"val_loss {value:.3f}" if row["metric"] == "val_loss" else f"val_acc {value * 100:.1f}"
+
+
 def write_outputs(out: Path, name: str, rows: list[dict], results: dict[str, TuneResult], size: dict, command: str,
                   wall_s: float, code: str, reused_full: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with (out / f"{name}.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["method", "trial", "state", "val_acc", "seconds", "selection_seconds", "steps", "params"])
+        writer.writerow(["method", "trial", "state", "metric", "value", "seconds", "selection_seconds", "steps",
+                         "params"])
+        by = {r["method"]: r for r in rows}
         for method, result in results.items():
             for t in result.trials:
-                writer.writerow([method, t.number, t.state, t.value, f"{t.seconds:.2f}", f"{t.selection_seconds:.2f}",
-                                 t.steps, json.dumps(t.params, sort_keys=True)])
-    by = {r["method"]: r for r in rows}
+                writer.writerow([method, t.number, t.state, by[method]["metric"], t.value, f"{t.seconds:.2f}",
+                                 f"{t.selection_seconds:.2f}", t.steps, json.dumps(t.params, sort_keys=True)])
     full = by["full"]
     lines = [
         "# Tuning on subsets: full data vs random vs GradMatch (Optuna TPE + Hyperband)", "",
@@ -184,20 +195,21 @@ def write_outputs(out: Path, name: str, rows: list[dict], results: dict[str, Tun
         f"{size['num_train']} training examples (batches of 16), {size['num_validation']} validation (ranking), "
         f"{size['num_test']} test (retrained winners). Each search: {size['trials']} trials, the first "
         f"{size['startup']} random and never pruned, {size['epochs']} epochs per full-data trial and "
-        f"{size['subset_epochs']} per subset trial (validated {size['epochs']} times), subsets of "
+        f"{size['subset_epochs']} per subset trial (validated {size['epochs']} times, ranked by "
+        f"{size['subset_metric']}), subsets of "
         f"{size['fraction']:.0%} of the batches (candidates stratified by class), "
         + (f"re-chosen every {size['select_every']} subset epochs." if size["select_every"] < size["subset_epochs"]
            else "chosen once per trial."), "",
         *([("The full-data search was not rerun: it is read from the study database of the previous run with the "
             "same sizes (`_tuning_tmp/full/full/hosl-tune.db`); its wall time is the sum of its trials' times."), ""]
           if reused_full else []),
-        ("| method | search wall time | selection time | speedup vs full | trials pruned | best val_acc (in search) "
+        ("| method | search wall time | selection time | speedup vs full | trials pruned | best in search "
          "| retrained test acc | Kendall tau vs full (startup trials) |"),
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(f"| {r['method']} | {r['search_s']:.0f} s | {r['selection_s']:.0f} s | {r['speedup']:.2f}x | "
-                     f"{r['pruned']}/{r['trials']} | {r['best_val'] * 100:.1f} | {r['test_acc'] * 100:.1f} | "
+                     f"{r['pruned']}/{r['trials']} | {best_in_search(r)} | {r['test_acc'] * 100:.1f} | "
                      f"{r['tau']:.2f} |")
     lines += ["", "Best configurations:", ""]
     lines += [f"- {r['method']}: `{json.dumps({k.rsplit('.', 1)[-1]: v for k, v in r['best_params'].items()})}` "
@@ -234,12 +246,15 @@ def plot(path: Path, rows: list[dict], results: dict[str, TuneResult], startup: 
     middle.set_ylabel("test accuracy after full-data retrain (%)")
     middle.set_ylim(min(r["test_acc"] for r in rows) * 100 - 5, max(r["test_acc"] for r in rows) * 100 + 3)
     full = {t.number: t.value for t in results["full"].trials if t.number < startup}
-    for method, color in (("random", "tab:orange"), ("gradmatch", "tab:blue")):
+    scale = 1.0 if rows[-1]["metric"] == "val_loss" else 100.0
+    for method, color, marker in (("random", "tab:orange", "x"), ("gradmatch", "tab:blue", "o")):
         sub = {t.number: t.value for t in results[method].trials if t.number < startup}
         shared = [n for n in full if full[n] is not None and sub.get(n) is not None]
-        right.scatter([full[n] * 100 for n in shared], [sub[n] * 100 for n in shared], label=method, color=color)
+        right.scatter([full[n] * 100 for n in shared], [sub[n] * scale for n in shared], label=method, color=color,
+                      marker=marker, s=60)
     right.set_xlabel("val acc, trained on full data (%)")
-    right.set_ylabel("val acc, trained on the subset (%)")
+    right.set_ylabel("val loss, trained on the subset" if rows[-1]["metric"] == "val_loss"
+                     else "val acc, trained on the subset (%)")
     right.legend()
     right.set_title("same configurations (startup trials)")
     fig.tight_layout()
@@ -260,6 +275,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--select-every-epochs", type=int, default=None,
                         help="choose the subset again every this many subset epochs (AUTOMATA's R; default: "
                              "once per trial)")
+    parser.add_argument("--subset-metric", choices=("val_acc", "val_loss"), default="val_acc",
+                        help="what the subset searches rank trials by (the full-data search ranks by val_acc); "
+                             "val_loss, the cross-entropy over the class scores, is continuous where accuracy ties")
     parser.add_argument("--tag", default="", help="suffix of the output files (tuning-TAG.md, ...)")
     args = parser.parse_args(argv)
     size = dict(QUICK if args.quick else FULL)
@@ -267,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     work = ROOT / "benchmarks" / "results" / "_tuning_tmp"
     started, code = time.perf_counter(), code_state()  # the code this run imported, before anything changes
     model_dir = prepare_model(size["layers"], work / f"smollm2-135m-{size['layers']}-blocks")
-    config, space = work / "fit.yaml", work / "space.yaml"
+    config, space = work / ("fit-quick.yaml" if args.quick else "fit.yaml"), work / "space.yaml"
     config.write_text(yaml.safe_dump(fit_config(model_dir, size)))
     space.write_text(yaml.safe_dump(SPACE))
     batches = -(-size["num_train"] // 16)
@@ -278,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--subset-epochs={subset_epochs} is not valid: it must be a multiple of {size['epochs']} "
                      "(a full-data trial's epochs), so that subset trials validate at the same fractions of training")
     select_every = args.select_every_epochs or subset_epochs
-    size["subset_epochs"], size["select_every"] = subset_epochs, select_every
+    size["subset_epochs"], size["select_every"], size["subset_metric"] = subset_epochs, select_every, args.subset_metric
     for method in METHODS:
         run_dir = work / ("quick" if args.quick else "full") / (method if method == "full" else method + args.tag)
         if method == "full" and args.reuse_full:
@@ -291,8 +309,10 @@ def main(argv: list[str] | None = None) -> None:
         if method != "full" and subset_epochs != size["epochs"]:
             overrides = [f"--trainer.max_epochs={subset_epochs}",
                          f"--trainer.check_val_every_n_epoch={-(-subset_epochs // size['epochs'])}"]
-        print(f"=== search on {method} data ===", flush=True)
-        results[method] = tune(str(config), str(space), n_trials=size["trials"], subset=method,
+        metric = "val_acc" if method == "full" else args.subset_metric
+        print(f"=== search on {method} data, ranked by {metric} ===", flush=True)
+        results[method] = tune(str(config), str(space), n_trials=size["trials"], subset=method, metric=metric,
+                               direction="minimize" if metric == "val_loss" else "maximize",
                                fraction=size["fraction"], select_every_n_steps=select_every * subset_epoch,
                                output_dir=str(run_dir), n_startup_trials=size["startup"], retrain=False,
                                overrides=overrides)
@@ -303,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"=== retrain the {method} search's best on full data ===", flush=True)
         retrained[method] = retrain(config, result.best_params, memo)
         memo_path.write_text(json.dumps(memo))  # a later run with the same sizes reuses these retrains
-    rows = summarise(results, retrained, size["startup"])
+    rows = summarise(results, retrained, size["startup"], size["subset_metric"])
     out = Path(args.out) if not args.quick else Path(args.out) / "_tuning_quick"
     name = "tuning" + (f"-{args.tag}" if args.tag else "")
     write_outputs(out, name, rows, results, size, command, time.perf_counter() - started, code, args.reuse_full)
