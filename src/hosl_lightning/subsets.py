@@ -111,7 +111,7 @@ def partition(size: int, batch_size: int, generator: torch.Generator, labels: Te
     """The candidates: a seeded shuffle of all examples cut into batches (the last one may be short).
 
     With ``labels`` the shuffle is stratified: each class's examples are spread evenly along the order, so every
-    batch holds the classes in the data's proportions (to within one example per class).
+    batch holds the classes in the data's proportions, off by fewer than two examples per class.
     """
     if labels is None:
         order = torch.randperm(size, generator=generator).tolist()
@@ -195,7 +195,7 @@ class SubsetSelection(Callback):
             ``PromptClassificationDataModule``'s do); ``True``: require such labels; ``False``: a plain shuffle.
             On a classification task the gradient feature mostly measures a batch's class mix, and without
             stratification GradMatch picks batches of opposite, extreme mixes whose errors cancel in the sum but
-            not step by step (benchmarks/README.md, "Tuning").
+            not step by step (benchmarks/README.md, "Subset choice").
         progress: show a progress bar while features are computed.
 
     The batches are those the training DataLoader would make (its dataset, batch size, collate and workers);
