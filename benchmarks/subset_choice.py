@@ -2,6 +2,7 @@
 
     python benchmarks/subset_choice.py           # about 25 minutes on 2 CPU cores
     python benchmarks/subset_choice.py --quick   # a 2-minute smoke run (2 blocks, 64 examples, 1 seed)
+    python benchmarks/subset_choice.py --feature head --methods gradmatch --candidates stratified --tag head
 
 Issue 6. Same model, data and sizes as ``benchmarks/tuning.py``: SmolLM2-135M-Instruct cut to 4 blocks,
 rotten_tomatoes with 480 training reviews in 30 candidate batches of 16, subsets of 10% (3 batches).
@@ -44,6 +45,7 @@ from hosl_lightning.subsets import (
     class_labels,
     partition,
     subset_length,
+    vocabulary_projection,
 )
 from hosl_lightning.tune import _fit, build_trial_cli, override_args
 
@@ -62,7 +64,7 @@ def positive_shares(batches: list[list[int]], labels: torch.Tensor) -> list[floa
     return [float(labels[batch].float().mean()) for batch in batches]
 
 
-def feature_report(config: Path, model_dir: Path, size: dict[str, Any], seed: int) -> list[str]:
+def feature_report(config: Path, model_dir: Path, size: dict[str, Any], seed: int, feature: str) -> list[str]:
     """Part 1: the candidates' features at the pretrained weights and the class mix of each method's picks."""
     cli = build_trial_cli(["--config", str(config)], [])
     datamodule = cli.datamodule
@@ -72,16 +74,19 @@ def feature_report(config: Path, model_dir: Path, size: dict[str, Any], seed: in
     labels = class_labels(dataset)
     assert labels is not None
     model = SplitCausalLM(load_causal_lm(str(model_dir)), 1).eval()  # the feature does not depend on the cut
+    projection = None
+    if feature == "head":  # as SubsetSelection(feature="head") with its default 16 rows
+        projection = vocabulary_projection(model.server.lm_head.out_features, 16, seed)
     table = ("| candidates | corr(projection on mean feature, positive share) | GradMatch picks: positive shares "
              "(weights) | relative residual | random picks: positive shares |")
-    lines = [f"## 1. What the feature sees (pretrained weights, seed {seed})", "",
+    lines = [f"## 1. What the {feature!r} feature sees (pretrained weights, seed {seed})", "",
              f"Positive share of the training sample: {float(labels.float().mean()):.3f}.", "",
              table, "|---|---:|---|---:|---|"]
     budget = subset_length(size["fraction"], -(-len(dataset) // 16))
     for name, stratify in (("plain", None), ("stratified", labels)):
         generator = torch.Generator().manual_seed(seed * 1_000_003 + 1)  # as SubsetSelection's first choice
         candidates = partition(len(dataset), 16, generator, stratify)
-        features = torch.stack([batch_feature(model, loader.collate_fn([dataset[i] for i in batch]))
+        features = torch.stack([batch_feature(model, loader.collate_fn([dataset[i] for i in batch]), projection)
                                 for batch in candidates])
         shares = torch.tensor(positive_shares(candidates, labels))
         projection = features @ features.mean(dim=0)
@@ -95,12 +100,13 @@ def feature_report(config: Path, model_dir: Path, size: dict[str, Any], seed: in
     return lines
 
 
-def train(config: Path, size: dict[str, Any], method: str, seed: int, stratify: bool, subset_epochs: int) -> dict[str, Any]:
+def train(config: Path, size: dict[str, Any], method: str, seed: int, stratify: bool, subset_epochs: int,
+          feature: str) -> dict[str, Any]:
     """Part 2: one fit of CONFIGURATION on the subset ``method`` picks; validation accuracy after the last step."""
     started = time.perf_counter()
     epoch = subset_length(size["fraction"], -(-size["num_train"] // 16))
-    selection = SubsetSelection(method, size["fraction"], every_n_steps=subset_epochs * epoch, seed=seed, stratify=stratify,
-                                progress=False)
+    selection = SubsetSelection(method, size["fraction"], every_n_steps=subset_epochs * epoch, seed=seed,
+                                stratify=stratify, feature=feature, progress=False)
     args = ["--config", str(config), *override_args(CONFIGURATION), f"--trainer.max_epochs={subset_epochs}",
             f"--trainer.check_val_every_n_epoch={subset_epochs}"]
     _, _, value = _fit(args, [selection], "val_acc")
@@ -109,7 +115,8 @@ def train(config: Path, size: dict[str, Any], method: str, seed: int, stratify: 
     assert labels is not None
     shares = positive_shares([[i for i, _ in batch] for batch in selection._sampler.batches], labels)
     weights = [batch[0][1] for batch in selection._sampler.batches]
-    return {"method": method, "candidates": "stratified" if stratify else "plain", "seed": seed, "val_acc": value,
+    return {"method": method, "feature": feature if method == "gradmatch" else "-",
+            "candidates": "stratified" if stratify else "plain", "seed": seed, "val_acc": value,
             "positive_shares": " ".join(f"{s:.2f}" for s in shares),
             "weights": " ".join(f"{w:.2f}" for w in weights), "seconds": time.perf_counter() - started}
 
@@ -119,6 +126,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seeds", type=int, default=4, help="seeds per method and candidate kind (default 4)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--feature", choices=("hidden", "head"), default="hidden", help="GradMatch's feature")
+    parser.add_argument("--methods", nargs="+", choices=("gradmatch", "random"), default=["gradmatch", "random"])
+    parser.add_argument("--candidates", nargs="+", choices=("plain", "stratified"), default=["plain", "stratified"])
+    parser.add_argument("--tag", default="", help="suffix of the output files (subset_choice-TAG.md, ...)")
     args = parser.parse_args(argv)
     size = dict(QUICK if args.quick else FULL)
     seeds = 1 if args.quick else args.seeds
@@ -129,16 +140,17 @@ def main(argv: list[str] | None = None) -> None:
     model_dir = prepare_model(size["layers"], work / f"smollm2-135m-{size['layers']}-blocks")
     config = work / ("choice-quick.yaml" if args.quick else "choice.yaml")
     config.write_text(yaml.safe_dump(fit_config(model_dir, size)))
-    lines = feature_report(config, model_dir, size, seed=0)
+    lines = feature_report(config, model_dir, size, seed=0, feature=args.feature)
     rows = []
     for seed in range(seeds):
-        for stratify in (False, True):
-            for method in ("gradmatch", "random"):
-                rows.append(train(config, size, method, seed, stratify, subset_epochs))
+        for kind in args.candidates:
+            for method in args.methods:
+                rows.append(train(config, size, method, seed, kind == "stratified", subset_epochs, args.feature))
                 print(f"=== {rows[-1]}", flush=True)
     out = Path(args.out) / ("_subset_choice_quick" if args.quick else "")
     out.mkdir(parents=True, exist_ok=True)
-    with (out / "subset_choice.csv").open("w", newline="") as handle:
+    name = "subset_choice" + (f"-{args.tag}" if args.tag else "")
+    with (out / f"{name}.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
@@ -149,8 +161,8 @@ def main(argv: list[str] | None = None) -> None:
                 "the start; val_acc on the validation sample after the last step."), "",
                "| candidates | method | val_acc per seed | mean | spread (max - min) | positive shares of the picks, per seed |",
                "|---|---|---|---:|---:|---|"]
-    for kind in ("plain", "stratified"):
-        for method in ("gradmatch", "random"):
+    for kind in args.candidates:
+        for method in args.methods:
             mine = [r for r in rows if r["candidates"] == kind and r["method"] == method]
             values = [r["val_acc"] * 100 for r in mine]
             summary.append(f"| {kind} | {method} | {', '.join(f'{v:.1f}' for v in values)} | "
@@ -159,8 +171,8 @@ def main(argv: list[str] | None = None) -> None:
     header = ["# Subset choice: class mix of GradMatch and random picks, plain and stratified candidates", "",
               f"Command: `{command}`  ", f"Machine: {machine()}  ", f"Code: {code}  ",
               f"Total wall time: {(time.perf_counter() - started) / 60:.1f} min.", ""]
-    (out / "subset_choice.md").write_text("\n".join(header + lines + [""] + summary) + "\n")
-    print((out / "subset_choice.md").read_text())
+    (out / f"{name}.md").write_text("\n".join(header + lines + [""] + summary) + "\n")
+    print((out / f"{name}.md").read_text())
 
 
 if __name__ == "__main__":

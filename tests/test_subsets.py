@@ -33,6 +33,7 @@ from hosl_lightning.subsets import (
     class_labels,
     partition,
     subset_length,
+    vocabulary_projection,
 )
 from hosl_lightning.zo import ZOSGD
 
@@ -124,6 +125,32 @@ def test_batch_feature_is_the_loss_gradient_at_the_final_hidden_state() -> None:
     loss.backward()
     assert feature.shape == (TINY_LLAMA["hidden_size"],)
     assert torch.allclose(feature, hidden.grad.sum(dim=(0, 1)), atol=1e-6)
+
+
+def test_head_feature_is_the_projected_weight_gradient_of_the_lm_head() -> None:
+    model, batch = _split(), _batch()
+    head = model.server.lm_head
+    projection = vocabulary_projection(head.out_features, 5, seed=3)
+    feature = batch_feature(model, batch, projection)
+    assert all(p.grad is None for p in model.parameters())
+    # Reference: autograd's gradient of the head's weight (vocab x hidden) under the mean labelled-token loss.
+    activations = model.client_forward(batch["input_ids"], batch["attention_mask"])
+    hidden = model.server(activations).detach()
+    weight = head.weight.detach().clone().requires_grad_(True)
+    logits = F.linear(hidden, weight, head.bias)
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100)
+    (gradient,) = torch.autograd.grad(loss, weight)
+    assert feature.shape == (5 * TINY_LLAMA["hidden_size"],)
+    assert torch.allclose(feature, (projection @ gradient).flatten(), atol=1e-6)
+    assert torch.equal(projection, vocabulary_projection(head.out_features, 5, seed=3))  # fixed by the seed
+    assert torch.allclose(projection.abs(), torch.full_like(projection, 5**-0.5))
+
+
+def test_gradmatch_on_the_head_feature_chooses_and_trains() -> None:
+    selection = SubsetSelection("gradmatch", fraction=0.25, feature="head", feature_rows=4, progress=False)
+    _, log = _fit(selection, steps=2)
+    assert selection.last is not None and selection.last.matched >= 1 and len(log.weights) == 2
+    assert all(any(w == pytest.approx(c) for c in selection.last.weights) for w in log.weights)
 
 
 def test_loss_weight_scales_every_group_loss() -> None:
@@ -330,6 +357,8 @@ def test_prompt_classification_candidates_are_stratified_by_default(tmp_path: Pa
         ({"fraction": 0.0}, r"fraction=0.0 is not valid: it must be a number in \(0, 1\]"),
         ({"fraction": 1.5}, r"fraction=1.5 is not valid"),
         ({"every_n_steps": 0}, r"every_n_steps=0 is not valid: it must be an integer >= 1"),
+        ({"feature": "logits"}, "feature='logits' is not valid: choose one of hidden, head"),
+        ({"feature_rows": 0}, "feature_rows=0 is not valid: it must be an integer >= 1"),
         ({"stratify": "yes"}, r"stratify='yes' is not valid: choose None \(when labels exist\), True or False"),
     ],
 )

@@ -162,6 +162,26 @@ class SplitCausalLM(nn.Module):
         return gradient.float().sum(dim=0) / hidden.shape[0]
 
     @torch.no_grad()
+    def server_head_gradient(self, activations: CutActivations, labels: Tensor, projection: Tensor) -> Tensor:
+        """The LM head's weight gradient with its vocabulary side projected: ``projection @ dL/dW``, flattened.
+
+        dL/dW is the sum over labelled tokens of e_t h_t^T (e_t = softmax - one-hot), averaged; it is never
+        formed (vocab x hidden): each e_t is projected to ``projection``'s k rows first, giving k x hidden numbers.
+        Unlike dL/dh it carries the input h_t, so two batches with the same class mix can still differ.
+        """
+        final_hidden = self.server(activations)
+        labels = labels.to(final_hidden.device)
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        if not bool(keep.any()):
+            raise ValueError("a batch has no labelled tokens (all labels are -100): it has no gradient feature")
+        hidden = final_hidden[:, :-1][keep]
+        error = self.server.logits(hidden).float().softmax(dim=-1)
+        error[torch.arange(len(error), device=error.device), targets[keep]] -= 1.0
+        projected = error @ projection.to(error.device).T  # tokens x k
+        return (projected.T @ hidden.float() / hidden.shape[0]).flatten()
+
+    @torch.no_grad()
     def sequence_log_likelihood(self, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor) -> Tensor:
         """Sum of log-probabilities of each row's labelled tokens: the score of a candidate answer."""
         activations = self.client_forward(input_ids, attention_mask)

@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 Method = Literal["gradmatch", "random", "full"]
 METHODS: tuple[str, ...] = ("gradmatch", "random", "full")
+Feature = Literal["hidden", "head"]
+FEATURES: tuple[str, ...] = ("hidden", "head")
 WeightedIndex = tuple[int, float]
 
 
@@ -143,8 +145,11 @@ def class_labels(dataset: Any) -> Tensor | None:
 
 
 @torch.no_grad()
-def batch_feature(model: SplitCausalLM, batch: dict[str, Any]) -> Tensor:
-    """One batch's gradient feature; classification batches (C rows per example) use each example's gold row."""
+def batch_feature(model: SplitCausalLM, batch: dict[str, Any], projection: Tensor | None = None) -> Tensor:
+    """One batch's gradient feature; classification batches (C rows per example) use each example's gold row.
+
+    dL/dh at the final hidden state, or with ``projection`` (k x vocab) the LM head's projected weight gradient.
+    """
     input_ids, mask, labels = batch["input_ids"], batch.get("attention_mask"), batch["labels"]
     if "class_labels" in batch and "num_classes" in batch:
         gold = torch.arange(len(batch["class_labels"]), device=input_ids.device) * int(batch["num_classes"])
@@ -155,7 +160,16 @@ def batch_feature(model: SplitCausalLM, batch: dict[str, Any]) -> Tensor:
     with model.server_side():
         up, targets = model.boundary.send_up(activations, {"labels": labels})
         assert targets is not None
+        if projection is not None:
+            return model.server_head_gradient(up, targets["labels"], projection)
         return model.server_loss_gradient(up, targets["labels"])
+
+
+def vocabulary_projection(vocab: int, rows: int, seed: int) -> Tensor:
+    """A fixed random sign matrix (rows x vocab) scaled by 1/sqrt(rows): inner products survive it on average."""
+    generator = torch.Generator().manual_seed(seed)
+    signs = torch.randint(0, 2, (rows, vocab), generator=generator, dtype=torch.float32) * 2.0 - 1.0
+    return signs / rows**0.5
 
 
 class SelectionCache:
@@ -196,6 +210,11 @@ class SubsetSelection(Callback):
             On a classification task the gradient feature mostly measures a batch's class mix, and without
             stratification GradMatch picks batches of opposite, extreme mixes whose errors cancel in the sum but
             not step by step (benchmarks/README.md, "Subset choice").
+        feature: GradMatch's per-batch feature. ``"hidden"`` (default): dL/dh at the final hidden state
+            (``hidden`` numbers). ``"head"``: the LM head's weight gradient with its vocabulary side projected by
+            a fixed random sign matrix to ``feature_rows`` rows (``feature_rows`` x ``hidden`` numbers); it also
+            sees the inputs, where dL/dh sees only the error.
+        feature_rows: rows of that projection.
         progress: show a progress bar while features are computed.
 
     The batches are those the training DataLoader would make (its dataset, batch size, collate and workers);
@@ -212,6 +231,8 @@ class SubsetSelection(Callback):
         ridge: float = 1e-3,
         cache: SelectionCache | None = None,
         stratify: bool | None = None,
+        feature: Feature = "hidden",
+        feature_rows: int = 16,
         progress: bool = True,
     ) -> None:
         if method not in METHODS:
@@ -223,10 +244,15 @@ class SubsetSelection(Callback):
             raise ValueError(f"every_n_steps={every_n_steps!r} is not valid: it must be an integer >= 1 (or None)")
         if not ridge >= 0:
             raise ValueError(f"ridge={ridge!r} is not valid: it must be >= 0")
+        if feature not in FEATURES:
+            raise ValueError(f"feature={feature!r} is not valid: choose one of {', '.join(FEATURES)}")
+        if isinstance(feature_rows, bool) or not isinstance(feature_rows, int) or feature_rows < 1:
+            raise ValueError(f"feature_rows={feature_rows!r} is not valid: it must be an integer >= 1")
         if stratify not in (None, True, False):
             raise ValueError(f"stratify={stratify!r} is not valid: choose None (when labels exist), True or False")
         self.method, self.fraction, self.every_n_steps = method, float(fraction), every_n_steps
         self.seed, self.ridge, self.cache, self.stratify, self.progress = seed, ridge, cache, stratify, progress
+        self.feature, self.feature_rows = feature, feature_rows
         self.selection_seconds = 0.0
         self.selections = 0  # selections made (including cache hits)
         self.last: Selection | None = None
@@ -329,7 +355,7 @@ class SubsetSelection(Callback):
         key = None
         if self.cache is not None:
             key = (weights_digest(model), self._round, self.seed, len(candidates), budget, self.ridge,
-                   self._labels is not None)
+                   self._labels is not None, self.feature, self.feature_rows)
             cached = self.cache.get(key)
             if cached is not None:
                 self._sampler.update(cached, self._round + 1)  # type: ignore[union-attr]
@@ -349,11 +375,15 @@ class SubsetSelection(Callback):
             collate_fn=WeightedCollate(self._loader.collate_fn), num_workers=self._loader.num_workers,
         )
         device = trainer.strategy.root_device
+        projection = None
+        if self.feature == "head":
+            vocab = model.server.lm_head.out_features
+            projection = vocabulary_projection(vocab, self.feature_rows, self.seed).to(device)
         rows = []
         bar = tqdm(loader, desc=f"GradMatch features (selection {self._round})", leave=False, disable=not self.progress)
         with eval_mode(model):
             for batch in bar:
-                rows.append(batch_feature(model, move_data_to_device(batch, device)).cpu())
+                rows.append(batch_feature(model, move_data_to_device(batch, device), projection).cpu())
         return torch.stack(rows)
 
     # ---- checkpoints ------------------------------------------------------------------------------------
