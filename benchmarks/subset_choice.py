@@ -74,9 +74,9 @@ def feature_report(config: Path, model_dir: Path, size: dict[str, Any], seed: in
     labels = class_labels(dataset)
     assert labels is not None
     model = SplitCausalLM(load_causal_lm(str(model_dir)), 1).eval()  # the feature does not depend on the cut
-    projection = None
+    sketch = None
     if feature == "head":  # as SubsetSelection(feature="head") with its default 16 rows
-        projection = vocabulary_projection(model.server.lm_head.out_features, 16, seed)
+        sketch = vocabulary_projection(model.server.lm_head.out_features, 16, seed)
     table = ("| candidates | corr(projection on mean feature, positive share) | GradMatch picks: positive shares "
              "(weights) | relative residual | random picks: positive shares |")
     lines = [f"## 1. What the {feature!r} feature sees (pretrained weights, seed {seed})", "",
@@ -86,7 +86,7 @@ def feature_report(config: Path, model_dir: Path, size: dict[str, Any], seed: in
     for name, stratify in (("plain", None), ("stratified", labels)):
         generator = torch.Generator().manual_seed(seed * 1_000_003 + 1)  # as SubsetSelection's first choice
         candidates = partition(len(dataset), 16, generator, stratify)
-        features = torch.stack([batch_feature(model, loader.collate_fn([dataset[i] for i in batch]), projection)
+        features = torch.stack([batch_feature(model, loader.collate_fn([dataset[i] for i in batch]), sketch)
                                 for batch in candidates])
         shares = torch.tensor(positive_shares(candidates, labels))
         projection = features @ features.mean(dim=0)

@@ -178,7 +178,7 @@ class SplitCausalLM(nn.Module):
         hidden = final_hidden[:, :-1][keep]
         error = self.server.logits(hidden).float().softmax(dim=-1)
         error[torch.arange(len(error), device=error.device), targets[keep]] -= 1.0
-        projected = error @ projection.to(error.device).T  # tokens x k
+        projected = error @ projection.to(error.device).mT  # tokens x k
         return (projected.T @ hidden.float() / hidden.shape[0]).flatten()
 
     @torch.no_grad()
