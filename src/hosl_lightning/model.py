@@ -140,6 +140,15 @@ class SplitCausalLM(nn.Module):
             raise ValueError("a batch has no labelled tokens (all labels are -100): there is nothing to train on")
         return _weighted(sums / counts, targets)
 
+    def _labelled_final_hidden(self, activations: CutActivations, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """The final hidden state at each labelled position and the token it should predict (the features' input)."""
+        final_hidden = self.server(activations)
+        targets = labels.to(final_hidden.device)[:, 1:]
+        keep = targets != IGNORE_INDEX
+        if not bool(keep.any()):
+            raise ValueError("a batch has no labelled tokens (all labels are -100): it has no gradient feature")
+        return final_hidden[:, :-1][keep], targets[keep]
+
     @torch.no_grad()
     def server_loss_gradient(self, activations: CutActivations, labels: Tensor) -> Tensor:
         """dL/dh at the final hidden state, averaged over the batch's labelled tokens: a batch's gradient feature.
@@ -149,15 +158,10 @@ class SplitCausalLM(nn.Module):
         entries. It is the signal backprop sends into every server block, which makes it a cheap stand-in
         for the batch's gradient when choosing subsets (GradMatch).
         """
-        final_hidden = self.server(activations)
-        labels = labels.to(final_hidden.device)
-        targets = labels[:, 1:]
-        keep = targets != IGNORE_INDEX
-        if not bool(keep.any()):
-            raise ValueError("a batch has no labelled tokens (all labels are -100): it has no gradient feature")
-        hidden = final_hidden[:, :-1][keep].detach().requires_grad_(True)
+        hidden, targets = self._labelled_final_hidden(activations, labels)
+        hidden = hidden.detach().requires_grad_(True)
         with torch.enable_grad():
-            loss = F.cross_entropy(self.server.logits(hidden).float(), targets[keep], reduction="sum")
+            loss = F.cross_entropy(self.server.logits(hidden).float(), targets, reduction="sum")
             (gradient,) = torch.autograd.grad(loss, hidden)
         return gradient.float().sum(dim=0) / hidden.shape[0]
 
@@ -169,15 +173,9 @@ class SplitCausalLM(nn.Module):
         formed (vocab x hidden): each e_t is projected to ``projection``'s k rows first, giving k x hidden numbers.
         Unlike dL/dh it carries the input h_t, so two batches with the same class mix can still differ.
         """
-        final_hidden = self.server(activations)
-        labels = labels.to(final_hidden.device)
-        targets = labels[:, 1:]
-        keep = targets != IGNORE_INDEX
-        if not bool(keep.any()):
-            raise ValueError("a batch has no labelled tokens (all labels are -100): it has no gradient feature")
-        hidden = final_hidden[:, :-1][keep]
+        hidden, targets = self._labelled_final_hidden(activations, labels)
         error = self.server.logits(hidden).float().softmax(dim=-1)
-        error[torch.arange(len(error), device=error.device), targets[keep]] -= 1.0
+        error[torch.arange(len(error), device=error.device), targets] -= 1.0
         projected = error @ projection.to(error.device).mT  # tokens x k
         return (projected.T @ hidden.float() / hidden.shape[0]).flatten()
 
