@@ -264,6 +264,7 @@ class SubsetSelection(Callback):
         self._sampler: SelectedBatches | None = None
         self._loader: DataLoader | None = None
         self._labels: Tensor | None = None  # each training example's class, when candidates are stratified
+        self._projection: Tensor | None = None  # feature="head": the vocabulary-side projection
         self._source: Any = None
         self._original: Any = None
 
@@ -375,10 +376,10 @@ class SubsetSelection(Callback):
             collate_fn=WeightedCollate(self._loader.collate_fn), num_workers=self._loader.num_workers,
         )
         device = trainer.strategy.root_device
-        projection = None
-        if self.feature == "head":
+        if self.feature == "head" and self._projection is None:  # fixed by the seed: drawn once per callback
             vocab = model.server.lm_head.out_features
-            projection = vocabulary_projection(vocab, self.feature_rows, self.seed).to(device)
+            self._projection = vocabulary_projection(vocab, self.feature_rows, self.seed).to(device)
+        projection = self._projection
         rows = []
         bar = tqdm(loader, desc=f"GradMatch features (selection {self._round})", leave=False, disable=not self.progress)
         with eval_mode(model):
