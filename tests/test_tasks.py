@@ -359,6 +359,20 @@ def test_training_shuffle_is_seeded_by_epoch(tmp_path: Path, wtok: PreTrainedTok
     assert list(loader.sampler) != first and sorted(loader.sampler) == first.__class__(range(5))
 
 
+def test_shuffle_seed_reorders_the_same_examples(tmp_path: Path, wtok: PreTrainedTokenizerFast) -> None:
+    rows = [{"text": f"the cat sat {i}", "label": "positive" if i % 2 else "negative"} for i in range(40)]
+    plain = sentiment_dm(tmp_path, wtok, rows=rows, num_train=20, seed=3)
+    same = sentiment_dm(tmp_path, wtok, rows=rows, num_train=20, seed=3, shuffle_seed=3)
+    other = sentiment_dm(tmp_path, wtok, rows=rows, num_train=20, seed=3, shuffle_seed=4)
+    for dm in (plain, same, other):
+        dm.setup("fit")
+    assert plain._indices["train"] == other._indices["train"]  # the same sample
+    assert list(plain.train_dataloader().sampler) == list(same.train_dataloader().sampler)
+    assert list(plain.train_dataloader().sampler) != list(other.train_dataloader().sampler)
+    with pytest.raises(ValueError, match=r"shuffle_seed='4' is not valid: it must be an integer, or None for seed"):
+        sentiment_dm(tmp_path, wtok, shuffle_seed="4")
+
+
 # --- loading --------------------------------------------------------------------------------------------
 
 

@@ -388,6 +388,7 @@ class _TokenizedDataModule(LightningDataModule):
         padding_side: str,
         num_workers: int,
         cache_dir: str | None,
+        shuffle_seed: int | None = None,
     ) -> None:
         super().__init__()
         _positive("max_length", max_length)
@@ -401,7 +402,10 @@ class _TokenizedDataModule(LightningDataModule):
         self.tokenizer_kwargs = dict(tokenizer_kwargs or {})
         self._max_length = max_length
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        if shuffle_seed is not None and (isinstance(shuffle_seed, bool) or not isinstance(shuffle_seed, int)):
+            raise ValueError(f"shuffle_seed={shuffle_seed!r} is not valid: it must be an integer, or None for seed")
         self.seed, self.padding_side, self.num_workers, self.cache_dir = seed, padding_side, num_workers, cache_dir
+        self.shuffle_seed = seed if shuffle_seed is None else shuffle_seed
         self._splits: dict[str, ListDataset] = {}
 
     @property
@@ -454,7 +458,7 @@ class _TokenizedDataModule(LightningDataModule):
     def _loader(self, split: str, collate: Any) -> DataLoader:
         dataset, workers = self.dataset(split), self.num_workers
         if split == "train":
-            sampler = EpochShuffle(len(dataset), self.seed)
+            sampler = EpochShuffle(len(dataset), self.shuffle_seed)
             return DataLoader(dataset, self.batch_size, sampler=sampler, collate_fn=collate, num_workers=workers)
         return DataLoader(dataset, self.eval_batch_size, shuffle=False, collate_fn=collate, num_workers=workers)
 
@@ -511,6 +515,8 @@ class PromptClassificationDataModule(_TokenizedDataModule):
             permutation (MeZO: 1000 / 500 / 1000). ``num_validation`` is required when validation is carved
             out of train.
         seed: seed of all sampling and of the training shuffle (which also depends on the epoch).
+        shuffle_seed: seed of the training shuffle alone (default: ``seed``), to repeat a fit on the same
+            examples in another order, e.g. to measure how much a result owes to the order.
         padding_side: ``"right"`` or ``"left"``.
     """
 
@@ -539,9 +545,10 @@ class PromptClassificationDataModule(_TokenizedDataModule):
         num_workers: int = 0,
         tokenizer_kwargs: dict[str, Any] | None = None,
         cache_dir: str | None = None,
+        shuffle_seed: int | None = None,
     ) -> None:
         super().__init__(tokenizer, tokenizer_kwargs, max_length, batch_size, eval_batch_size, seed, padding_side,
-                         num_workers, cache_dir)
+                         num_workers, cache_dir, shuffle_seed)
         _choice("loss", loss, ("lm", "classification"))
         for name, value in (("k_shot", k_shot), ("num_train", num_train), ("num_validation", num_validation),
                             ("num_test", num_test)):
@@ -725,9 +732,10 @@ class TextLMDataModule(_TokenizedDataModule):
         num_workers: int = 0,
         tokenizer_kwargs: dict[str, Any] | None = None,
         cache_dir: str | None = None,
+        shuffle_seed: int | None = None,
     ) -> None:
         super().__init__(tokenizer, tokenizer_kwargs, max_length, batch_size, eval_batch_size, seed, padding_side,
-                         num_workers, cache_dir)
+                         num_workers, cache_dir, shuffle_seed)
         for name, value in (("num_train", num_train), ("num_validation", num_validation), ("num_test", num_test)):
             _positive(name, value)
         self.save_hyperparameters(ignore=[] if isinstance(tokenizer, (str, type(None))) else ["tokenizer"])
