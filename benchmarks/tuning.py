@@ -104,12 +104,20 @@ def fit_config(model_dir: Path, size: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def retrain(config: Path, params: dict[str, Any], memo: dict[str, dict[str, float]]) -> dict[str, float]:
-    """Fit ``params`` on the full data and test; a configuration already retrained is not trained again."""
-    key = json.dumps(params, sort_keys=True)
+def retrain_args(seed: int) -> list[str]:
+    """Seed ``seed`` of a retrain: the training order, the ZO directions and Lightning's seed; the examples stay."""
+    return [f"--seed_everything={seed}", f"--trainer.strategy.init_args.seed={seed}",
+            f"--data.init_args.shuffle_seed={seed}"]
+
+
+def retrain(config: Path, params: dict[str, Any], seed: int, memo: dict[str, dict[str, float]]) -> dict[str, float]:
+    """Fit ``params`` on the full data with ``seed`` and test; a (configuration, seed) already retrained is not
+    trained again (seed 0 is the config's own seeds, so it equals a plain fit of the config)."""
+    key = json.dumps([params, seed], sort_keys=True)
     if key not in memo:
         started = time.perf_counter()
-        cli, trainer, value = _fit(["--config", str(config), *override_args(params)], [], "val_acc")
+        cli, trainer, value = _fit(["--config", str(config), *override_args(params), *retrain_args(seed)], [],
+                                   "val_acc")
         (scores,) = trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
         memo[key] = {"val_acc": value, **{k: float(v) for k, v in scores.items()},
                      "seconds": time.perf_counter() - started}
@@ -143,9 +151,11 @@ def startup_values(result: TuneResult, startup: int) -> dict[int, tuple[str, flo
     return {t.number: (json.dumps(t.params, sort_keys=True), t.value) for t in result.trials if t.number < startup}
 
 
-def summarise(results: dict[str, TuneResult], retrained: dict[str, dict[str, float]], startup: int,
+def summarise(results: dict[str, TuneResult], retrained: dict[str, list[dict[str, float]]], startup: int,
               subset_metric: str = "val_acc") -> list[dict]:
-    """One row per search; tau compares the subset's ranking (higher is better) with the full data's val_acc."""
+    """One row per search; tau compares the subset's ranking (higher is better) with the full data's val_acc.
+
+    ``retrained[method]`` holds the winner's retrains, one per seed; ``test_acc`` is their mean."""
     rows, full = [], results["full"]
     base = startup_values(full, startup)
     for method, result in results.items():
@@ -162,11 +172,34 @@ def summarise(results: dict[str, TuneResult], retrained: dict[str, dict[str, flo
             "pruned": sum(t.state == "PRUNED" for t in result.trials), "trials": len(result.trials),
             "best_val": result.best_value, "best_params": result.best_params,
             "metric": "val_acc" if method == "full" else subset_metric,
-            "retrain_s": retrained[method]["seconds"], "test_acc": retrained[method]["test_acc"],
-            "test_f1": retrained[method].get("test_f1"), "retrain_val": retrained[method]["val_acc"],
+            "retrain_s": mean([r["seconds"] for r in retrained[method]]),
+            "test_accs": [r["test_acc"] for r in retrained[method]],
+            "test_acc": mean([r["test_acc"] for r in retrained[method]]),
             "tau": tau if method != "full" else 1.0,
         })
     return rows
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def standard_error(values: list[float]) -> float:
+    """The standard error of the mean of ``values`` (nan for a single value)."""
+    if len(values) < 2:
+        return float("nan")
+    centre = mean(values)
+    return (sum((v - centre) ** 2 for v in values) / (len(values) - 1) / len(values)) ** 0.5
+
+
+def gap_line(name: str, minuend: dict, subtrahend: dict) -> tuple[float, str]:
+    """The mean test-accuracy gap (points) between two rows' retrains, paired by seed, and a sentence on its noise."""
+    gaps = [(a - b) * 100 for a, b in zip(minuend["test_accs"], subtrahend["test_accs"], strict=True)]
+    gap, error = mean(gaps), standard_error(gaps)
+    if error != error:  # one seed: no noise estimate
+        return gap, f"{name} {gap:+.1f} points (one retrain seed: no noise estimate)"
+    return gap, (f"{name} {gap:+.1f} points, standard error {error:.1f} over {len(gaps)} seeds (per seed: "
+                 f"{', '.join(f'{g:+.1f}' for g in gaps)})")
 
 
 def best_in_search(row: dict) -> str:
@@ -174,8 +207,12 @@ def best_in_search(row: dict) -> str:
     return f"val_loss {value:.3f}" if row["metric"] == "val_loss" else f"val_acc {value * 100:.1f}"
 
 
+def full_row(rows: list[dict]) -> dict:
+    return next(r for r in rows if r["method"] == "full")
+
+
 def write_outputs(out: Path, name: str, rows: list[dict], results: dict[str, TuneResult], size: dict, command: str,
-                  wall_s: float, code: str, reused_full: bool) -> None:
+                  wall_s: float, code: str, reused: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with (out / f"{name}.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
@@ -186,7 +223,10 @@ def write_outputs(out: Path, name: str, rows: list[dict], results: dict[str, Tun
             for t in result.trials:
                 writer.writerow([method, t.number, t.state, by[method]["metric"], t.value, f"{t.seconds:.2f}",
                                  f"{t.selection_seconds:.2f}", t.steps, json.dumps(t.params, sort_keys=True)])
-    full = by["full"]
+            for seed, accuracy in enumerate(by[method]["test_accs"]):  # the winner's full-data retrains
+                writer.writerow([method, f"retrain-seed-{seed}", "RETRAIN", "test_acc", accuracy, "", "", "",
+                                 json.dumps(result.best_params, sort_keys=True)])
+    full = full_row(rows)
     lines = [
         "# Tuning on subsets: full data vs random vs GradMatch (Optuna TPE + Hyperband)", "",
         f"Command: `{command}`  ", f"Machine: {machine()}  ", f"Code: {code}  ",
@@ -200,31 +240,37 @@ def write_outputs(out: Path, name: str, rows: list[dict], results: dict[str, Tun
         f"{size['fraction']:.0%} of the batches (candidates stratified by class), "
         + (f"re-chosen every {size['select_every']} subset epochs." if size["select_every"] < size["subset_epochs"]
            else "chosen once per trial."), "",
-        *([("The full-data search was not rerun: it is read from the study database of the previous run with the "
-            "same sizes (`_tuning_tmp/full/full/hosl-tune.db`); its wall time is the sum of its trials' times."), ""]
-          if reused_full else []),
+        *([(f"Searches not rerun here ({', '.join(reused)}): each is read from the study database of an earlier "
+            "run with the same sizes (`_tuning_tmp/full/<method>/hosl-tune.db`); its wall time is the sum of its "
+            "trials' times."), ""] if reused else []),
+        (f"Each search's best configuration is retrained on the full data with {len(full_row(rows)['test_accs'])} "
+         "seed(s) (seed s: training order, ZO directions and Lightning's seed; the same examples) and tested on "
+         "the test sample; the table gives the mean, and the range over seeds."), "",
         ("| method | search wall time | selection time | speedup vs full | trials pruned | best in search "
-         "| retrained test acc | Kendall tau vs full (startup trials) |"),
+         "| retrained test acc (range) | Kendall tau vs full (startup trials) |"),
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(f"| {r['method']} | {r['search_s']:.0f} s | {r['selection_s']:.0f} s | {r['speedup']:.2f}x | "
-                     f"{r['pruned']}/{r['trials']} | {best_in_search(r)} | {r['test_acc'] * 100:.1f} | "
-                     f"{r['tau']:.2f} |")
+                     f"{r['pruned']}/{r['trials']} | {best_in_search(r)} | {r['test_acc'] * 100:.1f} "
+                     f"({min(r['test_accs']) * 100:.1f}-{max(r['test_accs']) * 100:.1f}) | {r['tau']:.2f} |")
     lines += ["", "Best configurations:", ""]
     lines += [f"- {r['method']}: `{json.dumps({k.rsplit('.', 1)[-1]: v for k, v in r['best_params'].items()})}` "
-              f"(retrain {r['retrain_s']:.0f} s)" for r in rows]
+              f"(retrain {r['retrain_s']:.0f} s; test acc by seed: "
+              f"{', '.join(f'{a * 100:.1f}' for a in r['test_accs'])})" for r in rows]
     lines += ["", "Targets:", ""]
     for method in ("random", "gradmatch"):
         r = by[method]
-        gap = (full["test_acc"] - r["test_acc"]) * 100
+        gap, noise = gap_line("full minus subset:", full, r)
         lines.append(f"- {method}: speedup {r['speedup']:.2f}x (target >= {TARGET_SPEEDUP}x: "
                      f"{'met' if r['speedup'] >= TARGET_SPEEDUP else 'NOT met'}); test accuracy {gap:+.1f} points "
-                     f"below full-data tuning (target <= {TARGET_GAP}: {'met' if gap <= TARGET_GAP else 'NOT met'})")
+                     f"below full-data tuning (target <= {TARGET_GAP}: {'met' if gap <= TARGET_GAP else 'NOT met'}); "
+                     f"{noise}")
     g, r = by["gradmatch"], by["random"]
+    difference, noise = gap_line("GradMatch minus random:", g, r)
     lines.append(f"- GradMatch no worse than random: test {g['test_acc'] * 100:.1f} vs {r['test_acc'] * 100:.1f}, "
                  f"tau {g['tau']:.2f} vs {r['tau']:.2f} "
-                 f"({'met' if g['test_acc'] >= r['test_acc'] else 'NOT met'} on test accuracy)")
+                 f"({'met' if difference >= 0 else 'NOT met'} on test accuracy); {noise}")
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     plot(out / f"{name}.png", rows, results, size["startup"])
 
@@ -243,8 +289,11 @@ def plot(path: Path, rows: list[dict], results: dict[str, TuneResult], startup: 
     left.bar(names, [r["search_s"] / 60 for r in rows], color=["grey", "tab:orange", "tab:blue"])
     left.set_ylabel("search wall time (min)")
     middle.bar(names, [r["test_acc"] * 100 for r in rows], color=["grey", "tab:orange", "tab:blue"])
-    middle.set_ylabel("test accuracy after full-data retrain (%)")
-    middle.set_ylim(min(r["test_acc"] for r in rows) * 100 - 5, max(r["test_acc"] for r in rows) * 100 + 3)
+    for x, r in enumerate(rows):  # each retrain seed as a dot on its method's mean
+        middle.scatter([x] * len(r["test_accs"]), [a * 100 for a in r["test_accs"]], color="black", s=12, zorder=3)
+    middle.set_ylabel("test acc after full-data retrain (%, mean; dots: seeds)")
+    low, high = min(min(r["test_accs"]) for r in rows), max(max(r["test_accs"]) for r in rows)
+    middle.set_ylim(low * 100 - 5, high * 100 + 3)
     full = {t.number: t.value for t in results["full"].trials if t.number < startup}
     scale = 1.0 if rows[-1]["metric"] == "val_loss" else 100.0
     for method, color, marker in (("random", "tab:orange", "x"), ("gradmatch", "tab:blue", "o")):
@@ -269,9 +318,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--subset-epochs", type=int, default=None,
                         help="epochs of a subset trial, a multiple of a full-data trial's epochs (default: twice "
                              "as many); validation runs as many times as in a full-data trial")
-    parser.add_argument("--reuse-full", action="store_true",
-                        help="take the full-data search from the study database of an earlier run (same sizes) "
-                             "instead of running it again; its wall time is the sum of its trials' times")
+    parser.add_argument("--reuse", nargs="+", choices=METHODS, default=[], metavar="METHOD",
+                        help="take these searches (full, random, gradmatch) from the study databases of an earlier "
+                             "run with the same sizes instead of running them again; a reused search's wall time "
+                             "is the sum of its trials' times")
+    parser.add_argument("--reuse-full", action="store_true", help="the same as --reuse full")
+    parser.add_argument("--retrain-seeds", type=int, default=3,
+                        help="retrain each search's best configuration with this many seeds (0, 1, ...): the "
+                             "training order and ZO directions change, the examples do not (default 3)")
     parser.add_argument("--select-every-epochs", type=int, default=None,
                         help="choose the subset again every this many subset epochs (AUTOMATA's R; default: "
                              "once per trial)")
@@ -280,6 +334,9 @@ def main(argv: list[str] | None = None) -> None:
                              "val_loss, the cross-entropy over the class scores, is continuous where accuracy ties")
     parser.add_argument("--tag", default="", help="suffix of the output files (tuning-TAG.md, ...)")
     args = parser.parse_args(argv)
+    if args.retrain_seeds < 1:
+        parser.error(f"--retrain-seeds={args.retrain_seeds} is not valid: it must be >= 1")
+    reused = sorted(set(args.reuse) | ({"full"} if args.reuse_full else set()), key=METHODS.index)
     size = dict(QUICK if args.quick else FULL)
     command = "python benchmarks/tuning.py" + (" " + shlex.join(argv or sys.argv[1:]) if (argv or sys.argv[1:]) else "")
     work = ROOT / "benchmarks" / "results" / "_tuning_tmp"
@@ -299,9 +356,9 @@ def main(argv: list[str] | None = None) -> None:
     size["subset_epochs"], size["select_every"], size["subset_metric"] = subset_epochs, select_every, args.subset_metric
     for method in METHODS:
         run_dir = work / ("quick" if args.quick else "full") / (method if method == "full" else method + args.tag)
-        if method == "full" and args.reuse_full:
+        if method in reused:
             results[method] = load_search(run_dir / "hosl-tune.db", method)
-            print(f"=== full-data search reused: {results[method].search_seconds:.0f} s ===", flush=True)
+            print(f"=== {method} search reused: {results[method].search_seconds:.0f} s ===", flush=True)
             continue
         for old in run_dir.glob("*.db"):
             old.unlink()  # a fresh study each time
@@ -320,13 +377,15 @@ def main(argv: list[str] | None = None) -> None:
     memo: dict[str, dict[str, float]] = json.loads(memo_path.read_text()) if memo_path.exists() else {}
     retrained = {}
     for method, result in results.items():
-        print(f"=== retrain the {method} search's best on full data ===", flush=True)
-        retrained[method] = retrain(config, result.best_params, memo)
-        memo_path.write_text(json.dumps(memo))  # a later run with the same sizes reuses these retrains
+        retrained[method] = []
+        for seed in range(args.retrain_seeds):
+            print(f"=== retrain the {method} search's best on full data, seed {seed} ===", flush=True)
+            retrained[method].append(retrain(config, result.best_params, seed, memo))
+            memo_path.write_text(json.dumps(memo))  # a later run with the same sizes reuses these retrains
     rows = summarise(results, retrained, size["startup"], size["subset_metric"])
     out = Path(args.out) if not args.quick else Path(args.out) / "_tuning_quick"
     name = "tuning" + (f"-{args.tag}" if args.tag else "")
-    write_outputs(out, name, rows, results, size, command, time.perf_counter() - started, code, args.reuse_full)
+    write_outputs(out, name, rows, results, size, command, time.perf_counter() - started, code, reused)
     print((out / f"{name}.md").read_text())
 
 
