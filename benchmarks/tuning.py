@@ -196,7 +196,7 @@ def gap_line(name: str, minuend: dict, subtrahend: dict) -> tuple[float, str]:
     """The mean test-accuracy gap (points) between two rows' retrains, paired by seed, and a sentence on its noise."""
     gaps = [(a - b) * 100 for a, b in zip(minuend["test_accs"], subtrahend["test_accs"], strict=True)]
     gap, error = mean(gaps), standard_error(gaps)
-    if error != error:  # one seed: no noise estimate
+    if len(gaps) < 2:
         return gap, f"{name} {gap:+.1f} points (one retrain seed: no noise estimate)"
     return gap, (f"{name} {gap:+.1f} points, standard error {error:.1f} over {len(gaps)} seeds (per seed: "
                  f"{', '.join(f'{g:+.1f}' for g in gaps)})")
