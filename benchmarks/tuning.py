@@ -1,8 +1,9 @@
 """Tuning on subsets (AUTOMATA): full data vs random subsets vs GradMatch subsets, each with Optuna TPE + Hyperband.
 
-    python benchmarks/tuning.py            # the study (about 65 minutes on 2 quiet CPU cores; budget 90)
+    python benchmarks/tuning.py            # the study (about 85 minutes on 2 quiet CPU cores; budget 90)
     python benchmarks/tuning.py --quick    # a few-minute smoke run (2 blocks, 64 examples, 3 trials)
     python benchmarks/tuning.py --out DIR  # where tuning.md, tuning.csv and tuning.png go (default benchmarks/results)
+    python benchmarks/tuning.py --reuse full random gradmatch --study-seeds 3   # repeat the subset searches
 
 Issue 6, item 3. The model is SmolLM2-135M-Instruct truncated to its first ``--layers`` decoder blocks (final
 norm and head kept), saved once as a directory so each trial loads it in about a second. The task is
@@ -18,14 +19,19 @@ subset is chosen once per trial (``--select-every-epochs``): a GradMatch feature
 four training steps here, and every trial's first choice, made from the same pretrained weights, is computed
 once per study. Each search: ``--trials`` trials, TPE with seed 0 whose first ``--startup`` trials are random
 (and never pruned), Hyperband on val_acc at each validation, over client lr, mu, server lr, cut layer and Q. The
-startup trials have the same configurations in all three searches (same sampler seed), which is what the
-rank agreement (Kendall tau, subset's val_acc vs full data's) is computed on. Each search's best
-configuration is then retrained on the full data (plain loader, no subset) and tested; a configuration two
-searches share is trained once.
+startup trials have the same configurations in all searches (same sampler seed), which is what the rank
+agreement (Kendall tau, subset's val_acc vs full data's) is computed on.
+
+Two kinds of repetition measure the noise. Each search's best configuration is retrained on the full data
+(plain loader, no subset) with ``--retrain-seeds`` seeds (training order, ZO directions, Lightning's seed; the
+same examples) and tested; a (configuration, seed) two searches share is trained once, and kept in
+``_tuning_tmp/retrain.json`` for later runs of the same sizes. ``--study-seeds`` repeats each subset search with
+other seeds for the subset choice and the trials' training (the sampler's seed stays 0): one subset is shared by
+all trials of a search, so one search is one draw of that subset's luck.
 
 Wall time is the whole search: model loading, training, validation and selection, in one process, one search
 after the other. Outputs: tuning.md (command, machine, commit, the table and the verdict on each target),
-tuning.csv (one row per trial) and tuning.png.
+tuning.csv (one row per trial and per retrain) and tuning.png.
 """
 
 from __future__ import annotations
@@ -63,6 +69,7 @@ SPACE = {
     "trainer.strategy.init_args.q": {"choices": [1, 2]},
 }
 TARGET_SPEEDUP, TARGET_GAP = 3.0, 1.0
+COLORS = {"full": "grey", "random": "tab:orange", "gradmatch": "tab:blue"}
 
 
 def keep_blocks(model: Any, layers: int) -> Any:
@@ -141,6 +148,16 @@ def load_search(database: Path, subset: str) -> TuneResult:
     return result
 
 
+def finished_search(database: Path, trials: int) -> bool:
+    """Whether ``database`` holds a search of ``trials`` finished trials (a crashed run's partial one does not)."""
+    if not database.exists():
+        return False
+    import optuna
+
+    study = optuna.load_study(study_name="hosl-tune", storage=f"sqlite:///{database}")
+    return sum(t.state.is_finished() for t in study.trials) >= trials
+
+
 def kendall_tau(a: list[float], b: list[float]) -> float:
     from torchmetrics.functional import kendall_rank_corrcoef
 
@@ -155,10 +172,12 @@ def summarise(results: dict[str, TuneResult], retrained: dict[str, list[dict[str
               subset_metric: str = "val_acc") -> list[dict]:
     """One row per search; tau compares the subset's ranking (higher is better) with the full data's val_acc.
 
-    ``retrained[method]`` holds the winner's retrains, one per seed; ``test_acc`` is their mean."""
+    ``results`` is keyed by search label (``method`` or ``method s<seed>``); ``retrained[label]`` holds the
+    winner's retrains, one per seed, and ``test_acc`` is their mean."""
     rows, full = [], results["full"]
     base = startup_values(full, startup)
-    for method, result in results.items():
+    for label, result in results.items():
+        method, _, study_seed = label.partition(" s")
         shared = startup_values(result, startup)
         assert all(shared[n][0] == base[n][0] for n in base), "startup configurations differ between searches"
         sign = -1.0 if method != "full" and subset_metric == "val_loss" else 1.0
@@ -166,15 +185,15 @@ def summarise(results: dict[str, TuneResult], retrained: dict[str, list[dict[str
                  if base[n][1] is not None and shared[n][1] is not None]
         tau = kendall_tau([p[0] for p in pairs], [p[1] for p in pairs]) if len(pairs) > 2 else float("nan")
         rows.append({
-            "method": method, "search_s": result.search_seconds,
-            "selection_s": sum(t.selection_seconds for t in result.trials),
+            "search": label, "method": method, "study_seed": int(study_seed or 0),
+            "search_s": result.search_seconds, "selection_s": sum(t.selection_seconds for t in result.trials),
             "speedup": full.search_seconds / result.search_seconds,
             "pruned": sum(t.state == "PRUNED" for t in result.trials), "trials": len(result.trials),
             "best_val": result.best_value, "best_params": result.best_params,
             "metric": "val_acc" if method == "full" else subset_metric,
-            "retrain_s": mean([r["seconds"] for r in retrained[method]]),
-            "test_accs": [r["test_acc"] for r in retrained[method]],
-            "test_acc": mean([r["test_acc"] for r in retrained[method]]),
+            "retrain_s": mean([r["seconds"] for r in retrained[label]]),
+            "test_accs": [r["test_acc"] for r in retrained[label]],
+            "test_acc": mean([r["test_acc"] for r in retrained[label]]),
             "tau": tau if method != "full" else 1.0,
         })
     return rows
@@ -192,14 +211,26 @@ def standard_error(values: list[float]) -> float:
     return (sum((v - centre) ** 2 for v in values) / (len(values) - 1) / len(values)) ** 0.5
 
 
-def gap_line(name: str, minuend: dict, subtrahend: dict) -> tuple[float, str]:
-    """The mean test-accuracy gap (points) between two rows' retrains, paired by seed, and a sentence on its noise."""
-    gaps = [(a - b) * 100 for a, b in zip(minuend["test_accs"], subtrahend["test_accs"], strict=True)]
-    gap, error = mean(gaps), standard_error(gaps)
+def paired_gaps(minuend: dict, subtrahend: dict) -> list[float]:
+    """Test-accuracy gaps (points) between two searches' winners, retrain seed by retrain seed."""
+    return [(a - b) * 100 for a, b in zip(minuend["test_accs"], subtrahend["test_accs"], strict=True)]
+
+
+def gap_summary(name: str, gaps_by_study: list[list[float]]) -> tuple[float, str]:
+    """The mean gap over study seeds (each the mean over retrain seeds) and a sentence on its noise.
+
+    The noise is the standard error across study seeds when there are several (each search's whole luck:
+    subsets, trials and retrains), else across the retrain seeds of the one search (the retrains' luck alone)."""
+    per_study = [mean(gaps) for gaps in gaps_by_study]
+    gap = mean(per_study)
+    if len(per_study) > 1:
+        return gap, (f"{name} {gap:+.1f} points, standard error {standard_error(per_study):.1f} over "
+                     f"{len(per_study)} study seeds (per study seed: {', '.join(f'{g:+.1f}' for g in per_study)})")
+    (gaps,) = gaps_by_study
     if len(gaps) < 2:
-        return gap, f"{name} {gap:+.1f} points (one retrain seed: no noise estimate)"
-    return gap, (f"{name} {gap:+.1f} points, standard error {error:.1f} over {len(gaps)} seeds (per seed: "
-                 f"{', '.join(f'{g:+.1f}' for g in gaps)})")
+        return gap, f"{name} {gap:+.1f} points (one search, one retrain seed: no noise estimate)"
+    return gap, (f"{name} {gap:+.1f} points, standard error {standard_error(gaps):.1f} over {len(gaps)} retrain "
+                 f"seeds (per seed: {', '.join(f'{g:+.1f}' for g in gaps)})")
 
 
 def best_in_search(row: dict) -> str:
@@ -218,13 +249,13 @@ def write_outputs(out: Path, name: str, rows: list[dict], results: dict[str, Tun
         writer = csv.writer(handle)
         writer.writerow(["method", "trial", "state", "metric", "value", "seconds", "selection_seconds", "steps",
                          "params"])
-        by = {r["method"]: r for r in rows}
-        for method, result in results.items():
+        by = {r["search"]: r for r in rows}
+        for label, result in results.items():
             for t in result.trials:
-                writer.writerow([method, t.number, t.state, by[method]["metric"], t.value, f"{t.seconds:.2f}",
+                writer.writerow([label, t.number, t.state, by[label]["metric"], t.value, f"{t.seconds:.2f}",
                                  f"{t.selection_seconds:.2f}", t.steps, json.dumps(t.params, sort_keys=True)])
-            for seed, accuracy in enumerate(by[method]["test_accs"]):  # the winner's full-data retrains
-                writer.writerow([method, f"retrain-seed-{seed}", "RETRAIN", "test_acc", accuracy, "", "", "",
+            for seed, accuracy in enumerate(by[label]["test_accs"]):  # the winner's full-data retrains
+                writer.writerow([label, f"retrain-seed-{seed}", "RETRAIN", "test_acc", accuracy, "", "", "",
                                  json.dumps(result.best_params, sort_keys=True)])
     full = full_row(rows)
     lines = [
@@ -240,37 +271,43 @@ def write_outputs(out: Path, name: str, rows: list[dict], results: dict[str, Tun
         f"{size['fraction']:.0%} of the batches (candidates stratified by class), "
         + (f"re-chosen every {size['select_every']} subset epochs." if size["select_every"] < size["subset_epochs"]
            else "chosen once per trial."), "",
+        *([(f"Each subset search is repeated with study seeds 0 to {size['study_seeds'] - 1} (labelled s1, s2, "
+            "...): the seed of the subset choice and of the trials' training order, ZO directions and Lightning "
+            "seed. The sampler's seed stays 0, so every search starts with the same configurations, which Kendall "
+            "tau compares."), ""] if size["study_seeds"] > 1 else []),
         *([(f"Searches not rerun here ({', '.join(reused)}): each is read from the study database of an earlier "
             "run with the same sizes (`_tuning_tmp/full/<method>/hosl-tune.db`); its wall time is the sum of its "
             "trials' times."), ""] if reused else []),
         (f"Each search's best configuration is retrained on the full data with {len(full_row(rows)['test_accs'])} "
          "seed(s) (seed s: training order, ZO directions and Lightning's seed; the same examples) and tested on "
          "the test sample; the table gives the mean, and the range over seeds."), "",
-        ("| method | search wall time | selection time | speedup vs full | trials pruned | best in search "
+        ("| search | search wall time | selection time | speedup vs full | trials pruned | best in search "
          "| retrained test acc (range) | Kendall tau vs full (startup trials) |"),
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['search_s']:.0f} s | {r['selection_s']:.0f} s | {r['speedup']:.2f}x | "
+        lines.append(f"| {r['search']} | {r['search_s']:.0f} s | {r['selection_s']:.0f} s | {r['speedup']:.2f}x | "
                      f"{r['pruned']}/{r['trials']} | {best_in_search(r)} | {r['test_acc'] * 100:.1f} "
                      f"({min(r['test_accs']) * 100:.1f}-{max(r['test_accs']) * 100:.1f}) | {r['tau']:.2f} |")
     lines += ["", "Best configurations:", ""]
-    lines += [f"- {r['method']}: `{json.dumps({k.rsplit('.', 1)[-1]: v for k, v in r['best_params'].items()})}` "
+    lines += [f"- {r['search']}: `{json.dumps({k.rsplit('.', 1)[-1]: v for k, v in r['best_params'].items()})}` "
               f"(retrain {r['retrain_s']:.0f} s; test acc by seed: "
               f"{', '.join(f'{a * 100:.1f}' for a in r['test_accs'])})" for r in rows]
-    lines += ["", "Targets:", ""]
-    for method in ("random", "gradmatch"):
-        r = by[method]
-        gap, noise = gap_line("full minus subset:", full, r)
-        lines.append(f"- {method}: speedup {r['speedup']:.2f}x (target >= {TARGET_SPEEDUP}x: "
-                     f"{'met' if r['speedup'] >= TARGET_SPEEDUP else 'NOT met'}); test accuracy {gap:+.1f} points "
+    lines += ["", ("Targets (over all of a method's searches: speedup from the mean search time, test accuracy the "
+                   "mean over searches and retrain seeds, gaps paired by retrain seed):"), ""]
+    searches = {method: [r for r in rows if r["method"] == method] for method in ("random", "gradmatch")}
+    for method, group in searches.items():
+        speedup = full["search_s"] / mean([r["search_s"] for r in group])
+        gap, noise = gap_summary("full minus subset:", [paired_gaps(full, r) for r in group])
+        lines.append(f"- {method}: speedup {speedup:.2f}x (target >= {TARGET_SPEEDUP}x: "
+                     f"{'met' if speedup >= TARGET_SPEEDUP else 'NOT met'}); test accuracy {gap:+.1f} points "
                      f"below full-data tuning (target <= {TARGET_GAP}: {'met' if gap <= TARGET_GAP else 'NOT met'}); "
-                     f"{noise}")
-    g, r = by["gradmatch"], by["random"]
-    difference, noise = gap_line("GradMatch minus random:", g, r)
-    lines.append(f"- GradMatch no worse than random: test {g['test_acc'] * 100:.1f} vs {r['test_acc'] * 100:.1f}, "
-                 f"tau {g['tau']:.2f} vs {r['tau']:.2f} "
-                 f"({'met' if difference >= 0 else 'NOT met'} on test accuracy); {noise}")
+                     f"{noise}; mean tau {mean([r['tau'] for r in group]):.2f}")
+    g, r = searches["gradmatch"], searches["random"]
+    difference, noise = gap_summary("GradMatch minus random:", [paired_gaps(a, b) for a, b in zip(g, r, strict=True)])
+    lines.append(f"- GradMatch no worse than random: test {mean([x['test_acc'] for x in g]) * 100:.1f} vs "
+                 f"{mean([x['test_acc'] for x in r]) * 100:.1f} ({'met' if difference >= 0 else 'NOT met'} on test "
+                 f"accuracy); {noise}")
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
     plot(out / f"{name}.png", rows, results, size["startup"])
 
@@ -285,10 +322,10 @@ def plot(path: Path, rows: list[dict], results: dict[str, TuneResult], startup: 
         print("matplotlib is not installed: no plot")
         return
     fig, (left, middle, right) = plt.subplots(1, 3, figsize=(13, 4))
-    names = [r["method"] for r in rows]
-    left.bar(names, [r["search_s"] / 60 for r in rows], color=["grey", "tab:orange", "tab:blue"])
+    names, colors = [r["search"] for r in rows], [COLORS[r["method"]] for r in rows]
+    left.bar(names, [r["search_s"] / 60 for r in rows], color=colors)
     left.set_ylabel("search wall time (min)")
-    middle.bar(names, [r["test_acc"] * 100 for r in rows], color=["grey", "tab:orange", "tab:blue"])
+    middle.bar(names, [r["test_acc"] * 100 for r in rows], color=colors)
     for x, r in enumerate(rows):  # each retrain seed as a dot on its method's mean
         middle.scatter([x] * len(r["test_accs"]), [a * 100 for a in r["test_accs"]], color="black", s=12, zorder=3)
     middle.set_ylabel("test acc after full-data retrain (%, mean; dots: seeds)")
@@ -296,11 +333,12 @@ def plot(path: Path, rows: list[dict], results: dict[str, TuneResult], startup: 
     middle.set_ylim(low * 100 - 5, high * 100 + 3)
     full = {t.number: t.value for t in results["full"].trials if t.number < startup}
     scale = 1.0 if rows[-1]["metric"] == "val_loss" else 100.0
-    for method, color, marker in (("random", "tab:orange", "x"), ("gradmatch", "tab:blue", "o")):
-        sub = {t.number: t.value for t in results[method].trials if t.number < startup}
+    for r in rows[1:]:
+        sub = {t.number: t.value for t in results[r["search"]].trials if t.number < startup}
         shared = [n for n in full if full[n] is not None and sub.get(n) is not None]
-        right.scatter([full[n] * 100 for n in shared], [sub[n] * scale for n in shared], label=method, color=color,
-                      marker=marker, s=60)
+        right.scatter([full[n] * 100 for n in shared], [sub[n] * scale for n in shared], color=COLORS[r["method"]],
+                      marker="x" if r["method"] == "random" else "o", s=60,
+                      label=r["method"] if r["study_seed"] == 0 else None)
     right.set_xlabel("val acc, trained on full data (%)")
     right.set_ylabel("val loss, trained on the subset" if rows[-1]["metric"] == "val_loss"
                      else "val acc, trained on the subset (%)")
@@ -326,6 +364,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--retrain-seeds", type=int, default=3,
                         help="retrain each search's best configuration with this many seeds (0, 1, ...): the "
                              "training order and ZO directions change, the examples do not (default 3)")
+    parser.add_argument("--study-seeds", type=int, default=1,
+                        help="run each subset search with this many study seeds (0, 1, ...): the seed of the subset "
+                             "choice and of the trials' training; the sampler's seed, and so the start-up "
+                             "configurations, stay the same (default 1)")
     parser.add_argument("--select-every-epochs", type=int, default=None,
                         help="choose the subset again every this many subset epochs (AUTOMATA's R; default: "
                              "once per trial)")
@@ -334,8 +376,9 @@ def main(argv: list[str] | None = None) -> None:
                              "val_loss, the cross-entropy over the class scores, is continuous where accuracy ties")
     parser.add_argument("--tag", default="", help="suffix of the output files (tuning-TAG.md, ...)")
     args = parser.parse_args(argv)
-    if args.retrain_seeds < 1:
-        parser.error(f"--retrain-seeds={args.retrain_seeds} is not valid: it must be >= 1")
+    for option in ("retrain_seeds", "study_seeds"):
+        if getattr(args, option) < 1:
+            parser.error(f"--{option.replace('_', '-')}={getattr(args, option)} is not valid: it must be >= 1")
     reused = sorted(set(args.reuse) | ({"full"} if args.reuse_full else set()), key=METHODS.index)
     size = dict(QUICK if args.quick else FULL)
     command = "python benchmarks/tuning.py" + (" " + shlex.join(argv or sys.argv[1:]) if (argv or sys.argv[1:]) else "")
@@ -354,33 +397,37 @@ def main(argv: list[str] | None = None) -> None:
                      "(a full-data trial's epochs), so that subset trials validate at the same fractions of training")
     select_every = args.select_every_epochs or subset_epochs
     size["subset_epochs"], size["select_every"], size["subset_metric"] = subset_epochs, select_every, args.subset_metric
-    for method in METHODS:
-        run_dir = work / ("quick" if args.quick else "full") / (method if method == "full" else method + args.tag)
-        if method in reused:
-            results[method] = load_search(run_dir / "hosl-tune.db", method)
-            print(f"=== {method} search reused: {results[method].search_seconds:.0f} s ===", flush=True)
+    size["study_seeds"] = args.study_seeds
+    searches = [("full", 0)] + [(m, k) for m in METHODS[1:] for k in range(args.study_seeds)]
+    for method, study_seed in searches:
+        label = method if not study_seed else f"{method} s{study_seed}"
+        run_dir = work / ("quick" if args.quick else "full") / (
+            method if method == "full" else method + args.tag + (f"-s{study_seed}" if study_seed else ""))
+        if method in reused and finished_search(run_dir / "hosl-tune.db", size["trials"]):
+            results[label] = load_search(run_dir / "hosl-tune.db", method)
+            print(f"=== {label} search reused: {results[label].search_seconds:.0f} s ===", flush=True)
             continue
         for old in run_dir.glob("*.db"):
             old.unlink()  # a fresh study each time
-        overrides = []
+        overrides = retrain_args(study_seed) if study_seed else []
         if method != "full" and subset_epochs != size["epochs"]:
-            overrides = [f"--trainer.max_epochs={subset_epochs}",
-                         f"--trainer.check_val_every_n_epoch={-(-subset_epochs // size['epochs'])}"]
+            overrides += [f"--trainer.max_epochs={subset_epochs}",
+                          f"--trainer.check_val_every_n_epoch={-(-subset_epochs // size['epochs'])}"]
         metric = "val_acc" if method == "full" else args.subset_metric
-        print(f"=== search on {method} data, ranked by {metric} ===", flush=True)
-        results[method] = tune(str(config), str(space), n_trials=size["trials"], subset=method, metric=metric,
-                               direction="minimize" if metric == "val_loss" else "maximize",
-                               fraction=size["fraction"], select_every_n_steps=select_every * subset_epoch,
-                               output_dir=str(run_dir), n_startup_trials=size["startup"], retrain=False,
-                               overrides=overrides)
+        print(f"=== search on {method} data (study seed {study_seed}), ranked by {metric} ===", flush=True)
+        results[label] = tune(str(config), str(space), n_trials=size["trials"], subset=method, metric=metric,
+                              direction="minimize" if metric == "val_loss" else "maximize",
+                              fraction=size["fraction"], select_every_n_steps=select_every * subset_epoch,
+                              output_dir=str(run_dir), n_startup_trials=size["startup"], retrain=False,
+                              selection_seed=study_seed, overrides=overrides)
     memo_path = work / ("retrain-quick.json" if args.quick else "retrain.json")
     memo: dict[str, dict[str, float]] = json.loads(memo_path.read_text()) if memo_path.exists() else {}
     retrained = {}
-    for method, result in results.items():
-        retrained[method] = []
+    for label, result in results.items():
+        retrained[label] = []
         for seed in range(args.retrain_seeds):
-            print(f"=== retrain the {method} search's best on full data, seed {seed} ===", flush=True)
-            retrained[method].append(retrain(config, result.best_params, seed, memo))
+            print(f"=== retrain the {label} search's best on full data, seed {seed} ===", flush=True)
+            retrained[label].append(retrain(config, result.best_params, seed, memo))
             memo_path.write_text(json.dumps(memo))  # a later run with the same sizes reuses these retrains
     rows = summarise(results, retrained, size["startup"], size["subset_metric"])
     out = Path(args.out) if not args.quick else Path(args.out) / "_tuning_quick"

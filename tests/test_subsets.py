@@ -360,6 +360,7 @@ def test_prompt_classification_candidates_are_stratified_by_default(tmp_path: Pa
         ({"feature": "logits"}, "feature='logits' is not valid: choose one of hidden, head"),
         ({"feature_rows": 0}, "feature_rows=0 is not valid: it must be an integer >= 1"),
         ({"stratify": "yes"}, r"stratify='yes' is not valid: choose None \(when labels exist\), True or False"),
+        ({"seed": "0"}, "seed='0' is not valid: it must be an integer"),
     ],
 )
 def test_bad_options_name_the_option_and_the_valid_values(kwargs: dict, message: str) -> None:

@@ -111,12 +111,31 @@ def test_a_key_the_config_does_not_have_fails_before_any_trial(tmp_path: Path) -
         ({"pruner": "asha"}, "pruner='asha' is not valid: choose hyperband or none"),
         ({"direction": "up"}, "direction='up' is not valid"),
         ({"fit_config": "missing.yaml"}, "fit_config file 'missing.yaml' does not exist"),
+        ({"selection_seed": 1.5}, r"selection_seed=1.5 is not valid: it must be an integer, or None for sampler_seed"),
     ],
 )
 def test_bad_options_fail_before_any_trial(kwargs: dict, message: str, tmp_path: Path) -> None:
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         _tune(tmp_path, **kwargs)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("selection_seed", "expected"), [(None, 3), (7, 7)])
+def test_selection_seed_chooses_the_subsets_apart_from_the_sampler(
+    selection_seed: int | None, expected: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hosl_lightning.tune as tune_module
+
+    seeds: list[int] = []
+
+    class Recording(tune_module.SubsetSelection):
+        def setup(self, *args: object) -> None:
+            seeds.append(self.seed)  # the seed a trial's selection really uses
+            super().setup(*args)
+
+    monkeypatch.setattr(tune_module, "SubsetSelection", Recording)
+    _tune(tmp_path, n_trials=1, retrain=False, subset="random", sampler_seed=3, selection_seed=selection_seed)
+    assert seeds == [expected]
 
 
 def test_startup_trials_are_never_pruned() -> None:

@@ -242,6 +242,8 @@ class SubsetSelection(Callback):
         if every_n_steps is not None and (isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int)
                                           or every_n_steps < 1):
             raise ValueError(f"every_n_steps={every_n_steps!r} is not valid: it must be an integer >= 1 (or None)")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed={seed!r} is not valid: it must be an integer")
         if not ridge >= 0:
             raise ValueError(f"ridge={ridge!r} is not valid: it must be >= 0")
         if feature not in FEATURES:

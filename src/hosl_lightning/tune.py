@@ -197,6 +197,7 @@ def tune(
     storage: str | None = None,
     output_dir: str = "tune_results",
     sampler_seed: int = 0,
+    selection_seed: int | None = None,
     n_startup_trials: int = 5,
     pruner: Literal["hyperband", "none"] = "hyperband",
     reduction_factor: int = 3,
@@ -224,6 +225,8 @@ def tune(
         output_dir: where trials.csv, results.md and history.png go.
         sampler_seed: seed of the TPE sampler (its first ``n_startup_trials`` are random); a worker that joins a
             study with n trials already in it uses ``sampler_seed + n``.
+        selection_seed: seed of the subset choice (candidate batches, random picks, epoch order); default
+            ``sampler_seed``. Set it apart to repeat a search on other subsets with the same start-up trials.
         n_startup_trials: TPE's random start-up trials; they are never pruned.
         pruner: ``hyperband`` (by the metric at each validation, i.e. per epoch) or ``none``.
         reduction_factor: Hyperband's reduction factor.
@@ -246,7 +249,11 @@ def tune(
         raise ValueError(f"n_trials={n_trials} is not valid: it must be >= 1")
     if not Path(fit_config).is_file():
         raise FileNotFoundError(f"fit_config file {fit_config!r} does not exist")
-    SubsetSelection(subset, fraction, select_every_n_steps)  # checks these options now, not in the first trial
+    if selection_seed is not None and (isinstance(selection_seed, bool) or not isinstance(selection_seed, int)):
+        raise ValueError(f"selection_seed={selection_seed!r} is not valid: it must be an integer, or None for "
+                         "sampler_seed")
+    selection_seed = sampler_seed if selection_seed is None else selection_seed
+    SubsetSelection(subset, fraction, select_every_n_steps, seed=selection_seed)  # checks these now, not in a trial
     parameters = load_space(space)
     base = ["fit", "--config", fit_config, *(overrides or [])]
     # Keys and values are checked before the study starts: the space's first point, parsed without building a model.
@@ -271,14 +278,14 @@ def tune(
         print(f"[tune] trial {trial.number} ({len(result.trials) + 1}/{n_trials}): "
               + ", ".join(f"{k.rsplit('.', 1)[-1]}={v:.3g}" if isinstance(v, float) else f"{k.rsplit('.', 1)[-1]}={v}"
                           for k, v in values.items()), flush=True)
-        selection = SubsetSelection(subset, fraction, select_every_n_steps, seed=sampler_seed, cache=cache)
+        selection = SubsetSelection(subset, fraction, select_every_n_steps, seed=selection_seed, cache=cache)
         pruning = PyTorchLightningPruningCallback(trial, monitor=metric)
         trial_started = time.perf_counter()
         record = TrialRecord(trial.number, "RUNNING", values, None, 0.0, 0.0, 0, None)
         result.trials.append(record)
         cli = None
         try:
-            cli, trainer, value = _fit(base[1:] + override_args(values), [selection, pruning], metric)
+            cli, _, value = _fit(base[1:] + override_args(values), [selection, pruning], metric)
             record.state, record.value = "COMPLETE", value
             return value
         except optuna.TrialPruned:
