@@ -129,9 +129,9 @@ def test_selection_seed_chooses_the_subsets_apart_from_the_sampler(
     seeds: list[int] = []
 
     class Recording(tune_module.SubsetSelection):
-        def setup(self, *args: object) -> None:
+        def setup(self, *args: object, **kwargs: object) -> None:
             seeds.append(self.seed)  # the seed a trial's selection really uses
-            super().setup(*args)
+            super().setup(*args, **kwargs)
 
     monkeypatch.setattr(tune_module, "SubsetSelection", Recording)
     _tune(tmp_path, n_trials=1, retrain=False, subset="random", sampler_seed=3, selection_seed=selection_seed)
