@@ -111,8 +111,8 @@ def fit_config(model_dir: Path, size: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def retrain_args(seed: int) -> list[str]:
-    """Seed ``seed`` of a retrain: the training order, the ZO directions and Lightning's seed; the examples stay."""
+def seed_args(seed: int) -> list[str]:
+    """Seed ``seed`` of a fit: its training order, ZO directions and Lightning's seed; the examples stay the same."""
     return [f"--seed_everything={seed}", f"--trainer.strategy.init_args.seed={seed}",
             f"--data.init_args.shuffle_seed={seed}"]
 
@@ -123,7 +123,7 @@ def retrain(config: Path, params: dict[str, Any], seed: int, memo: dict[str, dic
     key = json.dumps([params, seed], sort_keys=True)
     if key not in memo:
         started = time.perf_counter()
-        cli, trainer, value = _fit(["--config", str(config), *override_args(params), *retrain_args(seed)], [],
+        cli, trainer, value = _fit(["--config", str(config), *override_args(params), *seed_args(seed)], [],
                                    "val_acc")
         (scores,) = trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
         memo[key] = {"val_acc": value, **{k: float(v) for k, v in scores.items()},
@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> None:
             continue
         for old in run_dir.glob("*.db"):
             old.unlink()  # a fresh study each time
-        overrides = retrain_args(study_seed) if study_seed else []
+        overrides = seed_args(study_seed) if study_seed else []
         if method != "full" and subset_epochs != size["epochs"]:
             overrides += [f"--trainer.max_epochs={subset_epochs}",
                           f"--trainer.check_val_every_n_epoch={-(-subset_epochs // size['epochs'])}"]
