@@ -45,7 +45,6 @@ import importlib.util
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -56,9 +55,19 @@ from torch import nn
 from tqdm import tqdm
 from transformers import OPTConfig, OPTForCausalLM, PreTrainedModel
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from accuracy import code_state
+
 from hosl_lightning import SplitCausalLM, load_causal_lm
-from hosl_lightning.memory import ClientMemory, measure_client_inference, measure_client_step
-from hosl_lightning.split import _base_of, _family_of  # where a family keeps its block list
+from hosl_lightning.memory import (
+    ClientMemory,
+    measure_client_inference,
+    measure_client_step,
+)
+from hosl_lightning.split import (  # where a family keeps its block list
+    _base_of,
+    _family_of,
+)
 from hosl_lightning.steps import ZOSettings
 
 MODES = ("fo", "zo", "hosl", "floor")
@@ -200,19 +209,6 @@ def machine() -> str:
 
     return (f"{cpu}, {os.cpu_count()} logical cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
             f"transformers {transformers.__version__}, Python {platform.python_version()}, {platform.system()}")
-
-
-def code_state() -> str:
-    root = Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=root, capture_output=True,
-                               text=True, check=True).stdout.split("\n")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
-    changed = [line[3:] for line in dirty if line.strip()]
-    return f"commit {commit}" + (f", with uncommitted changes in {', '.join(changed)}" if changed else "")
 
 
 def verdict(ok: bool) -> str:
