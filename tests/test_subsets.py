@@ -353,13 +353,15 @@ def test_prompt_classification_candidates_are_stratified_by_default(tmp_path: Pa
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"method": "craig"}, "method='craig' is not valid: choose one of gradmatch, random, full"),
+        ({"method": "craig"}, "method='craig' is not valid: choose one of 'gradmatch', 'random', 'full'"),
         ({"fraction": 0.0}, r"fraction=0.0 is not valid: it must be a number in \(0, 1\]"),
         ({"fraction": 1.5}, r"fraction=1.5 is not valid"),
-        ({"every_n_steps": 0}, r"every_n_steps=0 is not valid: it must be an integer >= 1"),
-        ({"feature": "logits"}, "feature='logits' is not valid: choose one of hidden, head"),
+        ({"every_n_steps": 0}, r"every_n_steps=0 is not valid: it must be an integer >= 1, or None for one subset epoch"),
+        ({"ridge": -0.1}, r"ridge=-0.1 is not valid: it must be a number >= 0"),
+        ({"feature": "logits"}, "feature='logits' is not valid: choose one of 'hidden', 'head'"),
         ({"feature_rows": 0}, "feature_rows=0 is not valid: it must be an integer >= 1"),
         ({"stratify": "yes"}, r"stratify='yes' is not valid: choose None \(when labels exist\), True or False"),
+        ({"stratify": 1}, r"stratify=1 is not valid: choose None \(when labels exist\), True or False"),
         ({"seed": "0"}, "seed='0' is not valid: it must be an integer"),
     ],
 )

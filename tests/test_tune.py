@@ -106,12 +106,17 @@ def test_a_key_the_config_does_not_have_fails_before_any_trial(tmp_path: Path) -
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"subset": "craig"}, "subset='craig' is not valid: choose one of gradmatch, random, full"),
+        ({"subset": "craig"}, "subset='craig' is not valid: choose one of 'gradmatch', 'random', 'full'"),
         ({"fraction": 2.0}, r"fraction=2.0 is not valid: it must be a number in \(0, 1\]"),
-        ({"pruner": "asha"}, "pruner='asha' is not valid: choose hyperband or none"),
+        ({"pruner": "asha"}, "pruner='asha' is not valid: choose one of 'hyperband', 'none'"),
         ({"direction": "up"}, "direction='up' is not valid"),
         ({"fit_config": "missing.yaml"}, "fit_config file 'missing.yaml' does not exist"),
         ({"selection_seed": 1.5}, r"selection_seed=1.5 is not valid: it must be an integer, or None for sampler_seed"),
+        ({"sampler_seed": True}, "sampler_seed=True is not valid: it must be an integer"),
+        ({"n_trials": 0}, "n_trials=0 is not valid: it must be an integer >= 1"),
+        ({"n_startup_trials": -1}, "n_startup_trials=-1 is not valid: it must be an integer >= 0"),
+        ({"reduction_factor": 1}, "reduction_factor=1 is not valid: it must be an integer >= 2"),
+        ({"timeout_s": 0}, "timeout_s=0 is not valid: it must be a number > 0"),
     ],
 )
 def test_bad_options_fail_before_any_trial(kwargs: dict, message: str, tmp_path: Path) -> None:

@@ -359,7 +359,7 @@ def test_chunked_direction_assembles_and_any_rows_regenerate_alone(direction: st
 
 
 def test_chunk_must_be_positive() -> None:
-    with pytest.raises(ValueError, match="chunk=0 must be >= 1"):
+    with pytest.raises(ValueError, match="chunk=0 is not valid: it must be an integer >= 1"):
         DirectionSampler("gaussian", chunk=0)
 
 

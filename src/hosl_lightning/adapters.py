@@ -22,6 +22,7 @@ from typing import Any
 from torch import nn
 from transformers import PreTrainedModel
 
+from hosl_lightning.options import check_choice
 from hosl_lightning.split import SUPPORTED_FAMILIES, num_blocks
 
 SIDES = ("client", "server")
@@ -47,8 +48,7 @@ def adapter_config(spec: AdapterSpec, side: str) -> Any:
     fields = dict(spec)
     kind = str(fields.pop("peft_type", "LORA")).upper()
     mapping = peft.mapping.PEFT_TYPE_TO_CONFIG_MAPPING
-    if kind not in mapping:
-        raise ValueError(f"{side}_adapter peft_type={kind!r} is not valid: choose one of {', '.join(sorted(mapping))}")
+    check_choice(f"{side}_adapter peft_type", kind, sorted(mapping))
     try:
         return mapping[kind](**fields)
     except TypeError as error:

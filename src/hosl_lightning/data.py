@@ -13,6 +13,8 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from hosl_lightning.options import check_int
+
 
 class ProgressionDataset(Dataset):
     """``size`` sequences of ``length`` tokens ``(start + i * stride) % vocab_size``, labels = inputs."""
@@ -76,8 +78,7 @@ class SyntheticLMDataModule(LightningDataModule):
         super().__init__()
         for key, value, low in (("vocab_size", vocab_size, 2), ("seq_len", seq_len, 2), ("max_stride", max_stride, 1),
                                 ("train_size", train_size, 1), ("val_size", val_size, 1), ("batch_size", batch_size, 1)):
-            if not isinstance(value, int) or value < low:
-                raise ValueError(f"{key}={value!r} is not valid: it must be an integer >= {low}")
+            check_int(key, value, low)
         self.save_hyperparameters()
 
     def setup(self, stage: str | None = None) -> None:

@@ -44,6 +44,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from hosl_lightning.data import EpochShuffle
 from hosl_lightning.models import resolve_source
+from hosl_lightning.options import check_choice, check_int
 from hosl_lightning.tasks import (
     SPLITS,
     ClassificationTask,
@@ -358,19 +359,6 @@ def check_columns(dataset: datasets.Dataset, needed: Sequence[str], what: str, s
         )
 
 
-def _positive(name: str, value: int | None, allow_none: bool = True) -> None:
-    if value is None and allow_none:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        alternative = " or None" if allow_none else ""
-        raise ValueError(f"{name}={value!r} is not valid: it must be an integer >= 1{alternative}")
-
-
-def _choice(name: str, value: str, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not valid: choose one of {list(choices)}")
-
-
 # --- shared DataModule plumbing -------------------------------------------------------------------------
 
 
@@ -391,19 +379,17 @@ class _TokenizedDataModule(LightningDataModule):
         shuffle_seed: int | None = None,
     ) -> None:
         super().__init__()
-        _positive("max_length", max_length)
-        _positive("batch_size", batch_size, allow_none=False)
-        _positive("eval_batch_size", eval_batch_size)
-        _choice("padding_side", padding_side, ("right", "left"))
-        if not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"num_workers={num_workers!r} is not valid: it must be an integer >= 0")
+        check_int("max_length", max_length, 1, none="the tokenizer's limit")
+        check_int("batch_size", batch_size, 1)
+        check_int("eval_batch_size", eval_batch_size, 1, none="batch_size")
+        check_choice("padding_side", padding_side, ("right", "left"))
+        check_int("num_workers", num_workers, 0)
         self._tokenizer_arg = tokenizer
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self.tokenizer_kwargs = dict(tokenizer_kwargs or {})
         self._max_length = max_length
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
-        if shuffle_seed is not None and (isinstance(shuffle_seed, bool) or not isinstance(shuffle_seed, int)):
-            raise ValueError(f"shuffle_seed={shuffle_seed!r} is not valid: it must be an integer, or None for seed")
+        check_int("shuffle_seed", shuffle_seed, none="seed")
         self.seed, self.padding_side, self.num_workers, self.cache_dir = seed, padding_side, num_workers, cache_dir
         self.shuffle_seed = seed if shuffle_seed is None else shuffle_seed
         self._splits: dict[str, ListDataset] = {}
@@ -549,10 +535,10 @@ class PromptClassificationDataModule(_TokenizedDataModule):
     ) -> None:
         super().__init__(tokenizer, tokenizer_kwargs, max_length, batch_size, eval_batch_size, seed, padding_side,
                          num_workers, cache_dir, shuffle_seed)
-        _choice("loss", loss, ("lm", "classification"))
-        for name, value in (("k_shot", k_shot), ("num_train", num_train), ("num_validation", num_validation),
-                            ("num_test", num_test)):
-            _positive(name, value)
+        check_choice("loss", loss, ("lm", "classification"))
+        check_int("k_shot", k_shot, 1, none="no per-class sample")
+        for name, value in (("num_train", num_train), ("num_validation", num_validation), ("num_test", num_test)):
+            check_int(name, value, 1, none="the whole split")
         if k_shot is not None and num_train is not None:
             raise ValueError(f"k_shot={k_shot} and num_train={num_train} both choose the training sample; set one")
         self.save_hyperparameters(ignore=[] if isinstance(tokenizer, (str, type(None))) else ["tokenizer"])
@@ -737,7 +723,7 @@ class TextLMDataModule(_TokenizedDataModule):
         super().__init__(tokenizer, tokenizer_kwargs, max_length, batch_size, eval_batch_size, seed, padding_side,
                          num_workers, cache_dir, shuffle_seed)
         for name, value in (("num_train", num_train), ("num_validation", num_validation), ("num_test", num_test)):
-            _positive(name, value)
+            check_int(name, value, 1, none="the whole split")
         self.save_hyperparameters(ignore=[] if isinstance(tokenizer, (str, type(None))) else ["tokenizer"])
         self.text_column = text_column
         self.limits = {"train": num_train, "validation": num_validation, "test": num_test}

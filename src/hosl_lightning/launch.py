@@ -10,6 +10,7 @@ from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
 
+from hosl_lightning.options import check_choice
 from hosl_lightning.strategy import HOSLStrategy
 
 
@@ -21,8 +22,7 @@ def is_server(trainer: Trainer) -> bool:
 
 def run(trainer: Trainer, stage: str, model: LightningModule, **kwargs: Any) -> Any:
     """``trainer.<stage>(model, **kwargs)`` on the client (or in-process); the server's loop on the server."""
-    if stage not in ("fit", "validate", "test"):
-        raise ValueError(f"stage={stage!r} is not valid: choose one of 'fit', 'validate', 'test'")
+    check_choice("stage", stage, ("fit", "validate", "test"))
     if is_server(trainer):
         return trainer.strategy.serve(model)  # type: ignore[attr-defined]
     return getattr(trainer, stage)(model, **kwargs)

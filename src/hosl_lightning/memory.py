@@ -47,6 +47,7 @@ from torch.utils._pytree import tree_map_only
 from typing_extensions import Self
 
 from hosl_lightning.model import SplitCausalLM
+from hosl_lightning.options import check_choice
 from hosl_lightning.steps import (
     Mode,
     ZOSettings,
@@ -87,8 +88,7 @@ class SideSwitch:
 
     @contextmanager
     def enter(self, side: str) -> Iterator[None]:
-        if side not in WORK_SIDES:
-            raise ValueError(f"side={side!r} is not valid: choose one of {', '.join(map(repr, WORK_SIDES))}")
+        check_choice("side", side, WORK_SIDES)
         before = self.current
         self._open.append(side)
         if side != before:

@@ -19,6 +19,8 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
+from hosl_lightning.options import check_choice
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
@@ -64,8 +66,7 @@ def load_causal_lm(
     gguf_file: str | None = None,
 ) -> PreTrainedModel:
     """A causal LM from a hub id, local path, GGUF file or alias; an instance; or a config dict (random weights)."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not valid: choose one of {', '.join(map(repr, DTYPES))}")
+    check_choice("dtype", dtype, DTYPES)
     if (model is None) == (model_config is None):
         raise ValueError("give exactly one of model= (hub id, local path, alias or PreTrainedModel) or model_config=")
     if isinstance(model, PreTrainedModel):

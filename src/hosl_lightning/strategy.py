@@ -33,6 +33,7 @@ from hosl_lightning.clients import ClientSync
 from hosl_lightning.memory import MemoryReport, SideSwitch, StepMemoryMeter
 from hosl_lightning.model import SplitCausalLM
 from hosl_lightning.models import materialize_half
+from hosl_lightning.options import check_choice, check_int, check_number
 from hosl_lightning.remote import (
     ClientSplitCausalLM,
     RemoteServer,
@@ -70,18 +71,6 @@ TRANSPORTS: tuple[str, ...] = ("in_process", "distributed")
 BACKENDS: tuple[str, ...] = ("gloo", "nccl")
 SERVER_RANK = 0  # in a multi-process run rank 0 is the server and rank 1 the client
 JOIN_GRACE_S = 60.0  # the least time processes wait for each other to join, whatever timeout_s is
-
-
-def _choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{key}={value!r} is not valid: choose one of {', '.join(map(repr, allowed))}")
-
-
-def _number(key: str, value: Any, kind: type, low: float, strict: bool = False) -> None:
-    ok = isinstance(value, kind) and not isinstance(value, bool) and (value > low if strict else value >= low)
-    if not ok:
-        bound = f"> {low}" if strict else f">= {low}"
-        raise ValueError(f"{key}={value!r} is not valid: it must be {'an integer' if kind is int else 'a number'} {bound}")
 
 
 def find_causal_lm(module: nn.Module) -> tuple[str, nn.Module]:
@@ -216,28 +205,28 @@ class HOSLStrategy(SingleDeviceStrategy):
         server_adapter: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        _number("cut_layer", cut_layer, int, 0)
-        _choice("mode", mode, MODES)
-        _number("q", q, int, 1)
-        _number("mu", mu, (int, float), 0, strict=True)  # type: ignore[arg-type]
-        _number("zo_lr", zo_lr, (int, float), 0)  # type: ignore[arg-type]
-        _number("zo_weight_decay", zo_weight_decay, (int, float), 0)  # type: ignore[arg-type]
-        _choice("direction", direction, DIRECTIONS)
-        _number("seed", seed, int, 0)
-        _choice("server_grad", server_grad, SERVER_GRADS)
-        _number("memory_every_n_steps", memory_every_n_steps, int, 0)
-        _choice("transport", transport, TRANSPORTS)
+        check_int("cut_layer", cut_layer, 0)
+        check_choice("mode", mode, MODES)
+        check_int("q", q, 1)
+        check_number("mu", mu, 0, strict=True)
+        check_number("zo_lr", zo_lr, 0)
+        check_number("zo_weight_decay", zo_weight_decay, 0)
+        check_choice("direction", direction, DIRECTIONS)
+        check_int("seed", seed, 0)
+        check_choice("server_grad", server_grad, SERVER_GRADS)
+        check_int("memory_every_n_steps", memory_every_n_steps, 0)
+        check_choice("transport", transport, TRANSPORTS)
         if backend is not None:
-            _choice("backend", backend, BACKENDS)
-        _number("timeout_s", timeout_s, (int, float), 0, strict=True)  # type: ignore[arg-type]
+            check_choice("backend", backend, BACKENDS)
+        check_number("timeout_s", timeout_s, 0, strict=True)
         if rank is not None:
-            _number("rank", rank, int, 0)
+            check_int("rank", rank, 0)
         if world_size is not None:
-            _number("world_size", world_size, int, 2)
-        _choice("schedule", schedule, SCHEDULES)
-        _choice("client_sync", client_sync, CLIENT_SYNCS)
-        _number("steps_per_turn", steps_per_turn, int, 1)
-        _number("sync_every_n_steps", sync_every_n_steps, int, 1)
+            check_int("world_size", world_size, 2)
+        check_choice("schedule", schedule, SCHEDULES)
+        check_choice("client_sync", client_sync, CLIENT_SYNCS)
+        check_int("steps_per_turn", steps_per_turn, 1)
+        check_int("sync_every_n_steps", sync_every_n_steps, 1)
         if transport == "distributed" and (client_adapter is not None or server_adapter is not None):
             raise ValueError("client_adapter / server_adapter run in-process only for now: use transport='in_process'")
         for side, spec in (("client", client_adapter), ("server", server_adapter)):

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from hosl_lightning.gradmatch import Selection, gradmatch, random_subset
 from hosl_lightning.model import SplitCausalLM
+from hosl_lightning.options import check_choice, check_int, check_number
 from hosl_lightning.steps import eval_mode
 from hosl_lightning.sync import weights_digest
 
@@ -235,22 +236,14 @@ class SubsetSelection(Callback):
         feature_rows: int = 16,
         progress: bool = True,
     ) -> None:
-        if method not in METHODS:
-            raise ValueError(f"method={method!r} is not valid: choose one of {', '.join(METHODS)}")
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
-            raise ValueError(f"fraction={fraction!r} is not valid: it must be a number in (0, 1]")
-        if every_n_steps is not None and (isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int)
-                                          or every_n_steps < 1):
-            raise ValueError(f"every_n_steps={every_n_steps!r} is not valid: it must be an integer >= 1 (or None)")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ValueError(f"seed={seed!r} is not valid: it must be an integer")
-        if not ridge >= 0:
-            raise ValueError(f"ridge={ridge!r} is not valid: it must be >= 0")
-        if feature not in FEATURES:
-            raise ValueError(f"feature={feature!r} is not valid: choose one of {', '.join(FEATURES)}")
-        if isinstance(feature_rows, bool) or not isinstance(feature_rows, int) or feature_rows < 1:
-            raise ValueError(f"feature_rows={feature_rows!r} is not valid: it must be an integer >= 1")
-        if stratify not in (None, True, False):
+        check_choice("method", method, METHODS)
+        check_number("fraction", fraction, 0, 1, strict=True)
+        check_int("every_n_steps", every_n_steps, 1, none="one subset epoch")
+        check_int("seed", seed)
+        check_number("ridge", ridge, 0)
+        check_choice("feature", feature, FEATURES)
+        check_int("feature_rows", feature_rows, 1)
+        if not any(stratify is allowed for allowed in (None, True, False)):  # 1 == True, but 1 is not a bool
             raise ValueError(f"stratify={stratify!r} is not valid: choose None (when labels exist), True or False")
         self.method, self.fraction, self.every_n_steps = method, float(fraction), every_n_steps
         self.seed, self.ridge, self.cache, self.stratify, self.progress = seed, ridge, cache, stratify, progress

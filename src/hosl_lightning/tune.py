@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import yaml
 
+from hosl_lightning.options import check_choice, check_int, check_number
 from hosl_lightning.subsets import METHODS, Method, SelectionCache, SubsetSelection
 
 log = logging.getLogger(__name__)
@@ -239,19 +240,18 @@ def tune(
     from lightning.pytorch.utilities.model_helpers import is_overridden
     from optuna_integration import PyTorchLightningPruningCallback
 
-    if subset not in METHODS:
-        raise ValueError(f"subset={subset!r} is not valid: choose one of {', '.join(METHODS)}")
-    if direction not in ("maximize", "minimize"):
-        raise ValueError(f"direction={direction!r} is not valid: choose maximize or minimize")
-    if pruner not in ("hyperband", "none"):
-        raise ValueError(f"pruner={pruner!r} is not valid: choose hyperband or none")
-    if n_trials < 1:
-        raise ValueError(f"n_trials={n_trials} is not valid: it must be >= 1")
+    check_choice("subset", subset, METHODS)
+    check_choice("direction", direction, ("maximize", "minimize"))
+    check_choice("pruner", pruner, ("hyperband", "none"))
+    check_int("n_trials", n_trials, 1)
+    check_int("sampler_seed", sampler_seed)
+    check_int("selection_seed", selection_seed, none="sampler_seed")
+    check_int("n_startup_trials", n_startup_trials, 0)
+    check_int("reduction_factor", reduction_factor, 2)
+    if timeout_s is not None:
+        check_number("timeout_s", timeout_s, 0, strict=True)
     if not Path(fit_config).is_file():
         raise FileNotFoundError(f"fit_config file {fit_config!r} does not exist")
-    if selection_seed is not None and (isinstance(selection_seed, bool) or not isinstance(selection_seed, int)):
-        raise ValueError(f"selection_seed={selection_seed!r} is not valid: it must be an integer, or None for "
-                         "sampler_seed")
     selection_seed = sampler_seed if selection_seed is None else selection_seed
     SubsetSelection(subset, fraction, select_every_n_steps, seed=selection_seed)  # checks these now, not in a trial
     parameters = load_space(space)

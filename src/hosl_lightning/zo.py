@@ -28,6 +28,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from hosl_lightning.options import check_choice, check_int, check_number
+
 DIRECTIONS = ("gaussian", "rademacher")
 _MASK64 = (1 << 64) - 1
 T = TypeVar("T")
@@ -58,10 +60,8 @@ class DirectionSampler:
     """
 
     def __init__(self, kind: str = "gaussian", seed: int = 0, chunk: int = DIRECTION_CHUNK) -> None:
-        if kind not in DIRECTIONS:
-            raise ValueError(f"direction={kind!r} is not supported: choose one of {', '.join(DIRECTIONS)}")
-        if chunk < 1:
-            raise ValueError(f"chunk={chunk} must be >= 1 (elements per generator call)")
+        check_choice("direction", kind, DIRECTIONS)
+        check_int("chunk", chunk, 1)
         self.kind = kind
         self.seed = int(seed)
         self.chunk = int(chunk)
@@ -175,10 +175,8 @@ class ZOSGD(Optimizer):
         named = list(named_params)
         if not named:
             raise ValueError("ZOSGD got no parameters to train")
-        if lr < 0:
-            raise ValueError(f"zo lr={lr} must be >= 0")
-        if weight_decay < 0:
-            raise ValueError(f"zo weight_decay={weight_decay} must be >= 0")
+        check_number("lr", lr, 0)
+        check_number("weight_decay", weight_decay, 0)
         for name, param in named:
             if not param.is_floating_point() or param.element_size() < 4:
                 raise TypeError(
