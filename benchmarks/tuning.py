@@ -262,10 +262,12 @@ def write_outputs(out: Path, name: str, rows: list[dict], results: dict[str, Tun
                 writer.writerow([label, f"retrain-seed-{seed}", "RETRAIN", "test_acc", accuracy, "", "", "",
                                  json.dumps(result.best_params, sort_keys=True)])
     full = full_row(rows)
+    read_back = (" (searches and retrains read back from earlier runs are not in it)"
+                 if reused or size["cached_retrains"] else "")
     lines = [
         "# Tuning on subsets: full data vs random vs GradMatch (Optuna TPE + Hyperband)", "",
         f"Command: `{command}`  ", f"Machine: {machine()}  ", f"Code: {code}  ",
-        f"Total wall time: {wall_s / 60:.1f} min.", "",
+        f"Total wall time of this run: {wall_s / 60:.1f} min{read_back}.", "",
         f"Model: SmolLM2-135M-Instruct truncated to its first {size['layers']} blocks. Data: rotten_tomatoes, "
         f"{size['num_train']} training examples (batches of 16), {size['num_validation']} validation (ranking), "
         f"{size['num_test']} test (retrained winners). Each search: {size['trials']} trials, the first "
