@@ -17,7 +17,9 @@ the default on labelled data). A full-data trial runs ``epochs`` epochs; a subse
 subset epochs (``--subset-epochs``), i.e. a fifth of the steps, and is validated as often. By default the
 subset is chosen once per trial (``--select-every-epochs``): a GradMatch feature pass costs about as much as
 four training steps here, and every trial's first choice, made from the same pretrained weights, is computed
-once per study. Each search: ``--trials`` trials, TPE with seed 0 whose first ``--startup`` trials are random
+once per study. ``--warm-start-steps N`` adds AUTOMATA's warm start: a subset trial's first N steps (of the
+same budget) take random batches of all the data, and its subset is chosen from the weights they leave, so
+GradMatch's choice is made per trial. Each search: ``--trials`` trials, TPE with seed 0 whose first ``--startup`` trials are random
 (and never pruned), Hyperband on val_acc at each validation, over client lr, mu, server lr, cut layer and Q. The
 startup trials have the same configurations in all searches (same sampler seed), which is what the rank
 agreement (Kendall tau, subset's val_acc vs full data's) is computed on.
@@ -276,7 +278,10 @@ def write_outputs(out: Path, name: str, rows: list[dict], results: dict[str, Tun
         f"{size['subset_metric']}), subsets of "
         f"{size['fraction']:.0%} of the batches (candidates stratified by class), "
         + (f"re-chosen every {size['select_every']} subset epochs." if size["select_every"] < size["subset_epochs"]
-           else "chosen once per trial."), "",
+           else "chosen once per trial.")
+        + (f" Warm start: a subset trial's first {size['warm_start_steps']} steps take random batches of all the "
+           "data (drawn again every subset epoch, the same for random and GradMatch at a study seed), and the "
+           "subset is chosen from the weights they leave." if size["warm_start_steps"] else ""), "",
         *([(f"Each subset search is repeated with study seeds 0 to {size['study_seeds'] - 1} (labelled s1, s2, "
             "...): the seed of the subset choice and of the trials' training order, ZO directions and Lightning "
             "seed. The sampler's seed stays 0, so every search starts with the same configurations, which Kendall "
@@ -379,14 +384,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--select-every-epochs", type=int, default=None,
                         help="choose the subset again every this many subset epochs (AUTOMATA's R; default: "
                              "once per trial)")
+    parser.add_argument("--warm-start-steps", type=int, default=0,
+                        help="each subset trial's first steps on random batches of all the data, before the first "
+                             "subset choice (AUTOMATA's warm start; part of the trial's steps, not extra; "
+                             "default 0)")
     parser.add_argument("--subset-metric", choices=("val_acc", "val_loss"), default="val_acc",
                         help="what the subset searches rank trials by (the full-data search ranks by val_acc); "
                              "val_loss, the cross-entropy over the class scores, is continuous where accuracy ties")
     parser.add_argument("--tag", default="", help="suffix of the output files (tuning-TAG.md, ...)")
     args = parser.parse_args(argv)
-    for option in ("retrain_seeds", "study_seeds"):
-        if getattr(args, option) < 1:
-            parser.error(f"--{option.replace('_', '-')}={getattr(args, option)} is not valid: it must be >= 1")
+    for option, low in (("retrain_seeds", 1), ("study_seeds", 1), ("warm_start_steps", 0)):
+        if getattr(args, option) < low:
+            parser.error(f"--{option.replace('_', '-')}={getattr(args, option)} is not valid: it must be >= {low}")
     reused = sorted(set(args.reuse) | ({"full"} if args.reuse_full else set()), key=METHODS.index)
     size = dict(QUICK if args.quick else FULL)
     command = "python benchmarks/tuning.py" + (" " + shlex.join(argv or sys.argv[1:]) if (argv or sys.argv[1:]) else "")
@@ -405,7 +414,7 @@ def main(argv: list[str] | None = None) -> None:
                      "(a full-data trial's epochs), so that subset trials validate at the same fractions of training")
     select_every = args.select_every_epochs or subset_epochs
     size["subset_epochs"], size["select_every"], size["subset_metric"] = subset_epochs, select_every, args.subset_metric
-    size["study_seeds"] = args.study_seeds
+    size["study_seeds"], size["warm_start_steps"] = args.study_seeds, args.warm_start_steps
     searches = [("full", 0)] + [(m, k) for m in METHODS[1:] for k in range(args.study_seeds)]
     for method, study_seed in searches:
         label = method if not study_seed else f"{method} s{study_seed}"
@@ -427,7 +436,8 @@ def main(argv: list[str] | None = None) -> None:
                               direction="minimize" if metric == "val_loss" else "maximize",
                               fraction=size["fraction"], select_every_n_steps=select_every * subset_epoch,
                               output_dir=str(run_dir), n_startup_trials=size["startup"], retrain=False,
-                              selection_seed=study_seed, overrides=overrides)
+                              selection_seed=study_seed, warm_start_steps=args.warm_start_steps,
+                              overrides=overrides)
     memo_path = work / ("retrain-quick.json" if args.quick else "retrain.json")
     memo: dict[str, dict[str, float]] = json.loads(memo_path.read_text()) if memo_path.exists() else {}
     retrained, cached = {}, 0

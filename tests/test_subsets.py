@@ -35,6 +35,7 @@ from hosl_lightning.subsets import (
     subset_length,
     vocabulary_projection,
 )
+from hosl_lightning.sync import weights_digest
 from hosl_lightning.zo import ZOSGD
 
 # ---- matching pursuit ---------------------------------------------------------------------------------------
@@ -287,16 +288,45 @@ def test_selection_cache_reuses_the_first_choice_of_identical_weights() -> None:
     assert all(torch.equal(a, b) for a, b in zip(log_a.rows, log_b.rows))
 
 
-def test_resume_mid_epoch_reproduces_the_uninterrupted_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("warm_start_steps", [0, 4])  # 4: the checkpoint falls in the warm start, which ends after
+def test_resume_mid_epoch_reproduces_the_uninterrupted_run(warm_start_steps: int, tmp_path: Path) -> None:
     checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=3, save_top_k=-1, filename="{step}")
-    uninterrupted, log_a = _fit(SubsetSelection("gradmatch", 0.25, every_n_steps=2, progress=False), steps=6,
+    options = {"every_n_steps": 2, "warm_start_steps": warm_start_steps, "progress": False}
+    uninterrupted, log_a = _fit(SubsetSelection("gradmatch", 0.25, **options), steps=6,
                                 callbacks=[checkpoint], enable_checkpointing=True)
-    resumed, log_b = _fit(SubsetSelection("gradmatch", 0.25, every_n_steps=2, progress=False), steps=6,
+    resumed, log_b = _fit(SubsetSelection("gradmatch", 0.25, **options), steps=6,
                           ckpt_path=str(tmp_path / "step=3.ckpt"))
     assert log_b.weights == log_a.weights[3:]
     assert all(torch.equal(a, b) for a, b in zip(log_a.rows[3:], log_b.rows))
     a, b = uninterrupted.strategy.split_model.state_dict(), resumed.strategy.split_model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_warm_start_trains_on_random_batches_then_chooses_from_the_weights_it_left() -> None:
+    choices: list[tuple[int, bool, str]] = []  # (steps trained, still warming, digest of the weights) per choice
+
+    class Recording(SubsetSelection):
+        def _select(self, trainer: L.Trainer) -> None:
+            choices.append((self._steps, self._warming, weights_digest(trainer.strategy.split_model)))
+            super()._select(trainer)
+
+    selection = Recording("gradmatch", fraction=0.25, every_n_steps=100, warm_start_steps=6, progress=False)
+    _, log = _fit(selection, steps=10)  # subset epochs of 4 batches
+    # random batches re-drawn each subset epoch of the warm start, then GradMatch once it ends
+    assert [(steps, warming) for steps, warming, _ in choices] == [(0, True), (4, True), (6, False)]
+    assert choices[2][2] != choices[0][2]  # GradMatch saw the weights after the warm start, not the pretrained ones
+    assert log.weights[:6] == [1.0] * 6
+    chosen = selection.last
+    assert chosen is not None and chosen.matched >= 1
+    assert all(any(w == pytest.approx(c) for c in chosen.weights) for w in log.weights[6:])
+    warm_rows = {tuple(row.tolist()) for rows in log.rows[:4] for row in rows}
+    assert {tuple(row.tolist()) for rows in log.rows[4:6] for row in rows} - warm_rows  # a fresh draw
+
+
+def test_warm_start_leaves_full_data_training_as_it_is() -> None:
+    _, plain = _fit(SubsetSelection("full", progress=False), steps=5)
+    _, warm = _fit(SubsetSelection("full", warm_start_steps=3, progress=False), steps=5)
+    assert all(torch.equal(a, b) for a, b in zip(plain.rows, warm.rows, strict=True))
 
 
 def test_stratified_candidates_keep_the_class_mix_in_every_batch() -> None:
@@ -363,6 +393,7 @@ def test_prompt_classification_candidates_are_stratified_by_default(tmp_path: Pa
         ({"stratify": "yes"}, r"stratify='yes' is not valid: choose None \(when labels exist\), True or False"),
         ({"stratify": 1}, r"stratify=1 is not valid: choose None \(when labels exist\), True or False"),
         ({"seed": "0"}, "seed='0' is not valid: it must be an integer"),
+        ({"warm_start_steps": -1}, "warm_start_steps=-1 is not valid: it must be an integer >= 0"),
     ],
 )
 def test_bad_options_name_the_option_and_the_valid_values(kwargs: dict, message: str) -> None:

@@ -117,6 +117,7 @@ def test_a_key_the_config_does_not_have_fails_before_any_trial(tmp_path: Path) -
         ({"n_startup_trials": -1}, "n_startup_trials=-1 is not valid: it must be an integer >= 0"),
         ({"reduction_factor": 1}, "reduction_factor=1 is not valid: it must be an integer >= 2"),
         ({"timeout_s": 0}, "timeout_s=0 is not valid: it must be a number > 0"),
+        ({"warm_start_steps": -1}, "warm_start_steps=-1 is not valid: it must be an integer >= 0"),
     ],
 )
 def test_bad_options_fail_before_any_trial(kwargs: dict, message: str, tmp_path: Path) -> None:
@@ -126,21 +127,22 @@ def test_bad_options_fail_before_any_trial(kwargs: dict, message: str, tmp_path:
 
 
 @pytest.mark.parametrize(("selection_seed", "expected"), [(None, 3), (7, 7)])
-def test_selection_seed_chooses_the_subsets_apart_from_the_sampler(
+def test_selection_seed_and_warm_start_reach_every_trials_selection(
     selection_seed: int | None, expected: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import hosl_lightning.tune as tune_module
 
-    seeds: list[int] = []
+    seeds: list[tuple[int, int]] = []
 
     class Recording(tune_module.SubsetSelection):
         def setup(self, *args: object, **kwargs: object) -> None:
-            seeds.append(self.seed)  # the seed a trial's selection really uses
+            seeds.append((self.seed, self.warm_start_steps))  # what a trial's selection really uses
             super().setup(*args, **kwargs)
 
     monkeypatch.setattr(tune_module, "SubsetSelection", Recording)
-    _tune(tmp_path, n_trials=1, retrain=False, subset="random", sampler_seed=3, selection_seed=selection_seed)
-    assert seeds == [expected]
+    _tune(tmp_path, n_trials=1, retrain=False, subset="random", sampler_seed=3, selection_seed=selection_seed,
+          warm_start_steps=2)
+    assert seeds == [(expected, 2)]
 
 
 def test_startup_trials_are_never_pruned() -> None:

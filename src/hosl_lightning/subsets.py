@@ -216,6 +216,11 @@ class SubsetSelection(Callback):
             a fixed random sign matrix to ``feature_rows`` rows (``feature_rows`` x ``hidden`` numbers); it also
             sees the inputs, where dL/dh sees only the error.
         feature_rows: rows of that projection.
+        warm_start_steps: AUTOMATA's warm start. The first ``warm_start_steps`` steps train on random batches of
+            all the data (weight 1, drawn again every subset epoch), and the first ``method`` choice is made from
+            the weights they leave. They are steps of the fit, not extra ones: the cost stays the same, but a
+            first GradMatch choice then depends on the trial and is not shared through ``cache``. A subset
+            chosen from the pretrained weights alone comes from a model that has learnt nothing of the task.
         progress: show a progress bar while features are computed.
 
     The batches are those the training DataLoader would make (its dataset, batch size, collate and workers);
@@ -234,6 +239,7 @@ class SubsetSelection(Callback):
         stratify: bool | None = None,
         feature: Feature = "hidden",
         feature_rows: int = 16,
+        warm_start_steps: int = 0,
         progress: bool = True,
     ) -> None:
         check_choice("method", method, METHODS)
@@ -243,16 +249,19 @@ class SubsetSelection(Callback):
         check_number("ridge", ridge, 0)
         check_choice("feature", feature, FEATURES)
         check_int("feature_rows", feature_rows, 1)
+        check_int("warm_start_steps", warm_start_steps, 0)
         if not any(stratify is allowed for allowed in (None, True, False)):  # 1 == True, but 1 is not a bool
             raise ValueError(f"stratify={stratify!r} is not valid: choose None (when labels exist), True or False")
         self.method, self.fraction, self.every_n_steps = method, float(fraction), every_n_steps
         self.seed, self.ridge, self.cache, self.stratify, self.progress = seed, ridge, cache, stratify, progress
         self.feature, self.feature_rows = feature, feature_rows
+        self.warm_start_steps = 0 if method == "full" else warm_start_steps  # all the data needs no warm start
         self.selection_seconds = 0.0
         self.selections = 0  # selections made (including cache hits)
         self.last: Selection | None = None
         self._round = 0
         self._since_selection = 0
+        self._steps = 0  # batches trained in this fit (the warm start counts them)
         self._in_epoch = 0  # batches trained in this epoch (a checkpoint mid-epoch resumes after them)
         self._restored: list[list[WeightedIndex]] | None = None
         self._restored_skip = 0
@@ -308,6 +317,7 @@ class SubsetSelection(Callback):
     # ---- when to choose ------------------------------------------------------------------------------------
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._restored is None:
+            self._steps = 0
             self._select(trainer)
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -318,9 +328,17 @@ class SubsetSelection(Callback):
         assert self._sampler is not None
         self._in_epoch += 1
         self._since_selection += 1
-        if self._since_selection >= (self.every_n_steps or self._sampler.length) and not _training_ends(trainer):
+        self._steps += 1
+        due = self._sampler.length if self._warming else (self.every_n_steps or self._sampler.length)
+        warm_start_ends = self._steps == self.warm_start_steps
+        if (self._since_selection >= due or warm_start_ends) and not _training_ends(trainer):
             self._select(trainer)
         pl_module.log("subset/selection_sec", self.selection_seconds, on_step=True, on_epoch=False)
+
+    @property
+    def _warming(self) -> bool:
+        """Still in the warm start: choices are random batches of all the data."""
+        return self._steps < self.warm_start_steps
 
     # ---- choosing --------------------------------------------------------------------------------------
     def _select(self, trainer: Trainer) -> None:
@@ -331,7 +349,7 @@ class SubsetSelection(Callback):
         budget = self._sampler.length
         if self.method == "full":
             chosen = Selection(list(range(len(candidates))), [1.0] * len(candidates), 0, 0.0)
-        elif self.method == "random":
+        elif self.method == "random" or self._warming:
             chosen = random_subset(len(candidates), budget, generator)
         else:
             chosen = self._gradmatch(trainer, candidates, budget, generator)
@@ -386,11 +404,12 @@ class SubsetSelection(Callback):
     def state_dict(self) -> dict[str, Any]:
         batches = None if self._sampler is None else self._sampler.batches
         return {"round": self._round, "since_selection": self._since_selection, "batches": batches,
-                "in_epoch": self._in_epoch, "selection_seconds": self.selection_seconds}
+                "in_epoch": self._in_epoch, "selection_seconds": self.selection_seconds, "steps": self._steps}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._round, self._since_selection = state_dict["round"], state_dict["since_selection"]
         self.selection_seconds = state_dict["selection_seconds"]
+        self._steps = state_dict.get("steps", 0)  # checkpoints from before the warm start lack it
         self._restored = state_dict["batches"]
         self._restored_skip = state_dict["in_epoch"]
         if self._sampler is not None and self._restored is not None:

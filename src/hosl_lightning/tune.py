@@ -192,6 +192,7 @@ def tune(
     subset: Method = "gradmatch",
     fraction: float = 0.1,
     select_every_n_steps: int | None = None,
+    warm_start_steps: int = 0,
     metric: str = "val_acc",
     direction: Literal["maximize", "minimize"] = "maximize",
     study_name: str = "hosl-tune",
@@ -218,6 +219,8 @@ def tune(
         subset: how trials choose their training batches: ``gradmatch``, ``random`` or ``full``.
         fraction: the share of training batches a trial trains on per epoch (``subset`` gradmatch / random).
         select_every_n_steps: steps between re-selections; default once per subset epoch.
+        warm_start_steps: each trial's first steps on random batches of all the data before the first subset
+            choice (AUTOMATA's warm start; ``SubsetSelection``). They count within the trial's steps.
         metric: the logged metric trials are ranked by (after each validation, and at the end).
         direction: ``maximize`` or ``minimize`` the metric.
         study_name: the study's name in the storage; workers with the same name and storage share it.
@@ -253,7 +256,8 @@ def tune(
     if not Path(fit_config).is_file():
         raise FileNotFoundError(f"fit_config file {fit_config!r} does not exist")
     selection_seed = sampler_seed if selection_seed is None else selection_seed
-    SubsetSelection(subset, fraction, select_every_n_steps, seed=selection_seed)  # checks these now, not in a trial
+    SubsetSelection(subset, fraction, select_every_n_steps, seed=selection_seed,
+                    warm_start_steps=warm_start_steps)  # checks these now, not in a trial
     parameters = load_space(space)
     base = ["fit", "--config", fit_config, *(overrides or [])]
     # Keys and values are checked before the study starts: the space's first point, parsed without building a model.
@@ -278,7 +282,8 @@ def tune(
         print(f"[tune] trial {trial.number} ({len(result.trials) + 1}/{n_trials}): "
               + ", ".join(f"{k.rsplit('.', 1)[-1]}={v:.3g}" if isinstance(v, float) else f"{k.rsplit('.', 1)[-1]}={v}"
                           for k, v in values.items()), flush=True)
-        selection = SubsetSelection(subset, fraction, select_every_n_steps, seed=selection_seed, cache=cache)
+        selection = SubsetSelection(subset, fraction, select_every_n_steps, seed=selection_seed, cache=cache,
+                                    warm_start_steps=warm_start_steps)
         pruning = PyTorchLightningPruningCallback(trial, monitor=metric)
         trial_started = time.perf_counter()
         record = TrialRecord(trial.number, "RUNNING", values, None, 0.0, 0.0, 0, None)
