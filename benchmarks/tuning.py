@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import shlex
 import sys
 import time
@@ -239,6 +240,14 @@ def gap_summary(name: str, gaps_by_study: list[list[float]]) -> tuple[float, str
                  f"seeds (per seed: {', '.join(f'{g:+.1f}' for g in gaps)})")
 
 
+def mean_tau(group: list[dict]) -> str:
+    """The mean tau of a method's searches; a search whose start-up trials all tie has none (tau-b is 0/0)."""
+    taus = [r["tau"] for r in group if not math.isnan(r["tau"])]
+    untied = f"mean tau {mean(taus):.2f}" if taus else "tau undefined"
+    tied = len(group) - len(taus)
+    return untied + (f" ({tied} search(es) left out: every start-up trial tied, so tau is undefined)" if tied else "")
+
+
 def best_in_search(row: dict) -> str:
     value = row["best_val"]
     return f"val_loss {value:.3f}" if row["metric"] == "val_loss" else f"val_acc {value * 100:.1f}"
@@ -301,7 +310,8 @@ def write_outputs(out: Path, name: str, rows: list[dict], results: dict[str, Tun
     for r in rows:
         lines.append(f"| {r['search']} | {r['search_s']:.0f} s | {r['selection_s']:.0f} s | {r['speedup']:.2f}x | "
                      f"{r['pruned']}/{r['trials']} | {best_in_search(r)} | {r['test_acc'] * 100:.1f} "
-                     f"({min(r['test_accs']) * 100:.1f}-{max(r['test_accs']) * 100:.1f}) | {r['tau']:.2f} |")
+                     f"({min(r['test_accs']) * 100:.1f}-{max(r['test_accs']) * 100:.1f}) | "
+                     f"{'undefined (all tied)' if math.isnan(r['tau']) else format(r['tau'], '.2f')} |")
     lines += ["", "Best configurations:", ""]
     lines += [f"- {r['search']}: `{json.dumps({k.rsplit('.', 1)[-1]: v for k, v in r['best_params'].items()})}` "
               f"(retrain {r['retrain_s']:.0f} s; test acc by seed: "
@@ -315,7 +325,7 @@ def write_outputs(out: Path, name: str, rows: list[dict], results: dict[str, Tun
         lines.append(f"- {method}: speedup {speedup:.2f}x (target >= {TARGET_SPEEDUP}x: "
                      f"{'met' if speedup >= TARGET_SPEEDUP else 'NOT met'}); test accuracy {gap:+.1f} points "
                      f"below full-data tuning (target <= {TARGET_GAP}: {'met' if gap <= TARGET_GAP else 'NOT met'}); "
-                     f"{noise}; mean tau {mean([r['tau'] for r in group]):.2f}")
+                     f"{noise}; {mean_tau(group)}")
     g, r = searches["gradmatch"], searches["random"]
     difference, noise = gap_summary("GradMatch minus random:", [paired_gaps(a, b) for a, b in zip(g, r, strict=True)])
     lines.append(f"- GradMatch no worse than random: test {mean([x['test_acc'] for x in g]) * 100:.1f} vs "
