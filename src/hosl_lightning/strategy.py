@@ -15,11 +15,9 @@ import resource
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import timedelta
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.plugins.precision import HalfPrecision, MixedPrecision
 from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
@@ -34,6 +32,7 @@ from hosl_lightning.memory import MemoryReport, SideSwitch, StepMemoryMeter
 from hosl_lightning.model import SplitCausalLM
 from hosl_lightning.models import materialize_half
 from hosl_lightning.options import check_choice, check_int, check_number
+from hosl_lightning.peers import BACKENDS, SERVER_RANK, Peers
 from hosl_lightning.remote import (
     ClientSplitCausalLM,
     RemoteServer,
@@ -68,9 +67,6 @@ from hosl_lightning.zo import DIRECTIONS, ZOSGD, ZOEstimate, two_point_estimate
 
 STRATEGY_NAME = "hosl"
 TRANSPORTS: tuple[str, ...] = ("in_process", "distributed")
-BACKENDS: tuple[str, ...] = ("gloo", "nccl")
-SERVER_RANK = 0  # in a multi-process run rank 0 is the server and rank 1 the client
-JOIN_GRACE_S = 60.0  # the least time processes wait for each other to join, whatever timeout_s is
 
 
 def find_causal_lm(module: nn.Module) -> tuple[str, nn.Module]:
@@ -264,10 +260,7 @@ class HOSLStrategy(SingleDeviceStrategy):
         self.backend = backend
         self.timeout_s = float(timeout_s)
         self.init_method = init_method
-        self._rank, self._world_size = rank, world_size
-        self._wire: Wire | None = None
-        self._client_wires: dict[int, Wire] = {}
-        self._owns_process_group = False
+        self._peers = Peers(backend, self.timeout_s, init_method, rank, world_size)
         self.schedule, self.client_sync = schedule, client_sync
         self.steps_per_turn, self.sync_every_n_steps = steps_per_turn, sync_every_n_steps
         self.server_checkpoint_dir = server_checkpoint_dir
@@ -281,51 +274,20 @@ class HOSLStrategy(SingleDeviceStrategy):
         """``"both"`` in-process; in a distributed run ``"server"`` (rank 0) or ``"client"``."""
         if self.transport == "in_process":
             return "both"
-        return "server" if self._process_rank() == SERVER_RANK else "client"
-
-    def _process_rank(self) -> int:
-        if self._rank is not None:
-            return self._rank
-        if "RANK" not in os.environ:
-            raise ValueError(
-                "transport='distributed' needs this process's rank: launch with torchrun (which sets RANK and "
-                "WORLD_SIZE), or pass rank= and world_size= (rank 0 is the server, rank 1 the client)"
-            )
-        return int(os.environ["RANK"])
+        return self._peers.role
 
     def _connect(self) -> Wire:
-        """Join the process group (unless the launcher already did) and open the link to the peer."""
-        if self._wire is not None:
-            return self._wire
-        rank = self._process_rank()
-        world_size = self._world_size if self._world_size is not None else int(os.environ.get("WORLD_SIZE", "0"))
-        if world_size < 2:
-            raise ValueError(
-                f"world_size={world_size}: a distributed HOSL run has the server (rank 0) and at least one client"
-            )
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank={rank} is not valid: choose 0 (the server) or 1..{world_size - 1} (the clients)")
-        self.clients = world_size - 1
-        self._check_clients()
-        if not dist.is_initialized():
-            backend = self.backend or "gloo"  # both sides must agree; NCCL is opt-in (one client, GPUs both sides)
-            # Joining waits for every process to start (imports and loading can take a while on a busy machine);
-            # once joined, every receive has its own deadline of timeout_s (wire.Wire).
-            join_s = max(self.timeout_s, JOIN_GRACE_S)
-            dist.init_process_group(
-                backend, init_method=self.init_method, rank=rank, world_size=world_size, timeout=timedelta(seconds=join_s)
-            )
-            self._owns_process_group = True
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-        if rank == SERVER_RANK:
-            self._client_wires = {r: Wire(r, f"client (rank {r})", self.timeout_s, device) for r in range(1, world_size)}
-            self._wire = self._client_wires[1]
-        else:
-            self._wire = Wire(SERVER_RANK, f"server (rank {SERVER_RANK})", self.timeout_s, device)
-        return self._wire
+        """Join the run's processes (checking the settings against how many clients there are) and link to them."""
+        return self._peers.connect(self._accept_clients)
 
-    def _check_clients(self) -> None:
-        if self.clients == 1:
+    @property
+    def _wire(self) -> Wire | None:
+        return self._peers.wire
+
+    def _accept_clients(self, clients: int) -> None:
+        """Record how many clients the run has; refuse the settings that cannot work with that many."""
+        self.clients = clients
+        if clients == 1:
             return
         if self.mode == "zo":
             raise ValueError("several clients train in modes 'hosl' and 'fo'; mode='zo' runs with one client")
@@ -340,12 +302,6 @@ class HOSLStrategy(SingleDeviceStrategy):
     def _wait_for_others_s(self) -> float:
         """How long a client may wait for the others: every step they may take before it is its go."""
         return self.timeout_s * (max(self.steps_per_turn, self.sync_every_n_steps) * self.clients + 1)
-
-    def _disconnect(self) -> None:
-        self._wire = None
-        if self._owns_process_group and dist.is_initialized():
-            dist.destroy_process_group()
-        self._owns_process_group = False
 
     def setup_environment(self) -> None:
         super().setup_environment()
@@ -380,7 +336,7 @@ class HOSLStrategy(SingleDeviceStrategy):
                 if self._failure is None:
                     raise
             finally:
-                self._disconnect()
+                self._peers.disconnect()
         super().teardown()
 
     @property
@@ -426,12 +382,12 @@ class HOSLStrategy(SingleDeviceStrategy):
                 scheduler = None
             else:
                 optimizer, scheduler = _optimizer_and_scheduler(module.configure_optimizers())
-            worker = SplitServer(split, self._client_wires, self.mode, self.settings, optimizer, scheduler,
+            worker = SplitServer(split, self._peers.client_wires, self.mode, self.settings, optimizer, scheduler,
                                  expected=self._hello_settings(first_key), schedule=self.schedule,
                                  checkpoint_dir=self.server_checkpoint_dir)
             return worker.serve()
         finally:
-            self._disconnect()
+            self._peers.disconnect()
 
     def _hello_settings(self, client_zo_params: int) -> dict[str, Any]:
         return {
@@ -617,7 +573,7 @@ class HOSLStrategy(SingleDeviceStrategy):
         return [(n, p) for half in halves for n, p in half.named_parameters() if getattr(p, "_hosl_zo", False)]
 
     def _new_zo_optimizer(self, *halves: nn.Module) -> ZOSGD:
-        seed = self.seed if self.role != "client" else client_seed(self.seed, self._process_rank(), self.clients)
+        seed = self.seed if self.role != "client" else client_seed(self.seed, self._peers.rank(), self.clients)
         return ZOSGD(self._zo_named_parameters(*halves), self.zo_lr, self.zo_weight_decay, self.direction, seed)
 
     def setup_optimizers(self, trainer: Trainer) -> None:
