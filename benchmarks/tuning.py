@@ -1,9 +1,9 @@
 """Tuning on subsets (AUTOMATA): full data vs random subsets vs GradMatch subsets, each with Optuna TPE + Hyperband.
 
-    python benchmarks/tuning.py            # the study (about 80 minutes on 2 quiet CPU cores; budget 90)
+    python benchmarks/tuning.py            # the study (about 72 minutes on 2 quiet CPU cores; budget 90)
     python benchmarks/tuning.py --quick    # a few-minute smoke run (2 blocks, 64 examples, 3 trials)
     python benchmarks/tuning.py --out DIR  # where tuning.md, tuning.csv and tuning.png go (default benchmarks/results)
-    python benchmarks/tuning.py --reuse full random gradmatch --study-seeds 3   # repeat the subset searches
+    python benchmarks/tuning.py --reuse full random gradmatch --study-seeds 5   # repeat the subset searches
 
 Issue 6, item 3. The model is SmolLM2-135M-Instruct truncated to its first ``--layers`` decoder blocks (final
 norm and head kept), saved once as a directory so each trial loads it in about a second. The task is
@@ -14,15 +14,15 @@ a fixed 1000-example test sample (what the retrained winners are scored on).
 The same ``hosl_lightning.tune.tune`` call runs three times, differing only in ``subset``: ``full`` (every
 batch), ``random`` and ``gradmatch`` (``--fraction`` of the batches; candidate batches are stratified by class,
 the default on labelled data). A full-data trial runs ``epochs`` epochs; a subset trial runs twice as many
-subset epochs (``--subset-epochs``), i.e. a fifth of the steps, and is validated as often. By default the
-subset is chosen once per trial (``--select-every-epochs``): a GradMatch feature pass costs about as much as
-four training steps here, and every trial's first choice, made from the same pretrained weights, is computed
-once per study. ``--warm-start-steps N`` adds AUTOMATA's warm start: a subset trial's first N steps (of the
-same budget) take random batches of all the data, and its subset is chosen from the weights they leave, so
-GradMatch's choice is made per trial. Each search: ``--trials`` trials, TPE with seed 0 whose first ``--startup`` trials are random
-(and never pruned), Hyperband on val_acc at each validation, over client lr, mu, server lr, cut layer and Q. The
-startup trials have the same configurations in all searches (same sampler seed), which is what the rank
-agreement (Kendall tau, subset's val_acc vs full data's) is computed on.
+subset epochs (``--subset-epochs``), i.e. a fifth of the steps, and is validated as often. AUTOMATA's warm
+start is on by default (``--warm-start-steps``, 0 turns it off): the first half of a subset trial's steps take
+random batches of all the data, and its subset is then chosen once (``--select-every-epochs`` re-chooses it)
+from the weights they leave, so GradMatch makes one feature pass per trial. Without the warm start every trial's
+choice is made from the same pretrained weights and computed once per study. Each search: ``--trials`` trials,
+TPE with seed 0 whose first ``--startup`` trials are random (and never pruned), Hyperband on the ranking metric
+at each validation, over client lr, mu, server lr, cut layer and Q. The startup trials have the same
+configurations in all searches (same sampler seed), which is what the rank agreement (Kendall tau, subset's
+val_acc vs full data's) is computed on.
 
 Two kinds of repetition measure the noise. Each search's best configuration is retrained on the full data
 (plain loader, no subset) with ``--retrain-seeds`` seeds (training order, ZO directions, Lightning's seed; the
@@ -136,6 +136,15 @@ def retrain(config: Path, params: dict[str, Any], seed: int, memo: dict[str, dic
         memo[key] = {"val_acc": value, **{k: float(v) for k, v in scores.items()},
                      "seconds": time.perf_counter() - started}
     return memo[key]
+
+
+def search_name(method: str, study_seed: int, size: dict[str, Any]) -> str:
+    """The folder of a search's study database. It names every setting that changes a subset search (the sizes
+    are fixed per ``--quick`` or not), so ``--reuse`` never reads back a search made with other settings."""
+    if method == "full":
+        return "full"
+    return (f"{method}-warm{size['warm_start_steps']}-{size['subset_metric']}-epochs{size['subset_epochs']}"
+            f"-every{size['select_every']}" + (f"-s{study_seed}" if study_seed else ""))
 
 
 def load_search(database: Path, subset: str) -> TuneResult:
@@ -324,8 +333,8 @@ def write_outputs(out: Path, name: str, rows: list[dict], results: dict[str, Tun
             "seed. The sampler's seed stays 0, so every search starts with the same configurations, which Kendall "
             "tau compares."), ""] if size["study_seeds"] > 1 else []),
         *([(f"Searches not rerun here ({', '.join(reused)}): each is read from the study database of an earlier "
-            "run with the same sizes (`_tuning_tmp/full/<method>/hosl-tune.db`); its wall time is the sum of its "
-            "trials' times."), ""] if reused else []),
+            "run with the same sizes and settings (`_tuning_tmp/full/<search>/hosl-tune.db`, the folder named "
+            "after them); its wall time is the sum of its trials' times."), ""] if reused else []),
         (f"Each search's best configuration is retrained on the full data with {len(full_row(rows)['test_accs'])} "
          "seed(s) (seed s: training order, ZO directions and Lightning's seed; the same examples) and tested on "
          "the test sample; the table gives the mean, and the range over seeds."
@@ -431,17 +440,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--select-every-epochs", type=int, default=None,
                         help="choose the subset again every this many subset epochs (AUTOMATA's R; default: "
                              "once per trial)")
-    parser.add_argument("--warm-start-steps", type=int, default=0,
+    parser.add_argument("--warm-start-steps", type=int, default=None,
                         help="each subset trial's first steps on random batches of all the data, before the first "
-                             "subset choice (AUTOMATA's warm start; part of the trial's steps, not extra; "
-                             "default 0)")
+                             "subset choice (AUTOMATA's warm start; part of the trial's steps, not extra). Default: "
+                             "half a subset trial's steps (GRAD-MATCH's kappa = 1/2), 9 of 18; 0 turns it off")
     parser.add_argument("--subset-metric", choices=("val_acc", "val_loss"), default="val_acc",
                         help="what the subset searches rank trials by (the full-data search ranks by val_acc); "
                              "val_loss, the cross-entropy over the class scores, is continuous where accuracy ties")
     parser.add_argument("--tag", default="", help="suffix of the output files (tuning-TAG.md, ...)")
     args = parser.parse_args(argv)
     for option, low in (("retrain_seeds", 1), ("study_seeds", 1), ("warm_start_steps", 0)):
-        if getattr(args, option) < low:
+        if getattr(args, option) is not None and getattr(args, option) < low:
             parser.error(f"--{option.replace('_', '-')}={getattr(args, option)} is not valid: it must be >= {low}")
     reused = sorted(set(args.reuse) | ({"full"} if args.reuse_full else set()), key=METHODS.index)
     size = dict(QUICK if args.quick else FULL)
@@ -461,12 +470,12 @@ def main(argv: list[str] | None = None) -> None:
                      "(a full-data trial's epochs), so that subset trials validate at the same fractions of training")
     select_every = args.select_every_epochs or subset_epochs
     size["subset_epochs"], size["select_every"], size["subset_metric"] = subset_epochs, select_every, args.subset_metric
-    size["study_seeds"], size["warm_start_steps"] = args.study_seeds, args.warm_start_steps
+    warm_start_steps = subset_epochs * subset_epoch // 2 if args.warm_start_steps is None else args.warm_start_steps
+    size["study_seeds"], size["warm_start_steps"] = args.study_seeds, warm_start_steps
     searches = [("full", 0)] + [(m, k) for m in METHODS[1:] for k in range(args.study_seeds)]
     for method, study_seed in searches:
         label = method if not study_seed else f"{method} s{study_seed}"
-        run_dir = work / ("quick" if args.quick else "full") / (
-            method if method == "full" else method + args.tag + (f"-s{study_seed}" if study_seed else ""))
+        run_dir = work / ("quick" if args.quick else "full") / search_name(method, study_seed, size)
         if method in reused and finished_search(run_dir / "hosl-tune.db", size["trials"]):
             results[label] = load_search(run_dir / "hosl-tune.db", method)
             print(f"=== {label} search reused: {results[label].search_seconds:.0f} s ===", flush=True)
@@ -483,7 +492,7 @@ def main(argv: list[str] | None = None) -> None:
                               direction="minimize" if metric == "val_loss" else "maximize",
                               fraction=size["fraction"], select_every_n_steps=select_every * subset_epoch,
                               output_dir=str(run_dir), n_startup_trials=size["startup"], retrain=False,
-                              selection_seed=study_seed, warm_start_steps=args.warm_start_steps,
+                              selection_seed=study_seed, warm_start_steps=warm_start_steps,
                               overrides=overrides)
     memo_path = work / ("retrain-quick.json" if args.quick else "retrain.json")
     memo: dict[str, dict[str, float]] = json.loads(memo_path.read_text()) if memo_path.exists() else {}
