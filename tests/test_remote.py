@@ -316,13 +316,6 @@ def test_parallel_clients_average_their_halves_by_seeds_as_by_weights(model_dir:
     assert int(runs["seeds"][0]["sync_bytes"].sum()) * 100 < int(first["sync_bytes"].sum())
 
 
-def test_several_clients_refuse_seed_sync_in_fo_mode() -> None:
-    strategy = HOSLStrategy(mode="fo", transport="distributed", client_sync="seeds")
-    strategy.clients = 2
-    with pytest.raises(ValueError, match="client_sync='weights'"):
-        strategy._check_clients()
-
-
 def test_first_order_clients_take_turns_by_weights(model_dir: Path, tmp_path: Path) -> None:
     first, second = _clients(_run_group(model_dir, tmp_path, "fo", 2, 3, schedule="sequential", client_sync="weights",
                                         steps_per_turn=1))
