@@ -373,8 +373,8 @@ def write_outputs(out: Path, name: str, rows: list[dict], results: dict[str, Tun
                  f"{mean([x['test_acc'] for x in r]) * 100:.1f} ({'met' if difference >= 0 else 'NOT met'} on test "
                  f"accuracy); {noise}; {tau_comparison(g, r)}")
     val_g, val_r = mean([mean_val(x) for x in g]) * 100, mean([mean_val(x) for x in r]) * 100
-    lines.append(f"- Diagnostic, not a target: validation accuracy of the same retrained winners (the 200 examples "
-                 f"every search ranks by), GradMatch {val_g:.1f} vs random {val_r:.1f}. A method ahead here but "
+    lines.append(f"- Diagnostic, not a target: validation accuracy of the same retrained winners (the "
+                 f"{size['num_validation']} examples every search ranks by), GradMatch {val_g:.1f} vs random {val_r:.1f}. A method ahead here but "
                  "behind on test lost on the validation and test samples disagreeing about configurations, not on "
                  "its subsets' ranking.")
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
