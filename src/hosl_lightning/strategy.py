@@ -257,10 +257,7 @@ class HOSLStrategy(SingleDeviceStrategy):
         self._split: SplitCausalLM | None = None
         self._optimizer_sides: dict[int, str] = {}
         self.transport = transport
-        self.backend = backend
-        self.timeout_s = float(timeout_s)
-        self.init_method = init_method
-        self._peers = Peers(backend, self.timeout_s, init_method, rank, world_size)
+        self._peers = Peers(backend, float(timeout_s), init_method, rank, world_size)
         self.schedule, self.client_sync = schedule, client_sync
         self.steps_per_turn, self.sync_every_n_steps = steps_per_turn, sync_every_n_steps
         self.server_checkpoint_dir = server_checkpoint_dir
@@ -275,6 +272,18 @@ class HOSLStrategy(SingleDeviceStrategy):
         if self.transport == "in_process":
             return "both"
         return self._peers.role
+
+    @property
+    def backend(self) -> str | None:
+        return self._peers.backend
+
+    @property
+    def timeout_s(self) -> float:
+        return self._peers.timeout_s
+
+    @property
+    def init_method(self) -> str:
+        return self._peers.init_method
 
     def _connect(self) -> Wire:
         """Join the run's processes (checking the settings against how many clients there are) and link to them."""
