@@ -30,7 +30,9 @@ from hosl_lightning.subsets import (
     SelectionCache,
     SubsetSelection,
     batch_feature,
+    candidate_features,
     class_labels,
+    example_lengths,
     partition,
     subset_length,
     vocabulary_projection,
@@ -145,6 +147,43 @@ def test_head_feature_is_the_projected_weight_gradient_of_the_lm_head() -> None:
     assert torch.allclose(feature, (projection @ gradient).flatten(), atol=1e-6)
     assert torch.equal(projection, vocabulary_projection(head.out_features, 5, seed=3))  # fixed by the seed
     assert torch.allclose(projection.abs(), torch.full_like(projection, 5**-0.5))
+
+
+@pytest.mark.parametrize("loss", ["lm", "classification"])
+@pytest.mark.parametrize("feature_rows", [None, 3])
+def test_length_sorted_feature_pass_equals_one_forward_per_candidate(tmp_path: Path, loss: str, feature_rows) -> None:
+    from test_tasks import sentiment_dm, word_tokenizer
+
+    words = "a great movie and the plot was long".split()
+    rows = [{"text": " ".join(words[: 1 + (i * 5) % 8]), "label": "positive" if i % 3 else "negative"} for i in range(21)]
+    tokenizer = word_tokenizer()
+    data = sentiment_dm(tmp_path, tokenizer, rows, batch_size=4, eval_batch_size=4, loss=loss)
+    data.setup("fit")
+    loader = data.train_dataloader()
+    torch.manual_seed(0)
+    model = SplitCausalLM(HOSLModule(model_config=dict(TINY_LLAMA, vocab_size=len(tokenizer))).model, 1).eval()
+    projection = None if feature_rows is None else vocabulary_projection(len(tokenizer), feature_rows, seed=0)
+    candidates = partition(21, 4, torch.Generator().manual_seed(2))  # 6 candidates, the last of 1 example
+    lengths = example_lengths(loader.dataset, loader.collate_fn, range(21))
+    assert len(lengths.unique()) >= 5  # lengths vary, so sorted chunks mix examples of different candidates
+    expected = torch.stack([batch_feature(model, loader.collate_fn([loader.dataset[i] for i in c]), projection)
+                            for c in candidates])
+    features = candidate_features(model, loader, candidates, lengths, batch_size=5, projection=projection,
+                                  progress=False)
+    assert features.shape == expected.shape
+    assert torch.allclose(features, expected, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(features, expected.roll(1, dims=0), atol=1e-5, rtol=1e-4)  # and told apart
+
+
+def test_row_features_do_not_depend_on_how_many_tokens_share_a_pass() -> None:
+    model, batch = _split(), _batch(rows=5)
+    activations = model.client_forward(batch["input_ids"], batch["attention_mask"])
+    projection = vocabulary_projection(TINY_LLAMA["vocab_size"], 4, seed=1)
+    for used in (None, projection):
+        sums, counts = model.server_row_features(activations, batch["labels"], used)
+        small_sums, small_counts = model.server_row_features(activations, batch["labels"], used, tokens_per_pass=2)
+        assert counts.tolist() == small_counts.tolist() == [3] * 5
+        assert torch.allclose(sums, small_sums, atol=1e-6)
 
 
 def test_gradmatch_on_the_head_feature_chooses_and_trains() -> None:
@@ -394,6 +433,7 @@ def test_prompt_classification_candidates_are_stratified_by_default(tmp_path: Pa
         ({"stratify": 1}, r"stratify=1 is not valid: choose None \(when labels exist\), True or False"),
         ({"seed": "0"}, "seed='0' is not valid: it must be an integer"),
         ({"warm_start_steps": -1}, "warm_start_steps=-1 is not valid: it must be an integer >= 0"),
+        ({"feature_batch_size": 0}, "feature_batch_size=0 is not valid: it must be an integer >= 1"),
     ],
 )
 def test_bad_options_name_the_option_and_the_valid_values(kwargs: dict, message: str) -> None:

@@ -140,44 +140,40 @@ class SplitCausalLM(nn.Module):
             raise ValueError("a batch has no labelled tokens (all labels are -100): there is nothing to train on")
         return _weighted(sums / counts, targets)
 
-    def _labelled_final_hidden(self, activations: CutActivations, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """The final hidden state at each labelled position and the token it should predict (the features' input)."""
-        final_hidden = self.server(activations)
+    @torch.no_grad()
+    def server_row_features(
+        self, activations: CutActivations, labels: Tensor, projection: Tensor | None = None, tokens_per_pass: int = 2048
+    ) -> tuple[Tensor, Tensor]:
+        """Each row's summed per-token gradient features and its labelled-token count: GradMatch's raw material.
+
+        A token's feature is the gradient of its own next-token loss. By default dL/dh at the final hidden state
+        (``hidden`` numbers): only the LM head is differentiated, never the blocks, and the vocab x hidden weight
+        gradient is never formed; it is the signal backprop sends into every server block, a cheap stand-in for
+        the gradient. With ``projection`` (k x vocab) it is the LM head's weight gradient with its vocabulary side
+        projected, (P e_t) h_t^T (e_t = softmax - one-hot; k x hidden numbers): unlike dL/dh it carries the input
+        h_t, so two batches with the same class mix can still differ. A batch's feature (the gradient of its mean
+        loss) is the sum of its rows' sums over the sum of their counts, so rows can be computed in any grouping.
+        Logits are formed for ``tokens_per_pass`` labelled tokens at a time, which bounds memory on long sequences.
+        """
+        final_hidden = self.server(activations)[:, :-1]
         targets = labels.to(final_hidden.device)[:, 1:]
         keep = targets != IGNORE_INDEX
-        if not bool(keep.any()):
-            raise ValueError("a batch has no labelled tokens (all labels are -100): it has no gradient feature")
-        return final_hidden[:, :-1][keep], targets[keep]
-
-    @torch.no_grad()
-    def server_loss_gradient(self, activations: CutActivations, labels: Tensor) -> Tensor:
-        """dL/dh at the final hidden state, averaged over the batch's labelled tokens: a batch's gradient feature.
-
-        L is the next-token loss at labelled positions. Only the LM head is differentiated (one matmul back),
-        never the blocks, and the vocab x hidden weight gradient is never formed: the result has ``hidden``
-        entries. It is the signal backprop sends into every server block, which makes it a cheap stand-in
-        for the batch's gradient when choosing subsets (GradMatch).
-        """
-        hidden, targets = self._labelled_final_hidden(activations, labels)
-        hidden = hidden.detach().requires_grad_(True)
-        with torch.enable_grad():
-            loss = F.cross_entropy(self.server.logits(hidden).float(), targets, reduction="sum")
-            (gradient,) = torch.autograd.grad(loss, hidden)
-        return gradient.float().sum(dim=0) / hidden.shape[0]
-
-    @torch.no_grad()
-    def server_head_gradient(self, activations: CutActivations, labels: Tensor, projection: Tensor) -> Tensor:
-        """The LM head's weight gradient with its vocabulary side projected: ``projection @ dL/dW``, flattened.
-
-        dL/dW is the sum over labelled tokens of e_t h_t^T (e_t = softmax - one-hot), averaged; it is never
-        formed (vocab x hidden): each e_t is projected to ``projection``'s k rows first, giving k x hidden numbers.
-        Unlike dL/dh it carries the input h_t, so two batches with the same class mix can still differ.
-        """
-        hidden, targets = self._labelled_final_hidden(activations, labels)
-        error = self.server.logits(hidden).float().softmax(dim=-1)
-        error[torch.arange(len(error), device=error.device), targets] -= 1.0
-        projected = error @ projection.to(error.device).mT  # tokens x k
-        return (projected.T @ hidden.float() / hidden.shape[0]).flatten()
+        rows = keep.shape[0]
+        hidden, wanted, row_of_token = final_hidden[keep], targets[keep], keep.nonzero()[:, 0]
+        errors = []  # e_t = softmax - one-hot, per labelled token
+        for start in range(0, len(hidden), tokens_per_pass):
+            error = self.server.logits(hidden[start : start + tokens_per_pass]).float().softmax(dim=-1)
+            error[torch.arange(len(error), device=error.device), wanted[start : start + tokens_per_pass]] -= 1.0
+            errors.append(error @ (self.server.lm_head.weight.float() if projection is None
+                                   else projection.to(error.device).mT))
+        token_features = torch.cat(errors) if errors else hidden.new_zeros(0, final_hidden.shape[-1]).float()
+        counts = keep.sum(dim=1)
+        if projection is None:
+            return torch.zeros(rows, token_features.shape[1], device=hidden.device).index_add(
+                0, row_of_token, token_features), counts
+        projected = torch.zeros(*keep.shape, projection.shape[0], device=hidden.device)
+        projected[keep] = token_features  # rows x positions x k, zero where unlabelled
+        return torch.bmm(projected.mT, final_hidden.float()).flatten(1), counts  # sum_t (P e_t) h_t^T per row
 
     @torch.no_grad()
     def sequence_log_likelihood(self, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor) -> Tensor:

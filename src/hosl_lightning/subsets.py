@@ -2,9 +2,9 @@
 
 ``SubsetSelection`` is a callback: it wraps the training DataLoader of the datamodule (or module) so that an
 "epoch" is ``fraction`` of the batches, and every ``every_n_steps`` steps it chooses them again: by GradMatch
-over each candidate batch's gradient feature (``SplitCausalLM.server_loss_gradient``: dL/dh at the final
-hidden state, from one forward and the head's backward), at random, or all of them (the full-data baseline,
-through the same code path). Each training batch carries its weight as ``loss_weight``, which the split model
+over each candidate batch's gradient feature (``SplitCausalLM.server_row_features``: dL/dh at the final
+hidden state, from one forward and the head's backward, computed per example in length-sorted chunks), at
+random, or all of them (the full-data baseline, through the same code path). Each training batch carries its weight as ``loss_weight``, which the split model
 multiplies into the server's loss and into every ZO probe loss, so the weights enter both halves' updates.
 """
 
@@ -145,25 +145,85 @@ def class_labels(dataset: Any) -> Tensor | None:
     return torch.tensor(labels, dtype=torch.long)
 
 
-@torch.no_grad()
-def batch_feature(model: SplitCausalLM, batch: dict[str, Any], projection: Tensor | None = None) -> Tensor:
-    """One batch's gradient feature; classification batches (C rows per example) use each example's gold row.
-
-    dL/dh at the final hidden state, or with ``projection`` (k x vocab) the LM head's projected weight gradient.
-    """
+def _gold_rows(batch: dict[str, Any]) -> tuple[Tensor, Tensor | None, Tensor]:
+    """``input_ids``, ``attention_mask`` and ``labels``; of classification batches (C rows per example) the gold rows."""
     input_ids, mask, labels = batch["input_ids"], batch.get("attention_mask"), batch["labels"]
     if "class_labels" in batch and "num_classes" in batch:
         gold = torch.arange(len(batch["class_labels"]), device=input_ids.device) * int(batch["num_classes"])
         rows = gold + batch["class_labels"].to(input_ids.device)
         input_ids, labels = input_ids[rows], labels[rows]
         mask = None if mask is None else mask[rows]
+    return input_ids, mask, labels
+
+
+@torch.no_grad()
+def row_features(model: SplitCausalLM, batch: dict[str, Any], projection: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Each example's summed token features and labelled-token count (``SplitCausalLM.server_row_features``)."""
+    input_ids, mask, labels = _gold_rows(batch)
     activations = model.client_forward(input_ids, mask)
     with model.server_side():
         up, targets = model.boundary.send_up(activations, {"labels": labels})
         assert targets is not None
-        if projection is not None:
-            return model.server_head_gradient(up, targets["labels"], projection)
-        return model.server_loss_gradient(up, targets["labels"])
+        return model.server_row_features(up, targets["labels"], projection)
+
+
+def batch_feature(model: SplitCausalLM, batch: dict[str, Any], projection: Tensor | None = None) -> Tensor:
+    """One batch's gradient feature: the gradient of its mean labelled-token loss (dL/dh, or the projected head's)."""
+    sums, counts = row_features(model, batch, projection)
+    if int(counts.sum()) == 0:
+        raise ValueError("a batch has no labelled tokens (all labels are -100): it has no gradient feature")
+    return sums.sum(dim=0) / counts.sum()
+
+
+def example_lengths(dataset: Any, collate: Callable[[list[Any]], Any], indices: Sequence[int]) -> Tensor:
+    """The length of each example's (gold) row once collated alone: what the feature pass groups examples by."""
+    lengths = []
+    for index in indices:
+        input_ids, mask, _ = _gold_rows(collate([dataset[index]]))
+        lengths.append(int(mask.sum()) if mask is not None else input_ids.shape[1])
+    return torch.tensor(lengths, dtype=torch.long)
+
+
+def candidate_features(
+    model: SplitCausalLM,
+    loader: DataLoader,
+    candidates: Sequence[list[int]],
+    lengths: Tensor,
+    batch_size: int,
+    projection: Tensor | None = None,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    description: str = "GradMatch features",
+) -> Tensor:
+    """Every candidate batch's gradient feature, from forwards over all its examples grouped by length.
+
+    A candidate's feature is the mean over its labelled tokens, which is a sum over its examples; so the
+    examples need not be forwarded in their candidate batches. They go in chunks of ``batch_size`` examples of
+    about equal ``lengths`` (indexed by example), which wastes almost nothing on padding and amortises each
+    forward over more rows. The result equals stacking ``batch_feature`` over the candidates, up to rounding.
+    """
+    examples = torch.tensor([index for batch in candidates for index in batch], dtype=torch.long)
+    owner = torch.tensor([c for c, batch in enumerate(candidates) for _ in batch], dtype=torch.long)
+    order = lengths[examples].argsort(stable=True)
+    chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    feature_loader = DataLoader(
+        loader.dataset, batch_sampler=[examples[chunk].tolist() for chunk in chunks], collate_fn=loader.collate_fn,
+        num_workers=loader.num_workers,
+    )
+    sums: Tensor | None = None
+    counts = torch.zeros(len(candidates), dtype=torch.long)
+    bar = tqdm(feature_loader, desc=description, leave=False, disable=not progress)
+    with eval_mode(model):
+        for chunk, batch in zip(chunks, bar):
+            row_sums, row_counts = row_features(model, move_data_to_device(batch, device), projection)
+            if sums is None:
+                sums = torch.zeros(len(candidates), row_sums.shape[1])
+            sums.index_add_(0, owner[chunk], row_sums.cpu())
+            counts.index_add_(0, owner[chunk], row_counts.cpu())
+    assert sums is not None
+    if bool((counts == 0).any()):
+        raise ValueError("a candidate batch has no labelled tokens (all labels are -100): it has no gradient feature")
+    return sums / counts[:, None]
 
 
 def vocabulary_projection(vocab: int, rows: int, seed: int) -> Tensor:
@@ -221,6 +281,10 @@ class SubsetSelection(Callback):
             the weights they leave. They are steps of the fit, not extra ones: the cost stays the same, but a
             first GradMatch choice then depends on the trial and is not shared through ``cache``. A subset
             chosen from the pretrained weights alone comes from a model that has learnt nothing of the task.
+        feature_batch_size: examples per forward of the feature pass. A candidate's feature is a sum over its
+            examples, so the pass need not follow the candidate batches: it forwards all the examples once, sorted
+            by length into chunks of this many, so that almost no padding is computed and each forward serves more
+            rows. Lower it for long sequences (a chunk's activations must fit in memory).
         progress: show a progress bar while features are computed.
 
     The batches are those the training DataLoader would make (its dataset, batch size, collate and workers);
@@ -240,6 +304,7 @@ class SubsetSelection(Callback):
         feature: Feature = "hidden",
         feature_rows: int = 16,
         warm_start_steps: int = 0,
+        feature_batch_size: int = 64,
         progress: bool = True,
     ) -> None:
         check_choice("method", method, METHODS)
@@ -250,11 +315,12 @@ class SubsetSelection(Callback):
         check_choice("feature", feature, FEATURES)
         check_int("feature_rows", feature_rows, 1)
         check_int("warm_start_steps", warm_start_steps, 0)
+        check_int("feature_batch_size", feature_batch_size, 1)
         if not any(stratify is allowed for allowed in (None, True, False)):  # 1 == True, but 1 is not a bool
             raise ValueError(f"stratify={stratify!r} is not valid: choose None (when labels exist), True or False")
         self.method, self.fraction, self.every_n_steps = method, float(fraction), every_n_steps
         self.seed, self.ridge, self.cache, self.stratify, self.progress = seed, ridge, cache, stratify, progress
-        self.feature, self.feature_rows = feature, feature_rows
+        self.feature, self.feature_rows, self.feature_batch_size = feature, feature_rows, feature_batch_size
         self.warm_start_steps = 0 if method == "full" else warm_start_steps  # all the data needs no warm start
         self.selection_seconds = 0.0
         self.selections = 0  # selections made (including cache hits)
@@ -269,6 +335,7 @@ class SubsetSelection(Callback):
         self._loader: DataLoader | None = None
         self._labels: Tensor | None = None  # each training example's class, when candidates are stratified
         self._projection: Tensor | None = None  # feature="head": the vocabulary-side projection
+        self._lengths: Tensor | None = None  # each training example's collated length, for the feature pass
         self._source: Any = None
         self._original: Any = None
 
@@ -291,6 +358,7 @@ class SubsetSelection(Callback):
             raise TypeError("SubsetSelection needs train_dataloader() to return one DataLoader with a batch_size")
         if loader.dataset is not getattr(self._loader, "dataset", None):
             self._labels = self._stratify_by(loader.dataset)
+            self._lengths = None
         self._loader = loader
         candidates = math.ceil(len(loader.dataset) / loader.batch_size)  # type: ignore[arg-type]
         length = candidates if self.method == "full" else subset_length(self.fraction, candidates)
@@ -369,7 +437,7 @@ class SubsetSelection(Callback):
         key = None
         if self.cache is not None:
             key = (weights_digest(model), self._round, self.seed, len(candidates), budget, self.ridge,
-                   self._labels is not None, self.feature, self.feature_rows)
+                   self._labels is not None, self.feature, self.feature_rows, self.feature_batch_size)
             cached = self.cache.get(key)
             if cached is not None:
                 self._sampler.update(cached, self._round + 1)  # type: ignore[union-attr]
@@ -384,21 +452,15 @@ class SubsetSelection(Callback):
 
     def _features(self, trainer: Trainer, model: SplitCausalLM, candidates: Sequence[list[int]]) -> Tensor:
         assert self._loader is not None
-        loader = DataLoader(
-            WeightedDataset(self._loader.dataset), batch_sampler=[[(i, 1.0) for i in batch] for batch in candidates],
-            collate_fn=WeightedCollate(self._loader.collate_fn), num_workers=self._loader.num_workers,
-        )
         device = trainer.strategy.root_device
         if self.feature == "head" and self._projection is None:  # fixed by the seed: drawn once per callback
             vocab = model.server.lm_head.out_features
             self._projection = vocabulary_projection(vocab, self.feature_rows, self.seed).to(device)
-        projection = self._projection
-        rows = []
-        bar = tqdm(loader, desc=f"GradMatch features (selection {self._round})", leave=False, disable=not self.progress)
-        with eval_mode(model):
-            for batch in bar:
-                rows.append(batch_feature(model, move_data_to_device(batch, device), projection).cpu())
-        return torch.stack(rows)
+        if self._lengths is None:  # the training data is fixed for the fit: measured once
+            self._lengths = example_lengths(self._loader.dataset, self._loader.collate_fn,
+                                            range(len(self._loader.dataset)))  # type: ignore[arg-type]
+        return candidate_features(model, self._loader, candidates, self._lengths, self.feature_batch_size,
+                                  self._projection, device, self.progress, f"GradMatch features (selection {self._round})")
 
     # ---- checkpoints ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
