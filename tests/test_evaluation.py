@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader
 
 from conftest import TINY_LLAMA
 from hosl_lightning import HOSLModule, SplitCausalLM, load_causal_lm
+from hosl_lightning.model import shared_prompts
 
 C, B, T = 2, 3, 10
 
@@ -41,6 +42,61 @@ def test_sequence_log_likelihood_matches_full_logits() -> None:
     split, batch = _split(), _candidate_batch()
     scores = split.sequence_log_likelihood(batch["input_ids"], batch["attention_mask"], batch["labels"])
     torch.testing.assert_close(scores, _reference_log_likelihood(split, batch), rtol=1e-5, atol=1e-5)
+
+
+def _one_token_answers(lengths: list[int], answers: list[int], left: bool = False) -> dict:
+    """Prompts of the given lengths (padded to the longest), each followed by every answer token in turn."""
+    generator = torch.Generator().manual_seed(2)
+    width = max(lengths) + 1
+    ids, mask, labels = [], [], []
+    for length in lengths:
+        prompt = torch.randint(4, 64, (length,), generator=generator).tolist()
+        for answer in answers:
+            row, pad = [*prompt, answer], [0] * (width - length - 1)
+            ids.append(pad + row if left else row + pad)
+            mask.append([0] * len(pad) + [1] * len(row) if left else [1] * len(row) + [0] * len(pad))
+            label = [-100] * length + [answer]
+            labels.append([-100] * len(pad) + label if left else label + [-100] * len(pad))
+    return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), "labels": torch.tensor(labels)}
+
+
+class _RowCounter:
+    def __init__(self, split: SplitCausalLM) -> None:
+        self.rows: list[int] = []
+        split.client.register_forward_pre_hook(lambda _, args: self.rows.append(args[0].shape[0]))
+
+
+@pytest.mark.parametrize("left", [False, True])
+def test_one_token_answers_to_one_prompt_share_a_forward_and_score_as_if_alone(left: bool) -> None:
+    split, batch = _split(), _one_token_answers([3, 7, 5], answers=[11, 12, 13], left=left)
+    counter = _RowCounter(split)
+    scores = split.sequence_log_likelihood(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    assert counter.rows == [3]  # 9 rows scored, 3 prompts forwarded
+    alone = torch.cat([split.sequence_log_likelihood(batch["input_ids"][r : r + 1], batch["attention_mask"][r : r + 1],
+                                                     batch["labels"][r : r + 1]) for r in range(9)])
+    assert torch.allclose(scores, alone, atol=1e-5)
+    assert torch.allclose(scores, _reference_log_likelihood(split, batch), atol=1e-5)
+    assert len(set(scores.tolist())) == 9  # every answer scored on its own token
+
+
+def test_rows_share_a_forward_only_when_they_differ_in_one_labelled_token() -> None:
+    batch = _one_token_answers([4, 4], answers=[11, 12])
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    representatives, source_rows = shared_prompts(ids, mask, labels)
+    assert representatives is not None and len(representatives) == 2
+    assert source_rows[0] == source_rows[1] != source_rows[2] == source_rows[3]
+    two_tokens = labels.clone()
+    two_tokens[:, 3] = ids[:, 3]  # the prompt's last token is labelled too: answers of two tokens
+    assert shared_prompts(ids, mask, two_tokens) == (None, None)
+    other_prompt = ids.clone()
+    other_prompt[1, 0] += 1  # rows 0 and 1 now differ before the answer
+    representatives, source_rows = shared_prompts(other_prompt, mask, labels)
+    assert representatives is not None and len(representatives) == 3 and source_rows[0] != source_rows[1]
+    split = _split()
+    counter = _RowCounter(split)
+    batch = _candidate_batch()  # two-token label words: every row forwarded
+    split.sequence_log_likelihood(batch["input_ids"], batch["attention_mask"], batch["labels"])
+    assert counter.rows == [B * C]
 
 
 def test_classification_loss_is_cross_entropy_over_candidate_likelihoods_per_group() -> None:

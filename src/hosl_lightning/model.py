@@ -44,6 +44,30 @@ def concat_activations(parts: list[CutActivations]) -> CutActivations:
     )
 
 
+def shared_prompts(
+    input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor
+) -> tuple[Tensor, Tensor] | tuple[None, None]:
+    """Which rows can share a forward when scored: (rows to forward, each row's source among them), or Nones.
+
+    Rows share when each has exactly one labelled token and they agree on every other token and on the mask:
+    the hidden states that score the token are then the same (causal attention never looks ahead). Nones
+    when no two rows share, or some row has more or fewer than one labelled token.
+    """
+    labelled = labels != IGNORE_INDEX
+    labelled[:, 0] = False  # a label on the first token is never scored
+    if len(labels) < 2 or not bool((labelled.sum(dim=1) == 1).all()):
+        return None, None
+    key = input_ids.masked_fill(labelled.to(input_ids.device), -1)
+    if attention_mask is not None:
+        key = torch.cat([key, attention_mask.to(key.device, key.dtype)], dim=1)
+    unique, source_rows = torch.unique(key, dim=0, return_inverse=True)
+    if len(unique) == len(key):
+        return None, None
+    order = torch.arange(len(key), device=key.device)
+    first = torch.full((len(unique),), len(key), device=key.device).scatter_reduce(0, source_rows, order, "amin")
+    return first, source_rows
+
+
 def _weighted(losses: Tensor, targets: Targets) -> Tensor:
     weight = targets.get("loss_weight")
     if weight is None:
@@ -102,15 +126,19 @@ class SplitCausalLM(nn.Module):
             mask = None if attention_mask is None else attention_mask.to(device)
             return self.client(input_ids.to(device), mask)
 
-    def _label_token_nll(self, final_hidden: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    def _label_token_nll(
+        self, final_hidden: Tensor, labels: Tensor, source_rows: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Next-token losses at labelled positions only, and the row of each (the LM head runs nowhere else).
 
-        On classification prompts that is one or two positions per sequence instead of all of them.
+        On classification prompts that is one or two positions per sequence instead of all of them. With
+        ``source_rows``, row r of ``labels`` reads its hidden states from row ``source_rows[r]`` of ``final_hidden``.
         """
         targets = labels[:, 1:]
-        keep = targets != IGNORE_INDEX
-        logits = self.server.logits(final_hidden[:, :-1][keep])
-        return F.cross_entropy(logits.float(), targets[keep], reduction="none"), keep.nonzero()[:, 0]
+        row, position = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
+        hidden = final_hidden[row if source_rows is None else source_rows[row], position]
+        logits = self.server.logits(hidden)
+        return F.cross_entropy(logits.float(), targets[row, position], reduction="none"), row
 
     def server_losses(self, activations: CutActivations, targets: Targets, groups: int = 1) -> Tensor:
         """The training loss of each of ``groups`` equal slices of the batch (one slice per probe).
@@ -176,18 +204,35 @@ class SplitCausalLM(nn.Module):
         return torch.bmm(projected.mT, final_hidden.float()).flatten(1), counts  # sum_t (P e_t) h_t^T per row
 
     @torch.no_grad()
-    def sequence_log_likelihood(self, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor) -> Tensor:
-        """Sum of log-probabilities of each row's labelled tokens: the score of a candidate answer."""
+    def sequence_log_likelihood(
+        self, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor, share_prompts: bool = True
+    ) -> Tensor:
+        """Sum of log-probabilities of each row's labelled tokens: the score of a candidate answer.
+
+        With ``share_prompts``, rows that differ only in their one labelled token (a prompt's candidate answers,
+        when each is a single token) are forwarded once: the hidden state that scores the token comes before
+        it, so it is the same for all of them. Scoring C one-token answers then costs one forward of the
+        prompt, not C; the scores are the same.
+        """
+        representatives, source_rows = (
+            shared_prompts(input_ids, attention_mask, labels) if share_prompts else (None, None))
+        if representatives is not None:
+            input_ids = input_ids[representatives]
+            attention_mask = None if attention_mask is None else attention_mask[representatives]
         activations = self.client_forward(input_ids, attention_mask)
         with self.server_side():
-            up, targets = self.boundary.send_up(activations, {"labels": labels})
+            up, targets = self.boundary.send_up(activations, {"labels": labels, "source_rows": source_rows})
             assert targets is not None
-            return self.server_scores(up, targets["labels"])
+            return self.server_scores(up, targets["labels"], targets["source_rows"])
 
     @torch.no_grad()
-    def server_scores(self, activations: CutActivations, labels: Tensor) -> Tensor:
-        """The server's half of :meth:`sequence_log_likelihood`: each row's summed labelled-token log-probability."""
-        nll, row_of_token = self._label_token_nll(self.server(activations), labels)
+    def server_scores(self, activations: CutActivations, labels: Tensor, source_rows: Tensor | None = None) -> Tensor:
+        """The server's half of :meth:`sequence_log_likelihood`: each row's summed labelled-token log-probability.
+
+        With ``source_rows`` (from :func:`shared_prompts`), ``activations`` hold only the rows forwarded, and row r
+        of ``labels`` is scored on row ``source_rows[r]`` of them.
+        """
+        nll, row_of_token = self._label_token_nll(self.server(activations), labels, source_rows)
         return -torch.zeros(labels.shape[0], device=nll.device).index_add(0, row_of_token, nll)
 
     def forward(
