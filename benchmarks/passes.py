@@ -1,4 +1,4 @@
-"""The two passes a subset-tuning trial adds to training, each timed the old way and the new way, side by side.
+"""A tuning trial's two passes besides training, each timed the old way and the new way, side by side.
 
     python benchmarks/passes.py            # the tuning benchmark's model and data (about 3 minutes)
     python benchmarks/passes.py --quick    # 2 blocks, 64 examples: a smoke run
@@ -111,7 +111,7 @@ def main() -> None:
                  f"{accuracy[0]:.3f} vs {accuracy[1]:.3f}"))
 
     command = "python benchmarks/passes.py" + (" --quick" if args.quick else "")
-    lines = ["# The passes a subset-tuning trial adds to training: old way vs new way", "",
+    lines = ["# A tuning trial's passes besides training: old way vs new way", "",
              f"Command: `{command}`  ", f"Machine: {machine()}  ", f"Code: {code_state()}", "",
              f"Model: SmolLM2-135M-Instruct's first {size['layers']} blocks, cut after block {cut}. Data: rotten_tomatoes "
              "as in benchmarks/tuning.py. Each way ran once to warm up, then the two alternated for "
