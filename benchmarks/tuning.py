@@ -1,6 +1,6 @@
 """Tuning on subsets (AUTOMATA): full data vs random subsets vs GradMatch subsets, each with Optuna TPE + Hyperband.
 
-    python benchmarks/tuning.py            # the study (67 minutes in one go on 2 quiet CPU cores; budget 90)
+    python benchmarks/tuning.py            # the study (75 minutes in one go on 2 quiet CPU cores; budget 90)
     python benchmarks/tuning.py --quick    # a few-minute smoke run (2 blocks, 64 examples, 3 trials)
     python benchmarks/tuning.py --out DIR  # where tuning.md, tuning.csv and tuning.png go (default benchmarks/results)
     python benchmarks/tuning.py --reuse full random gradmatch --study-seeds 5   # repeat the subset searches
