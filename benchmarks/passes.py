@@ -30,7 +30,13 @@ from accuracy import code_state, machine
 from tuning import DATA, prepare_model
 
 from hosl_lightning import PromptClassificationDataModule, SplitCausalLM, load_causal_lm
-from hosl_lightning.subsets import batch_feature, candidate_features, class_labels, example_lengths, partition
+from hosl_lightning.subsets import (
+    batch_feature,
+    candidate_features,
+    class_labels,
+    example_lengths,
+    partition,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL = {"layers": 4, "num_train": 480, "num_validation": 200}
@@ -107,15 +113,15 @@ def main() -> None:
                 (old_v, new_v)]
     rows.append(("validation scoring", f"{len(gold)} examples x {validation[0]['num_classes']} classes",
                  "every class's row forwarded", "one forward per prompt", old_s, new_s,
-                 f"largest score difference {float((new_v - old_v).abs().max()):.1e}; accuracy "
-                 f"{accuracy[0]:.3f} vs {accuracy[1]:.3f}"))
+                 (f"largest score difference {float((new_v - old_v).abs().max()):.1e}; accuracy "
+                  f"{accuracy[0]:.3f} vs {accuracy[1]:.3f}")))
 
     command = "python benchmarks/passes.py" + (" --quick" if args.quick else "")
     lines = ["# A tuning trial's passes besides training: old way vs new way", "",
              f"Command: `{command}`  ", f"Machine: {machine()}  ", f"Code: {code_state()}", "",
-             f"Model: SmolLM2-135M-Instruct's first {size['layers']} blocks, cut after block {cut}. Data: rotten_tomatoes "
-             "as in benchmarks/tuning.py. Each way ran once to warm up, then the two alternated for "
-             f"{args.repeats} timed rounds.", "",
+             (f"Model: SmolLM2-135M-Instruct's first {size['layers']} blocks, cut after block {cut}. Data: "
+              "rotten_tomatoes as in benchmarks/tuning.py. Each way ran once to warm up, then the two alternated for "
+              f"{args.repeats} timed rounds."), "",
              "| pass | work | old way | new way | old (s, per round) | new (s, per round) | speedup (mean) | outputs |",
              "|---|---|---|---|---:|---:|---:|---|"]
     for name, work_done, old_way, new_way, old_s, new_s, check in rows:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_LLAMA
 from torch.utils.data import DataLoader
 
-from conftest import TINY_LLAMA
 from hosl_lightning import HOSLModule, SplitCausalLM, load_causal_lm
 from hosl_lightning.model import shared_prompts
 

@@ -154,7 +154,7 @@ def test_head_feature_is_the_projected_weight_gradient_of_the_lm_head() -> None:
 def test_length_sorted_feature_pass_equals_one_forward_per_candidate(tmp_path: Path, loss: str, feature_rows) -> None:
     from test_tasks import sentiment_dm, word_tokenizer
 
-    words = "a great movie and the plot was long".split()
+    words = ["a", "great", "movie", "and", "the", "plot", "was", "long"]
     rows = [{"text": " ".join(words[: 1 + (i * 5) % 8]), "label": "positive" if i % 3 else "negative"} for i in range(21)]
     tokenizer = word_tokenizer()
     data = sentiment_dm(tmp_path, tokenizer, rows, batch_size=4, eval_batch_size=4, loss=loss)

@@ -4,8 +4,9 @@
 "epoch" is ``fraction`` of the batches, and every ``every_n_steps`` steps it chooses them again: by GradMatch
 over each candidate batch's gradient feature (``SplitCausalLM.server_row_features``: dL/dh at the final
 hidden state, from one forward and the head's backward, computed per example in length-sorted chunks), at
-random, or all of them (the full-data baseline, through the same code path). Each training batch carries its weight as ``loss_weight``, which the split model
-multiplies into the server's loss and into every ZO probe loss, so the weights enter both halves' updates.
+random, or all of them (the full-data baseline, through the same code path). Each training batch carries its
+weight as ``loss_weight``, which the split model multiplies into the server's loss and into every ZO probe
+loss, so the weights enter both halves' updates.
 """
 
 from __future__ import annotations
@@ -147,6 +148,9 @@ def class_labels(dataset: Any) -> Tensor | None:
 
 def _gold_rows(batch: dict[str, Any]) -> tuple[Tensor, Tensor | None, Tensor]:
     """``input_ids``, ``attention_mask`` and ``labels``; of classification batches (C rows per example) the gold rows."""
+    if not isinstance(batch, dict):
+        raise TypeError(f"SubsetSelection needs batches that are dicts (with 'input_ids' and 'labels'), got "
+                        f"{type(batch).__name__}")
     input_ids, mask, labels = batch["input_ids"], batch.get("attention_mask"), batch["labels"]
     if "class_labels" in batch and "num_classes" in batch:
         gold = torch.arange(len(batch["class_labels"]), device=input_ids.device) * int(batch["num_classes"])
@@ -459,8 +463,9 @@ class SubsetSelection(Callback):
         if self._lengths is None:  # the training data is fixed for the fit: measured once
             self._lengths = example_lengths(self._loader.dataset, self._loader.collate_fn,
                                             range(len(self._loader.dataset)))  # type: ignore[arg-type]
+        description = f"GradMatch features (selection {self._round})"
         return candidate_features(model, self._loader, candidates, self._lengths, self.feature_batch_size,
-                                  self._projection, device, self.progress, f"GradMatch features (selection {self._round})")
+                                  self._projection, device, self.progress, description)
 
     # ---- checkpoints ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
