@@ -188,12 +188,13 @@ class SplitCausalLM(nn.Module):
         keep = targets != IGNORE_INDEX
         rows = keep.shape[0]
         hidden, wanted, row_of_token = final_hidden[keep], targets[keep], keep.nonzero()[:, 0]
-        errors = []  # e_t = softmax - one-hot, per labelled token
+        # dL/dh = e_t W, or the projected error P e_t (e_t = softmax - one-hot), per labelled token
+        matrix = self.server.lm_head.weight.float() if projection is None else projection.to(hidden.device).mT
+        errors = []
         for start in range(0, len(hidden), tokens_per_pass):
             error = self.server.logits(hidden[start : start + tokens_per_pass]).float().softmax(dim=-1)
             error[torch.arange(len(error), device=error.device), wanted[start : start + tokens_per_pass]] -= 1.0
-            errors.append(error @ (self.server.lm_head.weight.float() if projection is None
-                                   else projection.to(error.device).mT))
+            errors.append(error @ matrix)
         token_features = torch.cat(errors) if errors else hidden.new_zeros(0, final_hidden.shape[-1]).float()
         counts = keep.sum(dim=1)
         if projection is None:
