@@ -67,7 +67,7 @@ from hosl_lightning import (
     load_causal_lm,
     resolve_tokenizer,
 )
-from hosl_lightning.callbacks import LossSummary
+from hosl_lightning.lightning.callbacks import LossSummary
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data"

@@ -6,7 +6,7 @@
                                                  # (default: benchmarks/results)
 
 For each model, cut layer, batch size and sequence length it measures, with
-``hosl_lightning.memory`` (torch's MemTracker on CPU: measured, not estimated):
+``hosl_lightning.measurement`` (torch's MemTracker on CPU: measured, not estimated):
 
 - ``fo``, ``zo``, ``hosl``: the client's peak during a training step (``measure_client_step``; two steps
   for ``fo``, so that AdamW's state exists, as in every step after the first), Q=1 for zo and hosl;
@@ -59,16 +59,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import code_state
 
 from hosl_lightning import SplitCausalLM, load_causal_lm
-from hosl_lightning.memory import (
+from hosl_lightning.core.split import (  # where a family keeps its block list
+    _base_of,
+    _family_of,
+)
+from hosl_lightning.measurement import (
     ClientMemory,
     measure_client_inference,
     measure_client_step,
 )
-from hosl_lightning.split import (  # where a family keeps its block list
-    _base_of,
-    _family_of,
-)
-from hosl_lightning.steps import ZOSettings
+from hosl_lightning.modes import ZOSettings
 
 MODES = ("fo", "zo", "hosl", "floor")
 QUERIES = 1
@@ -224,7 +224,7 @@ def write_markdown(path: Path, rows: list[Row], per_setting: dict, info: dict) -
         f"- Machine: {info['machine']}.",
         f"- Code: {info['code']}.",
         f"- Date: {info['date']}.",
-        f"- Measured with `hosl_lightning.memory` (torch MemTracker on CPU). `fo`, `zo`, `hosl`: the client's peak "
+        f"- Measured with `hosl_lightning.measurement` (torch MemTracker on CPU). `fo`, `zo`, `hosl`: the client's peak "
         f"during a training step (two steps for `fo`, with AdamW on the client, so its optimizer state exists); "
         f"Q={QUERIES} for `zo` and `hosl` (mu=1e-3, server gradient from the perturbed point, 2Q server losses "
         f"in one batched forward). `floor`: the client's weights plus one no-grad forward.",

@@ -30,7 +30,7 @@ from accuracy import code_state, machine
 from tuning import DATA, prepare_model
 
 from hosl_lightning import PromptClassificationDataModule, SplitCausalLM, load_causal_lm
-from hosl_lightning.subsets import (
+from hosl_lightning.tuning import (
     batch_feature,
     candidate_features,
     class_labels,

@@ -43,7 +43,7 @@ def _run(role: str, model_dir: str, port: int, args: dict, out: str, rank: int =
     from torch.utils.data import DataLoader
 
     from hosl_lightning import HOSLModule, HOSLStrategy
-    from hosl_lightning.launch import fit
+    from hosl_lightning.lightning.launcher import fit
     from hosl_lightning.models import deferred_weights
 
     imports_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Python, torch, Lightning, transformers

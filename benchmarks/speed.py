@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 
 from hosl_lightning import SplitCausalLM, load_causal_lm
-from hosl_lightning.steps import ZOSettings, fo_step, hosl_step
-from hosl_lightning.zo import ZOSGD
+from hosl_lightning.core.zo import ZOSGD
+from hosl_lightning.modes import ZOSettings
+from hosl_lightning.modes.in_process import fo_step, hosl_step
 
 SMOLLM2_SHAPE = {"model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
                      "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "tie_word_embeddings": True,

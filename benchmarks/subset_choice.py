@@ -38,16 +38,19 @@ from accuracy import code_state, machine
 from tuning import FULL, QUICK, fit_config, prepare_model
 
 from hosl_lightning import SplitCausalLM, load_causal_lm
-from hosl_lightning.gradmatch import gradmatch, random_subset
-from hosl_lightning.subsets import (
+from hosl_lightning.tuning import (
     SubsetSelection,
     batch_feature,
+    build_trial_cli,
     class_labels,
+    gradmatch,
+    override_args,
     partition,
+    random_subset,
     subset_length,
     vocabulary_projection,
 )
-from hosl_lightning.tune import _fit, build_trial_cli, override_args
+from hosl_lightning.tuning.search import _fit
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGURATION = {  # the second start-up trial of every search in tuning.md (TPE seed 0)

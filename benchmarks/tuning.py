@@ -11,7 +11,7 @@ rotten_tomatoes (``../shared/data``, the built-in template "<text> It was" + " t
 seeded ``--num-train`` training sample, a fixed 200-example validation sample (what trials are ranked by) and
 a fixed 1000-example test sample (what the retrained winners are scored on).
 
-The same ``hosl_lightning.tune.tune`` call runs three times, differing only in ``subset``: ``full`` (every
+The same ``hosl_lightning.tuning.tune`` call runs three times, differing only in ``subset``: ``full`` (every
 batch), ``random`` and ``gradmatch`` (``--fraction`` of the batches; candidate batches are stratified by class,
 the default on labelled data). A full-data trial runs ``epochs`` epochs; a subset trial runs twice as many
 subset epochs (``--subset-epochs``), i.e. a fifth of the steps, and is validated as often. AUTOMATA's warm
@@ -54,8 +54,8 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import code_state, machine
 
-from hosl_lightning.subsets import subset_length
-from hosl_lightning.tune import TuneResult, _fit, override_args, tune
+from hosl_lightning.tuning import TuneResult, override_args, subset_length, tune
+from hosl_lightning.tuning.search import _fit
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "rotten_tomatoes"
@@ -151,7 +151,7 @@ def load_search(database: Path, subset: str) -> TuneResult:
     """A finished search read back from its Optuna database (trial values, parameters and recorded times)."""
     import optuna
 
-    from hosl_lightning.tune import TrialRecord
+    from hosl_lightning.tuning import TrialRecord
 
     study = optuna.load_study(study_name="hosl-tune", storage=f"sqlite:///{database}")
     result = TuneResult("hosl-tune", f"sqlite:///{database}", subset)

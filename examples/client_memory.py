@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 from hosl_lightning import SplitCausalLM, load_causal_lm
-from hosl_lightning.memory import measure_client_inference, measure_client_step
-from hosl_lightning.steps import ZOSettings
+from hosl_lightning.measurement import measure_client_inference, measure_client_step
+from hosl_lightning.modes import ZOSettings
 
 CONFIG = dict(model_type="llama", vocab_size=512, hidden_size=128, intermediate_size=512, num_hidden_layers=6,
               num_attention_heads=4, num_key_value_heads=2)

@@ -7,12 +7,12 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from conftest import TINY_LLAMA, quiet_trainer, tiny_data
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from transformers import LlamaForCausalLM
 
-from conftest import TINY_LLAMA, quiet_trainer, tiny_data
 from hosl_lightning import HOSLModule, HOSLStrategy
-from hosl_lightning.adapters import load_adapters, merged_model, save_adapters
+from hosl_lightning.models import load_adapters, merged_model, save_adapters
 
 LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]}
 SERVER_LORA = {"r": 2, "lora_alpha": 4, "target_modules": ["o_proj", "down_proj"]}

@@ -9,7 +9,7 @@ from conftest import TINY_LLAMA
 from torch.utils.data import DataLoader
 
 from hosl_lightning import HOSLModule, SplitCausalLM, load_causal_lm
-from hosl_lightning.model import shared_prompts
+from hosl_lightning.core.split_model import shared_prompts
 
 C, B, T = 2, 3, 10
 
@@ -104,7 +104,7 @@ def test_classification_loss_is_cross_entropy_over_candidate_likelihoods_per_gro
     targets = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
     with torch.no_grad():
         acts = split.client_forward(batch["input_ids"], batch["attention_mask"])
-        from hosl_lightning.model import concat_activations
+        from hosl_lightning.core.split_model import concat_activations
 
         two = split.server_losses(concat_activations([acts, acts]), targets, groups=2)
         one = split.server_losses(acts, targets)

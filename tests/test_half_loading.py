@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from hosl_lightning.core.split import split_causal_lm
 from hosl_lightning.models import (
     ModelSource,
     deferred_weights,
@@ -15,7 +16,6 @@ from hosl_lightning.models import (
     load_causal_lm,
     materialize_half,
 )
-from hosl_lightning.split import split_causal_lm
 
 CONFIGS = {
     "llama-tied": dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,

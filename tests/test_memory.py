@@ -7,8 +7,8 @@ import torch
 from conftest import TINY_LLAMA
 
 from hosl_lightning import SplitCausalLM, load_causal_lm
-from hosl_lightning.memory import measure_client_inference, measure_client_step
-from hosl_lightning.steps import ZOSettings
+from hosl_lightning.measurement import measure_client_inference, measure_client_step
+from hosl_lightning.modes import ZOSettings
 
 
 def _split(cut: int) -> SplitCausalLM:

@@ -11,15 +11,16 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.loggers import Logger
 
 from hosl_lightning import HOSLModule, HOSLStrategy, SplitCausalLM, load_causal_lm
-from hosl_lightning import memory as memory_module
-from hosl_lightning.memory import (
+from hosl_lightning.core.zo import ZOSGD
+from hosl_lightning.measurement import (
     CudaCounters,
     MemoryReport,
     SideSwitch,
     StepMemoryMeter,
 )
-from hosl_lightning.steps import ZOSettings, fo_step, hosl_step
-from hosl_lightning.zo import ZOSGD
+from hosl_lightning.measurement import tracker as tracker_module
+from hosl_lightning.modes import ZOSettings
+from hosl_lightning.modes.in_process import fo_step, hosl_step
 
 MIB = 2**20
 KEYS = ("peak", "params", "grads", "optimizer", "activations")
@@ -124,7 +125,7 @@ def test_measured_steps_train_exactly_like_unmeasured_ones(runs: dict) -> None:
 def test_tracker_runs_only_on_the_first_two_steps_and_every_n(monkeypatch: pytest.MonkeyPatch) -> None:
     entered: list[int] = []
     reports: list[int] = []
-    enter, report = memory_module._Tracker.__enter__, StepMemoryMeter.report
+    enter, report = tracker_module.SideTracker.__enter__, StepMemoryMeter.report
 
     def counting_enter(self: Any) -> Any:
         entered.append(self._depth)
@@ -134,7 +135,7 @@ def test_tracker_runs_only_on_the_first_two_steps_and_every_n(monkeypatch: pytes
         reports.append(step)
         return report(self, step, mode)
 
-    monkeypatch.setattr(memory_module._Tracker, "__enter__", counting_enter)
+    monkeypatch.setattr(tracker_module.SideTracker, "__enter__", counting_enter)
     monkeypatch.setattr(StepMemoryMeter, "report", recording_report)
     _fit("hosl", every=3, steps=7)
     assert reports == [0, 1, 3, 6]
@@ -224,7 +225,7 @@ def _measure_second_step(mode: str, method: str) -> MemoryReport:
         with meter:
             step(1)
     else:
-        allocator = memory_module._Tracker(list(split.parameters()))
+        allocator = tracker_module.SideTracker(list(split.parameters()))
         allocator.track_external(split, optimizers[0])
         with allocator:
             meter = StepMemoryMeter(split, switch, optimizers, method="cuda", counters=_SimulatedAllocator(allocator))

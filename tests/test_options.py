@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hosl_lightning.options import check_choice, check_int, check_number
+from hosl_lightning.core.options import check_choice, check_int, check_number
 
 
 @pytest.mark.parametrize(

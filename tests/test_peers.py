@@ -8,7 +8,7 @@ import pytest
 import torch.distributed as dist
 
 from hosl_lightning import HOSLStrategy
-from hosl_lightning.peers import Peers
+from hosl_lightning.distributed.peers import Peers
 
 
 def _peers(rank: int | None = None, world_size: int | None = None) -> Peers:

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import TINY_LLAMA, quiet_trainer
-from hosl_lightning import HOSLModule, HOSLStrategy
-from hosl_lightning.callbacks import ZeroShotReport
 from test_tasks import sentiment_dm, word_tokenizer
+
+from hosl_lightning import HOSLModule, HOSLStrategy
+from hosl_lightning.lightning.callbacks import ZeroShotReport
 
 
 def _module(vocab: int) -> HOSLModule:

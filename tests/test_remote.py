@@ -16,12 +16,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from hosl_lightning import HOSLModule, HOSLStrategy
-from hosl_lightning.launch import fit
-from hosl_lightning.model import SplitCausalLM
+from hosl_lightning.core.split_model import SplitCausalLM
+from hosl_lightning.distributed.server import SplitServer, server_checkpoint_path
+from hosl_lightning.distributed.wire import MalformedPayload, Message, Wire
+from hosl_lightning.lightning.launcher import fit
 from hosl_lightning.models import deferred_weights
-from hosl_lightning.remote import SplitServer, server_checkpoint_path
-from hosl_lightning.steps import ZOSettings
-from hosl_lightning.wire import MalformedPayload, Message, Wire
+from hosl_lightning.modes import ZOSettings
 
 PROCESS_DEADLINE_S = 120  # a test never waits longer than this for its processes, and kills what is left
 

@@ -8,10 +8,10 @@ import torch
 import transformers
 from torch import nn
 
-from hosl_lightning.split import (
+from hosl_lightning.core.split import (
     SUPPORTED_FAMILIES,
-    CutActivations,
     ClientHalf,
+    CutActivations,
     ServerHalf,
     num_blocks,
     split_causal_lm,

@@ -19,26 +19,25 @@ from hosl_lightning import (
     SplitCausalLM,
     SyntheticLMDataModule,
 )
-from hosl_lightning.gradmatch import (
-    gradmatch,
-    nnls,
-    orthogonal_matching_pursuit,
-    random_subset,
-)
-from hosl_lightning.steps import ZOSettings, hosl_step
-from hosl_lightning.subsets import (
+from hosl_lightning.core.zo import ZOSGD
+from hosl_lightning.distributed.sync import weights_digest
+from hosl_lightning.modes import ZOSettings
+from hosl_lightning.modes.in_process import hosl_step
+from hosl_lightning.tuning import (
     SelectionCache,
     SubsetSelection,
     batch_feature,
     candidate_features,
     class_labels,
     example_lengths,
+    gradmatch,
+    nnls,
+    orthogonal_matching_pursuit,
     partition,
+    random_subset,
     subset_length,
     vocabulary_projection,
 )
-from hosl_lightning.sync import weights_digest
-from hosl_lightning.zo import ZOSGD
 
 # ---- matching pursuit ---------------------------------------------------------------------------------------
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from hosl_lightning.sync import ZOUpdate, client_seed, replay
-from hosl_lightning.wire import MalformedPayload
-from hosl_lightning.zo import ZOSGD, ZOEstimate
+from hosl_lightning.core.zo import ZOSGD, ZOEstimate
+from hosl_lightning.distributed.sync import ZOUpdate, client_seed, replay
+from hosl_lightning.distributed.wire import MalformedPayload
 
 
 def _optimizer(module: nn.Module, seed: int = 7, weight_decay: float = 0.0) -> ZOSGD:

@@ -19,16 +19,19 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from hosl_lightning.data import EpochShuffle
-from hosl_lightning.datamodules import (
+from hosl_lightning.data import (
+    ASSETS_DIR,
     IGNORE_INDEX,
+    TASK_NAMES,
+    TASKS,
+    EpochShuffle,
     PromptClassificationDataModule,
     TextLMDataModule,
+    get_task,
     sample_train,
     seeded_order,
     special_prefix,
 )
-from hosl_lightning.tasks import ASSETS_DIR, TASK_NAMES, TASKS, get_task
 
 datasets.disable_progress_bars()
 

@@ -8,12 +8,12 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+from conftest import TINY_LLAMA, quiet_trainer, tiny_data
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import StrategyRegistry
 
-from conftest import TINY_LLAMA, quiet_trainer, tiny_data
 from hosl_lightning import HOSLModule, HOSLStrategy
-from hosl_lightning.strategy import STRATEGY_NAME
+from hosl_lightning.lightning.settings import STRATEGY_NAME
 
 
 def _module(lr: float = 1e-2) -> HOSLModule:

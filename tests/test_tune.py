@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from hosl_lightning.cli import main
-from hosl_lightning.tune import _StartupCompletes, load_space, override_args, tune
+from hosl_lightning.tuning import load_space, override_args, tune
+from hosl_lightning.tuning.search import _StartupCompletes
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SMALL = ["--trainer.max_steps=-1", "--trainer.max_epochs=2", "--trainer.val_check_interval=1.0",
@@ -130,7 +131,7 @@ def test_bad_options_fail_before_any_trial(kwargs: dict, message: str, tmp_path:
 def test_selection_seed_and_warm_start_reach_every_trials_selection(
     selection_seed: int | None, expected: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import hosl_lightning.tune as tune_module
+    import hosl_lightning.tuning.search as tune_module
 
     seeds: list[tuple[int, int]] = []
 

@@ -13,16 +13,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hosl_lightning.zo import (
+from hosl_lightning.core.zo import (
     DIRECTIONS,
+    ZOSGD,
     DirectionSampler,
     ZOEstimate,
-    ZOSGD,
     is_no_decay,
     mix_seed,
     two_point_estimate,
 )
-
 
 # --------------------------------------------------------------------------------------------- helpers
 

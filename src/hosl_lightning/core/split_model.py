@@ -1,0 +1,279 @@
+"""SplitCausalLM: a Hugging Face causal LM cut in two, with the boundary between the halves.
+
+It keeps the calling convention of the model it replaces (``model(input_ids, attention_mask, labels)``
+returns ``.loss`` and ``.logits``), so a user's module keeps working after the strategy swaps it in, and it
+adds the pieces the training modes need: the client forward alone and per-group server losses that
+compute logits only where a label asks for them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from hosl_lightning.core.boundary import InProcessBoundary, Targets
+from hosl_lightning.core.split import (
+    ClientHalf,
+    CutActivations,
+    ServerHalf,
+    split_causal_lm,
+)
+
+IGNORE_INDEX = -100
+
+
+def concat_activations(parts: list[CutActivations]) -> CutActivations:
+    """Stack several activations along the batch axis, for one batched server forward."""
+    if len(parts) == 1:
+        return parts[0]
+    masks = [p.attention_mask for p in parts]
+    positions = [p.position_ids for p in parts]
+    shared_positions = all(p.shape[0] == 1 and torch.equal(p, positions[0]) for p in positions)
+    return CutActivations(
+        hidden=torch.cat([p.hidden for p in parts]),
+        attention_mask=None if all(m is None for m in masks) else torch.cat(
+            [torch.ones(p.hidden.shape[:2], dtype=torch.long, device=p.hidden.device) if m is None else m
+             for p, m in zip(parts, masks)]
+        ),
+        position_ids=positions[0] if shared_positions else torch.cat(
+            [p.expand(h.hidden.shape[0], -1) for p, h in zip(positions, parts)]
+        ),
+    )
+
+
+def shared_prompts(
+    input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor
+) -> tuple[Tensor, Tensor] | tuple[None, None]:
+    """Which rows can share a forward when scored: (rows to forward, each row's source among them), or Nones.
+
+    Rows share when each has exactly one labelled token and they agree on every other token and on the mask:
+    the hidden states that score the token are then the same (causal attention never looks ahead). Nones
+    when no two rows share, or some row has more or fewer than one labelled token.
+    """
+    labelled = labels != IGNORE_INDEX
+    labelled[:, 0] = False  # a label on the first token is never scored
+    if len(labels) < 2 or not bool((labelled.sum(dim=1) == 1).all()):
+        return None, None
+    key = input_ids.masked_fill(labelled.to(input_ids.device), -1)
+    if attention_mask is not None:
+        key = torch.cat([key, attention_mask.to(key.device, key.dtype)], dim=1)
+    unique, source_rows = torch.unique(key, dim=0, return_inverse=True)
+    if len(unique) == len(key):
+        return None, None
+    order = torch.arange(len(key), device=key.device)
+    first = torch.full((len(unique),), len(key), device=key.device).scatter_reduce(0, source_rows, order, "amin")
+    return first, source_rows
+
+
+def _weighted(losses: Tensor, targets: Targets) -> Tensor:
+    weight = targets.get("loss_weight")
+    if weight is None:
+        return losses
+    if not isinstance(weight, Tensor) or weight.numel() != 1:
+        raise ValueError(f"loss_weight must be a scalar tensor (one weight per batch), got {weight!r}")
+    return losses * weight.to(losses.device, losses.dtype).reshape(())
+
+
+class SplitCausalLM(nn.Module):
+    """Client half + boundary + server half, callable like the original ``*ForCausalLM``."""
+
+    def __init__(self, model: PreTrainedModel, cut_layer: int, boundary: InProcessBoundary | None = None) -> None:
+        super().__init__()
+        self.client, self.server = split_causal_lm(model, cut_layer)
+        self._init_rest(model.config, cut_layer, boundary)
+
+    @classmethod
+    def from_halves(
+        cls, client: ClientHalf | None, server: ServerHalf | None, config: Any, cut_layer: int,
+        boundary: InProcessBoundary | None = None,
+    ) -> SplitCausalLM:
+        """A split model holding the given halves; a process of a multi-process run holds only its own."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.client, self.server = client, server  # type: ignore[assignment]
+        self._init_rest(config, cut_layer, boundary)
+        return self
+
+    def _init_rest(self, config: Any, cut_layer: int, boundary: InProcessBoundary | None) -> None:
+        self.config = config
+        self.cut_layer = cut_layer
+        self.boundary = boundary or InProcessBoundary()
+        # Context factories that wrap every piece of each half's work (the client's forwards, updates and what
+        # it receives; the server's forward, loss, backward and what it receives). The strategy installs its
+        # own, so that time and memory are attributed to the half that does the work (``memory.SideSwitch``).
+        self.client_side: Callable[[], AbstractContextManager[Any]] = nullcontext
+        self.server_side: Callable[[], AbstractContextManager[Any]] = nullcontext
+
+    def place(self, client_device: torch.device, server_device: torch.device) -> None:
+        """Put each half on its own device (an edge device beside a server, emulated in one process)."""
+        if self.client is not None:
+            self.client.to(client_device)
+        if self.server is not None:
+            self.server.to(server_device)
+        self.boundary.client_device = torch.device(client_device)
+        self.boundary.server_device = torch.device(server_device)
+
+    @property
+    def client_device(self) -> torch.device:
+        return self.boundary.client_device
+
+    def client_forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> CutActivations:
+        device = self.boundary.client_device
+        with self.client_side():
+            mask = None if attention_mask is None else attention_mask.to(device)
+            return self.client(input_ids.to(device), mask)
+
+    def _label_token_nll(
+        self, final_hidden: Tensor, labels: Tensor, source_rows: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Next-token losses at labelled positions only, and the row of each (the LM head runs nowhere else).
+
+        On classification prompts that is one or two positions per sequence instead of all of them. With
+        ``source_rows``, row r of ``labels`` reads its hidden states from row ``source_rows[r]`` of ``final_hidden``.
+        """
+        targets = labels[:, 1:]
+        row, position = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
+        hidden = final_hidden[row if source_rows is None else source_rows[row], position]
+        logits = self.server.logits(hidden)
+        return F.cross_entropy(logits.float(), targets[row, position], reduction="none"), row
+
+    def server_losses(self, activations: CutActivations, targets: Targets, groups: int = 1) -> Tensor:
+        """The training loss of each of ``groups`` equal slices of the batch (one slice per probe).
+
+        ``targets["labels"]`` alone: the mean next-token loss over labelled tokens (the HF causal-LM loss).
+        With ``class_labels`` and ``num_classes`` (rows are C candidate sequences per example): cross-entropy
+        over the candidates' sequence log-likelihoods, the classification-style loss MeZO trains with.
+        With ``loss_weight`` (a scalar: the batch's weight in a weighted subset, ``hosl_lightning.tuning``)
+        every group's loss is multiplied by it, so it scales the server's gradient and the ZO differences alike.
+        """
+        final_hidden = self.server(activations)
+        labels = targets["labels"].to(final_hidden.device)
+        rows = labels.shape[0]
+        if final_hidden.shape[0] != groups * rows:
+            raise ValueError(f"activations hold {final_hidden.shape[0]} rows, expected {groups} x {rows}")
+        nll, row_of_token = self._label_token_nll(final_hidden, labels.repeat(groups, 1))
+        if "class_labels" in targets:
+            num_classes = int(targets["num_classes"])
+            log_likelihood = -torch.zeros(groups * rows, device=nll.device).index_add(0, row_of_token, nll)
+            class_labels = targets["class_labels"].to(nll.device).repeat(groups)
+            losses = F.cross_entropy(log_likelihood.view(-1, num_classes), class_labels, reduction="none")
+            return _weighted(losses.view(groups, -1).mean(dim=1), targets)
+        group_of_token = torch.div(row_of_token, rows, rounding_mode="floor")
+        sums = torch.zeros(groups, device=nll.device).index_add(0, group_of_token, nll)
+        counts = torch.bincount(group_of_token, minlength=groups)
+        if bool((counts == 0).any()):
+            raise ValueError("a batch has no labelled tokens (all labels are -100): there is nothing to train on")
+        return _weighted(sums / counts, targets)
+
+    @torch.no_grad()
+    def server_row_features(
+        self, activations: CutActivations, labels: Tensor, projection: Tensor | None = None, tokens_per_pass: int = 2048
+    ) -> tuple[Tensor, Tensor]:
+        """Each row's summed per-token gradient features and its labelled-token count: GradMatch's raw material.
+
+        A token's feature is the gradient of its own next-token loss. By default dL/dh at the final hidden state
+        (``hidden`` numbers): only the LM head is differentiated, never the blocks, and the vocab x hidden weight
+        gradient is never formed; it is the signal backprop sends into every server block, a cheap stand-in for
+        the gradient. With ``projection`` (k x vocab) it is the LM head's weight gradient with its vocabulary side
+        projected, (P e_t) h_t^T (e_t = softmax - one-hot; k x hidden numbers): unlike dL/dh it carries the input
+        h_t, so two batches with the same class mix can still differ. A batch's feature (the gradient of its mean
+        loss) is the sum of its rows' sums over the sum of their counts, so rows can be computed in any grouping.
+        Logits are formed for ``tokens_per_pass`` labelled tokens at a time, which bounds memory on long sequences.
+        """
+        final_hidden = self.server(activations)[:, :-1]
+        targets = labels.to(final_hidden.device)[:, 1:]
+        keep = targets != IGNORE_INDEX
+        rows = keep.shape[0]
+        hidden, wanted, row_of_token = final_hidden[keep], targets[keep], keep.nonzero()[:, 0]
+        # dL/dh = e_t W, or the projected error P e_t (e_t = softmax - one-hot), per labelled token
+        matrix = self.server.lm_head.weight.float() if projection is None else projection.to(hidden.device).mT
+        errors = []
+        for start in range(0, len(hidden), tokens_per_pass):
+            error = self.server.logits(hidden[start : start + tokens_per_pass]).float().softmax(dim=-1)
+            error[torch.arange(len(error), device=error.device), wanted[start : start + tokens_per_pass]] -= 1.0
+            errors.append(error @ matrix)
+        token_features = torch.cat(errors) if errors else hidden.new_zeros(0, final_hidden.shape[-1]).float()
+        counts = keep.sum(dim=1)
+        if projection is None:
+            return torch.zeros(rows, token_features.shape[1], device=hidden.device).index_add(
+                0, row_of_token, token_features), counts
+        projected = torch.zeros(*keep.shape, projection.shape[0], device=hidden.device)
+        projected[keep] = token_features  # rows x positions x k, zero where unlabelled
+        return torch.bmm(projected.mT, final_hidden.float()).flatten(1), counts  # sum_t (P e_t) h_t^T per row
+
+    @torch.no_grad()
+    def sequence_log_likelihood(
+        self, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor, share_prompts: bool = True
+    ) -> Tensor:
+        """Sum of log-probabilities of each row's labelled tokens: the score of a candidate answer.
+
+        With ``share_prompts``, rows that differ only in their one labelled token (a prompt's candidate answers,
+        when each is a single token) are forwarded once: the hidden state that scores the token comes before
+        it, so it is the same for all of them. Scoring C one-token answers then costs one forward of the
+        prompt, not C; the scores are the same.
+        """
+        representatives, source_rows = (
+            shared_prompts(input_ids, attention_mask, labels) if share_prompts else (None, None))
+        if representatives is not None:
+            input_ids = input_ids[representatives]
+            attention_mask = None if attention_mask is None else attention_mask[representatives]
+        activations = self.client_forward(input_ids, attention_mask)
+        with self.server_side():
+            up, targets = self.boundary.send_up(activations, {"labels": labels, "source_rows": source_rows})
+            assert targets is not None
+            return self.server_scores(up, targets["labels"], targets["source_rows"])
+
+    @torch.no_grad()
+    def server_scores(self, activations: CutActivations, labels: Tensor, source_rows: Tensor | None = None) -> Tensor:
+        """The server's half of :meth:`sequence_log_likelihood`: each row's summed labelled-token log-probability.
+
+        With ``source_rows`` (from :func:`shared_prompts`), ``activations`` hold only the rows forwarded, and row r
+        of ``labels`` is scored on row ``source_rows[r]`` of them.
+        """
+        nll, row_of_token = self._label_token_nll(self.server(activations), labels, source_rows)
+        return -torch.zeros(labels.shape[0], device=nll.device).index_add(0, row_of_token, nll)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        """Same contract as ``AutoModelForCausalLM.forward`` for training and scoring (no KV cache)."""
+        for unsupported in ("past_key_values", "inputs_embeds"):
+            if kwargs.get(unsupported) is not None:
+                raise ValueError(f"SplitCausalLM does not support {unsupported}=...")
+        targets = None if labels is None else {"labels": labels}
+        client_activations = self.client_forward(input_ids, attention_mask)
+        with self.server_side():  # labels live on the server: the loss is its work too
+            activations, server_targets = self.boundary.send_up(client_activations, targets)
+            logits = self.server.logits(self.server(activations))
+            loss = None
+            if server_targets is not None:
+                loss = F.cross_entropy(
+                    logits[:, :-1].flatten(0, 1).float(), server_targets["labels"][:, 1:].flatten(), ignore_index=IGNORE_INDEX
+                )
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+
+def find_causal_lm(module: nn.Module) -> tuple[str, nn.Module]:
+    """The (dotted name, module) of the one HF causal LM (or already split model) inside ``module``."""
+    found = [(n, m) for n, m in module.named_modules() if isinstance(m, (SplitCausalLM, PreTrainedModel))]
+    outermost = [(n, m) for n, m in found if not any(n.startswith(o + ".") for o, _ in found if o != n and o)]
+    if not outermost:
+        raise ValueError(
+            f"HOSLStrategy found no Hugging Face model inside {type(module).__name__}: assign the causal LM as an "
+            "attribute of your LightningModule, e.g. self.model = AutoModelForCausalLM.from_pretrained(...)"
+        )
+    if len(outermost) > 1:
+        names = ", ".join(n or "<module>" for n, _ in outermost)
+        raise ValueError(f"HOSLStrategy found several Hugging Face models ({names}); it can split exactly one")
+    return outermost[0]

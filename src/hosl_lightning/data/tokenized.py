@@ -1,0 +1,142 @@
+"""What the tokenising DataModules share: the tokenizer, each split tokenised once, and the DataLoaders.
+
+The tokenizer may be given by name and is loaded on first use, or handed over later by the module (the
+model's own); ``max_length`` defaults to the tokenizer's limit. Training batches come in an
+:class:`~hosl_lightning.data.sampling.EpochShuffle` order, so a resumed run repeats the same order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset
+from transformers import PreTrainedTokenizerBase
+
+from hosl_lightning.core.options import check_choice, check_int
+from hosl_lightning.data.encoding import resolve_tokenizer
+from hosl_lightning.data.sampling import EpochShuffle
+from hosl_lightning.data.sources import SPLITS
+
+#: ``tokenizer.model_max_length`` above this is a "no limit" placeholder, not a real context size.
+_NO_LIMIT = 1_000_000
+
+
+class ListDataset(Dataset):
+    """A map-style dataset over a list."""
+
+    def __init__(self, items: Sequence[Any]) -> None:
+        self.items = list(items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.items[index]
+
+
+class _TokenizedDataModule(LightningDataModule):
+    """Tokenizer handling, split caching and DataLoaders shared by both DataModules."""
+
+    def __init__(
+        self,
+        tokenizer: str | PreTrainedTokenizerBase | None,
+        tokenizer_kwargs: dict[str, Any] | None,
+        max_length: int | None,
+        batch_size: int,
+        eval_batch_size: int | None,
+        seed: int,
+        padding_side: str,
+        num_workers: int,
+        cache_dir: str | None,
+        shuffle_seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        check_int("max_length", max_length, 1, none="the tokenizer's limit")
+        check_int("batch_size", batch_size, 1)
+        check_int("eval_batch_size", eval_batch_size, 1, none="batch_size")
+        check_choice("padding_side", padding_side, ("right", "left"))
+        check_int("num_workers", num_workers, 0)
+        self._tokenizer_arg = tokenizer
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self.tokenizer_kwargs = dict(tokenizer_kwargs or {})
+        self._max_length = max_length
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        check_int("shuffle_seed", shuffle_seed, none="seed")
+        self.seed, self.padding_side, self.num_workers, self.cache_dir = seed, padding_side, num_workers, cache_dir
+        self.shuffle_seed = seed if shuffle_seed is None else shuffle_seed
+        self._splits: dict[str, ListDataset] = {}
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The tokenizer (loaded on first use when given by name), with a pad token."""
+        if self._tokenizer is None:
+            if self._tokenizer_arg is None:
+                raise ValueError("no tokenizer: pass tokenizer=<hub id, path or instance>, or set datamodule.tokenizer")
+            self._tokenizer = resolve_tokenizer(self._tokenizer_arg, **self.tokenizer_kwargs)
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, tokenizer: str | PreTrainedTokenizerBase) -> None:
+        """Lets a module hand over the model's own tokenizer; splits already tokenised are dropped."""
+        self._tokenizer_arg, self._tokenizer = tokenizer, None
+        self._splits.clear()
+
+    @property
+    def max_length(self) -> int | None:
+        """``max_length`` as given, else the tokenizer's ``model_max_length`` when that is a real limit."""
+        if self._max_length is not None:
+            return self._max_length
+        limit = getattr(self.tokenizer, "model_max_length", None)
+        return int(limit) if isinstance(limit, int) and limit < _NO_LIMIT else None
+
+    def setup(self, stage: str | None = None) -> None:
+        for split in self._splits_for(stage):
+            self.dataset(split)
+
+    def _splits_for(self, stage: str | None) -> list[str]:
+        available = [split for split in SPLITS if self._has(split)]
+        needed = {"fit": ["train"], "validate": ["validation"], "test": ["test"]}
+        if stage is None:
+            return available
+        if stage not in needed:
+            raise ValueError(f"stage {stage!r} is not supported; this DataModule supports {list(needed)}")
+        for split in needed[stage]:
+            if not self._has(split):
+                raise ValueError(f"stage {stage!r} needs a {split} split, but none was given ({self._where_hint()})")
+        return needed[stage] + (["validation"] if stage == "fit" and self._has("validation") else [])
+
+    def dataset(self, split: str) -> ListDataset:
+        """The tokenised examples of ``split`` (built once)."""
+        if split not in self._splits:
+            if not self._has(split):
+                raise ValueError(f"no {split} split was given ({self._where_hint()})")
+            self._splits[split] = self._build(split)
+        return self._splits[split]
+
+    def _loader(self, split: str, collate: Any) -> DataLoader:
+        dataset, workers = self.dataset(split), self.num_workers
+        if split == "train":
+            sampler = EpochShuffle(len(dataset), self.shuffle_seed)
+            return DataLoader(dataset, self.batch_size, sampler=sampler, collate_fn=collate, num_workers=workers)
+        return DataLoader(dataset, self.eval_batch_size, shuffle=False, collate_fn=collate, num_workers=workers)
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Validation batches; an empty list (Lightning then skips validation) when no validation split exists."""
+        return self._loader("validation", self._eval_collate()) if self._has("validation") else []
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self._eval_collate())
+
+    def _has(self, split: str) -> bool:
+        raise NotImplementedError
+
+    def _where_hint(self) -> str:
+        raise NotImplementedError
+
+    def _build(self, split: str) -> ListDataset:
+        raise NotImplementedError
+
+    def _eval_collate(self) -> Any:
+        raise NotImplementedError

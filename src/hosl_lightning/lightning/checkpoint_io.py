@@ -1,0 +1,35 @@
+"""Checkpoints of a split run: the client process writes its file, and the server its half beside it.
+
+Lightning's CheckpointIO plug-in is where a checkpoint meets storage, so this is where the server is asked to
+save (first: a client checkpoint on disk always has its server half) and to load its half. The server keeps
+its half on its own disk (``HOSLStrategy(server_checkpoint_dir=...)``); the client names the file only.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+
+class SplitCheckpointIO(TorchCheckpointIO):
+    """TorchCheckpointIO that keeps the server's half in step with each client checkpoint."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.remote: Any = None  # the client's RemoteServer, once connected; None in-process
+
+    @staticmethod
+    def name_of(path: Any) -> str:
+        return os.path.basename(os.fspath(path))
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if self.remote is not None:
+            self.remote.save(self.name_of(path))
+        super().save_checkpoint(checkpoint, path, storage_options)
+
+    def load_server_half(self, path: Any) -> None:
+        """Asked once the client's file has been read and checked against this run."""
+        if self.remote is not None:
+            self.remote.load(self.name_of(path))

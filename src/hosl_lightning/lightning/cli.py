@@ -1,0 +1,48 @@
+"""The LightningCLI of ``hosl-lightning fit/validate/test``: HOSLModule, any LightningDataModule, HOSLStrategy.
+
+Its own module, apart from the ``hosl-lightning`` entry point (``hosl_lightning.cli``): the tuning trials build
+this CLI too, and the entry point dispatches ``tune`` to them, so the two must not live in one module. Which
+process serves and which trains is the strategy's launcher's business (:mod:`.launcher`), not the CLI's.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from lightning.pytorch.cli import LightningCLI
+
+from hosl_lightning.lightning.callbacks import LossSummary, ZeroShotReport
+from hosl_lightning.lightning.module import HOSLModule
+from hosl_lightning.lightning.strategy import HOSLStrategy  # noqa: F401  (registers the "hosl" strategy)
+from hosl_lightning.models import deferred_weights
+
+
+class HOSLCLI(LightningCLI):
+    """LightningCLI with HOSLStrategy as the default strategy; reports the loss trend and zero-shot vs final scores."""
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.set_defaults({"trainer.strategy": "hosl"})
+
+    def _distributed(self) -> bool:
+        strategy = self._get(self.config, "trainer.strategy", None)
+        init_args = getattr(strategy, "init_args", None)
+        return getattr(init_args, "transport", None) == "distributed"
+
+    def instantiate_classes(self) -> None:
+        """In a distributed run the model is built on the meta device; each process then loads only its half."""
+        if not self._distributed():
+            return super().instantiate_classes()
+        with deferred_weights():
+            super().instantiate_classes()
+
+
+def build_cli(args: list[str] | None = None) -> HOSLCLI:
+    """Parse ``args`` (default: the command line) and run the subcommand; returns the CLI with its trainer."""
+    return HOSLCLI(
+        HOSLModule,
+        subclass_mode_data=True,
+        trainer_defaults={"callbacks": [LossSummary(), ZeroShotReport()]},
+        save_config_kwargs={"overwrite": True},
+        args=args if args is not None else sys.argv[1:],
+    )

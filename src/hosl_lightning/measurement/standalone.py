@@ -1,0 +1,75 @@
+"""Stand-alone measurements of the client's peak memory, outside a Lightning run (benchmarks, examples)."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from hosl_lightning.core.zo import ZOSGD
+from hosl_lightning.measurement.meter import StepMemoryMeter
+from hosl_lightning.measurement.reports import ClientMemory
+from hosl_lightning.measurement.sides import SideSwitch
+from hosl_lightning.modes import ModeName, ZOSettings, eval_mode
+from hosl_lightning.modes.in_process import fo_step, hosl_step, zo_step
+
+if TYPE_CHECKING:
+    from hosl_lightning.core.split_model import SplitCausalLM
+
+
+def measure_client_step(
+    model: SplitCausalLM,
+    batch: dict[str, Tensor],
+    mode: ModeName,
+    settings: ZOSettings | None = None,
+    client_optimizer: type[torch.optim.Optimizer] = torch.optim.AdamW,
+) -> ClientMemory:
+    """Run one step of ``mode`` and return the client's peak memory during it, by category at the peak (two
+    steps for ``fo``, so its optimizer state exists, as in every step after the first). Measured with the
+    tracker on any device. It changes the weights: use a throwaway model.
+    """
+    client_params = [p for p in model.client.parameters()]
+    switch = SideSwitch()
+    saved = model.client_side, model.server_side
+    switch.install(model)
+    try:
+        for p in client_params:
+            p.requires_grad_(mode == "fo")
+        meter = StepMemoryMeter(model, switch, sides=("client",), method="tracker")
+        if mode == "fo":
+            optimizer = client_optimizer(client_params)
+            with meter:
+                for _ in range(2):
+                    fo_step(model, batch, backward=lambda loss: loss.backward())
+                    with model.client_side():
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=False)  # gradients stay allocated between steps, as in training
+        else:
+            zo = ZOSGD(model.client.named_parameters(), lr=0.0)
+            with meter:
+                if mode == "hosl":
+                    hosl_step(model, batch, zo, settings or ZOSettings(), 0, backward=lambda loss: loss.backward())
+                else:
+                    zo_step(model, batch, zo, settings or ZOSettings(), 0, apply=partial(_client_step, model, zo))
+    finally:
+        model.client_side, model.server_side = saved
+    return meter.peak_breakdown("client")
+
+
+def _client_step(model: SplitCausalLM, optimizer: ZOSGD, estimate: Any) -> None:
+    with model.client_side():
+        optimizer.step(estimate=estimate)
+
+
+def measure_client_inference(model: SplitCausalLM, batch: dict[str, Tensor]) -> ClientMemory:
+    """The floor: the client's weights plus one no-grad forward's working set."""
+    # only now, as a measurement is made: torch's private MemTracker
+    from hosl_lightning.measurement.tracker import SideTracker, peak_of
+
+    tracker = SideTracker(model.client.parameters())
+    tracker.track_external(model.client)
+    with tracker, torch.no_grad(), eval_mode(model):
+        model.client_forward(batch["input_ids"], batch.get("attention_mask"))
+    return peak_of(tracker, model.client_device)

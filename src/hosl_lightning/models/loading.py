@@ -1,0 +1,41 @@
+"""Loading a whole causal LM: from a hub id, a local directory, a GGUF file or an alias; an instance; or a config.
+
+Inside :func:`~hosl_lightning.models.partial.deferred_weights` the model is only built on the meta device, so
+that a process of a multi-process run can later load just its own half.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from hosl_lightning.core.options import check_choice
+from hosl_lightning.models.partial import ModelSource, meta_causal_lm, weights_deferred
+from hosl_lightning.models.sources import DTYPES, resolve_source
+
+
+def load_causal_lm(
+    model: str | PreTrainedModel | None = None,
+    model_config: dict[str, Any] | None = None,
+    dtype: str = "float32",
+    gguf_file: str | None = None,
+) -> PreTrainedModel:
+    """A causal LM from a hub id, local path, GGUF file or alias; an instance; or a config dict (random weights)."""
+    check_choice("dtype", dtype, DTYPES)
+    if (model is None) == (model_config is None):
+        raise ValueError("give exactly one of model= (hub id, local path, alias or PreTrainedModel) or model_config=")
+    if isinstance(model, PreTrainedModel):
+        return model
+    if model_config is not None and "model_type" not in model_config:
+        raise ValueError("model_config needs a 'model_type' key (e.g. 'llama', 'gpt2', 'opt', 'gpt_neox')")
+    if weights_deferred():
+        return meta_causal_lm(ModelSource(model, model_config, dtype, gguf_file))
+    if model_config is not None:
+        config = dict(model_config)
+        model_type = config.pop("model_type")
+        return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config), dtype=DTYPES[dtype])
+    assert model is not None
+    source, gguf = resolve_source(model, gguf_file)
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    return AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], **kwargs)

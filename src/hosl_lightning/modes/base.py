@@ -1,0 +1,138 @@
+"""What every mode shares: its settings, its output, the contexts its two halves run in, and train/eval rules.
+
+A mode is a client half and a server half written against :mod:`hosl_lightning.core.boundary`'s protocols
+(:class:`~hosl_lightning.core.boundary.ClientLink`, :class:`~hosl_lightning.core.boundary.Uplink`), so the
+same code runs in one process, across processes over torch.distributed, and under a drop-in module.
+
+Train and eval mode is decided here, once, for every path:
+
+- probes run without dropout (:func:`eval_mode`): the two sides of a difference must see the same function;
+- a first-order gradient sees the model's own mode, as fo's does: when the server half has active dropout, a
+  hosl server takes one more server forward, in training mode, for its gradient (:func:`dropout_active`);
+  without dropout the probe forward's graph is used and nothing extra runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from torch import Tensor, nn
+
+from hosl_lightning.core.boundary import ClientLink, Reply, Targets, Uplink
+from hosl_lightning.core.split_model import SplitCausalLM
+from hosl_lightning.core.zo import ZOSGD, ZOEstimate
+
+ModeName = Literal["hosl", "fo", "zo"]  # the built-in modes, as a config type; registered ones add to MODES
+ServerGrad = Literal["perturbed", "mean", "clean"]
+SERVER_GRADS: tuple[str, ...] = ("perturbed", "mean", "clean")
+
+
+@dataclass(frozen=True)
+class ZOSettings:
+    """How the two-point estimate is taken."""
+
+    queries: int = 1
+    mu: float = 1e-3
+    server_grad: ServerGrad = "perturbed"
+    batch_probes: bool = True
+
+
+@dataclass
+class StepOutput:
+    loss: Tensor  # detached training loss for logging
+    estimate: ZOEstimate | None = None  # the ZO update of this step, if any (applied by whoever owns the optimizer)
+
+
+@dataclass
+class ClientContext:
+    """What the client half of a step works with."""
+
+    model: SplitCausalLM  # holds at least the client half
+    settings: ZOSettings
+    step: int  # index of this step's direction seeds
+    optimizer: ZOSGD | None = None  # the client's ZO optimizer (hosl, zo): its directions perturb the probes
+    backward: Callable[[Tensor, Tensor], None] = field(default=lambda tensor, gradient: tensor.backward(gradient))
+
+
+@dataclass
+class ServerContext:
+    """What the server half of a step works with."""
+
+    model: SplitCausalLM  # holds at least the server half
+    settings: ZOSettings
+    backward: Callable[[Tensor], None] = field(default=lambda loss: loss.backward())  # Lightning's manual_backward in-process
+    optimizer: ZOSGD | None = None  # zo: the ZOSGD whose directions perturb the server half
+
+
+@dataclass(frozen=True)
+class Mode:
+    """A registered training mode: which halves learn by ZO, and its two halves."""
+
+    name: str
+    zo_halves: tuple[str, ...]  # "client" and/or "server": trained by zeroth-order updates, never by backprop
+    client_step: Callable[[ClientContext, ClientLink, StepInputs], StepOutput]
+    server_step: Callable[[ServerContext, Uplink, Targets, int], Reply]
+    reply: str  # the kind of message the server sends down: "losses" or "grad"
+    probes: Callable[[ZOSettings], int]  # activations the client sends per step
+
+    def __post_init__(self) -> None:
+        if self.reply not in ("losses", "grad"):
+            raise ValueError(f"a mode's reply is 'losses' or 'grad', got {self.reply!r}")
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Probe forwards run without dropout, or the two sides of a difference see different masks."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+def _dropout_rates(module: nn.Module) -> Iterator[float]:
+    for sub in module.modules():
+        if isinstance(sub, nn.modules.dropout._DropoutNd):
+            yield float(sub.p)
+        for name in ("attention_dropout", "dropout", "attn_dropout"):  # HF attention passes a rate to sdpa
+            value = getattr(sub, name, None)
+            if isinstance(value, float):
+                yield value
+
+
+def dropout_active(module: nn.Module | None) -> bool:
+    """Whether a training-mode forward of ``module`` differs from an eval-mode one (dropout > 0 anywhere)."""
+    return module is not None and module.training and any(rate > 0 for rate in _dropout_rates(module))
+
+
+def batch_tensors(batch: dict[str, Any]) -> tuple[Tensor, Tensor | None, Targets]:
+    """Inputs for the client; everything else (labels, class labels, loss weight) is for the server's loss."""
+    missing = [key for key in ("input_ids", "labels") if key not in batch]
+    if missing:
+        raise KeyError(f"a training batch needs 'input_ids' and 'labels'; missing {missing}")
+    targets = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
+    return batch["input_ids"], batch.get("attention_mask"), targets
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    """A step's batch as the halves see it: the client's inputs and the server's loss targets.
+
+    Under a drop-in module the user's ``training_step`` reads the batch itself, so the inputs are empty
+    (:data:`READ_BY_THE_MODULE`) and the link evaluates the module's own loss instead of the client forward.
+    """
+
+    input_ids: Tensor | None
+    attention_mask: Tensor | None
+    targets: Targets
+
+    @classmethod
+    def of(cls, batch: dict[str, Any]) -> StepInputs:
+        return cls(*batch_tensors(batch))
+
+
+READ_BY_THE_MODULE = StepInputs(None, None, {})

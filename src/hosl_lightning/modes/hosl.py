@@ -1,0 +1,97 @@
+"""hosl: the client learns by zeroth-order estimates (2Q probe forwards, no activations kept), the server by backprop.
+
+Client half: for each query q and sign +-, perturb the client by +-mu u_q (never writing its weights), run the
+client forward without autograd and send the activations up at once; then read back the 2Q losses and turn
+them into the Q projected gradients c_q = (L+ - L-) / (2 mu). Server half: the 2Q losses without dropout (in
+one batched forward when ``batch_probes``), and the server's gradient from the points ``server_grad`` names.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from hosl_lightning.core.boundary import ClientLink, Reply, Targets, Uplink
+from hosl_lightning.core.split import CutActivations
+from hosl_lightning.core.split_model import SplitCausalLM, concat_activations
+from hosl_lightning.core.zo import ZOEstimate, projected_gradients
+from hosl_lightning.modes.base import (
+    ClientContext,
+    Mode,
+    ServerContext,
+    StepInputs,
+    StepOutput,
+    ZOSettings,
+    dropout_active,
+    eval_mode,
+)
+
+
+def probes(settings: ZOSettings) -> int:
+    """Activations per step: 2Q probes, and the clean point when the server's gradient comes from it."""
+    return 2 * settings.queries + int(settings.server_grad == "clean")
+
+
+def client_step(ctx: ClientContext, link: ClientLink, inputs: StepInputs) -> StepOutput:
+    input_ids, attention_mask, targets = inputs.input_ids, inputs.attention_mask, inputs.targets
+    model, settings, optimizer = ctx.model, ctx.settings, ctx.optimizer
+    assert optimizer is not None, "a hosl client needs its ZO optimizer"
+    link.start("hosl", ctx.step, targets, probes(settings))
+
+    def forward() -> CutActivations:
+        return model.client_forward(input_ids, attention_mask)
+
+    with eval_mode(model.client):  # the + and - probes of a query must see the same function
+        for query in range(settings.queries):
+            for sign in (1.0, -1.0):
+                with torch.no_grad(), optimizer.perturbed([model.client], ctx.step, query, sign * settings.mu):
+                    link.up(forward)  # sent at once: the client keeps nothing
+    if settings.server_grad == "clean":  # one more client forward, unperturbed, in the model's own mode
+        with torch.no_grad():
+            link.up(forward, clean=True)
+    values, loss = link.losses(2 * settings.queries)
+    coefficients = projected_gradients(values.detach().float().reshape(-1), settings.mu)
+    return StepOutput(loss=loss, estimate=ZOEstimate(ctx.step, coefficients))
+
+
+def server_step(ctx: ServerContext, uplink: Uplink, targets: Targets, step: int) -> Reply:
+    model, settings, backward = ctx.model, ctx.settings, ctx.backward
+    count = 2 * settings.queries
+    ups = [uplink.receive(f"probe {index + 1} of {count}")[0] for index in range(count)]
+    clean = uplink.receive("the clean activations")[0] if settings.server_grad == "clean" else None
+    # With dropout, the gradient needs a training-mode forward of its own; without, the probe forward's graph is it.
+    separate = clean is not None or dropout_active(model.server)
+    with eval_mode(model.server):
+        if separate:
+            with torch.no_grad():
+                values = _losses(model, ups, targets, settings.batch_probes)
+        elif settings.server_grad == "mean":
+            values = _losses(model, ups, targets, settings.batch_probes)
+            backward(values.mean())
+            values = values.detach()
+        else:  # "perturbed": the +mu point of query 1, free (the authors' choice)
+            first = model.server_losses(ups[0], targets)
+            backward(first[0])
+            with torch.no_grad():
+                values = torch.cat([first.detach(), _losses(model, ups[1:], targets, settings.batch_probes)])
+    loss = values.mean()
+    if clean is not None:
+        clean_loss = model.server_losses(clean, targets)[0]
+        backward(clean_loss)
+        loss = clean_loss.detach()
+    elif separate:
+        points = ups[:1] if settings.server_grad == "perturbed" else ups
+        backward(_losses(model, points, targets, settings.batch_probes).mean())
+    return {"losses": values.float(), "loss": loss.float().reshape(())}
+
+
+def _losses(model: SplitCausalLM, ups: list[CutActivations], targets: Targets, batched: bool) -> Tensor:
+    if not ups:
+        return torch.empty(0, device=targets["labels"].device)
+    if batched:
+        return model.server_losses(concat_activations(ups), targets, groups=len(ups))
+    return torch.cat([model.server_losses(up, targets) for up in ups])
+
+
+MODE = Mode(name="hosl", zo_halves=("client",), client_step=client_step, server_step=server_step, reply="losses",
+            probes=probes)

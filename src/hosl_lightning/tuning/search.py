@@ -1,0 +1,249 @@
+"""``hosl-lightning tune``: hyperparameter search with Optuna, trials trained on small weighted subsets (AUTOMATA).
+
+Each trial is a ``fit`` of the same config with the sampled values as command-line overrides, trained on
+``fraction`` of the batches (``SubsetSelection``: GradMatch, random, or full data) and reporting the monitored
+metric after every validation to a Hyperband pruner. TPE proposes the values. The study lives in a database
+(SQLite by default; any SQLAlchemy URL, so workers on many machines can share one study). The best
+configuration is then retrained on the full data, and a table and a plot are written.
+
+Needs the ``tune`` extra: ``pip install 'hosl-lightning[tune]'`` (optuna, optuna-integration).
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from hosl_lightning.core.options import check_choice, check_int, check_number
+from hosl_lightning.tuning.results import TrialRecord, TuneResult, write_results
+from hosl_lightning.tuning.selection import (
+    METHODS,
+    Method,
+    SelectionCache,
+    SubsetSelection,
+)
+from hosl_lightning.tuning.space import load_space, override_args
+
+INSTALL_HINT = "pip install 'hosl-lightning[tune]'  (optuna and optuna-integration)"
+
+
+def _require_optuna() -> Any:
+    try:
+        import optuna
+        import optuna_integration  # noqa: F401
+    except ImportError as error:
+        raise ImportError(f"hosl-lightning tune needs optuna and optuna-integration: {INSTALL_HINT}") from error
+    return optuna
+
+
+def build_trial_cli(args: list[str], callbacks: list[Any], parse_only: bool = False) -> Any:
+    """A LightningCLI for one trial (no run, no zero-shot report, no config file written)."""
+    from hosl_lightning.lightning.cli import HOSLCLI
+    from hosl_lightning.lightning.module import HOSLModule
+
+    class _ParseOnly(HOSLCLI):
+        def instantiate_classes(self) -> None:  # the check before a study: keys and values, no model
+            pass
+
+        def _add_configure_optimizers_method_to_model(self, subcommand: str | None) -> None:
+            pass
+
+    if not parse_only:
+        return HOSLCLI(HOSLModule, subclass_mode_data=True, trainer_defaults={"callbacks": callbacks}, run=False,
+                       save_config_callback=None, args=args)
+    try:
+        return _ParseOnly(HOSLModule, subclass_mode_data=True, run=False, save_config_callback=None, args=args,
+                          parser_kwargs={"exit_on_error": False})
+    except Exception as error:  # jsonargparse's ArgumentError: the key or value the config does not accept
+        raise ValueError(f"the search space or overrides do not fit the config: {error}") from None
+
+
+def _metric(trainer: Any, name: str) -> float | None:
+    value = trainer.callback_metrics.get(name)
+    return None if value is None else float(value)
+
+
+def _fit(args: list[str], callbacks: list[Any], metric: str) -> tuple[Any, Any, float]:
+    """Fit once; the monitored metric after the last validation (one more validation if the fit ran none)."""
+    cli = build_trial_cli(args, callbacks)
+    if cli.trainer.strategy.__class__.__name__ == "HOSLStrategy" and cli.trainer.strategy.transport != "in_process":
+        raise ValueError("tune runs trials in this process: drop transport=distributed from the config")
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    value = _metric(cli.trainer, metric)
+    if value is None:
+        cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
+        value = _metric(cli.trainer, metric)
+    if value is None:
+        raise KeyError(f"metric {metric!r} was not logged; logged metrics: {sorted(cli.trainer.callback_metrics)}")
+    return cli, cli.trainer, value
+
+
+class _StartupCompletes:
+    """Wraps a pruner so the first ``n`` trials (TPE's random start-up) always finish: TPE models full-fidelity values."""
+
+    def __init__(self, inner: Any, n: int) -> None:
+        self.inner, self.n = inner, n
+
+    def prune(self, study: Any, trial: Any) -> bool:
+        return trial.number >= self.n and self.inner.prune(study, trial)
+
+
+def tune(
+    fit_config: str,
+    space: str,
+    n_trials: int = 20,
+    subset: Method = "gradmatch",
+    fraction: float = 0.1,
+    select_every_n_steps: int | None = None,
+    warm_start_steps: int = 0,
+    metric: str = "val_acc",
+    direction: Literal["maximize", "minimize"] = "maximize",
+    study_name: str = "hosl-tune",
+    storage: str | None = None,
+    output_dir: str = "tune_results",
+    sampler_seed: int = 0,
+    selection_seed: int | None = None,
+    n_startup_trials: int = 5,
+    pruner: Literal["hyperband", "none"] = "hyperband",
+    reduction_factor: int = 3,
+    retrain: bool = True,
+    test: bool = True,
+    timeout_s: float | None = None,
+    overrides: list[str] | None = None,
+) -> TuneResult:
+    """Search ``space`` for the config ``fit_config`` with Optuna, training trials on subsets; retrain the best on full data.
+
+    Args:
+        fit_config: the fit config every trial starts from (as for ``hosl-lightning fit --config``).
+        space: a YAML search space: config keys (as on the command line) mapped to ``{low, high, log, step}``
+            (ints give integer parameters) or ``{choices: [...]}``, e.g.
+            ``trainer.strategy.init_args.zo_lr: {low: 1.0e-7, high: 1.0e-5, log: true}``.
+        n_trials: trials this worker runs (several workers on one study add up).
+        subset: how trials choose their training batches: ``gradmatch``, ``random`` or ``full``.
+        fraction: the share of training batches a trial trains on per epoch (``subset`` gradmatch / random).
+        select_every_n_steps: steps between re-selections; default once per subset epoch.
+        warm_start_steps: each trial's first steps on random batches of all the data before the first subset
+            choice (AUTOMATA's warm start; ``SubsetSelection``). They count within the trial's steps.
+        metric: the logged metric trials are ranked by (after each validation, and at the end).
+        direction: ``maximize`` or ``minimize`` the metric.
+        study_name: the study's name in the storage; workers with the same name and storage share it.
+        storage: an SQLAlchemy database URL (``postgresql://...``, ``mysql://...``); default
+            ``sqlite:///<output_dir>/<study_name>.db``.
+        output_dir: where trials.csv, results.md and history.png go.
+        sampler_seed: seed of the TPE sampler (its first ``n_startup_trials`` are random); a worker that joins a
+            study with n trials already in it uses ``sampler_seed + n``.
+        selection_seed: seed of the subset choice (candidate batches, random picks, epoch order); default
+            ``sampler_seed``. Set it apart to repeat a search on other subsets with the same start-up trials.
+        n_startup_trials: TPE's random start-up trials; they are never pruned.
+        pruner: ``hyperband`` (by the metric at each validation, i.e. per epoch) or ``none``.
+        reduction_factor: Hyperband's reduction factor.
+        retrain: fit the best configuration on the full data afterwards and report its metrics.
+        test: also test the retrained model (when the datamodule has a test_dataloader).
+        timeout_s: stop starting new trials after this many seconds.
+        overrides: extra command-line arguments for every trial and the retrain, e.g. ``--trainer.max_epochs=3``.
+    """
+    optuna = _require_optuna()
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+    from optuna_integration import PyTorchLightningPruningCallback
+
+    check_choice("subset", subset, METHODS)
+    check_choice("direction", direction, ("maximize", "minimize"))
+    check_choice("pruner", pruner, ("hyperband", "none"))
+    check_int("n_trials", n_trials, 1)
+    check_int("sampler_seed", sampler_seed)
+    check_int("selection_seed", selection_seed, none="sampler_seed")
+    check_int("n_startup_trials", n_startup_trials, 0)
+    check_int("reduction_factor", reduction_factor, 2)
+    if timeout_s is not None:
+        check_number("timeout_s", timeout_s, 0, strict=True)
+    if not Path(fit_config).is_file():
+        raise FileNotFoundError(f"fit_config file {fit_config!r} does not exist")
+    selection_seed = sampler_seed if selection_seed is None else selection_seed
+    SubsetSelection(subset, fraction, select_every_n_steps, seed=selection_seed,
+                    warm_start_steps=warm_start_steps)  # checks these now, not in a trial
+    parameters = load_space(space)
+    base = ["fit", "--config", fit_config, *(overrides or [])]
+    # Keys and values are checked before the study starts: the space's first point, parsed without building a model.
+    probe = {p.key: p.choices[0] if p.choices is not None else p.low for p in parameters}
+    build_trial_cli(base[1:] + override_args(probe), [], parse_only=True)
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    storage = storage or f"sqlite:///{out / study_name}.db"
+    inner = optuna.pruners.HyperbandPruner(reduction_factor=reduction_factor) if pruner == "hyperband" else optuna.pruners.NopPruner()
+    study = optuna.create_study(study_name=study_name, storage=storage, direction=direction,
+                                pruner=_StartupCompletes(inner, n_startup_trials), load_if_exists=True)
+    # A worker joining a study already under way gets its own random stream (the same seed would propose the
+    # same start-up points again); a lone worker on a fresh study stays reproducible from sampler_seed.
+    study.sampler = optuna.samplers.TPESampler(seed=sampler_seed + len(study.trials), n_startup_trials=n_startup_trials)
+    result = TuneResult(study_name, storage, subset, direction=direction)
+    cache = SelectionCache()
+    started = time.perf_counter()
+
+    def objective(trial: Any) -> float:
+        values = {p.key: p.suggest(trial) for p in parameters}
+        print(f"[tune] trial {trial.number} ({len(result.trials) + 1}/{n_trials}): "
+              + ", ".join(f"{k.rsplit('.', 1)[-1]}={v:.3g}" if isinstance(v, float) else f"{k.rsplit('.', 1)[-1]}={v}"
+                          for k, v in values.items()), flush=True)
+        selection = SubsetSelection(subset, fraction, select_every_n_steps, seed=selection_seed, cache=cache,
+                                    warm_start_steps=warm_start_steps)
+        pruning = PyTorchLightningPruningCallback(trial, monitor=metric)
+        trial_started = time.perf_counter()
+        record = TrialRecord(trial.number, "RUNNING", values, None, 0.0, 0.0, 0, None)
+        result.trials.append(record)
+        cli = None
+        try:
+            cli, _, value = _fit(base[1:] + override_args(values), [selection, pruning], metric)
+            record.state, record.value = "COMPLETE", value
+            return value
+        except optuna.TrialPruned:
+            record.state = "PRUNED"
+            raise
+        finally:
+            record.seconds = time.perf_counter() - trial_started
+            record.selection_seconds = selection.selection_seconds
+            if cli is not None:
+                record.steps, record.last_epoch = cli.trainer.global_step, cli.trainer.current_epoch
+            trial.set_user_attr("seconds", record.seconds)
+            trial.set_user_attr("selection_seconds", record.selection_seconds)
+            print(f"[tune] trial {trial.number}: {record.state.lower()}"
+                  + (f", {metric}={record.value:.4f}" if record.value is not None else "")
+                  + f" in {record.seconds:.1f} s (selection {record.selection_seconds:.1f} s)", flush=True)
+            del cli
+            gc.collect()
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial from here instead
+    study.optimize(objective, n_trials=n_trials, timeout=timeout_s, catch=())
+    result.search_seconds = time.perf_counter() - started
+    finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not finished:
+        raise RuntimeError("no trial completed: nothing to retrain (see the trial errors above)")
+    result.best_params, result.best_value = dict(study.best_params), float(study.best_value)
+    print(f"[tune] best {metric}={result.best_value:.4f} with {result.best_params} "
+          f"({result.search_seconds:.1f} s of search)", flush=True)
+    write_results(out, result, metric, study)  # the search is kept even if the retrain fails
+    if retrain:
+        retrain_started = time.perf_counter()
+        cli, trainer, value = _fit(base[1:] + override_args(result.best_params), [], metric)
+        result.retrain_metrics = {metric: value}
+        if test and is_overridden("test_dataloader", cli.datamodule):
+            for scores in trainer.test(cli.model, datamodule=cli.datamodule, verbose=False):
+                result.retrain_metrics.update({k: float(v) for k, v in scores.items()})
+        result.retrain_seconds = time.perf_counter() - retrain_started
+        print(f"[tune] retrained on full data in {result.retrain_seconds:.1f} s: {result.retrain_metrics}", flush=True)
+        del cli, trainer
+        gc.collect()
+        write_results(out, result, metric, study)
+    return result
+
+
+def main(args: list[str] | None = None) -> TuneResult:
+    """``hosl-lightning tune --fit_config fit.yaml --space space.yaml [--n_trials 20 ...]`` (see :func:`tune`).
+
+    ``--config tune.yaml`` reads these options from a file; ``--print_config`` writes one.
+    """
+    from jsonargparse import auto_cli
+
+    return auto_cli(tune, args=args, as_positional=False)

@@ -1,0 +1,315 @@
+"""Train on a weighted subset of mini-batches, re-chosen every few steps (AUTOMATA's data side).
+
+``SubsetSelection`` is a callback: it wraps the training DataLoader of the datamodule (or module) so that an
+"epoch" is ``fraction`` of the batches, and every ``every_n_steps`` steps it chooses them again: by GradMatch
+over each candidate batch's gradient feature (``SplitCausalLM.server_row_features``: dL/dh at the final
+hidden state, from one forward and the head's backward, computed per example in length-sorted chunks), at
+random, or all of them (the full-data baseline, through the same code path). Each training batch carries its
+weight as ``loss_weight``, which the split model multiplies into the server's loss and into every ZO probe
+loss, so the weights enter both halves' updates.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from hosl_lightning.core.options import check_choice, check_int, check_number
+from hosl_lightning.core.split_model import SplitCausalLM
+from hosl_lightning.distributed.sync import weights_digest
+from hosl_lightning.tuning.batches import (
+    SelectedBatches,
+    WeightedCollate,
+    WeightedDataset,
+    WeightedIndex,
+    class_labels,
+    partition,
+    subset_length,
+)
+from hosl_lightning.tuning.features import (
+    candidate_features,
+    example_lengths,
+    vocabulary_projection,
+)
+from hosl_lightning.tuning.matching import Selection, gradmatch, random_subset
+
+log = logging.getLogger(__name__)
+
+Method = Literal["gradmatch", "random", "full"]
+METHODS: tuple[str, ...] = ("gradmatch", "random", "full")
+Feature = Literal["hidden", "head"]
+FEATURES: tuple[str, ...] = ("hidden", "head")
+
+
+class SelectionCache:
+    """Selections keyed by the weights they were computed from, shared across fits (e.g. the trials of a study).
+
+    Every trial of a study starts from the same pretrained weights, so its first GradMatch selection is the
+    same: it is computed once. A key holds a digest of all weights, so trained weights never hit.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[Any, ...], list[list[WeightedIndex]]] = {}
+        self.hits = 0
+
+    def get(self, key: tuple[Any, ...]) -> list[list[WeightedIndex]] | None:
+        found = self._entries.get(key)
+        self.hits += found is not None
+        return found
+
+    def put(self, key: tuple[Any, ...], batches: list[list[WeightedIndex]]) -> None:
+        self._entries[key] = batches
+
+
+class SubsetSelection(Callback):
+    """Train on ``fraction`` of the training batches, chosen again every ``every_n_steps`` steps.
+
+    Args:
+        method: ``"gradmatch"`` (orthogonal matching pursuit over per-batch gradient features, non-negative
+            weights), ``"random"`` (uniform, weight 1) or ``"full"`` (every batch, weight 1: the full-data
+            baseline through the same code).
+        fraction: the share of batches in the subset, in (0, 1]; an epoch is that many steps.
+        every_n_steps: steps between selections; default one subset epoch.
+        seed: seeds the candidate batches (re-drawn at every selection), random picks and the epoch order.
+        ridge: GradMatch's ridge, relative to the mean squared feature norm.
+        cache: share selections between fits that start from the same weights (``SelectionCache``).
+        stratify: cut the candidate batches so that each holds the classes in about the training data's
+            proportions. ``None`` (default): when every training example has an integer ``label`` (as
+            ``PromptClassificationDataModule``'s do); ``True``: require such labels; ``False``: a plain shuffle.
+            On a classification task the gradient feature mostly measures a batch's class mix, and without
+            stratification GradMatch picks batches of opposite, extreme mixes whose errors cancel in the sum but
+            not step by step (benchmarks/README.md, "Subset choice").
+        feature: GradMatch's per-batch feature. ``"hidden"`` (default): dL/dh at the final hidden state
+            (``hidden`` numbers). ``"head"``: the LM head's weight gradient with its vocabulary side projected by
+            a fixed random sign matrix to ``feature_rows`` rows (``feature_rows`` x ``hidden`` numbers); it also
+            sees the inputs, where dL/dh sees only the error.
+        feature_rows: rows of that projection.
+        warm_start_steps: AUTOMATA's warm start. The first ``warm_start_steps`` steps train on random batches of
+            all the data (weight 1, drawn again every subset epoch), and the first ``method`` choice is made from
+            the weights they leave. They are steps of the fit, not extra ones: the cost stays the same, but a
+            first GradMatch choice then depends on the trial and is not shared through ``cache``. A subset
+            chosen from the pretrained weights alone comes from a model that has learnt nothing of the task.
+        feature_batch_size: examples per forward of the feature pass. A candidate's feature is a sum over its
+            examples, so the pass need not follow the candidate batches: it forwards all the examples once, sorted
+            by length into chunks of this many, so that almost no padding is computed and each forward serves more
+            rows. Lower it for long sequences (a chunk's activations must fit in memory).
+        progress: show a progress bar while features are computed.
+
+    The batches are those the training DataLoader would make (its dataset, batch size, collate and workers);
+    its sampler is replaced. Needs a model trained under ``HOSLStrategy`` in one process (the features come
+    from the split model's server half). Logs ``subset/selection_sec`` (time spent choosing, cumulative).
+    """
+
+    def __init__(
+        self,
+        method: Method = "gradmatch",
+        fraction: float = 0.1,
+        every_n_steps: int | None = None,
+        seed: int = 0,
+        ridge: float = 1e-3,
+        cache: SelectionCache | None = None,
+        stratify: bool | None = None,
+        feature: Feature = "hidden",
+        feature_rows: int = 16,
+        warm_start_steps: int = 0,
+        feature_batch_size: int = 64,
+        progress: bool = True,
+    ) -> None:
+        check_choice("method", method, METHODS)
+        check_number("fraction", fraction, 0, 1, strict=True)
+        check_int("every_n_steps", every_n_steps, 1, none="one subset epoch")
+        check_int("seed", seed)
+        check_number("ridge", ridge, 0)
+        check_choice("feature", feature, FEATURES)
+        check_int("feature_rows", feature_rows, 1)
+        check_int("warm_start_steps", warm_start_steps, 0)
+        check_int("feature_batch_size", feature_batch_size, 1)
+        if not any(stratify is allowed for allowed in (None, True, False)):  # 1 == True, but 1 is not a bool
+            raise ValueError(f"stratify={stratify!r} is not valid: choose None (when labels exist), True or False")
+        self.method, self.fraction, self.every_n_steps = method, float(fraction), every_n_steps
+        self.seed, self.ridge, self.cache, self.stratify, self.progress = seed, ridge, cache, stratify, progress
+        self.feature, self.feature_rows, self.feature_batch_size = feature, feature_rows, feature_batch_size
+        self.warm_start_steps = 0 if method == "full" else warm_start_steps  # all the data needs no warm start
+        self.selection_seconds = 0.0
+        self.selections = 0  # selections made (including cache hits)
+        self.last: Selection | None = None
+        self._round = 0
+        self._since_selection = 0
+        self._steps = 0  # batches trained in this fit (the warm start counts them)
+        self._in_epoch = 0  # batches trained in this epoch (a checkpoint mid-epoch resumes after them)
+        self._restored: list[list[WeightedIndex]] | None = None
+        self._restored_skip = 0
+        self._sampler: SelectedBatches | None = None
+        self._loader: DataLoader | None = None
+        self._labels: Tensor | None = None  # each training example's class, when candidates are stratified
+        self._projection: Tensor | None = None  # feature="head": the vocabulary-side projection
+        self._lengths: Tensor | None = None  # each training example's collated length, for the feature pass
+        self._source: Any = None
+        self._original: Any = None
+
+    # ---- the DataLoader ----------------------------------------------------------------------------------
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._source = trainer.datamodule if trainer.datamodule is not None else pl_module
+        self._original = self._source.train_dataloader
+        self._source.train_dataloader = self._wrapped_train_dataloader  # Lightning calls it by name
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit" and self._source is not None:
+            del self._source.train_dataloader  # the instance attribute: the class's method shows again
+            self._source = None
+
+    def _wrapped_train_dataloader(self) -> DataLoader:
+        loader = self._original()
+        if not isinstance(loader, DataLoader) or loader.batch_size is None:
+            raise TypeError("SubsetSelection needs train_dataloader() to return one DataLoader with a batch_size")
+        if loader.dataset is not getattr(self._loader, "dataset", None):
+            self._labels = self._stratify_by(loader.dataset)
+            self._lengths = None
+        self._loader = loader
+        candidates = math.ceil(len(loader.dataset) / loader.batch_size)  # type: ignore[arg-type]
+        length = candidates if self.method == "full" else subset_length(self.fraction, candidates)
+        previous, self._sampler = self._sampler, SelectedBatches(length, self.seed)
+        if self._restored is not None:
+            self._sampler.update(self._restored, self._round)
+            self._sampler.skip = self._restored_skip
+        elif previous is not None and previous.batches:  # reload_dataloaders_every_n_epochs: keep the choice
+            self._sampler.update(previous.batches, self._round)
+        return DataLoader(
+            WeightedDataset(loader.dataset), batch_sampler=self._sampler, collate_fn=WeightedCollate(loader.collate_fn),
+            num_workers=loader.num_workers, pin_memory=loader.pin_memory,
+        )
+
+    def _stratify_by(self, dataset: Any) -> Tensor | None:
+        if self.stratify is False:
+            return None
+        labels = class_labels(dataset)
+        if labels is None and self.stratify:
+            raise ValueError("SubsetSelection(stratify=True) needs every training example to have an integer 'label' "
+                             "(attribute or key); this dataset's do not: use stratify=None or False")
+        return labels
+
+    # ---- when to choose ------------------------------------------------------------------------------------
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._restored is None:
+            self._steps = 0
+            self._select(trainer)
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # 0, or after a resume from a checkpoint taken mid-epoch the batches of this epoch already trained
+        self._in_epoch, self._restored_skip = self._restored_skip, 0
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        assert self._sampler is not None
+        self._in_epoch += 1
+        self._since_selection += 1
+        self._steps += 1
+        due = self._sampler.length if self._warming else (self.every_n_steps or self._sampler.length)
+        warm_start_ends = self._steps == self.warm_start_steps
+        if (self._since_selection >= due or warm_start_ends) and not _training_ends(trainer):
+            self._select(trainer)
+        pl_module.log("subset/selection_sec", self.selection_seconds, on_step=True, on_epoch=False)
+
+    @property
+    def _warming(self) -> bool:
+        """Still in the warm start: choices are random batches of all the data."""
+        return self._steps < self.warm_start_steps
+
+    # ---- choosing --------------------------------------------------------------------------------------
+    def _select(self, trainer: Trainer) -> None:
+        assert self._sampler is not None and self._loader is not None
+        started = time.perf_counter()
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self._round + 1)
+        candidates = partition(len(self._loader.dataset), self._loader.batch_size, generator, self._labels)  # type: ignore[arg-type]
+        budget = self._sampler.length
+        if self.method == "full":
+            chosen = Selection(list(range(len(candidates))), [1.0] * len(candidates), 0, 0.0)
+        elif self.method == "random" or self._warming:
+            chosen = random_subset(len(candidates), budget, generator)
+        else:
+            chosen = self._gradmatch(trainer, candidates, budget, generator)
+        if chosen is not None:
+            self.last = chosen
+            batches = [[(i, w) for i in candidates[c]] for c, w in zip(chosen.indices, chosen.weights)]
+            self._sampler.update(batches, self._round + 1)
+        self._round += 1
+        self._since_selection = 0
+        self.selections += 1
+        self.selection_seconds += time.perf_counter() - started
+
+    def _gradmatch(
+        self, trainer: Trainer, candidates: list[list[int]], budget: int, generator: torch.Generator
+    ) -> Selection | None:
+        model = _split_model(trainer)
+        key = None
+        if self.cache is not None:
+            key = (weights_digest(model), self._round, self.seed, len(candidates), budget, self.ridge,
+                   self._labels is not None, self.feature, self.feature_rows, self.feature_batch_size)
+            cached = self.cache.get(key)
+            if cached is not None:
+                self._sampler.update(cached, self._round + 1)  # type: ignore[union-attr]
+                return None
+        features = self._features(trainer, model, candidates)
+        chosen = gradmatch(features, budget, generator, self.ridge)
+        log.info("GradMatch chose %d of %d batches (%d matched, residual %.3f)", budget, len(candidates),
+                 chosen.matched, chosen.residual)
+        if self.cache is not None and key is not None:
+            self.cache.put(key, [[(i, w) for i in candidates[c]] for c, w in zip(chosen.indices, chosen.weights)])
+        return chosen
+
+    def _features(self, trainer: Trainer, model: SplitCausalLM, candidates: Sequence[list[int]]) -> Tensor:
+        assert self._loader is not None
+        device = trainer.strategy.root_device
+        if self.feature == "head" and self._projection is None:  # fixed by the seed: drawn once per callback
+            vocab = model.server.lm_head.out_features
+            self._projection = vocabulary_projection(vocab, self.feature_rows, self.seed).to(device)
+        if self._lengths is None:  # the training data is fixed for the fit: measured once
+            self._lengths = example_lengths(self._loader.dataset, self._loader.collate_fn,
+                                            range(len(self._loader.dataset)))  # type: ignore[arg-type]
+        description = f"GradMatch features (selection {self._round})"
+        return candidate_features(model, self._loader, candidates, self._lengths, self.feature_batch_size,
+                                  self._projection, device, self.progress, description)
+
+    # ---- checkpoints ------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        batches = None if self._sampler is None else self._sampler.batches
+        return {"round": self._round, "since_selection": self._since_selection, "batches": batches,
+                "in_epoch": self._in_epoch, "selection_seconds": self.selection_seconds, "steps": self._steps}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._round, self._since_selection = state_dict["round"], state_dict["since_selection"]
+        self.selection_seconds = state_dict["selection_seconds"]
+        self._steps = state_dict.get("steps", 0)  # checkpoints from before the warm start lack it
+        self._restored = state_dict["batches"]
+        self._restored_skip = state_dict["in_epoch"]
+        if self._sampler is not None and self._restored is not None:
+            self._sampler.update(self._restored, self._round)
+            self._sampler.skip = self._restored_skip
+
+
+def _training_ends(trainer: Trainer) -> bool:
+    """After this batch the fit is over (max_steps reached, or the last batch of the last epoch): no use choosing."""
+    out_of_steps = trainer.max_steps is not None and 0 <= trainer.max_steps <= trainer.global_step
+    last_epoch = trainer.max_epochs is not None and 0 <= trainer.max_epochs <= trainer.current_epoch + 1
+    return out_of_steps or (last_epoch and trainer.is_last_batch)
+
+
+def _split_model(trainer: Trainer) -> SplitCausalLM:
+    from hosl_lightning.lightning.strategy import HOSLStrategy
+
+    strategy = trainer.strategy
+    if not isinstance(strategy, HOSLStrategy) or strategy.transport != "in_process":
+        raise ValueError(
+            "SubsetSelection(method='gradmatch') computes features with the split model in this process: use it "
+            "with HOSLStrategy(transport='in_process') (or method='random' / 'full')"
+        )
+    return strategy.split_model
