@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "src" / "hosl_lightning"
-MAX_LINES = 500
+MAX_LINES = 400
 
 
 def _modules() -> dict[str, Path]:

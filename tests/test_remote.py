@@ -351,3 +351,62 @@ def test_seed_sync_refuses_clients_that_start_from_different_weights() -> None:
     server.wires = {1: _Wire(1, "aaaa"), 2: _Wire(2, "aaaa")}  # type: ignore[dict-item]
     server._greet()
     assert all(w.sent == ["ready"] for w in server.wires.values())
+
+
+# ---- evaluation over the wire ------------------------------------------------------------------------------
+
+
+class _Loopback:
+    """A client's wire whose server answers each request at once, in this process (no process group)."""
+
+    peer_name = "server (rank 0)"
+
+    def __init__(self, server: SplitServer) -> None:
+        self.server, self.replies = server, []
+        answers = self
+
+        class _ServerWire:
+            peer_name = "client (rank 1)"
+
+            def send(self, kind: str, tensors: dict | None = None, **fields: Any) -> int:
+                answers.replies.append(Message(kind, tensors={k: v for k, v in (tensors or {}).items() if v is not None},
+                                               fields=fields))
+                return 0
+
+        server.wire = _ServerWire()  # type: ignore[assignment]
+
+    def send(self, kind: str, tensors: dict | None = None, **fields: Any) -> int:
+        message = Message(kind, tensors={k: v for k, v in (tensors or {}).items() if v is not None}, fields=fields)
+        getattr(self.server, f"_on_{kind}")(message)
+        return message.payload_bytes
+
+    def recv(self, kind: str, waiting_for: str) -> Message:
+        return self.replies.pop(0)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_scores_over_the_wire_equal_in_process_scores_with_shared_prompts(shared: bool) -> None:
+    from hosl_lightning.distributed.client import ClientSplitCausalLM, RemoteServer
+
+    torch.manual_seed(0)
+    config = dict(TINY_LLAMA)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config))
+    whole = SplitCausalLM(model, 1).eval()
+    server_side = SplitCausalLM.from_halves(None, whole.server, model.config, 1)
+    server = SplitServer(server_side, Wire(1, "client (rank 1)", 1.0), "hosl", ZOSettings(),
+                         torch.optim.SGD(whole.server.parameters(), lr=0.0))
+    client = ClientSplitCausalLM.from_halves(whole.client, None, model.config, 1).eval()
+    client.remote = RemoteServer(_Loopback(server))  # type: ignore[arg-type]
+    prompt = torch.randint(0, 64, (3, 7), generator=torch.Generator().manual_seed(1))
+    ids = prompt.repeat_interleave(2, dim=0)  # two one-token candidates per prompt, in its last position
+    ids[:, -1] = torch.tensor([5, 9]).repeat(3)
+    if not shared:
+        ids[0, 2] = 11  # a row that differs before its answer: no prompt shares with it
+    labels = torch.full_like(ids, -100)
+    labels[:, -1] = ids[:, -1]
+    expected = whole.sequence_log_likelihood(ids, torch.ones_like(ids), labels)
+    got = client.sequence_log_likelihood(ids, torch.ones_like(ids), labels)
+    torch.testing.assert_close(got, expected)
+    sent = client.remote.traffic.bytes_up
+    hidden_rows = (3 if shared else 4) * 7 * 32 * 4  # only the rows forwarded cross the cut
+    assert sent >= hidden_rows and sent < hidden_rows + ids.numel() * 8 * 4

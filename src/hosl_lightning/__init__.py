@@ -69,6 +69,8 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "TASKS",
+    "ZOSGD",
     "CutActivations",
     "DirectionSampler",
     "HOSLModule",
@@ -77,11 +79,9 @@ __all__ = [
     "PromptClassificationDataModule",
     "SplitCausalLM",
     "SyntheticLMDataModule",
-    "TASKS",
     "TextLMDataModule",
     "TrafficCounter",
     "ZOEstimate",
-    "ZOSGD",
     "get_task",
     "load_causal_lm",
     "resolve_tokenizer",

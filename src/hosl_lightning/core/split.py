@@ -21,20 +21,17 @@ from dataclasses import dataclass, replace
 import torch
 import transformers
 from torch import nn
-from transformers.masking_utils import (
-    create_causal_mask,
-    create_sliding_window_causal_mask,
-)
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 __all__ = [
-    "CutActivations",
+    "SUPPORTED_FAMILIES",
     "ClientHalf",
-    "ServerHalf",
+    "CutActivations",
     "DecoderStack",
     "Family",
-    "SUPPORTED_FAMILIES",
-    "split_causal_lm",
+    "ServerHalf",
     "num_blocks",
+    "split_causal_lm",
 ]
 
 

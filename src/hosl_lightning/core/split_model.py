@@ -19,12 +19,7 @@ from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from hosl_lightning.core.boundary import InProcessBoundary, Targets
-from hosl_lightning.core.split import (
-    ClientHalf,
-    CutActivations,
-    ServerHalf,
-    split_causal_lm,
-)
+from hosl_lightning.core.split import ClientHalf, CutActivations, ServerHalf, split_causal_lm
 
 IGNORE_INDEX = -100
 
@@ -224,11 +219,17 @@ class SplitCausalLM(nn.Module):
         if representatives is not None:
             input_ids = input_ids[representatives]
             attention_mask = None if attention_mask is None else attention_mask[representatives]
-        activations = self.client_forward(input_ids, attention_mask)
+        return self.scores_across(self.client_forward(input_ids, attention_mask), labels, source_rows)
+
+    def scores_across(self, activations: CutActivations, labels: Tensor, source_rows: Tensor | None) -> Tensor:
+        """Send the activations and labels up and the scores down: in-process here, over the wire in a client
+        process (:class:`~hosl_lightning.distributed.client.ClientSplitCausalLM`)."""
         with self.server_side():
             up, targets = self.boundary.send_up(activations, {"labels": labels, "source_rows": source_rows})
             assert targets is not None
-            return self.server_scores(up, targets["labels"], targets["source_rows"])
+            scores = self.server_scores(up, targets["labels"], targets["source_rows"])
+        with self.client_side():
+            return self.boundary.send_down_losses(scores)
 
     @torch.no_grad()
     def server_scores(self, activations: CutActivations, labels: Tensor, source_rows: Tensor | None = None) -> Tensor:

@@ -19,12 +19,7 @@ from hosl_lightning.core.options import check_choice, check_int
 from hosl_lightning.data.collation import PromptCollator
 from hosl_lightning.data.encoding import PromptEncoder
 from hosl_lightning.data.sampling import sample_train, seeded_order
-from hosl_lightning.data.sources import (
-    SPLITS,
-    SplitSource,
-    check_columns,
-    local_sources,
-)
+from hosl_lightning.data.sources import SPLITS, SplitSource, check_columns, local_sources
 from hosl_lightning.data.tasks import ClassificationTask, get_task
 from hosl_lightning.data.tokenized import ListDataset, _TokenizedDataModule
 

@@ -44,7 +44,7 @@ def pad_rows(
             ids.append([*[pad_id] * fill, *row])
             mask.append([0] * fill + [1] * len(row))
             targets.append([*[IGNORE_INDEX] * fill, *label])
-    as_long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+    as_long = lambda x: torch.tensor(x, dtype=torch.long)
     return {"input_ids": as_long(ids), "attention_mask": as_long(mask), "labels": as_long(targets)}
 
 

@@ -84,8 +84,9 @@ class RemoteServer:
             then(gradient)
         return gradient, loss
 
-    def scores(self, up: CutActivations, labels: Tensor) -> Tensor:
-        self._send("eval", {**_activation_tensors(up), "labels": labels})
+    def scores(self, up: CutActivations, labels: Tensor, source_rows: Tensor | None = None) -> Tensor:
+        """Each row's score; with ``source_rows``, ``up`` holds only the forwarded rows (shared prompts)."""
+        self._send("eval", {**_activation_tensors(up), "labels": labels, "source_rows": source_rows})
         message = self._recv("scores", "evaluation scores")
         return check_shape(message, "scores", (labels.shape[0],), (torch.float32,), self.wire.peer_name)
 
@@ -107,9 +108,8 @@ class ClientSplitCausalLM(SplitCausalLM):
 
     remote: RemoteServer
 
-    @torch.no_grad()
-    def sequence_log_likelihood(self, input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor) -> Tensor:
-        return self.remote.scores(self.client_forward(input_ids, attention_mask), labels)
+    def scores_across(self, activations: CutActivations, labels: Tensor, source_rows: Tensor | None) -> Tensor:
+        return self.remote.scores(activations, labels, source_rows)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         raise RuntimeError(

@@ -20,13 +20,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from hosl_lightning.core.zo import ZOSGD
-from hosl_lightning.distributed.sync import (
-    ZOUpdate,
-    encoded_size,
-    replay,
-    weight_bytes,
-    weights_of,
-)
+from hosl_lightning.distributed.sync import ZOUpdate, encoded_size, replay, weight_bytes, weights_of
 from hosl_lightning.distributed.wire import Message, Wire, check_finite
 
 

@@ -20,14 +20,7 @@ from hosl_lightning.core.split_model import SplitCausalLM
 from hosl_lightning.core.zo import ZOSGD, ZOEstimate, projected_gradients
 from hosl_lightning.distributed.client import PROTOCOL_VERSION
 from hosl_lightning.distributed.clients import TurnKeeper
-from hosl_lightning.distributed.wire import (
-    Message,
-    PeerTimeout,
-    Wire,
-    check_finite,
-    check_shape,
-    recv_from_any,
-)
+from hosl_lightning.distributed.wire import Message, PeerTimeout, Wire, check_finite, check_shape, recv_from_any
 from hosl_lightning.modes import get_mode
 from hosl_lightning.modes.base import ServerContext, ZOSettings, eval_mode
 
@@ -226,9 +219,17 @@ class SplitServer:
     @torch.no_grad()
     def _on_eval(self, request: Message) -> None:
         labels = check_shape(request, "labels", (None, None), _INTEGERS, self.peer).to(self.device)
-        up = self._checked_activations(request, *labels.shape, "an evaluation request")
+        rows, length = labels.shape
+        source_rows = None
+        if "source_rows" in request.tensors:  # shared prompts: fewer rows forwarded than scored
+            source_rows = check_shape(request, "source_rows", (rows,), _INTEGERS, self.peer).to(self.device)
+            forwarded = int(request.tensors["hidden"].shape[0]) if "hidden" in request.tensors else 0
+            if rows and not 0 <= int(source_rows.min()) <= int(source_rows.max()) < forwarded:
+                raise ValueError(f"{self.peer} sent source_rows outside the {forwarded} rows forwarded")
+            rows = forwarded
+        up = self._checked_activations(request, rows, length, "an evaluation request")
         with eval_mode(self.model):
-            scores = self.model.server_scores(up, labels)
+            scores = self.model.server_scores(up, labels, source_rows)
         self.wire.send("scores", {"scores": scores.float()})
 
     def state_dict(self) -> dict[str, Any]:

@@ -33,3 +33,16 @@ class SplitCheckpointIO(TorchCheckpointIO):
         """Asked once the client's file has been read and checked against this run."""
         if self.remote is not None:
             self.remote.load(self.name_of(path))
+
+
+RESUME_KEYS = ("mode", "cut_layer", "seed", "direction")  # a run resumes only with the settings it was saved with
+
+
+def check_resumable(state: dict[str, Any], current: dict[str, Any], path: Any) -> None:
+    """Refuse to resume a checkpoint saved with other settings, naming the setting and both values."""
+    for key in RESUME_KEYS:
+        if state[key] != current[key]:
+            raise ValueError(
+                f"checkpoint {path} was saved with {key}={state[key]!r}, this run has "
+                f"{key}={current[key]!r}: resume with the same {key}"
+            )

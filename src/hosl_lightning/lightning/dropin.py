@@ -26,7 +26,8 @@ from torch import Tensor
 from hosl_lightning.core.boundary import Targets
 from hosl_lightning.core.split import CutActivations
 from hosl_lightning.core.split_model import SplitCausalLM
-from hosl_lightning.modes.base import eval_mode
+from hosl_lightning.core.zo import ZOSGD, ZOEstimate
+from hosl_lightning.modes import READ_BY_THE_MODULE, ClientContext, ZOSettings, eval_mode, get_mode
 
 
 @contextmanager
@@ -91,3 +92,17 @@ class DropInLink:
 
     def gradient(self, like: Tensor, then: Callable[[Tensor], None] | None = None) -> tuple[Tensor, Tensor]:
         raise RuntimeError("a drop-in module trains fo by Lightning's own backward through the whole model")
+
+
+def dropin_step(
+    module: LightningModule, split: SplitCausalLM, optimizer: ZOSGD, settings: ZOSettings, step: int,
+    training_step: Callable[[], STEP_OUTPUT], weight: Tensor | None = None,
+) -> tuple[STEP_OUTPUT, ZOEstimate]:
+    """One hosl step of a drop-in module: the mode's client half over :class:`DropInLink`, then the client's ZO
+    update. Returns what Lightning backpropagates into the server (the clean call's output) and the estimate."""
+    link = DropInLink(module, split, training_step, weight)
+    output = get_mode("hosl").client_step(ClientContext(split, settings, step, optimizer), link, READ_BY_THE_MODULE)
+    assert output.estimate is not None
+    with split.client_side():
+        optimizer.step(estimate=output.estimate)
+    return link.output, output.estimate

@@ -6,6 +6,7 @@ options: each is checked when the strategy is built, with the option, the value 
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -18,88 +19,115 @@ from hosl_lightning.distributed.peers import BACKENDS, Peers
 from hosl_lightning.distributed.sync import CLIENT_SYNCS, SCHEDULES, check_replayable
 from hosl_lightning.distributed.wire import Wire, WireError
 from hosl_lightning.models import adapter_config
-from hosl_lightning.modes import MODES, SERVER_GRADS, ModeName, ServerGrad, ZOSettings
+from hosl_lightning.modes import MODES, SERVER_GRADS, ZOSettings
 
 STRATEGY_NAME = "hosl"
 TRANSPORTS: tuple[str, ...] = ("in_process", "distributed")
 
 
 class RunSettings:
-    """Options and process roles; mixed into HOSLStrategy (see its docstring for every option)."""
+    """The options of a split run (checked when the strategy is built) and what they make of this process.
 
-    def _init_settings(
-        self,
-        cut_layer: int = 1,
-        mode: ModeName = "hosl",
-        q: int = 1,
-        mu: float = 1e-3,
-        zo_lr: float = 1e-6,
-        zo_weight_decay: float = 0.0,
-        direction: str = "gaussian",
-        seed: int = 0,
-        server_grad: ServerGrad | None = None,
-        batch_probes: bool | None = None,
-        client_device: str | None = None,
-        server_device: str | None = None,
-        memory_every_n_steps: int = 50,
-        transport: str = "in_process",
-        backend: str | None = None,
-        timeout_s: float = 300.0,
-        init_method: str = "env://",
-        rank: int | None = None,
-        world_size: int | None = None,
-        schedule: str = "sequential",
-        client_sync: str = "seeds",
-        steps_per_turn: int = 10,
-        sync_every_n_steps: int = 10,
-        server_checkpoint_dir: str = "server_checkpoints",
-        client_adapter: dict[str, Any] | None = None,
-        server_adapter: dict[str, Any] | None = None,
-    ) -> None:
-        check_int("cut_layer", cut_layer, 0)
-        check_choice("mode", mode, tuple(MODES))
-        check_int("q", q, 1)
-        check_number("mu", mu, 0, strict=True)
-        check_number("zo_lr", zo_lr, 0)
-        check_number("zo_weight_decay", zo_weight_decay, 0)
-        check_choice("direction", direction, DIRECTIONS)
-        check_int("seed", seed, 0)
-        if server_grad is not None:
-            check_choice("server_grad", server_grad, SERVER_GRADS)
-        check_int("memory_every_n_steps", memory_every_n_steps, 0)
-        check_choice("transport", transport, TRANSPORTS)
-        if backend is not None:
-            check_choice("backend", backend, BACKENDS)
-        check_number("timeout_s", timeout_s, 0, strict=True)
-        if rank is not None:
-            check_int("rank", rank, 0)
-        if world_size is not None:
-            check_int("world_size", world_size, 2)
-        check_choice("schedule", schedule, SCHEDULES)
-        check_choice("client_sync", client_sync, CLIENT_SYNCS)
-        check_int("steps_per_turn", steps_per_turn, 1)
-        check_int("sync_every_n_steps", sync_every_n_steps, 1)
-        if transport == "distributed" and (client_adapter is not None or server_adapter is not None):
+    Args:
+        cut_layer: the client runs the embeddings and decoder blocks ``[0, cut_layer)``; the server the rest.
+        mode: ``"hosl"`` (ZO client, FO server), ``"fo"`` (first-order split learning baseline: the server
+            returns dL/dh) or ``"zo"`` (both halves zeroth-order with one shared seed, MeZO over the split model).
+        q: number of random directions (queries) per step; each costs two client forwards.
+        mu: smoothing radius of the two-point estimate.
+        zo_lr: learning rate of the zeroth-order updates (the client in hosl mode, both halves in zo mode).
+        zo_weight_decay: decoupled weight decay of the ZO updates; biases and norm weights are exempt.
+        direction: ``"gaussian"`` or ``"rademacher"`` directions.
+        seed: base seed of the directions; direction q of step t is drawn from hash(seed, t, q, tensor).
+        server_grad: which forward the server's gradient comes from in hosl mode: ``"perturbed"`` (the +mu
+            point of query 1, free: the authors' choice), ``"mean"`` (all 2Q points) or ``"clean"``
+            (unperturbed client weights; one more client forward).
+            Unset: ``"perturbed"``, or ``"clean"`` for a drop-in module (its unperturbed call runs anyway, for the
+            loss it logs); a drop-in module refuses the others.
+        batch_probes: compute the 2Q server losses in one batched forward (faster) instead of one at a time.
+            Unset: batched; a drop-in module runs its probes one at a time and refuses True.
+        client_device / server_device: where each half lives (e.g. ``"cpu"`` and ``"cuda:0"`` to emulate an
+            edge device beside a server); by default the Trainer's device.
+        memory_every_n_steps: measure each side's memory (peak, parameters, gradients, optimizer state,
+            activations) on the first two steps of a fit and then on every step whose index is a multiple of
+            n; 0 turns it off. A measured step is slower (on CPU, torch's MemTracker sees every tensor);
+            other steps pay nothing. The latest :class:`~hosl_lightning.measurement.MemoryReport` is
+            ``strategy.memory_report`` and is logged on every step under ``hosl/memory/`` (see
+            :mod:`hosl_lightning.measurement` for what is measured how on CPU and CUDA).
+        transport: ``"in_process"`` (both halves in this process, the default) or ``"distributed"``: client and
+            server in separate processes that talk over ``torch.distributed``; rank 0 is the server, rank 1 the
+            client, and each process builds and holds only its own half (see README, "Client and server in
+            separate processes").
+        backend: the ``torch.distributed`` backend of a distributed run: ``"gloo"`` (the default, on both sides) or
+            ``"nccl"`` (one client, GPUs on both sides; untested without a GPU).
+        timeout_s: in a distributed run, how long either side waits for the other before failing with an
+            error that names the peer and what was awaited.
+        init_method / rank / world_size: how the processes find each other; by default ``"env://"`` and the
+            ``RANK`` / ``WORLD_SIZE`` / ``MASTER_ADDR`` / ``MASTER_PORT`` variables that ``torchrun`` sets.
+            Rank 0 is the server; ranks 1..world_size-1 are clients, each with its own data.
+        schedule: with several clients, ``"sequential"`` (they take turns of ``steps_per_turn`` steps, the client
+            half passing from one to the next: sequential split learning) or ``"parallel"`` (they train at the
+            same time and their halves are averaged every ``sync_every_n_steps`` steps: split-federated learning).
+        client_sync: how client halves are kept in step: ``"seeds"`` (the ZO updates travel as (seed, step, lr,
+            coefficients) and are replayed: bytes instead of megabytes; needs zo_weight_decay=0) or ``"weights"``
+            (the half's weights; the only choice in ``fo`` mode).
+        steps_per_turn / sync_every_n_steps: the length of a turn (sequential) and of a round (parallel).
+        server_checkpoint_dir: where the server keeps its half of each client checkpoint (``<name>.server.pt``, on
+            the server's disk); a client names only the file, never a path, so no peer can write elsewhere.
+        client_adapter / server_adapter: peft adapters on that side's decoder blocks, as a dict of
+            ``peft.LoraConfig`` fields (e.g. ``{r: 8, lora_alpha: 16, target_modules: [q_proj, v_proj]}``; add
+            ``peft_type`` for another method) or a peft config. A side with adapters trains only them (its base
+            weights are frozen: ZO never perturbs them and backprop gives them no gradient); a side without
+            trains all its weights. ``strategy.peft_model`` is the PeftModel for saving and merging
+            (:mod:`hosl_lightning.models`). In-process runs only; needs ``pip install 'hosl-lightning[peft]'``.
+    """
+
+    def _init_settings(self, options: dict[str, Any]) -> None:
+        """Check every option (naming the option, the value and the valid ones) and keep it."""
+        o = SimpleNamespace(**options)
+        check_int("cut_layer", o.cut_layer, 0)
+        check_choice("mode", o.mode, tuple(MODES))
+        check_int("q", o.q, 1)
+        check_number("mu", o.mu, 0, strict=True)
+        check_number("zo_lr", o.zo_lr, 0)
+        check_number("zo_weight_decay", o.zo_weight_decay, 0)
+        check_choice("direction", o.direction, DIRECTIONS)
+        check_int("seed", o.seed, 0)
+        if o.server_grad is not None:
+            check_choice("server_grad", o.server_grad, SERVER_GRADS)
+        check_int("memory_every_n_steps", o.memory_every_n_steps, 0)
+        check_choice("transport", o.transport, TRANSPORTS)
+        if o.backend is not None:
+            check_choice("backend", o.backend, BACKENDS)
+        check_number("timeout_s", o.timeout_s, 0, strict=True)
+        if o.rank is not None:
+            check_int("rank", o.rank, 0)
+        if o.world_size is not None:
+            check_int("world_size", o.world_size, 2)
+        check_choice("schedule", o.schedule, SCHEDULES)
+        check_choice("client_sync", o.client_sync, CLIENT_SYNCS)
+        check_int("steps_per_turn", o.steps_per_turn, 1)
+        check_int("sync_every_n_steps", o.sync_every_n_steps, 1)
+        if o.transport == "distributed" and (o.client_adapter is not None or o.server_adapter is not None):
             raise ValueError("client_adapter / server_adapter run in-process only for now: use transport='in_process'")
-        for side, spec in (("client", client_adapter), ("server", server_adapter)):
+        for side, spec in (("client", o.client_adapter), ("server", o.server_adapter)):
             if spec is not None:
                 adapter_config(spec, side)  # a bad field fails now, not when training starts
-        self.client_adapter, self.server_adapter = client_adapter, server_adapter
-        self.cut_layer, self.mode = cut_layer, mode
+        self.client_adapter, self.server_adapter = o.client_adapter, o.server_adapter
+        self.cut_layer, self.mode = o.cut_layer, o.mode
         # None: the path's own choice (a drop-in module takes its gradient from the clean call it makes anyway).
-        self._given = {"server_grad": server_grad, "batch_probes": batch_probes}
-        self.settings = ZOSettings(queries=q, mu=float(mu), server_grad=server_grad or "perturbed",
-                                   batch_probes=True if batch_probes is None else batch_probes)
-        self.zo_lr, self.zo_weight_decay = float(zo_lr), float(zo_weight_decay)
-        self.direction, self.seed = direction, seed
-        self._client_device = None if client_device is None else torch.device(client_device)
-        self._server_device = None if server_device is None else torch.device(server_device)
-        self.memory_every_n_steps = memory_every_n_steps
-        self.transport = transport
-        self._peers = Peers(backend, float(timeout_s), init_method, rank, world_size)
-        self.schedule, self.client_sync = schedule, client_sync
-        self.steps_per_turn, self.sync_every_n_steps = steps_per_turn, sync_every_n_steps
-        self.server_checkpoint_dir = server_checkpoint_dir
+        self._given = {"server_grad": o.server_grad, "batch_probes": o.batch_probes}
+        self.settings = ZOSettings(queries=o.q, mu=float(o.mu), server_grad=o.server_grad or "perturbed",
+                                   batch_probes=True if o.batch_probes is None else o.batch_probes)
+        self.zo_lr, self.zo_weight_decay = float(o.zo_lr), float(o.zo_weight_decay)
+        self.direction, self.seed = o.direction, o.seed
+        self._client_device = None if o.client_device is None else torch.device(o.client_device)
+        self._server_device = None if o.server_device is None else torch.device(o.server_device)
+        self.memory_every_n_steps = o.memory_every_n_steps
+        self.transport = o.transport
+        self._peers = Peers(o.backend, float(o.timeout_s), o.init_method, o.rank, o.world_size)
+        self.schedule, self.client_sync = o.schedule, o.client_sync
+        self.steps_per_turn, self.sync_every_n_steps = o.steps_per_turn, o.sync_every_n_steps
+        self.server_checkpoint_dir = o.server_checkpoint_dir
         self.clients = 1  # client processes in a distributed run (world size - 1)
         self._client_sync: ClientSync | None = None
         self.client_optimizer: ZOSGD | None = None

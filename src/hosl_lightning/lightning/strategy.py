@@ -18,95 +18,26 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from hosl_lightning.core.boundary import InProcessLink, Reply, Targets, Uplink
-from hosl_lightning.core.split_model import SplitCausalLM, find_causal_lm
+from hosl_lightning.core.split_model import SplitCausalLM
 from hosl_lightning.core.zo import ZOSGD, ZOEstimate
 from hosl_lightning.distributed.client import ClientSplitCausalLM, RemoteServer
 from hosl_lightning.distributed.peers import SERVER_RANK
-from hosl_lightning.distributed.serving import (
-    SplitServer,
-    load_server_half,
-    server_optimizer,
-    zo_parameter_count,
-)
+from hosl_lightning.distributed.serving import SplitServer, load_server_half, server_optimizer, zo_parameter_count
 from hosl_lightning.distributed.sync import ZOUpdate, client_seed, weights_digest
-from hosl_lightning.lightning.checkpoint_io import SplitCheckpointIO
-from hosl_lightning.lightning.dropin import DropInLink, pop_loss_weight, scaled
+from hosl_lightning.lightning.checkpoint_io import RESUME_KEYS, SplitCheckpointIO, check_resumable
+from hosl_lightning.lightning.cut import client_process_split, cut_module, install_split
+from hosl_lightning.lightning.dropin import dropin_step, pop_loss_weight, scaled
 from hosl_lightning.lightning.launcher import ServerLauncher
-from hosl_lightning.lightning.settings import (
-    STRATEGY_NAME,
-    RunSettings,
-    check_precision,
-)
+from hosl_lightning.lightning.settings import STRATEGY_NAME, RunSettings, check_precision
 from hosl_lightning.lightning.telemetry import StepTelemetry, prefixed
 from hosl_lightning.measurement import MemoryReport
-from hosl_lightning.models import add_adapters, materialize_half, untied_head_trainable
-from hosl_lightning.modes import (
-    READ_BY_THE_MODULE,
-    ClientContext,
-    ModeName,
-    ServerContext,
-    ServerGrad,
-    StepInputs,
-    StepOutput,
-    get_mode,
-)
+from hosl_lightning.modes import ClientContext, ModeName, ServerContext, ServerGrad, StepInputs, StepOutput, get_mode
 
 
 class HOSLStrategy(RunSettings, SingleDeviceStrategy):
-    """Hybrid-order split learning: zeroth-order client, first-order server, cut at ``cut_layer``.
-
-    Args:
-        cut_layer: the client runs the embeddings and decoder blocks ``[0, cut_layer)``; the server the rest.
-        mode: ``"hosl"`` (ZO client, FO server), ``"fo"`` (first-order split learning baseline: the server
-            returns dL/dh) or ``"zo"`` (both halves zeroth-order with one shared seed, MeZO over the split model).
-        q: number of random directions (queries) per step; each costs two client forwards.
-        mu: smoothing radius of the two-point estimate.
-        zo_lr: learning rate of the zeroth-order updates (the client in hosl mode, both halves in zo mode).
-        zo_weight_decay: decoupled weight decay of the ZO updates; biases and norm weights are exempt.
-        direction: ``"gaussian"`` or ``"rademacher"`` directions.
-        seed: base seed of the directions; direction q of step t is drawn from hash(seed, t, q, tensor).
-        server_grad: which forward the server's gradient comes from in hosl mode: ``"perturbed"`` (the +mu
-            point of query 1, free: the authors' choice), ``"mean"`` (all 2Q points) or ``"clean"``
-            (unperturbed client weights; one more client forward).
-            Unset: ``"perturbed"``, or ``"clean"`` for a drop-in module (its unperturbed call runs anyway, for the
-            loss it logs); a drop-in module refuses the others.
-        batch_probes: compute the 2Q server losses in one batched forward (faster) instead of one at a time.
-            Unset: batched; a drop-in module runs its probes one at a time and refuses True.
-        client_device / server_device: where each half lives (e.g. ``"cpu"`` and ``"cuda:0"`` to emulate an
-            edge device beside a server); by default the Trainer's device.
-        memory_every_n_steps: measure each side's memory (peak, parameters, gradients, optimizer state,
-            activations) on the first two steps of a fit and then on every step whose index is a multiple of
-            n; 0 turns it off. A measured step is slower (on CPU, torch's MemTracker sees every tensor);
-            other steps pay nothing. The latest :class:`~hosl_lightning.measurement.MemoryReport` is
-            ``strategy.memory_report`` and is logged on every step under ``hosl/memory/`` (see
-            :mod:`hosl_lightning.measurement` for what is measured how on CPU and CUDA).
-        transport: ``"in_process"`` (both halves in this process, the default) or ``"distributed"``: client and
-            server in separate processes that talk over ``torch.distributed``; rank 0 is the server, rank 1 the
-            client, and each process builds and holds only its own half (see README, "Client and server in
-            separate processes").
-        backend: the ``torch.distributed`` backend of a distributed run: ``"gloo"`` (the default, on both sides) or
-            ``"nccl"`` (one client, GPUs on both sides; untested without a GPU).
-        timeout_s: in a distributed run, how long either side waits for the other before failing with an
-            error that names the peer and what was awaited.
-        init_method / rank / world_size: how the processes find each other; by default ``"env://"`` and the
-            ``RANK`` / ``WORLD_SIZE`` / ``MASTER_ADDR`` / ``MASTER_PORT`` variables that ``torchrun`` sets.
-            Rank 0 is the server; ranks 1..world_size-1 are clients, each with its own data.
-        schedule: with several clients, ``"sequential"`` (they take turns of ``steps_per_turn`` steps, the client
-            half passing from one to the next: sequential split learning) or ``"parallel"`` (they train at the
-            same time and their halves are averaged every ``sync_every_n_steps`` steps: split-federated learning).
-        client_sync: how client halves are kept in step: ``"seeds"`` (the ZO updates travel as (seed, step, lr,
-            coefficients) and are replayed: bytes instead of megabytes; needs zo_weight_decay=0) or ``"weights"``
-            (the half's weights; the only choice in ``fo`` mode).
-        steps_per_turn / sync_every_n_steps: the length of a turn (sequential) and of a round (parallel).
-        server_checkpoint_dir: where the server keeps its half of each client checkpoint (``<name>.server.pt``, on
-            the server's disk); a client names only the file, never a path, so no peer can write elsewhere.
-        client_adapter / server_adapter: peft adapters on that side's decoder blocks, as a dict of
-            ``peft.LoraConfig`` fields (e.g. ``{r: 8, lora_alpha: 16, target_modules: [q_proj, v_proj]}``; add
-            ``peft_type`` for another method) or a peft config. A side with adapters trains only them (its base
-            weights are frozen: ZO never perturbs them and backprop gives them no gradient); a side without
-            trains all its weights. ``strategy.peft_model`` is the PeftModel for saving and merging
-            (:mod:`hosl_lightning.models`). In-process runs only; needs ``pip install 'hosl-lightning[peft]'``.
-    """
+    # The options' documentation lives with their checks (settings.RunSettings); jsonargparse reads it from here.
+    __doc__ = "Hybrid-order split learning: zeroth-order client, first-order server, cut at ``cut_layer``.\n\n" + (
+        RunSettings.__doc__ or "")
 
     strategy_name = STRATEGY_NAME
 
@@ -140,13 +71,7 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
         server_adapter: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        self._init_settings(cut_layer=cut_layer, mode=mode, q=q, mu=mu, zo_lr=zo_lr, zo_weight_decay=zo_weight_decay,
-            direction=direction, seed=seed, server_grad=server_grad, batch_probes=batch_probes,
-            client_device=client_device, server_device=server_device, memory_every_n_steps=memory_every_n_steps,
-            transport=transport, backend=backend, timeout_s=timeout_s, init_method=init_method, rank=rank,
-            world_size=world_size, schedule=schedule, client_sync=client_sync, steps_per_turn=steps_per_turn,
-            sync_every_n_steps=sync_every_n_steps, server_checkpoint_dir=server_checkpoint_dir,
-            client_adapter=client_adapter, server_adapter=server_adapter)
+        self._init_settings({k: v for k, v in locals().items() if k not in ("self", "kwargs", "__class__")})
         super().__init__(device="cpu", checkpoint_io=SplitCheckpointIO(), **kwargs)
         self.peft_model: Any = None  # the PeftModel around the adapted model, once adapters are injected
         self.parallel_devices: list[torch.device] | None = None  # filled in by the Trainer from `devices`
@@ -204,51 +129,20 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
             self._remote.hello(mode=self.mode, client_digest=weights_digest(client) if self.clients > 1 else None,
                                **self.hello_settings(zo_parameter_count(client, self.mode)))
 
-    def _install(self, module: LightningModule, name: str, split: SplitCausalLM) -> None:
-        if not name:
-            raise ValueError("HOSLStrategy needs the causal LM as an attribute of a LightningModule, not the module itself")
-        parent_name, _, attribute = name.rpartition(".")
-        setattr(module.get_submodule(parent_name) if parent_name else module, attribute, split)
-        self._split = split
-        self.telemetry.install(split)
-
     def _client_split(self, model: nn.Module) -> SplitCausalLM:
-        """The client process's split model: its half only (materialised from the source if built on meta)."""
-        from hosl_lightning.core.split import split_causal_lm
-
-        client, _ = split_causal_lm(model, self.cut_layer)  # type: ignore[arg-type]
-        if any(p.is_meta for p in client.parameters()):
-            materialize_half(model, client, self._client_device or self.root_device)  # type: ignore[arg-type]
-        split = ClientSplitCausalLM.from_halves(client, None, model.config, self.cut_layer)
+        """The client process's split model: its half only, its server behind the wire."""
+        split = client_process_split(model, self.cut_layer, self._client_device or self.root_device)
         split.remote = RemoteServer(self._connect(), split.boundary.traffic)
         assert isinstance(self.checkpoint_io, SplitCheckpointIO)
         self.checkpoint_io.remote = split.remote
         return split
 
     def _cut(self, module: LightningModule) -> None:
-        name, model = find_causal_lm(module)
-        if isinstance(model, SplitCausalLM):
-            self._split = model  # already cut (a second fit/validate on the same module)
-            self.telemetry.install(model)
-            return
-        if self.role == "server":
-            raise RuntimeError("the server process of a distributed run does not run a Trainer: call strategy.serve(module)")
-        if any(p.is_meta for p in model.parameters()) and self.role == "both":
-            raise ValueError(
-                "the model was built on the meta device (hosl_lightning.models.deferred_weights) for a distributed "
-                "run, but this strategy has transport='in_process': build it without deferred_weights"
-            )
-        if self.client_adapter is not None or self.server_adapter is not None:
-            self.peft_model = add_adapters(model, self.cut_layer, self.client_adapter, self.server_adapter)
-        split = self._client_split(model) if self.role == "client" else SplitCausalLM(model, self.cut_layer)
-        if self.peft_model is not None:
-            untied_head_trainable(self.peft_model, split.server.lm_head)
-        self._install(module, name, split)
-        for half in [getattr(split, side) for side in get_mode(self.mode).zo_halves]:
-            for param in half.parameters() if half is not None else ():
-                if param.requires_grad:
-                    param.requires_grad_(False)
-                    param._hosl_zo = True  # type: ignore[attr-defined]  # trained by ZO, never by backprop
+        split, peft_model, _ = cut_module(module, self.cut_layer, self.role, get_mode(self.mode).zo_halves,
+                                          self._client_split, (self.client_adapter, self.server_adapter))
+        self.peft_model = peft_model or self.peft_model
+        self._split = split
+        self.telemetry.install(split)
 
     def _new_zo_optimizer(self, *halves: nn.Module) -> ZOSGD:
         seed = self.seed if self.role != "client" else client_seed(self.seed, self._peers.rank(), self.clients)
@@ -353,18 +247,13 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
                 module.log_dict(prefixed(self.telemetry.memory_metrics(self.role)), on_step=True, on_epoch=False)
             return output
         assert self.client_optimizer is not None
-        split, step = self.split_model, self.zo_steps
-        base_step = super().training_step
+        split, base_step = self.split_model, super().training_step
         self.telemetry.start_step(split)
-        link = DropInLink(module, split, lambda: base_step(*args, **kwargs), weight)
-        context = ClientContext(split, self.dropin_settings(), step, self.client_optimizer)
-        output = get_mode("hosl").client_step(context, link, READ_BY_THE_MODULE)
-        assert output.estimate is not None
-        with split.client_side():
-            self.client_optimizer.step(estimate=output.estimate)
+        output, estimate = dropin_step(module, split, self.client_optimizer, self.dropin_settings(), self.zo_steps,
+                                       lambda: base_step(*args, **kwargs), weight)
         self.zo_steps += 1
-        self._log_step(output.estimate)
-        return link.output
+        self._log_step(estimate)
+        return output
 
     def _log_step(self, estimate: ZOEstimate | None) -> None:
         module = self.lightning_module
@@ -419,7 +308,9 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
         # Load first, then connect: a slow load (or download) never counts against timeout_s.
         name, split, client_zo = load_server_half(module, self.cut_layer, self._server_device or torch.device("cpu"))
         first_key = client_zo if self.mode != "fo" else 0
-        self._install(module, name, split)
+        install_split(module, name, split)
+        self._split = split
+        self.telemetry.install(split)
         self._connect()
         try:
             optimizer, scheduler = server_optimizer(
@@ -444,11 +335,8 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
 
     # ---- checkpoints -----------------------------------------------------------------------------------
     def hosl_state_dict(self) -> dict[str, Any]:
-        return {
-            "mode": self.mode, "cut_layer": self.cut_layer, "seed": self.seed, "direction": self.direction,
-            "zo_steps": self.zo_steps,
-            "client_optimizer": None if self.client_optimizer is None else self.client_optimizer.state_dict(),
-        }
+        optimizer = None if self.client_optimizer is None else self.client_optimizer.state_dict()
+        return {**{k: getattr(self, k) for k in RESUME_KEYS}, "zo_steps": self.zo_steps, "client_optimizer": optimizer}
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
         super().save_checkpoint({**checkpoint, "hosl": self.hosl_state_dict()}, filepath, storage_options)
@@ -457,12 +345,7 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
         state = checkpoint.get("hosl")
         if state is not None:
-            for key in ("mode", "cut_layer", "seed", "direction"):
-                if state[key] != getattr(self, key):
-                    raise ValueError(
-                        f"checkpoint {checkpoint_path} was saved with {key}={state[key]!r}, this run has "
-                        f"{key}={getattr(self, key)!r}: resume with the same {key}"
-                    )
+            check_resumable(state, {k: getattr(self, k) for k in RESUME_KEYS}, checkpoint_path)
             self.zo_steps = state["zo_steps"]
             assert isinstance(self.checkpoint_io, SplitCheckpointIO)
             self.checkpoint_io.load_server_half(checkpoint_path)

@@ -36,17 +36,9 @@ Modules: :mod:`~hosl_lightning.measurement.sides` (which half works), :mod:`~hos
 
 from hosl_lightning.measurement.cuda import CudaCounters
 from hosl_lightning.measurement.meter import StepMemoryMeter
-from hosl_lightning.measurement.reports import (
-    MIB,
-    ClientMemory,
-    MemoryReport,
-    SideMemory,
-)
+from hosl_lightning.measurement.reports import MIB, ClientMemory, MemoryReport, SideMemory
 from hosl_lightning.measurement.sides import SIDES, WORK_SIDES, Side, SideSwitch
-from hosl_lightning.measurement.standalone import (
-    measure_client_inference,
-    measure_client_step,
-)
+from hosl_lightning.measurement.standalone import measure_client_inference, measure_client_step
 
 __all__ = [
     "MIB",

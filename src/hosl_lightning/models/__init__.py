@@ -25,12 +25,7 @@ from hosl_lightning.models.partial import (
     meta_causal_lm,
     weights_deferred,
 )
-from hosl_lightning.models.sources import (
-    DTYPES,
-    MODEL_ALIASES,
-    PackagedModel,
-    resolve_source,
-)
+from hosl_lightning.models.sources import DTYPES, MODEL_ALIASES, PackagedModel, resolve_source
 
 __all__ = [
     "DTYPES",

@@ -44,6 +44,20 @@ for _module in (hosl, fo, zo):
     register_mode(_module.MODE)
 
 __all__ = [
-    "MODES", "READ_BY_THE_MODULE", "SERVER_GRADS", "StepInputs", "ClientContext", "Mode", "ModeName", "ServerContext", "ServerGrad", "StepOutput", "ZOSettings",
-    "batch_tensors", "dropout_active", "eval_mode", "get_mode", "register_mode",
+    "MODES",
+    "READ_BY_THE_MODULE",
+    "SERVER_GRADS",
+    "ClientContext",
+    "Mode",
+    "ModeName",
+    "ServerContext",
+    "ServerGrad",
+    "StepInputs",
+    "StepOutput",
+    "ZOSettings",
+    "batch_tensors",
+    "dropout_active",
+    "eval_mode",
+    "get_mode",
+    "register_mode",
 ]

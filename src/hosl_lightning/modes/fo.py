@@ -12,14 +12,7 @@ from torch import Tensor
 
 from hosl_lightning.core.boundary import ClientLink, Reply, Targets, Uplink
 from hosl_lightning.core.split import CutActivations
-from hosl_lightning.modes.base import (
-    ClientContext,
-    Mode,
-    ServerContext,
-    StepInputs,
-    StepOutput,
-    ZOSettings,
-)
+from hosl_lightning.modes.base import ClientContext, Mode, ServerContext, StepInputs, StepOutput, ZOSettings
 
 
 def client_step(ctx: ClientContext, link: ClientLink, inputs: StepInputs) -> StepOutput:
@@ -28,7 +21,7 @@ def client_step(ctx: ClientContext, link: ClientLink, inputs: StepInputs) -> Ste
     link.start("fo", ctx.step, targets, 1)
     activations = link.up(lambda: model.client_forward(input_ids, attention_mask))  # kept, with its graph
     assert activations is not None, "fo's client half backpropagates its own activations"
-    gradient, loss = link.gradient(activations.hidden, then=lambda gradient: _backward(ctx, activations, gradient))
+    _, loss = link.gradient(activations.hidden, then=lambda gradient: _backward(ctx, activations, gradient))
     return StepOutput(loss=loss)
 
 

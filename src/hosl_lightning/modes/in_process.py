@@ -14,13 +14,7 @@ from hosl_lightning.core.boundary import InProcessLink, Reply, Targets, Uplink
 from hosl_lightning.core.split_model import SplitCausalLM
 from hosl_lightning.core.zo import ZOSGD, ZOEstimate
 from hosl_lightning.modes import get_mode
-from hosl_lightning.modes.base import (
-    ClientContext,
-    ServerContext,
-    StepInputs,
-    StepOutput,
-    ZOSettings,
-)
+from hosl_lightning.modes.base import ClientContext, ServerContext, StepInputs, StepOutput, ZOSettings
 
 
 def in_process_step(

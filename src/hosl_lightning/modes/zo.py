@@ -11,15 +11,7 @@ import torch
 
 from hosl_lightning.core.boundary import ClientLink, Reply, Targets, Uplink
 from hosl_lightning.core.zo import ZOEstimate, projected_gradients
-from hosl_lightning.modes.base import (
-    ClientContext,
-    Mode,
-    ServerContext,
-    StepInputs,
-    StepOutput,
-    ZOSettings,
-    eval_mode,
-)
+from hosl_lightning.modes.base import ClientContext, Mode, ServerContext, StepInputs, StepOutput, ZOSettings, eval_mode
 
 
 def probes(settings: ZOSettings) -> int:

@@ -18,12 +18,7 @@ from typing import Any, Literal
 
 from hosl_lightning.core.options import check_choice, check_int, check_number
 from hosl_lightning.tuning.results import TrialRecord, TuneResult, write_results
-from hosl_lightning.tuning.selection import (
-    METHODS,
-    Method,
-    SelectionCache,
-    SubsetSelection,
-)
+from hosl_lightning.tuning.selection import METHODS, Method, SelectionCache, SubsetSelection
 from hosl_lightning.tuning.space import load_space, override_args
 
 INSTALL_HINT = "pip install 'hosl-lightning[tune]'  (optuna and optuna-integration)"

@@ -34,11 +34,7 @@ from hosl_lightning.tuning.batches import (
     partition,
     subset_length,
 )
-from hosl_lightning.tuning.features import (
-    candidate_features,
-    example_lengths,
-    vocabulary_projection,
-)
+from hosl_lightning.tuning.features import candidate_features, example_lengths, vocabulary_projection
 from hosl_lightning.tuning.matching import Selection, gradmatch, random_subset
 
 log = logging.getLogger(__name__)
