@@ -169,3 +169,19 @@ def test_a_dropin_module_refuses_what_it_cannot_honour(option: dict, message: st
     with pytest.raises(ValueError, match=message):
         trainer.fit(example.PlainFineTuner(tiny()), datamodule=SyntheticLMDataModule(vocab_size=64, seq_len=8, train_size=8,
                                                                                       batch_size=4))
+
+
+def test_a_dropin_module_refuses_gradient_accumulation() -> None:
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "dropin_example", Path(__file__).parent.parent / "examples" / "dropin_finetune.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    trainer = Trainer(strategy=HOSLStrategy(cut_layer=1), max_steps=1, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                      accumulate_grad_batches=4)
+    with pytest.raises(ValueError, match=r"accumulate_grad_batches=4 is not valid with a drop-in module"):
+        trainer.fit(example.PlainFineTuner(tiny()), datamodule=SyntheticLMDataModule(vocab_size=64, seq_len=8,
+                                                                                      train_size=8, batch_size=4))

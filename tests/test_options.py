@@ -31,12 +31,21 @@ def test_a_bad_value_fails_naming_the_option_the_value_and_the_valid_ones(call, 
         call()
 
 
-def test_good_values_pass() -> None:
-    check_choice("mode", "fo", ("hosl", "fo"))
-    check_int("q", 1, 1)
-    check_int("q", np.int64(2), 1)  # numpy integers count as integers
-    check_int("seed", -5)
-    check_int("k", None, 1, none="all")
-    check_number("mu", 1e-3, 0, strict=True)
-    check_number("lr", 0, 0)
-    check_number("p", 1, 0, 1, strict=True)
+@pytest.mark.parametrize(
+    ("good", "bad"),
+    [  # each good value passes, and its nearest bad neighbour fails: the check draws its line in the right place
+        (lambda: check_choice("mode", "fo", ("hosl", "fo")), lambda: check_choice("mode", "FO", ("hosl", "fo"))),
+        (lambda: check_int("q", 1, 1), lambda: check_int("q", 0, 1)),
+        (lambda: check_int("q", np.int64(2), 1), lambda: check_int("q", np.float64(2), 1)),  # numpy integers count
+        (lambda: check_int("seed", -5), lambda: check_int("seed", -5.0)),
+        (lambda: check_int("k", None, 1, none="all"), lambda: check_int("k", None, 1)),
+        (lambda: check_number("mu", 1e-3, 0, strict=True), lambda: check_number("mu", 0, 0, strict=True)),
+        (lambda: check_number("lr", 0, 0), lambda: check_number("lr", -1e-12, 0)),
+        (lambda: check_number("p", 1, 0, 1, strict=True), lambda: check_number("p", 1 + 1e-12, 0, 1, strict=True)),
+        (lambda: check_number("lr", 1e300, 0), lambda: check_number("lr", float("inf"), 0)),
+    ],
+)
+def test_good_values_pass_and_their_nearest_bad_neighbours_fail(good, bad) -> None:
+    assert good() is None
+    with pytest.raises(ValueError, match="is not valid"):
+        bad()

@@ -59,3 +59,15 @@ def test_one_client_accepts_every_mode() -> None:
         strategy = HOSLStrategy(transport="distributed", rank=1, world_size=2, mode=mode)
         strategy._accept_clients(1)
         assert strategy.clients == 1
+
+
+def test_a_client_process_is_rank_zero_for_logging_and_checkpoints(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchrun gives the client RANK=1; it runs the only Trainer, so its logs and checkpoints must not be muted."""
+    from conftest import quiet_trainer
+    from lightning_utilities.core.rank_zero import rank_zero_only
+
+    strategy = HOSLStrategy(transport="distributed", rank=1, world_size=2)
+    quiet_trainer(strategy)  # attaches the accelerator
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    strategy.setup_environment()
+    assert rank_zero_only.rank == 0

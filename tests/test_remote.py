@@ -410,3 +410,24 @@ def test_scores_over_the_wire_equal_in_process_scores_with_shared_prompts(shared
     sent = client.remote.traffic.bytes_up
     hidden_rows = (3 if shared else 4) * 7 * 32 * 4  # only the rows forwarded cross the cut
     assert sent >= hidden_rows and sent < hidden_rows + ids.numel() * 8 * 4
+
+
+def test_seed_sync_refuses_clients_that_draw_directions_on_different_devices() -> None:
+    server = _server_for_checks()
+    server.expected = {"mode": "hosl", "client_sync": "seeds"}
+
+    class _Wire:
+        def __init__(self, rank: int, device: str) -> None:
+            self.peer, self.peer_name, self.device, self.sent = rank, f"client (rank {rank})", device, []
+
+        def recv(self, *_: Any) -> Message:
+            return Message("hello", fields={"mode": "hosl", "client_sync": "seeds", "client_digest": "aaaa",
+                                            "directions": {"direction_device": self.device, "direction_chunk": 16384}})
+
+        def send(self, kind: str, *_: Any, **__: Any) -> None:
+            self.sent.append(kind)
+
+    server.wires = {1: _Wire(1, "cpu"), 2: _Wire(2, "cuda")}  # type: ignore[dict-item]
+    with pytest.raises(ValueError, match="the clients draw them differently"):
+        server._greet()
+    assert not any(w.sent for w in server.wires.values())

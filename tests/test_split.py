@@ -282,3 +282,24 @@ def test_bad_attention_mask_shape(models):
     ids, _ = batches()["no_mask"]
     with pytest.raises(ValueError, match="attention_mask must be a 2D padding mask"):
         client(ids, torch.ones(ids.shape[0], ids.shape[1] + 1))
+
+
+def test_only_host_to_device_copies_across_the_cut_are_asynchronous(monkeypatch) -> None:
+    """A CUDA server's losses reach a CPU client through a blocking copy: the host reads them at once."""
+    from hosl_lightning.core.boundary import InProcessBoundary, may_copy_asynchronously
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert may_copy_asynchronously(cpu, cuda) and not may_copy_asynchronously(cuda, cpu)
+    assert not may_copy_asynchronously(cpu, cpu) and not may_copy_asynchronously(cuda, cuda)
+    seen = []
+    original = torch.Tensor.to
+
+    def recording_to(self, *args, **kwargs):
+        seen.append(kwargs.get("non_blocking"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", recording_to)
+    boundary = InProcessBoundary()
+    boundary.send_down_losses(torch.ones(2))
+    boundary.send_down_gradient(torch.ones(2, 3))
+    assert seen == [False, False]

@@ -193,3 +193,18 @@ def test_hosl_module_needs_the_hosl_strategy() -> None:
                         enable_model_summary=False)
     with pytest.raises(TypeError, match="HOSLModule trains under HOSLStrategy"):
         trainer.fit(_module(), tiny_data())
+
+
+@pytest.mark.parametrize("mode", ["hosl", "zo"])
+def test_resume_where_the_directions_would_be_drawn_differently_is_refused(mode: str, tmp_path: Path) -> None:
+    """A generator draws other numbers on another device type: resuming there would silently change the run."""
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, filename="last")
+    quiet_trainer(HOSLStrategy(cut_layer=1, mode=mode), max_steps=1, enable_checkpointing=True,
+                  callbacks=[checkpoint]).fit(_module(), tiny_data())
+    state = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert state["hosl"]["directions"] == {"direction_device": "cpu", "direction_chunk": 1 << 14}
+    state["hosl"]["directions"]["direction_device"] = "cuda"  # as if saved by a client on a GPU
+    torch.save(state, tmp_path / "moved.ckpt")
+    with pytest.raises(ValueError, match=r"the checkpoint drew its directions with .*'cuda'.* this run draws them"):
+        quiet_trainer(HOSLStrategy(cut_layer=1, mode=mode), max_steps=2).fit(
+            _module(), tiny_data(), ckpt_path=str(tmp_path / "moved.ckpt"))

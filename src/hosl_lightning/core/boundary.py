@@ -39,6 +39,12 @@ class TrafficCounter:
         self.bytes_up = self.bytes_down = self.messages_up = self.messages_down = 0
 
 
+def may_copy_asynchronously(source: torch.device, target: torch.device) -> bool:
+    """Only a host-to-device copy may be asynchronous: the host reads what comes down to it (losses, dL/dh,
+    scores) at once, before a non-blocking device-to-host copy would have finished."""
+    return source.type == "cpu" and target.type != "cpu"
+
+
 @dataclass
 class InProcessBoundary:
     """Moves payloads between the client's and the server's devices and counts what crosses."""
@@ -69,9 +75,7 @@ class InProcessBoundary:
         return moved, {k: self._deliver(v, self.server_device) if isinstance(v, Tensor) else v for k, v in targets.items()}
 
     def _deliver(self, tensor: Tensor, device: torch.device) -> Tensor:
-        # Only a host-to-device copy may be asynchronous: the host reads what comes down (losses, dL/dh) at once.
-        non_blocking = device.type != "cpu" and tensor.device.type == "cpu"
-        return tensor.to(device, non_blocking=non_blocking, copy=self.copy_on_send)
+        return tensor.to(device, non_blocking=may_copy_asynchronously(tensor.device, device), copy=self.copy_on_send)
 
     def send_down_losses(self, losses: Tensor) -> Tensor:
         """Server -> client: scalar losses (all the ZO client needs back)."""

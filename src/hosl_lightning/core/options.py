@@ -7,6 +7,7 @@ number, though Python counts it as one: ``q=True`` is a mistake, not ``q=1``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from numbers import Integral, Real
 
@@ -29,12 +30,14 @@ def check_int(name: str, value: object, low: int | None = None, *, none: str | N
 
 
 def check_number(name: str, value: object, low: float, high: float | None = None, *, strict: bool = False) -> None:
-    """``value`` must be a real number ``>= low`` (``> low`` when ``strict``) and, if ``high`` is given, ``<= high``."""
-    ok = isinstance(value, Real) and not isinstance(value, bool)
+    """``value`` must be a finite real number ``>= low`` (``> low`` when ``strict``) and, if ``high`` is given,
+    ``<= high``: an infinite learning rate or radius is as much a mistake as a negative one."""
+    ok = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)  # never NaN or inf
     ok = ok and (value > low if strict else value >= low) and (high is None or value <= high)  # type: ignore[operator]
     if not ok:
         if high is None:
             bound = f"> {low}" if strict else f">= {low}"
         else:
             bound = f"in {'(' if strict else '['}{low}, {high}]"
-        raise ValueError(f"{name}={value!r} is not valid: it must be a number {bound}")
+        finite = "" if not isinstance(value, Real) or math.isfinite(value) else " and finite"
+        raise ValueError(f"{name}={value!r} is not valid: it must be a number {bound}{finite}")

@@ -194,6 +194,12 @@ class ZOSGD(Optimizer):
         # exactly the directions that one optimizer over both halves would.
         self.keys = {id(p): first_key + index for index, (_, p) in enumerate(named)}
 
+    def direction_signature(self) -> dict[str, Any]:
+        """What besides the seeds fixes the directions drawn: a generator draws other numbers on another device
+        type, and chunks cut the draws. Runs that replay or resume each other's directions must agree on it."""
+        first = next(p for group in self.param_groups for p in group["params"])
+        return {"direction_device": first.device.type, "direction_chunk": self.sampler.chunk}
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *, estimate: ZOEstimate | None = None) -> Any:
         loss = None

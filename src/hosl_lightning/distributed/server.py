@@ -22,7 +22,7 @@ from hosl_lightning.distributed.client import PROTOCOL_VERSION
 from hosl_lightning.distributed.clients import TurnKeeper
 from hosl_lightning.distributed.wire import Message, PeerTimeout, Wire, check_finite, check_shape, recv_from_any
 from hosl_lightning.modes import get_mode
-from hosl_lightning.modes.base import ServerContext, ZOSettings, eval_mode
+from hosl_lightning.modes.base import ServerContext, ZOSettings, ensure_finite, eval_mode
 
 REQUESTS = ("train", "eval", "save", "load", "await_turn", "handoff", "sync", "finish", "bye")
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -158,6 +158,12 @@ class SplitServer:
                 "client_sync='seeds' replays updates onto the same starting half, but the clients start from different "
                 f"weights (digests by rank: {digests}): load the same weights in every client, or use client_sync='weights'"
             )
+        directions = {rank: hello.fields.get("directions") for rank, hello in hellos.items()}
+        if self.expected.get("client_sync") == "seeds" and len({str(d) for d in directions.values()}) > 1:
+            raise ValueError(
+                "client_sync='seeds' replays each client's directions on the others, but the clients draw them "
+                f"differently (by rank: {directions}): put every client's half on the same device type"
+            )
         for wire in self.wires.values():
             wire.send("ready")
 
@@ -206,6 +212,8 @@ class SplitServer:
         zo = self.optimizer if isinstance(self.optimizer, ZOSGD) else None
         context = ServerContext(self.model, self.settings, lambda loss: loss.backward(), zo)
         reply = self._mode.server_step(context, WireUplink(self, *targets["labels"].shape), targets, step)
+        for key, value in reply.items():  # a diverged step stops here, before the server's weights take it
+            ensure_finite(step, f"the server's {key}", value)
         self.wire.send(self._mode.reply, reply)
         if zo is not None:  # the server half's share of the all-ZO update: the client's estimate, from the same losses
             zo.step(estimate=ZOEstimate(step, projected_gradients(reply["losses"], self.settings.mu)))

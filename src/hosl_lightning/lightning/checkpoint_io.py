@@ -10,7 +10,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from hosl_lightning.modes import DIVERGENCE_HINT, DivergenceError
 
 
 class SplitCheckpointIO(TorchCheckpointIO):
@@ -46,3 +49,11 @@ def check_resumable(state: dict[str, Any], current: dict[str, Any], path: Any) -
                 f"checkpoint {path} was saved with {key}={state[key]!r}, this run has "
                 f"{key}={current[key]!r}: resume with the same {key}"
             )
+
+
+def check_finite_weights(state_dict: dict[str, Any], path: Any, step: int) -> None:
+    """Refuse to write a checkpoint whose weights hold NaN or inf: it could only poison whatever loads it."""
+    for name, tensor in state_dict.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise DivergenceError(
+                f"step {step}: weight {name!r} is not finite, so checkpoint {path} was not written: {DIVERGENCE_HINT}")

@@ -21,7 +21,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from transformers import PreTrainedModel
 
 from hosl_lightning.models import load_causal_lm
-from hosl_lightning.modes import eval_mode
+from hosl_lightning.modes import DIVERGENCE_HINT, ensure_finite, eval_mode
 
 
 class HOSLModule(LightningModule):
@@ -82,6 +82,11 @@ class HOSLModule(LightningModule):
                 "use Trainer(strategy=HOSLStrategy(cut_layer=...)) or strategy: hosl in the config"
             )
 
+    def on_train_start(self) -> None:
+        # from_pretrained returns a model in eval mode and Lightning keeps each submodule's mode: fine-tune in
+        # training mode, as transformers' Trainer does (the modes decide where dropout applies: modes/base.py).
+        self.model.train()
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         output = self.trainer.strategy.run_step(batch)  # type: ignore[attr-defined]
         scheduler = self.lr_schedulers()
@@ -112,6 +117,9 @@ class HOSLModule(LightningModule):
     def _evaluate_batch(self, batch: dict[str, Any], stage: str) -> None:
         """Score one batch and update the stage's metrics (logits only at the label-word positions)."""
         scores = self.model.sequence_log_likelihood(batch["input_ids"], batch.get("attention_mask"), batch["labels"])
+        # An argmax over NaN picks class 0: never report an accuracy of scores that are not numbers.
+        ensure_finite(self.trainer.global_step if self._trainer is not None else 0, f"a {stage} score", scores,
+                      "the model's weights or activations are not finite; " + DIVERGENCE_HINT)
         if "class_labels" in batch:
             num_classes = int(batch["num_classes"])
             class_scores, class_labels = scores.view(-1, num_classes), batch["class_labels"].to(scores.device)

@@ -120,8 +120,8 @@ class RunSettings:
                                    batch_probes=True if o.batch_probes is None else o.batch_probes)
         self.zo_lr, self.zo_weight_decay = float(o.zo_lr), float(o.zo_weight_decay)
         self.direction, self.seed = o.direction, o.seed
-        self._client_device = None if o.client_device is None else torch.device(o.client_device)
-        self._server_device = None if o.server_device is None else torch.device(o.server_device)
+        self._client_device, self._server_device = device_option("client_device", o.client_device), device_option(
+            "server_device", o.server_device)
         self.memory_every_n_steps = o.memory_every_n_steps
         self.transport = o.transport
         self._peers = Peers(o.backend, float(o.timeout_s), o.init_method, o.rank, o.world_size)
@@ -225,6 +225,23 @@ class RunSettings:
             self._peers.disconnect()
 
     # ---- the drop-in path --------------------------------------------------------------------------------
+    def check_trainer(self, devices: int, accumulate_grad_batches: int, automatic_optimization: bool) -> None:
+        """Refuse Trainer settings this strategy would otherwise ignore silently."""
+        if devices > 1:
+            raise ValueError(
+                f"devices={devices} is not valid with HOSLStrategy: it runs one process per side. Use devices=1 and "
+                "place the halves with client_device / server_device, or run them as separate processes "
+                "(transport='distributed')"
+            )
+        if automatic_optimization and self.mode == "hosl" and accumulate_grad_batches != 1:
+            raise ValueError(
+                f"accumulate_grad_batches={accumulate_grad_batches} is not valid with a drop-in module in mode "
+                "'hosl': the client would take a ZO step on every batch while the server steps every "
+                f"{accumulate_grad_batches}; use accumulate_grad_batches=1 (and a larger batch, or q)"
+            )
+        if automatic_optimization:
+            self.check_dropin()
+
     def check_dropin(self) -> None:
         """A drop-in module's step is opaque: refuse the options it cannot honour, naming why."""
         if self.mode != "hosl":
@@ -264,3 +281,17 @@ def check_precision(plugin: Precision, mode: str, transport: str) -> None:
             "precision='16-mixed' uses a GradScaler, which must never touch zeroth-order updates, and "
             "mode='zo' trains only by them: use precision '32-true' or 'bf16-mixed'"
         )
+
+
+def device_option(name: str, value: str | None) -> torch.device | None:
+    """A device option, refused before anything loads when it is not valid or this torch cannot reach it."""
+    if value is None:
+        return None
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"{name}={value!r} is not valid: {error}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{name}={value!r} is not valid: this torch ({torch.__version__}) sees no CUDA device; "
+                         "use 'cpu', or install a CUDA build of torch on a machine with a GPU")
+    return device

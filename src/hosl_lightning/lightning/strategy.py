@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
 from lightning.pytorch.utilities.types import STEP_OUTPUT
+from lightning_utilities.core.rank_zero import rank_zero_only
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
@@ -24,7 +25,7 @@ from hosl_lightning.distributed.client import ClientSplitCausalLM, RemoteServer
 from hosl_lightning.distributed.peers import SERVER_RANK
 from hosl_lightning.distributed.serving import SplitServer, load_server_half, server_optimizer, zo_parameter_count
 from hosl_lightning.distributed.sync import ZOUpdate, client_seed, weights_digest
-from hosl_lightning.lightning.checkpoint_io import RESUME_KEYS, SplitCheckpointIO, check_resumable
+from hosl_lightning.lightning.checkpoint_io import RESUME_KEYS, SplitCheckpointIO, check_finite_weights, check_resumable
 from hosl_lightning.lightning.cut import client_process_split, cut_module, install_split
 from hosl_lightning.lightning.dropin import dropin_step, pop_loss_weight, scaled
 from hosl_lightning.lightning.launcher import ServerLauncher
@@ -126,7 +127,9 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
         super().setup(trainer)
         if self.role == "client":
             client = self.split_model.client
+            drawing = self._drawing_optimizer()
             self._remote.hello(mode=self.mode, client_digest=weights_digest(client) if self.clients > 1 else None,
+                               directions=None if drawing is None else drawing.direction_signature(),
                                **self.hello_settings(zo_parameter_count(client, self.mode)))
 
     def _client_split(self, model: nn.Module) -> SplitCausalLM:
@@ -171,8 +174,8 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
         self._apply_pending_state()
         if self.role == "client":
             self._start_client_sync()
-        if module.automatic_optimization:
-            self.check_dropin()
+        self.check_trainer(len(self.parallel_devices or [None]), trainer.accumulate_grad_batches,
+                           module.automatic_optimization)
 
     # ---- the step --------------------------------------------------------------------------------------
     def run_step(self, batch: dict[str, Tensor]) -> StepOutput:
@@ -323,6 +326,14 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
         finally:
             self._peers.disconnect()
 
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        if self.role == "client":
+            # torchrun gives the client RANK=1, which would silence Lightning's rank-zero-only logging and
+            # checkpointing; the client is the only process that runs a Trainer, so it is rank zero for them.
+            # It connects at the cut, once its half is loaded: a slow load never counts against timeout_s.
+            rank_zero_only.rank = 0  # type: ignore[attr-defined]
+
     def on_exception(self, exception: BaseException) -> None:
         """A failing client tells the server why (instead of vanishing mid-protocol) and waits for no one."""
         self._failure = exception
@@ -334,11 +345,21 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
         super().teardown()
 
     # ---- checkpoints -----------------------------------------------------------------------------------
+    def _drawing_optimizer(self) -> ZOSGD | None:
+        """The ZOSGD whose directions this process draws (the client's; in zo the one over both halves)."""
+        if self.client_optimizer is not None:
+            return self.client_optimizer
+        first = self.optimizers[0] if self.optimizers else None
+        return first if isinstance(first, ZOSGD) else None
+
     def hosl_state_dict(self) -> dict[str, Any]:
         optimizer = None if self.client_optimizer is None else self.client_optimizer.state_dict()
-        return {**{k: getattr(self, k) for k in RESUME_KEYS}, "zo_steps": self.zo_steps, "client_optimizer": optimizer}
+        drawing = self._drawing_optimizer()
+        return {**{k: getattr(self, k) for k in RESUME_KEYS}, "zo_steps": self.zo_steps, "client_optimizer": optimizer,
+                "directions": None if drawing is None else drawing.direction_signature()}
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        check_finite_weights(checkpoint.get("state_dict", {}), filepath, self.zo_steps)  # never a NaN checkpoint
         super().save_checkpoint({**checkpoint, "hosl": self.hosl_state_dict()}, filepath, storage_options)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
@@ -356,9 +377,16 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
     def _apply_pending_state(self) -> None:
         """The client's ZO optimizer exists only after setup; restore it whichever comes first."""
         state = self._pending_state
-        if state is None or self.client_optimizer is None:
+        drawing = self._drawing_optimizer()
+        if state is None or drawing is None:
             return
-        if state["client_optimizer"] is not None:
+        saved, current = state.get("directions"), drawing.direction_signature()
+        if saved is not None and saved != current:
+            raise ValueError(
+                f"the checkpoint drew its directions with {saved}, this run draws them with {current}: the same seeds "
+                "would give other directions; resume on the same device type (client_device) with the same chunk"
+            )
+        if state["client_optimizer"] is not None and self.client_optimizer is not None:
             self.client_optimizer.load_state_dict(state["client_optimizer"])
         self._pending_state = None
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from hosl_lightning.modes import fo, hosl, zo
 from hosl_lightning.modes.base import (
+    DIVERGENCE_HINT,
     READ_BY_THE_MODULE,
     SERVER_GRADS,
     ClientContext,
+    DivergenceError,
     Mode,
     ModeName,
     ServerContext,
@@ -20,6 +22,7 @@ from hosl_lightning.modes.base import (
     ZOSettings,
     batch_tensors,
     dropout_active,
+    ensure_finite,
     eval_mode,
 )
 
@@ -47,7 +50,7 @@ __all__ = [
     "MODES",
     "READ_BY_THE_MODULE",
     "SERVER_GRADS",
-    "ClientContext",
+    "DIVERGENCE_HINT", "ClientContext", "DivergenceError",
     "Mode",
     "ModeName",
     "ServerContext",
@@ -56,7 +59,7 @@ __all__ = [
     "StepOutput",
     "ZOSettings",
     "batch_tensors",
-    "dropout_active",
+    "dropout_active", "ensure_finite",
     "eval_mode",
     "get_mode",
     "register_mode",

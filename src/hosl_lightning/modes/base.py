@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import torch
 from torch import Tensor, nn
 
 from hosl_lightning.core.boundary import ClientLink, Reply, Targets, Uplink
@@ -81,6 +82,23 @@ class Mode:
     def __post_init__(self) -> None:
         if self.reply not in ("losses", "grad"):
             raise ValueError(f"a mode's reply is 'losses' or 'grad', got {self.reply!r}")
+
+
+class DivergenceError(FloatingPointError):
+    """Training produced a non-finite number: the run stops instead of writing NaN weights or scores."""
+
+
+DIVERGENCE_HINT = ("training diverged; lower the learning rate (zo_lr for ZO updates, the optimizer's lr for the "
+                   "server) or raise mu")
+
+
+def ensure_finite(step: int, what: str, values: Tensor, hint: str = DIVERGENCE_HINT) -> Tensor:
+    """``values``, or a :class:`DivergenceError` naming the step and the quantity when any is NaN or inf."""
+    if not bool(torch.isfinite(values).all()):
+        shown = values.detach().float().reshape(-1)[:4].tolist()
+        raise DivergenceError(f"step {step}: {what} is not finite ({', '.join(f'{v:g}' for v in shown)}"
+                              f"{', ...' if values.numel() > 4 else ''}): {hint}")
+    return values
 
 
 @contextmanager

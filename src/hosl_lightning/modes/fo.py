@@ -12,7 +12,15 @@ from torch import Tensor
 
 from hosl_lightning.core.boundary import ClientLink, Reply, Targets, Uplink
 from hosl_lightning.core.split import CutActivations
-from hosl_lightning.modes.base import ClientContext, Mode, ServerContext, StepInputs, StepOutput, ZOSettings
+from hosl_lightning.modes.base import (
+    ClientContext,
+    Mode,
+    ServerContext,
+    StepInputs,
+    StepOutput,
+    ZOSettings,
+    ensure_finite,
+)
 
 
 def client_step(ctx: ClientContext, link: ClientLink, inputs: StepInputs) -> StepOutput:
@@ -22,10 +30,11 @@ def client_step(ctx: ClientContext, link: ClientLink, inputs: StepInputs) -> Ste
     activations = link.up(lambda: model.client_forward(input_ids, attention_mask))  # kept, with its graph
     assert activations is not None, "fo's client half backpropagates its own activations"
     _, loss = link.gradient(activations.hidden, then=lambda gradient: _backward(ctx, activations, gradient))
-    return StepOutput(loss=loss)
+    return StepOutput(loss=ensure_finite(ctx.step, "the training loss", loss))
 
 
 def _backward(ctx: ClientContext, activations: CutActivations, gradient: Tensor) -> None:
+    ensure_finite(ctx.step, "the gradient at the cut (dL/dh)", gradient)
     if activations.hidden.requires_grad:  # cut_layer=0 on a model whose embeddings are frozen has nothing to train
         ctx.backward(activations.hidden, gradient)
 

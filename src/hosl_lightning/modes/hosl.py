@@ -23,6 +23,7 @@ from hosl_lightning.modes.base import (
     StepOutput,
     ZOSettings,
     dropout_active,
+    ensure_finite,
     eval_mode,
 )
 
@@ -50,8 +51,11 @@ def client_step(ctx: ClientContext, link: ClientLink, inputs: StepInputs) -> Ste
         with torch.no_grad():
             link.up(forward, clean=True)
     values, loss = link.losses(2 * settings.queries)
-    coefficients = projected_gradients(values.detach().float().reshape(-1), settings.mu)
-    return StepOutput(loss=loss, estimate=ZOEstimate(ctx.step, coefficients))
+    values = ensure_finite(ctx.step, "a probe loss", values.detach().float().reshape(-1))
+    coefficients = ensure_finite(ctx.step, "a projected gradient (L+ - L-) / 2mu",
+                                 projected_gradients(values, settings.mu))
+    return StepOutput(loss=ensure_finite(ctx.step, "the training loss", loss),
+                      estimate=ZOEstimate(ctx.step, coefficients))
 
 
 def server_step(ctx: ServerContext, uplink: Uplink, targets: Targets, step: int) -> Reply:

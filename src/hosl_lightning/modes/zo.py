@@ -11,7 +11,16 @@ import torch
 
 from hosl_lightning.core.boundary import ClientLink, Reply, Targets, Uplink
 from hosl_lightning.core.zo import ZOEstimate, projected_gradients
-from hosl_lightning.modes.base import ClientContext, Mode, ServerContext, StepInputs, StepOutput, ZOSettings, eval_mode
+from hosl_lightning.modes.base import (
+    ClientContext,
+    Mode,
+    ServerContext,
+    StepInputs,
+    StepOutput,
+    ZOSettings,
+    ensure_finite,
+    eval_mode,
+)
 
 
 def probes(settings: ZOSettings) -> int:
@@ -30,8 +39,10 @@ def client_step(ctx: ClientContext, link: ClientLink, inputs: StepInputs) -> Ste
                 with torch.no_grad(), perturbed:
                     link.up(lambda: model.client_forward(input_ids, attention_mask), query=query, sign=sign)
     values, _ = link.losses(probes(settings))
-    values = values.detach().float().reshape(-1)
-    return StepOutput(loss=values.mean(), estimate=ZOEstimate(ctx.step, projected_gradients(values, settings.mu)))
+    values = ensure_finite(ctx.step, "a probe loss", values.detach().float().reshape(-1))
+    coefficients = ensure_finite(ctx.step, "a projected gradient (L+ - L-) / 2mu",
+                                 projected_gradients(values, settings.mu))
+    return StepOutput(loss=values.mean(), estimate=ZOEstimate(ctx.step, coefficients))
 
 
 def server_step(ctx: ServerContext, uplink: Uplink, targets: Targets, step: int) -> Reply:

@@ -1,0 +1,88 @@
+"""A run never lies: a diverged step stops the run naming the step and the quantity, no checkpoint with
+non-finite weights is written, evaluation never reports accuracy over NaN scores, and options refuse inf."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from hosl_lightning import HOSLModule, HOSLStrategy
+from hosl_lightning.modes import DivergenceError, ensure_finite
+from conftest import TINY_LLAMA, quiet_trainer, tiny_data
+
+
+def _module(lr: float = 1e-3) -> HOSLModule:
+    return HOSLModule(model_config=dict(TINY_LLAMA), optimizer=lambda params: torch.optim.SGD(params, lr=lr))
+
+
+def _checkpoints(tmp_path: Path) -> ModelCheckpoint:
+    return ModelCheckpoint(tmp_path, every_n_train_steps=1, save_top_k=-1)
+
+
+@pytest.mark.parametrize(("mode", "strategy_options", "server_lr", "quantity"), [
+    ("hosl", {"zo_lr": 1e10}, 1e-3, r"(a probe loss|the training loss|a projected gradient)"),
+    ("hosl", {"zo_lr": 1e-6}, 1e10, r"(a probe loss|the training loss|weight)"),
+    ("zo", {"zo_lr": 1e10}, 1e-3, r"(a probe loss|a projected gradient)"),
+    ("fo", {}, 1e10, r"(the training loss|the gradient at the cut|weight)"),
+])
+def test_a_diverged_run_stops_naming_the_step_and_writes_no_nan_checkpoint(
+    tmp_path: Path, mode: str, strategy_options: dict, server_lr: float, quantity: str
+) -> None:
+    strategy = HOSLStrategy(cut_layer=1, mode=mode, q=2, memory_every_n_steps=0, **strategy_options)
+    trainer = quiet_trainer(strategy, max_steps=30, enable_checkpointing=True, callbacks=[_checkpoints(tmp_path)])
+    with pytest.raises(DivergenceError, match=rf"step \d+: {quantity} .*not finite.*learning rate"):
+        trainer.fit(_module(server_lr), datamodule=tiny_data(train_size=256))
+    for path in tmp_path.glob("*.ckpt"):  # what was written before the divergence is all finite
+        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+        assert all(bool(torch.isfinite(t).all()) for t in state.values() if t.is_floating_point()), path
+
+
+def test_evaluation_refuses_nan_scores_instead_of_an_argmax_over_them() -> None:
+    module = _module()
+    with torch.no_grad():
+        next(module.model.parameters()).fill_(float("nan"))
+    trainer = quiet_trainer(HOSLStrategy(cut_layer=1, memory_every_n_steps=0), limit_val_batches=1)
+    with pytest.raises(DivergenceError, match=r"a val score is not finite"):
+        trainer.validate(module, datamodule=tiny_data())
+
+
+def test_a_checkpoint_of_non_finite_weights_is_not_written(tmp_path: Path) -> None:
+    strategy = HOSLStrategy(cut_layer=1, memory_every_n_steps=0)
+    path = tmp_path / "bad.ckpt"
+    with pytest.raises(DivergenceError, match=r"weight 'model.w' is not finite, so checkpoint .*bad.ckpt was not written"):
+        strategy.save_checkpoint({"state_dict": {"model.w": torch.tensor([1.0, float("inf")])}}, path)
+    assert not path.exists()
+
+
+@pytest.mark.parametrize("option", ["mu", "zo_lr", "zo_weight_decay", "timeout_s"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_options_refuse_inf_and_nan(option: str, value: float) -> None:
+    with pytest.raises(ValueError, match=rf"{option}={value!r} is not valid: it must be a number .* and finite"):
+        HOSLStrategy(**{option: value})
+
+
+def test_ensure_finite_passes_numbers_and_names_what_is_not() -> None:
+    values = torch.tensor([1.0, -2.0])
+    assert ensure_finite(3, "a probe loss", values) is values
+    with pytest.raises(DivergenceError, match=r"^step 3: a probe loss is not finite \(1, nan\)"):
+        ensure_finite(3, "a probe loss", torch.tensor([1.0, float("nan")]))
+
+
+def test_trainer_settings_the_strategy_cannot_honour_are_refused() -> None:
+    from lightning.pytorch import Trainer
+
+    with pytest.raises(ValueError, match=r"devices=2 is not valid with HOSLStrategy: it runs one process per side"):
+        Trainer(strategy=HOSLStrategy(cut_layer=1), accelerator="cpu", devices=2, logger=False,
+                enable_checkpointing=False, max_steps=1).fit(_module(), datamodule=tiny_data())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a torch without CUDA")
+@pytest.mark.parametrize("option", ["client_device", "server_device"])
+def test_a_cuda_device_on_a_cpu_only_torch_is_refused_before_loading(option: str) -> None:
+    with pytest.raises(ValueError, match=rf"{option}='cuda:0' is not valid: this torch .* sees no CUDA device"):
+        HOSLStrategy(**{option: "cuda:0"})
+    with pytest.raises(ValueError, match=rf"{option}='gpu7' is not valid"):
+        HOSLStrategy(**{option: "gpu7"})
