@@ -431,3 +431,20 @@ def test_seed_sync_refuses_clients_that_draw_directions_on_different_devices() -
     with pytest.raises(ValueError, match="the clients draw them differently"):
         server._greet()
     assert not any(w.sent for w in server.wires.values())
+
+
+def test_a_scheduled_zo_lr_reaches_the_server_half_of_an_all_zo_run(model_dir: Path, tmp_path: Path) -> None:
+    """zo's server half updates at the client's scheduled zo_lr: two processes end where one process does."""
+    steps = 3
+    torch.manual_seed(0)
+    module = _module(model_dir, "zo")
+    quiet_trainer(_strategy("zo", zo_lr_schedule="linear"), max_steps=steps).fit(module, datamodule=tiny_data())
+    expected = {**{f"client.{k}": v for k, v in module.model.client.state_dict().items()},
+                **{f"server.{k}": v for k, v in module.model.server.state_dict().items()}}
+    constant = _in_process(model_dir, "zo", steps)
+    assert any(not torch.equal(constant[k], expected[k]) for k in expected), "the schedule changed nothing"
+    server, client = _run_pair(model_dir, tmp_path, "zo", steps, zo_lr_schedule="linear")
+    assert isinstance(server, dict) and isinstance(client, dict), (server, client)
+    got = {**client, **server}
+    changed = [k for k in expected if not torch.equal(got[k], expected[k])]
+    assert not changed, f"{len(changed)} tensors differ from the in-process run, e.g. {changed[:3]}"

@@ -208,3 +208,42 @@ def test_resume_where_the_directions_would_be_drawn_differently_is_refused(mode:
     with pytest.raises(ValueError, match=r"the checkpoint drew its directions with .*'cuda'.* this run draws them"):
         quiet_trainer(HOSLStrategy(cut_layer=1, mode=mode), max_steps=2).fit(
             _module(), tiny_data(), ckpt_path=str(tmp_path / "moved.ckpt"))
+
+
+@pytest.mark.parametrize("mode", ["hosl", "zo"])
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_a_scheduled_zo_lr_decays_to_zero_and_resumes_bitwise(mode: str, schedule: str, tmp_path: Path) -> None:
+    def run(max_steps: int, ckpt_path: str | None = None, callbacks=(), zo_lr_schedule: str = schedule):
+        L.seed_everything(0)
+        strategy = HOSLStrategy(cut_layer=1, mode=mode, q=2, zo_lr=1e-3, seed=7, zo_lr_schedule=zo_lr_schedule)
+        trainer = quiet_trainer(strategy, max_steps=max_steps, enable_checkpointing=bool(callbacks),
+                                callbacks=list(callbacks))
+        trainer.fit(_module(), tiny_data(), ckpt_path=ckpt_path)
+        return trainer
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4, save_top_k=-1, filename="{step}")
+    uninterrupted = run(8, callbacks=[checkpoint])
+    zo = uninterrupted.strategy._drawing_optimizer()
+    assert zo.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # decayed to 0 over the 8 steps
+    resumed = run(8, ckpt_path=str(tmp_path / "step=4.ckpt"))
+    a, b = uninterrupted.strategy.split_model.state_dict(), resumed.strategy.split_model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    constant = run(8, zo_lr_schedule="constant")
+    c = constant.strategy.split_model.state_dict()
+    assert any(not torch.equal(a[k], c[k]) for k in a if "embed" in k), "the schedule changed nothing"
+
+
+def test_zo_mode_refuses_a_module_lr_scheduler_it_would_drop() -> None:
+    module = HOSLModule(model_config=dict(TINY_LLAMA), lr_scheduler=lambda opt: torch.optim.lr_scheduler.StepLR(opt, 1))
+    with pytest.raises(ValueError, match=r"lr_scheduler is not valid in mode='zo'.*zo_lr_schedule"):
+        quiet_trainer(HOSLStrategy(cut_layer=1, mode="zo")).fit(module, tiny_data())
+
+
+def test_a_decaying_zo_lr_needs_a_fit_with_an_end() -> None:
+    from hosl_lightning.core.zo import ZOSGD, zo_lr_scheduler
+
+    optimizer = ZOSGD([("w", torch.nn.Parameter(torch.zeros(2)))], lr=1.0)
+    with pytest.raises(ValueError, match=r"zo_lr_schedule='linear' is not valid for a fit without an end"):
+        zo_lr_scheduler(optimizer, "linear", float("inf"))
+    with pytest.raises(ValueError, match=r"zo_lr_schedule='step' is not valid: choose one of"):
+        HOSLStrategy(zo_lr_schedule="step")

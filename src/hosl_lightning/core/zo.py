@@ -19,6 +19,7 @@ embedding table (~100 MiB) above it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from torch.optim import Optimizer
 from hosl_lightning.core.options import check_choice, check_int, check_number
 
 DIRECTIONS = ("gaussian", "rademacher")
+ZO_LR_SCHEDULES = ("constant", "linear", "cosine")
 _MASK64 = (1 << 64) - 1
 T = TypeVar("T")
 
@@ -307,3 +309,23 @@ def _is_plain_embedding(module: nn.Module) -> bool:
     and ``max_norm`` (which renormalises the looked-up rows) take the general path instead.
     """
     return type(module).forward is nn.Embedding.forward and isinstance(module, nn.Embedding) and module.max_norm is None
+
+
+def zo_lr_scheduler(optimizer: ZOSGD, schedule: str, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """``zo_lr`` over ``total_steps`` steps: constant, or decayed to 0 linearly or by a half cosine. A torch
+    scheduler, so it is stepped once per step and checkpointed like any other."""
+    check_choice("zo_lr_schedule", schedule, ZO_LR_SCHEDULES)
+    if schedule != "constant" and not math.isfinite(total_steps):
+        raise ValueError(f"zo_lr_schedule={schedule!r} is not valid for a fit without an end: set max_steps or "
+                         "max_epochs, or use zo_lr_schedule='constant'")
+    horizon = max(int(total_steps), 1) if math.isfinite(total_steps) else 1
+
+    def factor(step: int) -> float:
+        progress = min(step / horizon, 1.0)
+        if schedule == "linear":
+            return 1.0 - progress
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

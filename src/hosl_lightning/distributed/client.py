@@ -42,6 +42,7 @@ class RemoteServer:
         self.wire = wire
         self.traffic = traffic or TrafficCounter()
         self.training = True  # the client's train/eval flag, mirrored by the server (dropout in fo steps)
+        self.zo_lr: float | None = None  # the client's current zo_lr (scheduled), which zo's server half takes too
 
     def _send(self, kind: str, tensors: dict[str, Tensor | None] | None = None, **fields: Any) -> None:
         self.traffic.bytes_up += self.wire.send(kind, tensors, **fields)
@@ -61,6 +62,8 @@ class RemoteServer:
     # ---- ClientLink: one training step --------------------------------------------------------------
     def start(self, mode: str, step: int, targets: Targets, probes: int) -> None:
         fields = {"num_classes": int(targets["num_classes"])} if "num_classes" in targets else {}
+        if self.zo_lr is not None:
+            fields["zo_lr"] = self.zo_lr
         self._send("train", _target_tensors({k: v for k, v in targets.items() if k != "num_classes"}),
                    mode=mode, step=step, probes=probes, training=self.training, **fields)
 

@@ -216,6 +216,9 @@ class SplitServer:
             ensure_finite(step, f"the server's {key}", value)
         self.wire.send(self._mode.reply, reply)
         if zo is not None:  # the server half's share of the all-ZO update: the client's estimate, from the same losses
+            if "zo_lr" in request.fields:  # at the client's scheduled zo_lr
+                for group in zo.param_groups:
+                    group["lr"] = float(request.fields["zo_lr"])
             zo.step(estimate=ZOEstimate(step, projected_gradients(reply["losses"], self.settings.mu)))
         else:
             self.optimizer.step()

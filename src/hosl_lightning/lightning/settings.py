@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.plugins.precision import HalfPrecision, MixedPrecision, Precision
 
 from hosl_lightning.core.options import check_choice, check_int, check_number
-from hosl_lightning.core.zo import DIRECTIONS, ZOSGD
+from hosl_lightning.core.zo import DIRECTIONS, ZO_LR_SCHEDULES, ZOSGD
 from hosl_lightning.distributed.clients import ClientSync
 from hosl_lightning.distributed.peers import BACKENDS, Peers
 from hosl_lightning.distributed.sync import CLIENT_SYNCS, SCHEDULES, check_replayable
@@ -36,6 +36,8 @@ class RunSettings:
         mu: smoothing radius of the two-point estimate.
         zo_lr: learning rate of the zeroth-order updates (the client in hosl mode, both halves in zo mode).
         zo_weight_decay: decoupled weight decay of the ZO updates; biases and norm weights are exempt.
+        zo_lr_schedule: ``"constant"`` (the paper's), ``"linear"`` or ``"cosine"``: ``zo_lr`` decayed to 0 over the
+            fit's steps (``trainer.estimated_stepping_batches``); checkpointed and resumed with the run.
         direction: ``"gaussian"`` or ``"rademacher"`` directions.
         seed: base seed of the directions; direction q of step t is drawn from hash(seed, t, q, tensor).
         server_grad: which forward the server's gradient comes from in hosl mode: ``"perturbed"`` (the +mu
@@ -90,6 +92,7 @@ class RunSettings:
         check_number("mu", o.mu, 0, strict=True)
         check_number("zo_lr", o.zo_lr, 0)
         check_number("zo_weight_decay", o.zo_weight_decay, 0)
+        check_choice("zo_lr_schedule", o.zo_lr_schedule, ZO_LR_SCHEDULES)
         check_choice("direction", o.direction, DIRECTIONS)
         check_int("seed", o.seed, 0)
         if o.server_grad is not None:
@@ -119,6 +122,7 @@ class RunSettings:
         self.settings = ZOSettings(queries=o.q, mu=float(o.mu), server_grad=o.server_grad or "perturbed",
                                    batch_probes=True if o.batch_probes is None else o.batch_probes)
         self.zo_lr, self.zo_weight_decay = float(o.zo_lr), float(o.zo_weight_decay)
+        self.zo_lr_schedule = o.zo_lr_schedule
         self.direction, self.seed = o.direction, o.seed
         self._client_device, self._server_device = device_option("client_device", o.client_device), device_option(
             "server_device", o.server_device)
@@ -194,7 +198,7 @@ class RunSettings:
             "cut_layer": self.cut_layer, "seed": self.seed, "direction": self.direction, "q": self.settings.queries,
             "mu": self.settings.mu, "server_grad": self.settings.server_grad, "client_zo_params": client_zo_params,
             "clients": self.clients, "schedule": self.schedule, "client_sync": self.client_sync,
-            "zo_lr": self.zo_lr, "zo_weight_decay": self.zo_weight_decay,
+            "zo_lr": self.zo_lr, "zo_weight_decay": self.zo_weight_decay, "zo_lr_schedule": self.zo_lr_schedule,
             "steps_per_turn": self.steps_per_turn, "sync_every_n_steps": self.sync_every_n_steps,
         }
 

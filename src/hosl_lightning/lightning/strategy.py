@@ -13,14 +13,14 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
-from lightning.pytorch.utilities.types import STEP_OUTPUT
+from lightning.pytorch.utilities.types import STEP_OUTPUT, LRSchedulerConfig
 from lightning_utilities.core.rank_zero import rank_zero_only
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from hosl_lightning.core.boundary import InProcessLink, Reply, Targets, Uplink
 from hosl_lightning.core.split_model import SplitCausalLM
-from hosl_lightning.core.zo import ZOSGD, ZOEstimate
+from hosl_lightning.core.zo import ZOSGD, ZOEstimate, zo_lr_scheduler
 from hosl_lightning.distributed.client import ClientSplitCausalLM, RemoteServer
 from hosl_lightning.distributed.peers import SERVER_RANK
 from hosl_lightning.distributed.serving import SplitServer, load_server_half, server_optimizer, zo_parameter_count
@@ -50,6 +50,7 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
         mu: float = 1e-3,
         zo_lr: float = 1e-6,
         zo_weight_decay: float = 0.0,
+        zo_lr_schedule: str = "constant",
         direction: str = "gaussian",
         seed: int = 0,
         server_grad: ServerGrad | None = None,
@@ -76,6 +77,7 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
         super().__init__(device="cpu", checkpoint_io=SplitCheckpointIO(), **kwargs)
         self.peft_model: Any = None  # the PeftModel around the adapted model, once adapters are injected
         self.parallel_devices: list[torch.device] | None = None  # filled in by the Trainer from `devices`
+        self.client_scheduler: Any = None  # the zo_lr schedule of a client ZOSGD that Lightning does not count
         self.zo_steps = 0  # ZO steps taken: the step index of the next direction seeds
         self._pending_state: dict[str, Any] | None = None
         self.telemetry = StepTelemetry(self.memory_every_n_steps)
@@ -162,20 +164,32 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
                     f"mode={self.mode!r} trains both halves without gradients, which a module with automatic "
                     "optimization cannot express; use hosl_lightning.HOSLModule (or mode 'hosl' / 'fo')"
                 )
-            self.optimizers, self.lr_scheduler_configs = [self._new_zo_optimizer(split.client, split.server)], []
+            if getattr(module, "scheduler_factory", None) is not None:
+                raise ValueError(
+                    f"lr_scheduler is not valid in mode={self.mode!r}: no first-order optimizer is left to schedule "
+                    "(one ZOSGD trains both halves); schedule zo_lr with HOSLStrategy(zo_lr_schedule=...)"
+                )
+            self._zo_optimizers(trainer, self._new_zo_optimizer(split.client, split.server))
         elif "client" in zo_halves and self.role == "client":
             # The client's only optimizer is its ZOSGD; registered with Lightning so each step counts once.
-            self.optimizers, self.lr_scheduler_configs = [self._new_zo_optimizer(split.client)], []
+            self._zo_optimizers(trainer, self._new_zo_optimizer(split.client))
             self.client_optimizer = self.optimizers[0] if "server" not in zo_halves else None
         else:
             super().setup_optimizers(trainer)
             if "client" in zo_halves:
                 self.client_optimizer = self._new_zo_optimizer(split.client)
+                self.client_scheduler = zo_lr_scheduler(self.client_optimizer, self.zo_lr_schedule,
+                                                        trainer.estimated_stepping_batches)
         self._apply_pending_state()
         if self.role == "client":
             self._start_client_sync()
         self.check_trainer(len(self.parallel_devices or [None]), trainer.accumulate_grad_batches,
                            module.automatic_optimization)
+
+    def _zo_optimizers(self, trainer: Trainer, optimizer: ZOSGD) -> None:
+        """A ZOSGD as the one optimizer Lightning counts, with its zo_lr schedule (the module steps it)."""
+        scheduler = zo_lr_scheduler(optimizer, self.zo_lr_schedule, trainer.estimated_stepping_batches)
+        self.optimizers, self.lr_scheduler_configs = [optimizer], [LRSchedulerConfig(scheduler, interval="step")]
 
     # ---- the step --------------------------------------------------------------------------------------
     def run_step(self, batch: dict[str, Tensor]) -> StepOutput:
@@ -216,6 +230,7 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
                 assert self.client_optimizer is not None
                 with split.client_side():
                     self.client_optimizer.step(estimate=output.estimate)
+                self.client_scheduler.step()
             optimizer.step()
         return output
 
@@ -227,6 +242,7 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
         if sync is not None:
             sync.before_step(wait_s)
         zo = optimizer.optimizer if "client" in get_mode(self.mode).zo_halves else None
+        split.remote.zo_lr = None if zo is None else zo.param_groups[0]["lr"]  # zo's server half follows it
         context = ClientContext(split, self.settings, step, zo)
         output = get_mode(self.mode).client_step(context, split.remote, StepInputs.of(batch))
         update = None
@@ -254,6 +270,7 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
         self.telemetry.start_step(split)
         output, estimate = dropin_step(module, split, self.client_optimizer, self.dropin_settings(), self.zo_steps,
                                        lambda: base_step(*args, **kwargs), weight)
+        self.client_scheduler.step()
         self.zo_steps += 1
         self._log_step(estimate)
         return output
@@ -355,8 +372,9 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
     def hosl_state_dict(self) -> dict[str, Any]:
         optimizer = None if self.client_optimizer is None else self.client_optimizer.state_dict()
         drawing = self._drawing_optimizer()
+        scheduler = None if self.client_scheduler is None else self.client_scheduler.state_dict()
         return {**{k: getattr(self, k) for k in RESUME_KEYS}, "zo_steps": self.zo_steps, "client_optimizer": optimizer,
-                "directions": None if drawing is None else drawing.direction_signature()}
+                "client_scheduler": scheduler, "directions": None if drawing is None else drawing.direction_signature()}
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
         check_finite_weights(checkpoint.get("state_dict", {}), filepath, self.zo_steps)  # never a NaN checkpoint
@@ -388,6 +406,8 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
             )
         if state["client_optimizer"] is not None and self.client_optimizer is not None:
             self.client_optimizer.load_state_dict(state["client_optimizer"])
+        if state.get("client_scheduler") is not None and self.client_scheduler is not None:
+            self.client_scheduler.load_state_dict(state["client_scheduler"])
         self._pending_state = None
 
     @classmethod
