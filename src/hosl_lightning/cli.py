@@ -19,6 +19,11 @@ __all__ = ["HOSLCLI", "build_cli", "main"]
 
 def main(args: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if args is None else args)
+    if args[:1] == ["export"]:  # a plain transformers model from a split run's checkpoint(s)
+        from hosl_lightning.lightning.export import main as export_main
+
+        export_main(args[1:])
+        return
     if args[:1] == ["tune"]:  # hyperparameter search over fit configs (hosl_lightning.tuning)
         from hosl_lightning.tuning.search import main as tune_main
 

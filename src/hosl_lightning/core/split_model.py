@@ -83,6 +83,7 @@ class SplitCausalLM(nn.Module):
         super().__init__()
         self.client, self.server = split_causal_lm(model, cut_layer)
         self._init_rest(model.config, cut_layer, boundary)
+        self._source = (model,)  # in a tuple: the model it was cut from, not a submodule (its weights are the halves')
 
     @classmethod
     def from_halves(
@@ -97,6 +98,7 @@ class SplitCausalLM(nn.Module):
         return self
 
     def _init_rest(self, config: Any, cut_layer: int, boundary: InProcessBoundary | None) -> None:
+        self._source: tuple[PreTrainedModel, ...] = ()
         self.config = config
         self.cut_layer = cut_layer
         self.boundary = boundary or InProcessBoundary()
@@ -105,6 +107,22 @@ class SplitCausalLM(nn.Module):
         # own, so that time and memory are attributed to the half that does the work (``memory.SideSwitch``).
         self.client_side: Callable[[], AbstractContextManager[Any]] = nullcontext
         self.server_side: Callable[[], AbstractContextManager[Any]] = nullcontext
+
+    def to_pretrained(self) -> PreTrainedModel:
+        """The trained model as a plain transformers model, sharing these weights: ``save_pretrained`` and
+        ``generate`` work on it. Its head is the server's: a tied model comes back untied
+        (``tie_word_embeddings: false``), because the client's embedding and the server's head trained apart."""
+        if not self._source:
+            raise ValueError(
+                "this split model holds one half only (a process of a distributed run): rebuild the whole model from "
+                "both halves' checkpoints with `hosl-lightning export` (hosl_lightning.lightning.export)"
+            )
+        model = self._source[0]
+        if model.get_output_embeddings() is not self.server.lm_head:
+            model.set_output_embeddings(self.server.lm_head)
+            for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+                config.tie_word_embeddings = False
+        return model
 
     def place(self, client_device: torch.device, server_device: torch.device) -> None:
         """Put each half on its own device (an edge device beside a server, emulated in one process)."""
