@@ -116,7 +116,7 @@ def test_a_bad_target_module_lists_the_names_that_would_fit() -> None:
 
 
 def test_bad_adapter_options_fail_when_the_strategy_is_built() -> None:
-    with pytest.raises(ValueError, match=r"client_adapter: .*unexpected keyword argument 'rank'"):
+    with pytest.raises(ValueError, match=r"client_adapter=\{'rank': 8\} is not valid: .*unexpected keyword argument 'rank'"):
         HOSLStrategy(client_adapter={"rank": 8})
     with pytest.raises(ValueError, match="peft_type='NOPE' is not valid: choose one of"):
         HOSLStrategy(server_adapter={"peft_type": "nope"})

@@ -85,9 +85,10 @@ def test_a_missing_tensor_is_named(tmp_path: Path) -> None:
         materialize_half(model, client)
 
 
-def test_a_gguf_source_is_refused_with_the_conversion_command() -> None:
+def test_a_gguf_source_is_refused_with_the_conversion_command(tmp_path: Path) -> None:
+    (tmp_path / "model.Q4_0.gguf").touch()
     with deferred_weights(), pytest.raises(ValueError, match="export_model"):
-        load_causal_lm("model.Q4_0.gguf")
+        load_causal_lm(str(tmp_path / "model.Q4_0.gguf"))
 
 
 def test_a_checkpoint_of_the_bare_base_model_loads(tmp_path: Path) -> None:

@@ -31,8 +31,9 @@ def test_bad_model_arguments(kwargs: dict, message: str) -> None:
         load_causal_lm(**kwargs)
 
 
-def test_gguf_path_resolves_to_its_directory_and_file() -> None:
-    assert resolve_source("/models/x/model.Q4.gguf") == ("/models/x", "model.Q4.gguf")
+def test_gguf_path_resolves_to_its_directory_and_file(tmp_path: Path) -> None:
+    (tmp_path / "model.Q4.gguf").touch()
+    assert resolve_source(str(tmp_path / "model.Q4.gguf")) == (str(tmp_path), "model.Q4.gguf")
     assert resolve_source("org/name") == ("org/name", None)
 
 

@@ -534,9 +534,10 @@ def test_text_lm_datamodule(tmp_path: Path, wtok: PreTrainedTokenizerFast) -> No
     assert dm.val_dataloader() == []  # no validation split: Lightning skips validation
     with pytest.raises(ValueError, match=r"text_column names column\(s\) \['body'\] missing"):
         TextLMDataModule(wtok, train_file=str(tmp_path / "train.jsonl"), text_column="body", cache_dir=cache).setup()
-    write_jsonl(tmp_path / "validation.jsonl", [{"text": ""}])
+    write_jsonl(tmp_path / "validation.jsonl", [{"text": "a"}])  # one token without BOS: no next-token target
     with pytest.raises(ValueError, match="validation split is empty after dropping"):
-        TextLMDataModule(wtok, validation_file=str(tmp_path / "validation.jsonl"), cache_dir=cache).setup("validate")
+        TextLMDataModule(word_tokenizer(bos=False), validation_file=str(tmp_path / "validation.jsonl"),
+                         cache_dir=cache).setup("validate")
 
 
 # --- with a Trainer -------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from hosl_lightning.core.options import check_choice, check_int
 from hosl_lightning.data.collation import PromptCollator
 from hosl_lightning.data.encoding import PromptEncoder
 from hosl_lightning.data.sampling import sample_train, seeded_order
-from hosl_lightning.data.sources import SPLITS, SplitSource, check_columns, local_sources
+from hosl_lightning.data.sources import SPLITS, SplitSource, check_columns, check_has_text, local_sources
 from hosl_lightning.data.tasks import ClassificationTask, get_task
 from hosl_lightning.data.tokenized import ListDataset, _TokenizedDataModule
 
@@ -102,6 +102,7 @@ class PromptClassificationDataModule(_TokenizedDataModule):
             task, template=template, label_words=label_words, text_column=text_column, label_column=label_column
         )
         self.loss, self.k_shot = loss, k_shot
+        self.text_column = (text_column or "text") if task == "generic" else None
         self.limits = {"train": num_train, "validation": num_validation, "test": num_test}
         files = {"train": train_file, "validation": validation_file, "test": test_file}
         self.sources = self._resolve_sources(data_dir, files)
@@ -216,12 +217,20 @@ class PromptClassificationDataModule(_TokenizedDataModule):
         if wanted is not None and got < wanted:
             rank_zero_warn(f"num_{split}={wanted} but the {split} split ({self.sources[split].describe()}) gives {got}")
 
+    def _column_option(self, column: str) -> str:
+        """The option that chose ``column``: text_column for the generic task's text, else the template."""
+        if column == self.text_column:
+            return f"text_column={column!r}"
+        return f"template={self.task.template!r}"
+
     # -- tokenisation --
 
     def _build(self, split: str) -> ListDataset:
         indices = self._sample(split)
         source = self.sources[split]
         rows = self._raw_split(split).select(indices)
+        for column in self.task.fields:
+            check_has_text(list(rows[column]), self._column_option(column), column, source)
         prompts, labels, where = [], [], []
         for row_index, row in zip(indices, rows, strict=True):
             place = f"example {row_index} of the {split} split ({source.describe()})"

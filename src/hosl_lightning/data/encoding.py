@@ -32,7 +32,7 @@ def resolve_tokenizer(tokenizer: str | PreTrainedTokenizerBase, **kwargs: Any) -
     """
     if isinstance(tokenizer, str):  # hub id, local path, .gguf file or alias, as for the model
         gguf_file = kwargs.pop("gguf_file", None)
-        source, gguf = resolve_source(tokenizer, gguf_file)
+        source, gguf = resolve_source(tokenizer, gguf_file, option="tokenizer")
         tokenizer = AutoTokenizer.from_pretrained(source, **({"gguf_file": gguf} if gguf else {}), **kwargs)
     if not isinstance(tokenizer, PreTrainedTokenizerBase):
         kind = type(tokenizer).__name__

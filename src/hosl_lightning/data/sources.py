@@ -1,7 +1,8 @@
 """Where a split's rows come from: local files, a folder of split files, the bundled assets, or the hub.
 
 Local files are jsonl/json, csv or parquet, chosen by extension; the built-in benchmark tasks download
-from the Hugging Face hub by name. Every loading failure names the split and the file.
+from the Hugging Face hub by name. Every loading failure names the split and the file, and the line
+of a non-UTF-8 byte or a malformed JSON line.
 
 ``datasets`` (and with it pandas and pyarrow) is imported only when rows are first read, so the task
 definitions, which name their hub source, and the synthetic data load without it.
@@ -9,6 +10,8 @@ definitions, which name their hub source, and the synthetic data load without it
 
 from __future__ import annotations
 
+import codecs
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,15 +101,69 @@ def load_local_split(path: str | Path, split: str, cache_dir: str | None = None)
         )
     if not file.is_file():
         raise FileNotFoundError(f"{split} file {str(file)!r} does not exist")
-    if builder != "parquet" and not _has_rows(file, header=builder == "csv"):
-        raise ValueError(f"{split} split is empty: file {str(file)!r} holds no examples")
+    if builder != "parquet":
+        _check_utf8(file, split)  # readers may load bad bytes and fail only when a row is read, naming no file
+        if not _has_rows(file, header=builder == "csv"):
+            raise ValueError(f"{split} split is empty: file {str(file)!r} holds no examples")
     try:
         dataset = datasets.load_dataset(builder, data_files=str(file), split="train", cache_dir=cache_dir)
     except Exception as error:  # the readers' own errors do not say which file or split
+        if builder == "json":
+            _raise_json_fault(file, split)
         raise ValueError(f"could not read {split} file {str(file)!r} as {builder}: {error!r}") from error
     if len(dataset) == 0:
         raise ValueError(f"{split} split is empty: file {str(file)!r} holds no examples")
     return dataset
+
+
+def _check_utf8(file: Path, split: str, chunk_size: int = 1 << 20) -> None:
+    """Refuses a text file that is not UTF-8, naming the file and the line of the first bad byte.
+
+    Up front: a reader may load bad bytes and fail only when a row is read, with a message naming no file.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    with file.open("rb") as handle:
+        try:
+            while chunk := handle.read(chunk_size):
+                decoder.decode(chunk)
+            decoder.decode(b"", final=True)
+            return
+        except UnicodeDecodeError:
+            handle.seek(0)
+        for number, raw in enumerate(handle, 1):  # a newline byte never sits inside a UTF-8 character
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{split}_file={str(file)!r} is not valid: line {number} is not UTF-8 text (byte "
+                                 f"{raw[error.start]:#04x} at column {error.start + 1}); save the file as UTF-8") from None
+
+
+def _raise_json_fault(file: Path, split: str) -> None:
+    """After the reader failed: names the first line that is not one JSON object (JSON lines), or where a
+    JSON array file breaks. The reader names neither file nor line (pyarrow counts rows within a block)."""
+    option = f"{split}_file={str(file)!r} is not valid"
+    with file.open(encoding="utf-8") as handle:
+        first = next((line for line in handle if line.strip()), "")
+    if first.lstrip().startswith("["):  # one JSON array of objects, judged whole
+        try:
+            json.loads(file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{option}: not valid JSON at line {error.lineno}, column {error.colno} ({error.msg}); "
+                             "the file must hold one JSON array of objects, or one JSON object per line") from None
+        return
+    example = 'each line must be one JSON object, e.g. {"text": "...", "label": 0}'
+    with file.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{option}: line {number} is not valid JSON ({error.msg} at column {error.colno}); "
+                                 f"{example}") from None
+            if isinstance(row, dict):
+                continue
+            raise ValueError(f"{option}: line {number} holds a JSON {type(row).__name__}, not an object; {example}")
 
 
 def _has_rows(file: Path, header: bool) -> bool:
@@ -169,4 +226,14 @@ def check_columns(dataset: datasets.Dataset, needed: Sequence[str], what: str, s
         raise ValueError(
             f"{what} names column(s) {missing} missing from the {source.split} split ({source.describe()}); "
             f"available columns: {dataset.column_names}"
+        )
+
+
+def check_has_text(values: Sequence[object], option: str, column: str, source: SplitSource) -> None:
+    """Refuses a text column with no text in any example (CSV readers give None for an empty cell): the run
+    would train on the template alone, or find no row to train on, and say neither which column nor where."""
+    if values and all(value is None or (isinstance(value, str) and not value.strip()) for value in values):
+        raise ValueError(
+            f"{option} is not valid: column {column!r} is empty in all {len(values)} examples of the {source.split} "
+            f"split ({source.describe()}); name a column that holds the text"
         )

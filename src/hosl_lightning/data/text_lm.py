@@ -11,7 +11,7 @@ from transformers import PreTrainedTokenizerBase
 from hosl_lightning.core.options import check_int
 from hosl_lightning.data.collation import LMCollator
 from hosl_lightning.data.sampling import seeded_order
-from hosl_lightning.data.sources import check_columns, local_sources
+from hosl_lightning.data.sources import check_columns, check_has_text, local_sources
 from hosl_lightning.data.tokenized import ListDataset, _TokenizedDataModule
 
 
@@ -80,6 +80,7 @@ class TextLMDataModule(_TokenizedDataModule):
         limit = self.limits[split]
         indices = seeded_order(len(dataset), self.seed)[:limit] if limit else list(range(len(dataset)))
         texts = list(dataset.select(indices)[self.text_column])
+        check_has_text(texts, f"text_column={self.text_column!r}", self.text_column, source)
         for row, text in zip(indices, texts, strict=True):
             if not isinstance(text, str):
                 raise ValueError(f"example {row} of the {split} split ({source.describe()}): column "

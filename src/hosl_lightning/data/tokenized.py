@@ -1,13 +1,15 @@
 """What the tokenising DataModules share: the tokenizer, each split tokenised once, and the DataLoaders.
 
 The tokenizer may be given by name and is loaded on first use, or handed over later by the module (the
-model's own); ``max_length`` defaults to the tokenizer's limit. Training batches come in an
-:class:`~hosl_lightning.data.sampling.EpochShuffle` order, so a resumed run repeats the same order.
+model's own); ``max_length`` defaults to the tokenizer's limit, and one past the model's positions is refused
+at setup (not an ``IndexError`` inside ``torch.embedding`` at the first long batch). Training batches come in
+an :class:`~hosl_lightning.data.sampling.EpochShuffle` order, so a resumed run repeats the same order.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import LightningDataModule
@@ -15,9 +17,11 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
 from hosl_lightning.core.options import check_choice, check_int
+from hosl_lightning.core.split_model import find_causal_lm
 from hosl_lightning.data.encoding import resolve_tokenizer
 from hosl_lightning.data.sampling import EpochShuffle
 from hosl_lightning.data.sources import SPLITS
+from hosl_lightning.models import position_limit
 
 #: ``tokenizer.model_max_length`` above this is a "no limit" placeholder, not a real context size.
 _NO_LIMIT = 1_000_000
@@ -92,8 +96,52 @@ class _TokenizedDataModule(LightningDataModule):
         return int(limit) if isinstance(limit, int) and limit < _NO_LIMIT else None
 
     def setup(self, stage: str | None = None) -> None:
-        for split in self._splits_for(stage):
+        splits = self._splits_for(stage)
+        self.check_max_length()  # every time: splits built before a Trainer was attached were not checked
+        for split in splits:
             self.dataset(split)
+
+    def check_max_length(self) -> None:
+        """Refuses a ``max_length`` past the positions the model takes, before a batch reaches the model.
+
+        The limit is the attached Trainer's model's (``max_position_embeddings`` or ``n_positions``); without
+        one, the config beside the tokenizer's files, else the tokenizer's ``model_max_length`` if it is real.
+        """
+        max_length = self.max_length
+        if max_length is None:
+            return
+        limit, whose = self._position_limit()
+        if limit is not None and max_length > limit:
+            given = "" if self._max_length is not None else " (the tokenizer's model_max_length)"
+            raise ValueError(f"max_length={max_length}{given} is not valid: {whose} takes at most {limit} positions; "
+                             f"set max_length <= {limit}")
+
+    def _position_limit(self) -> tuple[int | None, str]:
+        """(most positions, whose limit it is), from the best source at hand (see :meth:`check_max_length`)."""
+        module = getattr(getattr(self, "trainer", None), "lightning_module", None)
+        if module is not None:
+            try:
+                _, model = find_causal_lm(module)
+            except ValueError:
+                model = None
+            limit = position_limit(model.config) if model is not None and hasattr(model, "config") else None
+            if limit is not None:
+                return limit, f"the model ({model.config.model_type})"
+        name = str(getattr(self.tokenizer, "name_or_path", "") or "")
+        folder = Path(name).expanduser()
+        if name and (folder / "config.json").is_file():
+            from transformers import AutoConfig
+
+            try:
+                limit = position_limit(AutoConfig.from_pretrained(folder))
+            except (OSError, ValueError, KeyError):  # a config transformers cannot read says nothing here
+                limit = None
+            if limit is not None:
+                return limit, f"the model whose config is beside the tokenizer ({str(folder)!r})"
+        tokenizer_limit = getattr(self.tokenizer, "model_max_length", None)
+        if isinstance(tokenizer_limit, int) and tokenizer_limit < _NO_LIMIT:
+            return tokenizer_limit, "the tokenizer (its model_max_length)"
+        return None, ""
 
     def _splits_for(self, stage: str | None) -> list[str]:
         available = [split for split in SPLITS if self._has(split)]
@@ -112,6 +160,7 @@ class _TokenizedDataModule(LightningDataModule):
         if split not in self._splits:
             if not self._has(split):
                 raise ValueError(f"no {split} split was given ({self._where_hint()})")
+            self.check_max_length()
             self._splits[split] = self._build(split)
         return self._splits[split]
 

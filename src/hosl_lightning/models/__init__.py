@@ -1,6 +1,7 @@
 """Models for split learning: loading a whole causal LM, loading only one half of it, and per-side adapters.
 
 - :mod:`~hosl_lightning.models.sources`: where a model's files are (hub id, directory, GGUF file, alias).
+- :mod:`~hosl_lightning.models.configs`: what its config must say (a family that splits; its position limit).
 - :mod:`~hosl_lightning.models.loading`: :func:`load_causal_lm`, the one entry point for a whole model.
 - :mod:`~hosl_lightning.models.partial`: meta-device building and loading one half's weights only.
 - :mod:`~hosl_lightning.models.adapters`: peft adapters on the client's blocks, the server's, or both.
@@ -16,6 +17,7 @@ from hosl_lightning.models.adapters import (
     save_adapters,
     untied_head_trainable,
 )
+from hosl_lightning.models.configs import check_model_type, position_limit
 from hosl_lightning.models.loading import load_causal_lm
 from hosl_lightning.models.partial import (
     ModelSource,
@@ -36,6 +38,7 @@ __all__ = [
     "adapter_config",
     "add_adapters",
     "block_module_names",
+    "check_model_type",
     "deferred_weights",
     "export_model",
     "load_adapters",
@@ -43,6 +46,7 @@ __all__ = [
     "materialize_half",
     "merged_model",
     "meta_causal_lm",
+    "position_limit",
     "resolve_source",
     "save_adapters",
     "untied_head_trainable",

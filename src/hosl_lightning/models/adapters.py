@@ -15,14 +15,14 @@ Needs the ``peft`` extra: ``pip install 'hosl-lightning[peft]'``.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 from transformers import PreTrainedModel
 
-from hosl_lightning.core.options import check_choice
+from hosl_lightning.core.options import check_choice, check_int, check_number
 from hosl_lightning.core.split import SUPPORTED_FAMILIES, num_blocks
 
 SIDES = ("client", "server")
@@ -39,20 +39,39 @@ def _peft() -> Any:
 
 
 def adapter_config(spec: AdapterSpec, side: str) -> Any:
-    """A peft config from a PeftConfig or a dict (LoraConfig fields by default; ``peft_type: IA3`` etc. for others)."""
+    """A peft config from a PeftConfig or a dict (LoraConfig fields by default; ``peft_type: IA3`` etc. for others).
+
+    peft's own errors do not say which side's config they are about, so every refusal here names
+    ``client_adapter`` or ``server_adapter``.
+    """
     peft = _peft()
     if isinstance(spec, peft.PeftConfig):
-        return copy.deepcopy(spec)
+        return _checked(copy.deepcopy(spec), side)
     if not isinstance(spec, Mapping):
-        raise TypeError(f"{side}_adapter must be a peft config or a dict of its fields, got {type(spec).__name__}")
+        raise TypeError(f"{side}_adapter={spec!r} is not valid: give a peft config or a dict of its fields "
+                        "(LoraConfig's by default), e.g. {'r': 8, 'target_modules': ['q_proj', 'v_proj']}")
     fields = dict(spec)
     kind = str(fields.pop("peft_type", "LORA")).upper()
     mapping = peft.mapping.PEFT_TYPE_TO_CONFIG_MAPPING
     check_choice(f"{side}_adapter peft_type", kind, sorted(mapping))
     try:
-        return mapping[kind](**fields)
-    except TypeError as error:
-        raise ValueError(f"{side}_adapter: {error}") from None
+        config = mapping[kind](**fields)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{side}_adapter={dict(spec)!r} is not valid: {error}") from None
+    return _checked(config, side)
+
+
+def _checked(config: Any, side: str) -> Any:
+    """Checks the fields peft takes unchecked, which fail (or go wrong) only once the adapters are injected."""
+    targets = getattr(config, "target_modules", None)
+    if isinstance(targets, str) and targets != "all-linear":  # peft matches a pattern against every block
+        raise ValueError(f"{side}_adapter target_modules={targets!r} is not valid: give a list of module names "
+                         "or 'all-linear' (a pattern would reach the other side's blocks too)")
+    if hasattr(config, "r"):
+        check_int(f"{side}_adapter r", config.r, 1)
+    if hasattr(config, "lora_dropout"):
+        check_number(f"{side}_adapter lora_dropout", config.lora_dropout, 0, 1)
+    return config
 
 
 def block_module_names(model: PreTrainedModel, blocks: range) -> list[str]:
@@ -104,9 +123,9 @@ def add_adapters(model: PreTrainedModel, cut_layer: int, client: AdapterSpec | N
         raise ValueError(f"client and server adapters must be of one peft type, got "
                          f"{ {side: str(c.peft_type) for side, c in configs.items()} }")
     names = list(configs)
-    wrapped = peft.get_peft_model(model, configs[names[0]], adapter_name=names[0])
+    wrapped = _inject(lambda: peft.get_peft_model(model, configs[names[0]], adapter_name=names[0]), names[0])
     for name in names[1:]:
-        wrapped.add_adapter(name, configs[name])
+        _inject(lambda name=name: wrapped.add_adapter(name, configs[name]), name)
     wrapped.base_model.set_adapter(names)  # both active: each block holds one side's adapter only
     # A head tied to the embeddings is one parameter with the client's embedding until the cut unties it; the
     # server's copy must then train as the server side says, not as the client's frozen embedding does.
@@ -118,6 +137,14 @@ def add_adapters(model: PreTrainedModel, cut_layer: int, client: AdapterSpec | N
         elif name in flags:
             param.requires_grad_(flags[name])  # the side without adapters trains as it would without peft
     return wrapped
+
+
+def _inject(call: Callable[[], Any], side: str) -> Any:
+    """Runs one side's injection; a peft error then names the side whose config it is about."""
+    try:
+        return call()
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{side}_adapter is not valid for this model: {error}") from error
 
 
 def _is_adapter(name: str, side: str) -> bool:

@@ -11,8 +11,9 @@ from typing import Any
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from hosl_lightning.core.options import check_choice
+from hosl_lightning.models.configs import check_model_type
 from hosl_lightning.models.partial import ModelSource, meta_causal_lm, weights_deferred
-from hosl_lightning.models.sources import DTYPES, resolve_source
+from hosl_lightning.models.sources import DTYPES, check_model_directory, resolve_source
 
 
 def load_causal_lm(
@@ -26,9 +27,12 @@ def load_causal_lm(
     if (model is None) == (model_config is None):
         raise ValueError("give exactly one of model= (hub id, local path, alias or PreTrainedModel) or model_config=")
     if isinstance(model, PreTrainedModel):
+        check_model_type(model.config.model_type, f"of the {type(model).__name__} given as model=")
         return model
-    if model_config is not None and "model_type" not in model_config:
-        raise ValueError("model_config needs a 'model_type' key (e.g. 'llama', 'gpt2', 'opt', 'gpt_neox')")
+    if model_config is not None:
+        if "model_type" not in model_config:
+            raise ValueError("model_config needs a 'model_type' key (e.g. 'llama', 'gpt2', 'opt', 'gpt_neox')")
+        check_model_type(model_config["model_type"], "in model_config")
     if weights_deferred():
         return meta_causal_lm(ModelSource(model, model_config, dtype, gguf_file))
     if model_config is not None:
@@ -37,5 +41,8 @@ def load_causal_lm(
         return AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config), dtype=DTYPES[dtype])
     assert model is not None
     source, gguf = resolve_source(model, gguf_file)
+    check_model_directory(source, gguf)
     kwargs = {"gguf_file": gguf} if gguf else {}
-    return AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], **kwargs)
+    config = AutoConfig.from_pretrained(source, **kwargs)  # the family is checked before any weight is read
+    check_model_type(config.model_type, f"of model={model!r}")
+    return AutoModelForCausalLM.from_pretrained(source, config=config, dtype=DTYPES[dtype], **kwargs)

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from hosl_lightning.models.sources import DTYPES, resolve_source
+from hosl_lightning.models.configs import check_model_type
+from hosl_lightning.models.sources import DTYPES, check_model_directory, resolve_source
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,10 @@ def _config_of(source: ModelSource) -> Any:
             "python -c \"from hosl_lightning.models import export_model, load_causal_lm; "
             f"export_model(load_causal_lm({source.model!r}), 'model-dir')\""
         )
-    return AutoConfig.from_pretrained(path)
+    check_model_directory(path, None)
+    config = AutoConfig.from_pretrained(path)
+    check_model_type(config.model_type, f"of model={source.model!r}")
+    return config
 
 
 def meta_causal_lm(source: ModelSource) -> PreTrainedModel:
@@ -96,7 +100,7 @@ def meta_causal_lm(source: ModelSource) -> PreTrainedModel:
 def _checkpoint_files(source: ModelSource) -> list[Path]:
     """The safetensors (or PyTorch .bin) files holding ``source``'s weights; a hub id is downloaded first."""
     assert source.model is not None
-    path = Path(source.model)
+    path = Path(source.model).expanduser()
     if not path.is_dir():
         from huggingface_hub import snapshot_download
 
