@@ -148,6 +148,48 @@ def test_head_feature_is_the_projected_weight_gradient_of_the_lm_head() -> None:
     assert torch.allclose(projection.abs(), torch.full_like(projection, 5**-0.5))
 
 
+def _classification_batch(answers: list[list[int]], class_of: list[int], prompt: int = 6) -> dict:
+    """A batch in scoring layout: each example's prompt once per class, followed by that class's answer tokens
+    (labelled), right-padded with an unlabelled, masked-out 0."""
+    generator = torch.Generator().manual_seed(1)
+    width = prompt + max(len(a) for a in answers)
+    rows, labels, masks = [], [], []
+    for _ in class_of:
+        prompt_ids = torch.randint(1, 64, (prompt,), generator=generator).tolist()
+        for answer in answers:
+            pad = width - prompt - len(answer)
+            rows.append(prompt_ids + answer + [0] * pad)
+            labels.append([-100] * prompt + answer + [-100] * pad)
+            masks.append([1] * (prompt + len(answer)) + [0] * pad)
+    return {"input_ids": torch.tensor(rows), "attention_mask": torch.tensor(masks), "labels": torch.tensor(labels),
+            "class_labels": torch.tensor(class_of), "num_classes": len(answers)}
+
+
+@pytest.mark.parametrize("answers", [[[11], [12]], [[11, 21], [12, 22]], [[11], [12, 22], [13, 23, 33]]],
+                         ids=["one-token answers (shared prompts)", "two-token answers", "ragged, padded answers"])
+def test_classification_features_are_the_gradients_of_the_classification_loss(answers: list[list[int]]) -> None:
+    model = _split()
+    batch = _classification_batch(answers, class_of=[1, 0, len(answers) - 1, 0])
+    projection = vocabulary_projection(TINY_LLAMA["vocab_size"], 5, seed=3)
+    hidden_feature, head_feature = batch_feature(model, batch), batch_feature(model, batch, projection)
+    assert all(p.grad is None for p in model.parameters())
+    # Reference: autograd through the loss training uses (SplitCausalLM.server_losses, cross-entropy over the
+    # classes' sequence log-likelihoods), at the final hidden state and at the LM head's weight.
+    with torch.no_grad():
+        activations = model.client_forward(batch["input_ids"], batch["attention_mask"])
+    final: list[torch.Tensor] = []
+    hook = model.server.register_forward_hook(lambda module, args, out: final.append(out) or out.retain_grad())
+    loss = model.server_losses(activations, {k: batch[k] for k in ("labels", "class_labels", "num_classes")})
+    hook.remove()
+    loss.sum().backward()
+    assert torch.allclose(hidden_feature, final[0].grad.sum(dim=(0, 1)), atol=1e-6)
+    assert torch.allclose(head_feature, (projection @ model.server.lm_head.weight.grad).flatten(), atol=1e-6)
+    # and it is not the LM loss of the gold rows, which the feature used to be
+    gold = torch.arange(4) * len(answers) + batch["class_labels"]
+    lm_feature = batch_feature(model, {k: batch[k][gold] for k in ("input_ids", "attention_mask", "labels")})
+    assert not torch.allclose(hidden_feature, lm_feature, atol=1e-4)
+
+
 @pytest.mark.parametrize("loss", ["lm", "classification"])
 @pytest.mark.parametrize("feature_rows", [None, 3])
 def test_length_sorted_feature_pass_equals_one_forward_per_candidate(tmp_path: Path, loss: str, feature_rows) -> None:

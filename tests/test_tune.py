@@ -1,18 +1,18 @@
-"""hosl-lightning tune: search spaces, errors before any trial, a shared study, results written, the retrain."""
+"""hosl-lightning tune: search spaces, errors before any trial, a shared study, results written, the retrain,
+failed and diverged trials recorded without ending the study, the pruner."""
 
 from __future__ import annotations
 
 import csv
 import importlib.util
+import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import yaml
 
 from hosl_lightning.cli import main
-from hosl_lightning.tuning import load_space, override_args, tune
-from hosl_lightning.tuning.search import _StartupCompletes
+from hosl_lightning.tuning import TrialRecord, TuneResult, load_space, override_args, tune, write_results
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SMALL = ["--trainer.max_steps=-1", "--trainer.max_epochs=2", "--trainer.val_check_interval=1.0",
@@ -146,13 +146,151 @@ def test_selection_seed_and_warm_start_reach_every_trials_selection(
     assert seeds == [(expected, 2)]
 
 
-def test_startup_trials_are_never_pruned() -> None:
-    class AlwaysPrune:
-        def prune(self, study, trial) -> bool:
-            return True
+def _states_under(pruner: object) -> dict[int, str]:
+    """Trial states when three good trials (0-2) set the bar and every later one is much worse at every step."""
+    import optuna
 
-    pruner = _StartupCompletes(AlwaysPrune(), 3)
-    assert [pruner.prune(None, SimpleNamespace(number=n)) for n in range(5)] == [False, False, False, True, True]
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name="pruning", pruner=pruner)
+    for _ in range(3):
+        study.add_trial(optuna.trial.create_trial(value=0.0, intermediate_values=dict.fromkeys(range(8), 0.0)))
+
+    def objective(trial: optuna.Trial) -> float:
+        for step in range(8):
+            trial.report(10.0 + trial.number, step)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+        return 10.0 + trial.number
+
+    study.optimize(objective, n_trials=12)
+    return {t.number: t.state.name for t in study.trials}
+
+
+def test_the_pruner_is_a_hyperband_pruner_that_never_prunes_startup_trials() -> None:
+    import optuna
+
+    from hosl_lightning.tuning.pruning import StartupCompletes
+
+    pruner = StartupCompletes(6, reduction_factor=2)
+    assert isinstance(optuna.create_study(pruner=pruner).pruner, optuna.pruners.HyperbandPruner)  # what TPE checks
+    plain = _states_under(optuna.pruners.HyperbandPruner(reduction_factor=2))
+    assert "PRUNED" in {plain[n] for n in (3, 4, 5)}  # plain Hyperband would prune a start-up trial here
+    states = _states_under(pruner)
+    assert [states[n] for n in (3, 4, 5)] == ["COMPLETE"] * 3  # start-up trials (numbers < 6) finish
+    assert "PRUNED" in {states[n] for n in range(6, 15)}  # later ones are pruned as Hyperband would
+
+
+def _fit_outcomes(monkeypatch: pytest.MonkeyPatch, outcomes: dict[int, object]) -> list[list[str]]:
+    """Make the k-th fit of a study raise ``outcomes[k]`` (an exception) or report it as its metric (a number)."""
+    from hosl_lightning.tuning import search
+
+    real, calls = search._fit, []
+
+    def fit(args: list[str], callbacks: list, metric: str):
+        calls.append(args)
+        outcome = outcomes.get(len(calls) - 1)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        cli, trainer, value = real(args, callbacks, metric)
+        return cli, trainer, value if outcome is None else outcome
+
+    monkeypatch.setattr(search, "_fit", fit)
+    return calls
+
+
+def _study(tmp_path: Path):
+    import optuna
+
+    return optuna.load_study(study_name="hosl-tune", storage=f"sqlite:///{tmp_path / 'out' / 'hosl-tune.db'}")
+
+
+def test_a_failing_trial_is_recorded_and_the_study_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _fit_outcomes(monkeypatch, {1: RuntimeError("the server ran out of memory")})
+    result = _tune(tmp_path, subset="random", pruner="none")
+    assert len(calls) == 4  # three trials and the retrain
+    assert [t.state for t in result.trials] == ["COMPLETE", "FAIL", "COMPLETE"]
+    assert result.trials[1].error == "RuntimeError: the server ran out of memory" and result.trials[1].value is None
+    assert result.best_value == min(result.trials[0].value, result.trials[2].value)
+    assert result.retrain_metrics["val_loss"] > 0
+    failed = _study(tmp_path).trials[1]
+    assert failed.state.name == "FAIL" and failed.user_attrs["error"] == "RuntimeError: the server ran out of memory"
+    rows = list(csv.DictReader((tmp_path / "out" / "trials.csv").open()))
+    assert [(r["state"], r["error"]) for r in rows] == [
+        ("COMPLETE", ""), ("FAIL", "RuntimeError: the server ran out of memory"), ("COMPLETE", "")]
+    assert "- trial 1: RuntimeError: the server ran out of memory" in (tmp_path / "out" / "results.md").read_text()
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_a_non_finite_metric_fails_its_trial_and_is_never_the_best(
+    bad: float, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fit_outcomes(monkeypatch, {0: bad})  # minimising: -inf would win if it counted
+    result = _tune(tmp_path, n_trials=2, subset="random", pruner="none", retrain=False)
+    assert [t.state for t in result.trials] == ["FAIL", "COMPLETE"]
+    assert result.trials[0].error.startswith(f"FloatingPointError: val_loss={bad} is not finite")
+    assert result.best_value == result.trials[1].value and math.isfinite(result.best_value)
+    study = _study(tmp_path)
+    assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE"]
+    assert study.best_trial.number == 1
+
+
+def test_finished_trials_are_on_disk_when_the_study_is_interrupted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fit_outcomes(monkeypatch, {1: KeyboardInterrupt()})
+    with pytest.raises(KeyboardInterrupt):
+        _tune(tmp_path, subset="random", pruner="none")
+    out = tmp_path / "out"
+    rows = list(csv.DictReader((out / "trials.csv").open()))
+    assert [(r["number"], r["state"]) for r in rows] == [("0", "COMPLETE"), ("1", "FAIL")]
+    assert float(rows[0]["val_loss"]) > 0 and rows[1]["error"].startswith("KeyboardInterrupt")
+    assert "| 0 | complete |" in (out / "results.md").read_text()
+    assert sorted(p.name for p in out.iterdir()) == ["hosl-tune.db", "results.md", "trials.csv"]  # no temporary left
+
+
+def test_when_every_trial_fails_the_error_names_the_first_and_the_files_are_written(tmp_path: Path) -> None:
+    space = {"model.optimizer.init_args.lr": {"low": -2.0, "high": -1.0}}  # AdamW refuses it when the fit starts
+    with pytest.raises(RuntimeError, match=r"no trial completed with a finite value \(2 failed, 0 pruned\): nothing to "
+                                           r"retrain; the first error \(trial 0\): ValueError: Invalid learning rate"):
+        _tune(tmp_path, space=_space(tmp_path, space), n_trials=2, subset="random")
+    rows = list(csv.DictReader((tmp_path / "out" / "trials.csv").open()))
+    assert [r["state"] for r in rows] == ["FAIL", "FAIL"] and all("Invalid learning rate" in r["error"] for r in rows)
+    assert "Best: none yet" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_results_are_replaced_whole_or_not_at_all(tmp_path: Path) -> None:
+    result = TuneResult("s", "sqlite://", "random", direction="minimize")
+    result.trials.append(TrialRecord(0, "COMPLETE", {"a.lr": 0.1}, 0.5, 1.0, 0.0, 4, 1))
+    write_results(tmp_path, result, "val_loss")
+    before = (tmp_path / "trials.csv").read_text(), (tmp_path / "results.md").read_text()
+    result.trials.insert(0, TrialRecord(1, "COMPLETE", {"a.lr": 0.2}, 0.4, "a crash while writing", 0.0, 4, 1))
+    with pytest.raises(ValueError):
+        write_results(tmp_path, result, "val_loss")
+    assert ((tmp_path / "trials.csv").read_text(), (tmp_path / "results.md").read_text()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.md", "trials.csv"]
+
+
+@pytest.mark.parametrize(
+    ("space", "overrides", "message"),
+    [
+        ({"trainer.strategy.init_args.cut_layer": {"choices": [1, 2, 9]}}, [],
+         (r"search space entry 'trainer.strategy.init_args.cut_layer': the value 9 is out of range for this llama "
+          r"model with 4 decoder blocks: cut_layer must be an integer in \[0, 4\]")),
+        ({"trainer.strategy.init_args.cut_layer": {"low": 0, "high": 5}}, [], r"the value 5 is out of range"),
+        ({"trainer.strategy.init_args.q": {"low": 1, "high": 2}}, ["--trainer.strategy.init_args.cut_layer=7"],
+         r"trainer.strategy.init_args.cut_layer=7 \(from the fit config or the overrides\) is out of range"),
+        ({"trainer.strategy.init_args.direction": {"choices": ["gaussian", "sphere"]}}, [],
+         (r"the search space's point \(trainer.strategy.init_args.direction='sphere'\) is refused by HOSLStrategy: "
+          r"direction='sphere' is not valid: choose one of")),
+        ({"trainer.strategy.init_args.q": {"low": 0, "high": 2}}, [], r"q=0 is not valid: it must be an integer >= 1"),
+    ],
+)
+def test_values_the_model_or_strategy_cannot_take_fail_before_any_trial(
+    space: dict, overrides: list[str], message: str, tmp_path: Path
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        _tune(tmp_path, space=_space(tmp_path, space), overrides=SMALL + overrides)
+    assert not (tmp_path / "out").exists()  # refused before a study was created
 
 
 def test_override_args_keep_strings_bare_and_encode_numbers() -> None:

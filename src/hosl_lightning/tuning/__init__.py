@@ -2,7 +2,8 @@
 
 Modules: ``matching`` (matching pursuit, random subsets), ``batches`` (candidate batches, the weighted loader),
 ``features`` (the gradient-feature pass over the split model), ``selection`` (the callback), ``space`` (search
-spaces), ``results`` (trial records and their reports), ``search`` (the Optuna study, ``hosl-lightning tune``).
+spaces), ``limits`` (the space checked against the config and the model before a study), ``results`` (trial
+records and their reports), ``pruning`` (the study's pruner), ``search`` (the Optuna study, ``hosl-lightning tune``).
 
 The names below load on first use (PEP 562): ``import hosl_lightning.tuning`` loads none of these modules, and
 optuna is imported only when ``tune`` runs (it is an optional extra).
@@ -28,6 +29,7 @@ _EXPORTS: dict[str, str] = {  # public name -> the module of this package that d
     "subset_length": "batches",
     "batch_feature": "features",
     "candidate_features": "features",
+    "classification_row_features": "features",
     "example_lengths": "features",
     "row_features": "features",
     "vocabulary_projection": "features",
@@ -37,6 +39,8 @@ _EXPORTS: dict[str, str] = {  # public name -> the module of this package that d
     "Method": "selection",
     "SelectionCache": "selection",
     "SubsetSelection": "selection",
+    "check_points": "limits",
+    "check_space": "limits",
     "Parameter": "space",
     "load_space": "space",
     "override_args": "space",

@@ -1,8 +1,10 @@
 """GradMatch's gradient features: one forward over the split model per chunk of examples, no optimiser step.
 
-A candidate batch's feature is the gradient of its mean labelled-token loss at the server's final hidden state
-(dL/dh, ``SplitCausalLM.server_row_features``) or at the LM head's projected weight. Both are sums over
-examples, so the pass forwards every example once in length-sorted chunks and adds the rows up per candidate.
+A candidate batch's feature is the gradient of the loss training uses, at the server's final hidden state (dL/dh)
+or at the LM head's projected weight: the mean labelled-token loss (``SplitCausalLM.server_row_features``), or,
+for classification batches (``class_labels``, ``num_classes``), the mean cross-entropy over the classes' sequence
+log-likelihoods (as ``SplitCausalLM.server_losses``). Both are sums over examples, so the pass forwards every
+example once in length-sorted chunks and adds the rows up per candidate.
 """
 
 from __future__ import annotations
@@ -11,22 +13,29 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from hosl_lightning.core.split_model import SplitCausalLM
+from hosl_lightning.core.split_model import IGNORE_INDEX, SplitCausalLM, shared_prompts
 from hosl_lightning.modes import eval_mode
+
+
+def _is_classification(batch: dict[str, Any]) -> bool:
+    """A batch in scoring layout (C rows per example), which training scores with the classification loss."""
+    if not isinstance(batch, dict):
+        raise TypeError(f"SubsetSelection needs batches that are dicts (with 'input_ids' and 'labels'), got "
+                        f"{type(batch).__name__}")
+    return "class_labels" in batch and "num_classes" in batch
 
 
 def _gold_rows(batch: dict[str, Any]) -> tuple[Tensor, Tensor | None, Tensor]:
     """``input_ids``, ``attention_mask`` and ``labels``; of classification batches (C rows per example) the gold rows."""
-    if not isinstance(batch, dict):
-        raise TypeError(f"SubsetSelection needs batches that are dicts (with 'input_ids' and 'labels'), got "
-                        f"{type(batch).__name__}")
+    classification = _is_classification(batch)
     input_ids, mask, labels = batch["input_ids"], batch.get("attention_mask"), batch["labels"]
-    if "class_labels" in batch and "num_classes" in batch:
+    if classification:
         gold = torch.arange(len(batch["class_labels"]), device=input_ids.device) * int(batch["num_classes"])
         rows = gold + batch["class_labels"].to(input_ids.device)
         input_ids, labels = input_ids[rows], labels[rows]
@@ -36,8 +45,14 @@ def _gold_rows(batch: dict[str, Any]) -> tuple[Tensor, Tensor | None, Tensor]:
 
 @torch.no_grad()
 def row_features(model: SplitCausalLM, batch: dict[str, Any], projection: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Each example's summed token features and labelled-token count (``SplitCausalLM.server_row_features``)."""
-    input_ids, mask, labels = _gold_rows(batch)
+    """Each example's summed gradient features and its weight in the batch's mean loss.
+
+    The loss is the one training uses on such a batch: the LM loss (weights: labelled-token counts,
+    ``SplitCausalLM.server_row_features``), or the classification loss (weights: 1 per example).
+    """
+    if _is_classification(batch):
+        return classification_row_features(model, batch, projection)
+    input_ids, mask, labels = batch["input_ids"], batch.get("attention_mask"), batch["labels"]
     activations = model.client_forward(input_ids, mask)
     with model.server_side():
         up, targets = model.boundary.send_up(activations, {"labels": labels})
@@ -45,8 +60,68 @@ def row_features(model: SplitCausalLM, batch: dict[str, Any], projection: Tensor
         return model.server_row_features(up, targets["labels"], projection)
 
 
+@torch.no_grad()
+def classification_row_features(
+    model: SplitCausalLM, batch: dict[str, Any], projection: Tensor | None = None, tokens_per_pass: int = 256
+) -> tuple[Tensor, Tensor]:
+    """Per example, the gradient of the classification loss (``SplitCausalLM.server_losses``); counts are 1.
+
+    The loss is cross-entropy over the C candidates' log-likelihoods LL_c = -sum_t nll_t, so a candidate's
+    token t gets the LM feature of its own nll (e_t W, or (P e_t) h_t^T) times (onehot_c - softmax(LL)_c).
+    Prompts shared by one-token answers are forwarded once, as training and scoring do.
+    """
+    input_ids, mask, labels = batch["input_ids"], batch.get("attention_mask"), batch["labels"]
+    num_classes = int(batch["num_classes"])
+    if input_ids.shape[0] != len(batch["class_labels"]) * num_classes:
+        raise ValueError(f"a classification batch needs num_classes={num_classes} rows per example, got "
+                         f"{input_ids.shape[0]} rows for {len(batch['class_labels'])} examples")
+    representatives, source_rows = shared_prompts(input_ids, mask, labels)
+    if representatives is not None:
+        input_ids, mask = input_ids[representatives], None if mask is None else mask[representatives]
+    activations = model.client_forward(input_ids, mask)
+    with model.server_side():
+        up, targets = model.boundary.send_up(activations, {"labels": labels, "class_labels": batch["class_labels"]})
+        assert targets is not None
+        final_hidden = model.server(up)
+        device = final_hidden.device
+        shifted = targets["labels"].to(device)[:, 1:]
+        row, position = (shifted != IGNORE_INDEX).nonzero(as_tuple=True)
+        hidden = final_hidden[row if source_rows is None else source_rows.to(device)[row], position]
+        matrix = model.server.lm_head.weight.float() if projection is None else projection.to(device).mT
+        nll, errors = _token_errors(model, hidden, shifted[row, position], matrix, tokens_per_pass)
+        log_likelihood = -torch.zeros(len(shifted), device=device).index_add(0, row, nll)
+        class_labels = targets["class_labels"].to(device)
+        coefficient = F.one_hot(class_labels, num_classes).float() - log_likelihood.view(-1, num_classes).softmax(-1)
+        errors = errors * coefficient.flatten()[row, None]  # dL/d(token's own nll feature), per token
+        example = torch.div(row, num_classes, rounding_mode="floor")
+        examples = len(class_labels)
+        if projection is None:
+            sums = torch.zeros(examples, errors.shape[1], device=device).index_add(0, example, errors)
+        else:  # sum_t (coefficient_t P e_t) h_t^T per example, a bounded number of tokens at a time
+            sums = torch.zeros(examples, errors.shape[1] * hidden.shape[1], device=device)
+            for start in range(0, len(errors), tokens_per_pass):
+                part = slice(start, start + tokens_per_pass)
+                sums.index_add_(0, example[part], (errors[part, :, None] * hidden[part, None, :].float()).flatten(1))
+        return sums, torch.ones(examples, dtype=torch.long, device=device)
+
+
+def _token_errors(
+    model: SplitCausalLM, hidden: Tensor, wanted: Tensor, matrix: Tensor, tokens_per_pass: int
+) -> tuple[Tensor, Tensor]:
+    """Each token's next-token loss and its error e_t = softmax - onehot times ``matrix`` (logits in bounded passes)."""
+    losses, errors = [], []
+    for start in range(0, len(hidden), tokens_per_pass):
+        log_probs = model.server.logits(hidden[start : start + tokens_per_pass]).float().log_softmax(dim=-1)
+        picked = wanted[start : start + tokens_per_pass, None]
+        losses.append(-log_probs.gather(1, picked).squeeze(1))
+        errors.append(log_probs.exp().scatter_add(1, picked, -torch.ones_like(picked, dtype=log_probs.dtype)) @ matrix)
+    if not losses:
+        return hidden.new_zeros(0).float(), hidden.new_zeros(0, matrix.shape[1]).float()
+    return torch.cat(losses), torch.cat(errors)
+
+
 def batch_feature(model: SplitCausalLM, batch: dict[str, Any], projection: Tensor | None = None) -> Tensor:
-    """One batch's gradient feature: the gradient of its mean labelled-token loss (dL/dh, or the projected head's)."""
+    """One batch's gradient feature: the gradient of its mean training loss (dL/dh, or the projected head's)."""
     sums, counts = row_features(model, batch, projection)
     if int(counts.sum()) == 0:
         raise ValueError("a batch has no labelled tokens (all labels are -100): it has no gradient feature")

@@ -7,9 +7,11 @@ rebuilds them from a study's database) and written without running one.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ class TrialRecord:
     selection_seconds: float
     steps: int
     last_epoch: int | None
+    error: str | None = None  # why a FAIL trial failed (also the Optuna trial's user attr "error")
 
 
 @dataclass
@@ -46,14 +49,19 @@ class TuneResult:
 
 
 def write_results(out: Path, result: TuneResult, metric: str, study: Any = None) -> None:
-    """trials.csv (one row per trial), results.md (table, best, retrain) and history.png (if matplotlib is there)."""
+    """trials.csv (one row per trial), results.md (table, best, failures, retrain) and history.png (if matplotlib is there).
+
+    Called after every trial, so each file is written whole to a temporary file and then renamed over the old
+    one: a crash or Ctrl-C mid-write leaves the previous version, never half of one.
+    """
     keys = sorted({k for t in result.trials for k in t.params})
-    with (out / "trials.csv").open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["number", "state", metric, "seconds", "selection_seconds", "steps", "last_epoch", *keys])
-        for t in result.trials:
-            writer.writerow([t.number, t.state, t.value, f"{t.seconds:.2f}", f"{t.selection_seconds:.2f}", t.steps,
-                             t.last_epoch, *[t.params.get(k) for k in keys]])
+    table = io.StringIO()
+    writer = csv.writer(table)
+    writer.writerow(["number", "state", metric, "seconds", "selection_seconds", "steps", "last_epoch", *keys, "error"])
+    for t in result.trials:
+        writer.writerow([t.number, t.state, t.value, f"{t.seconds:.2f}", f"{t.selection_seconds:.2f}", t.steps,
+                         t.last_epoch, *[t.params.get(k) for k in keys], t.error or ""])
+    _write_atomic(out / "trials.csv", table.getvalue())
     sign = 1.0 if result.direction == "maximize" else -1.0
     ranked = sorted(result.trials, key=lambda t: -math.inf if t.value is None else sign * t.value, reverse=True)
     short = [k.rsplit(".", 1)[-1] for k in keys]
@@ -66,13 +74,32 @@ def write_results(out: Path, result: TuneResult, metric: str, study: Any = None)
         cells = [f"{t.params.get(k):.3g}" if isinstance(t.params.get(k), float) else str(t.params.get(k)) for k in keys]
         lines.append(f"| {t.number} | {t.state.lower()} | {value} | {t.seconds:.1f} | {t.selection_seconds:.1f} | "
                      + " | ".join(cells) + " |")
-    lines += ["", f"Best: {metric}={result.best_value} with `{json.dumps(result.best_params)}`."]
+    if result.best_value is None:
+        lines += ["", "Best: none yet (no trial has completed with a finite value)."]
+    else:
+        lines += ["", f"Best: {metric}={result.best_value} with `{json.dumps(result.best_params)}`."]
     if result.retrain_metrics:
         lines += [f"Retrained on the full data in {result.retrain_seconds:.1f} s: "
                   + ", ".join(f"{k}={v:.4f}" for k, v in sorted(result.retrain_metrics.items())) + "."]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    failed = [t for t in result.trials if t.error is not None]
+    if failed:
+        lines += ["", "Failed trials:", ""] + [f"- trial {t.number}: {_one_line(t.error or '')}" for t in failed]
+    _write_atomic(out / "results.md", "\n".join(lines) + "\n")
     if study is not None:
         _plot(out / "history.png", study)
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path`` (atomic on one filesystem)."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with temporary.open("w", newline="") as handle:
+        handle.write(text)
+    os.replace(temporary, path)
 
 
 def _plot(path: Path, study: Any) -> None:

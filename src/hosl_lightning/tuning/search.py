@@ -6,17 +6,23 @@ metric after every validation to a Hyperband pruner. TPE proposes the values. Th
 (SQLite by default; any SQLAlchemy URL, so workers on many machines can share one study). The best
 configuration is then retrained on the full data, and a table and a plot are written.
 
+The space is checked against the config, the strategy and the model before the first trial (``limits``). A trial
+that raises, or ends on a non-finite metric, is marked FAIL with its error (user attr ``error``) and the study
+goes on; trials.csv and results.md are rewritten (atomically) after every trial.
+
 Needs the ``tune`` extra: ``pip install 'hosl-lightning[tune]'`` (optuna, optuna-integration).
 """
 
 from __future__ import annotations
 
 import gc
+import math
 import time
 from pathlib import Path
 from typing import Any, Literal
 
 from hosl_lightning.core.options import check_choice, check_int, check_number
+from hosl_lightning.tuning.limits import check_space
 from hosl_lightning.tuning.results import TrialRecord, TuneResult, write_results
 from hosl_lightning.tuning.selection import METHODS, Method, SelectionCache, SubsetSelection
 from hosl_lightning.tuning.space import load_space, override_args
@@ -75,14 +81,21 @@ def _fit(args: list[str], callbacks: list[Any], metric: str) -> tuple[Any, Any, 
     return cli, cli.trainer, value
 
 
-class _StartupCompletes:
-    """Wraps a pruner so the first ``n`` trials (TPE's random start-up) always finish: TPE models full-fidelity values."""
+def _describe(error: BaseException) -> str:
+    """An error as a trial's record keeps it: its type and message, bounded (it goes into the study's database)."""
+    text = f"{type(error).__name__}: {error}".strip()
+    return text if len(text) <= 2000 else text[:1997] + "..."
 
-    def __init__(self, inner: Any, n: int) -> None:
-        self.inner, self.n = inner, n
 
-    def prune(self, study: Any, trial: Any) -> bool:
-        return trial.number >= self.n and self.inner.prune(study, trial)
+def _no_trial_completed(result: TuneResult, study: Any, optuna: Any) -> str:
+    """Why there is nothing to retrain: the study's trial states and the first error (this worker's, else any)."""
+    states = optuna.trial.TrialState
+    failed = sum(t.state == states.FAIL for t in study.trials)
+    pruned = sum(t.state == states.PRUNED for t in study.trials)
+    errors = [(t.number, t.error) for t in result.trials if t.error] or [
+        (t.number, t.user_attrs["error"]) for t in study.trials if "error" in t.user_attrs]
+    cause = f"; the first error (trial {errors[0][0]}): {errors[0][1]}" if errors else ""
+    return f"no trial completed with a finite value ({failed} failed, {pruned} pruned): nothing to retrain{cause}"
 
 
 def tune(
@@ -160,16 +173,19 @@ def tune(
                     warm_start_steps=warm_start_steps)  # checks these now, not in a trial
     parameters = load_space(space)
     base = ["fit", "--config", fit_config, *(overrides or [])]
-    # Keys and values are checked before the study starts: the space's first point, parsed without building a model.
-    probe = {p.key: p.choices[0] if p.choices is not None else p.low for p in parameters}
-    build_trial_cli(base[1:] + override_args(probe), [], parse_only=True)
+    # Every choice and both ends of every range are checked before the study starts, without building a model:
+    # keys and types against the config, the strategy's options, and cut_layer against the model's blocks.
+    check_space(parameters, lambda point: build_trial_cli(base[1:] + override_args(point), [], parse_only=True).config)
+
+    from hosl_lightning.tuning.pruning import StartupCompletes  # subclasses optuna's HyperbandPruner
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     storage = storage or f"sqlite:///{out / study_name}.db"
-    inner = optuna.pruners.HyperbandPruner(reduction_factor=reduction_factor) if pruner == "hyperband" else optuna.pruners.NopPruner()
-    study = optuna.create_study(study_name=study_name, storage=storage, direction=direction,
-                                pruner=_StartupCompletes(inner, n_startup_trials), load_if_exists=True)
+    study = optuna.create_study(
+        study_name=study_name, storage=storage, direction=direction, load_if_exists=True,
+        pruner=StartupCompletes(n_startup_trials, reduction_factor=reduction_factor) if pruner == "hyperband"
+        else optuna.pruners.NopPruner())
     # A worker joining a study already under way gets its own random stream (the same seed would propose the
     # same start-up points again); a lone worker on a fresh study stays reproducible from sampler_seed.
     study.sampler = optuna.samplers.TPESampler(seed=sampler_seed + len(study.trials), n_startup_trials=n_startup_trials)
@@ -178,44 +194,59 @@ def tune(
     started = time.perf_counter()
 
     def objective(trial: Any) -> float:
-        values = {p.key: p.suggest(trial) for p in parameters}
-        print(f"[tune] trial {trial.number} ({len(result.trials) + 1}/{n_trials}): "
-              + ", ".join(f"{k.rsplit('.', 1)[-1]}={v:.3g}" if isinstance(v, float) else f"{k.rsplit('.', 1)[-1]}={v}"
-                          for k, v in values.items()), flush=True)
-        selection = SubsetSelection(subset, fraction, select_every_n_steps, seed=selection_seed, cache=cache,
-                                    warm_start_steps=warm_start_steps)
-        pruning = PyTorchLightningPruningCallback(trial, monitor=metric)
-        trial_started = time.perf_counter()
-        record = TrialRecord(trial.number, "RUNNING", values, None, 0.0, 0.0, 0, None)
+        """One trial; a failure (an error, Ctrl-C, a non-finite metric) is recorded and re-raised for Optuna to mark
+        FAIL, and the files on disk are brought up to date after every trial, whatever its end."""
+        record = TrialRecord(trial.number, "RUNNING", {}, None, 0.0, 0.0, 0, None)
         result.trials.append(record)
-        cli = None
+        trial_started = time.perf_counter()
+        selection, cli = None, None
         try:
+            record.params = values = {p.key: p.suggest(trial) for p in parameters}
+            print(f"[tune] trial {trial.number} ({len(result.trials)}/{n_trials}): "
+                  + ", ".join(f"{k.rsplit('.', 1)[-1]}={v:.3g}" if isinstance(v, float)
+                              else f"{k.rsplit('.', 1)[-1]}={v}" for k, v in values.items()), flush=True)
+            selection = SubsetSelection(subset, fraction, select_every_n_steps, seed=selection_seed, cache=cache,
+                                        warm_start_steps=warm_start_steps)
+            pruning = PyTorchLightningPruningCallback(trial, monitor=metric)
             cli, _, value = _fit(base[1:] + override_args(values), [selection, pruning], metric)
+            if not math.isfinite(value):  # a diverged run: never COMPLETE, never the best
+                raise FloatingPointError(f"{metric}={value} is not finite: the run diverged")
             record.state, record.value = "COMPLETE", value
             return value
         except optuna.TrialPruned:
             record.state = "PRUNED"
             raise
+        except BaseException as error:  # KeyboardInterrupt too: the record says so before the study stops
+            record.state, record.error = "FAIL", _describe(error)
+            trial.set_user_attr("error", record.error)
+            raise
         finally:
             record.seconds = time.perf_counter() - trial_started
-            record.selection_seconds = selection.selection_seconds
+            record.selection_seconds = 0.0 if selection is None else selection.selection_seconds
             if cli is not None:
                 record.steps, record.last_epoch = cli.trainer.global_step, cli.trainer.current_epoch
             trial.set_user_attr("seconds", record.seconds)
             trial.set_user_attr("selection_seconds", record.selection_seconds)
             print(f"[tune] trial {trial.number}: {record.state.lower()}"
                   + (f", {metric}={record.value:.4f}" if record.value is not None else "")
-                  + f" in {record.seconds:.1f} s (selection {record.selection_seconds:.1f} s)", flush=True)
+                  + f" in {record.seconds:.1f} s (selection {record.selection_seconds:.1f} s)"
+                  + (f": {record.error}" if record.error else ""), flush=True)
+            result.search_seconds = time.perf_counter() - started
+            write_results(out, result, metric)  # finished trials survive a later crash or Ctrl-C
             del cli
             gc.collect()
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial from here instead
-    study.optimize(objective, n_trials=n_trials, timeout=timeout_s, catch=())
+    # catch=(Exception,): a failed trial is marked FAIL and the study goes on; Ctrl-C still stops it.
+    study.optimize(objective, n_trials=n_trials, timeout=timeout_s, catch=(Exception,))
     result.search_seconds = time.perf_counter() - started
-    finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None
+                and math.isfinite(t.value)]  # another worker's older code may have completed a diverged trial
     if not finished:
-        raise RuntimeError("no trial completed: nothing to retrain (see the trial errors above)")
-    result.best_params, result.best_value = dict(study.best_params), float(study.best_value)
+        write_results(out, result, metric, study)
+        raise RuntimeError(_no_trial_completed(result, study, optuna))
+    best = (max if direction == "maximize" else min)(finished, key=lambda t: t.value)
+    result.best_params, result.best_value = dict(best.params), float(best.value)
     print(f"[tune] best {metric}={result.best_value:.4f} with {result.best_params} "
           f"({result.search_seconds:.1f} s of search)", flush=True)
     write_results(out, result, metric, study)  # the search is kept even if the retrain fails

@@ -2,9 +2,9 @@
 
 ``SubsetSelection`` is a callback: it wraps the training DataLoader of the datamodule (or module) so that an
 "epoch" is ``fraction`` of the batches, and every ``every_n_steps`` steps it chooses them again: by GradMatch
-over each candidate batch's gradient feature (``SplitCausalLM.server_row_features``: dL/dh at the final
-hidden state, from one forward and the head's backward, computed per example in length-sorted chunks), at
-random, or all of them (the full-data baseline, through the same code path). Each training batch carries its
+over each candidate batch's gradient feature (``features``: dL/dh at the final hidden state of the loss training
+uses, LM or classification, from one forward and the head's backward, computed per example in length-sorted
+chunks), at random, or all of them (the full-data baseline, through the same code path). Each training batch carries its
 weight as ``loss_weight``, which the split model multiplies into the server's loss and into every ZO probe
 loss, so the weights enter both halves' updates.
 """
@@ -83,8 +83,9 @@ class SubsetSelection(Callback):
             On a classification task the gradient feature mostly measures a batch's class mix, and without
             stratification GradMatch picks batches of opposite, extreme mixes whose errors cancel in the sum but
             not step by step (benchmarks/README.md, "Subset choice").
-        feature: GradMatch's per-batch feature. ``"hidden"`` (default): dL/dh at the final hidden state
-            (``hidden`` numbers). ``"head"``: the LM head's weight gradient with its vocabulary side projected by
+        feature: GradMatch's per-batch feature, the gradient of the loss training uses (the classification loss
+            on batches with ``class_labels``, else the LM loss). ``"hidden"`` (default): dL/dh at the final hidden
+            state (``hidden`` numbers). ``"head"``: the LM head's weight gradient with its vocabulary side projected by
             a fixed random sign matrix to ``feature_rows`` rows (``feature_rows`` x ``hidden`` numbers); it also
             sees the inputs, where dL/dh sees only the error.
         feature_rows: rows of that projection.
