@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_LLAMA, quiet_trainer, tiny_data
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from hosl_lightning import HOSLModule, HOSLStrategy
 from hosl_lightning.modes import DivergenceError, ensure_finite
-from conftest import TINY_LLAMA, quiet_trainer, tiny_data
 
 
 def _module(lr: float = 1e-3) -> HOSLModule:

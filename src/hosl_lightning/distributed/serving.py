@@ -17,8 +17,10 @@ from torch.optim import Optimizer
 from hosl_lightning.core.split import split_causal_lm
 from hosl_lightning.core.split_model import SplitCausalLM, find_causal_lm
 from hosl_lightning.core.zo import ZOSGD
+from hosl_lightning.distributed.peers import Peers
 from hosl_lightning.distributed.server import SplitServer
 from hosl_lightning.models import materialize_half
+from hosl_lightning.modes import ZOSettings, get_mode
 
 
 def zo_parameter_count(client: nn.Module, mode: str) -> int:
@@ -65,4 +67,16 @@ def server_optimizer(
     return optimizer_and_scheduler(module.configure_optimizers())
 
 
-__all__ = ["SplitServer", "load_server_half", "optimizer_and_scheduler", "server_optimizer", "zo_parameter_count"]
+def serve_half(
+    split: SplitCausalLM, module: LightningModule, peers: Peers, mode: str, settings: ZOSettings,
+    expected: dict[str, Any], new_zo_optimizer: Callable[[list[tuple[str, nn.Parameter]]], ZOSGD], schedule: str,
+    checkpoint_dir: str,
+) -> int:
+    """Answer the connected clients with the server half until they are done; the steps served. Disconnects."""
+    try:
+        optimizer, scheduler = server_optimizer(module, split, get_mode(mode).zo_halves, new_zo_optimizer)
+        worker = SplitServer(split, peers.client_wires, mode, settings, optimizer, scheduler, expected=expected,
+                             schedule=schedule, checkpoint_dir=checkpoint_dir)
+        return worker.serve()
+    finally:
+        peers.disconnect()

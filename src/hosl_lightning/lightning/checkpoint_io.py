@@ -57,3 +57,17 @@ def check_finite_weights(state_dict: dict[str, Any], path: Any, step: int) -> No
         if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise DivergenceError(
                 f"step {step}: weight {name!r} is not finite, so checkpoint {path} was not written: {DIVERGENCE_HINT}")
+
+
+def restore_zo_state(state: dict[str, Any], drawing: Any, optimizer: Any, scheduler: Any) -> None:
+    """Restore the client's ZO optimizer and zo_lr schedule, refusing a run that would draw other directions."""
+    saved, current = state.get("directions"), drawing.direction_signature()
+    if saved is not None and saved != current:
+        raise ValueError(
+            f"the checkpoint drew its directions with {saved}, this run draws them with {current}: the same seeds "
+            "would give other directions; resume on the same device type (client_device) with the same chunk"
+        )
+    if state["client_optimizer"] is not None and optimizer is not None:
+        optimizer.load_state_dict(state["client_optimizer"])
+    if state.get("client_scheduler") is not None and scheduler is not None:
+        scheduler.load_state_dict(state["client_scheduler"])

@@ -1,9 +1,7 @@
-"""HOSLStrategy: cut the model, place the halves, and run each step of the chosen mode.
-
-It wires plug-ins together: the mode (:mod:`hosl_lightning.modes`) over a link (in-process, the wire, or a
-drop-in module's own ``training_step``), the peers of a distributed run (:mod:`hosl_lightning.distributed`),
-:class:`~.launcher.ServerLauncher` for the server process, :class:`~.checkpoint_io.SplitCheckpointIO` for the
-server's half of checkpoints, and :class:`~.telemetry.StepTelemetry` for time, bytes and memory per half.
+"""HOSLStrategy: cut the model, place the halves, and run each step of the chosen mode. It wires plug-ins
+together: the mode (:mod:`hosl_lightning.modes`) over a link (in-process, the wire, or a drop-in module's own
+``training_step``), the peers of a distributed run, :class:`~.launcher.ServerLauncher` for the server process,
+:class:`~.checkpoint_io.SplitCheckpointIO` for the server's half of checkpoints, and :class:`~.telemetry.StepTelemetry`.
 """
 
 from __future__ import annotations
@@ -23,9 +21,15 @@ from hosl_lightning.core.split_model import SplitCausalLM
 from hosl_lightning.core.zo import ZOSGD, ZOEstimate, zo_lr_scheduler
 from hosl_lightning.distributed.client import ClientSplitCausalLM, RemoteServer
 from hosl_lightning.distributed.peers import SERVER_RANK
-from hosl_lightning.distributed.serving import SplitServer, load_server_half, server_optimizer, zo_parameter_count
+from hosl_lightning.distributed.serving import load_server_half, serve_half, zo_parameter_count
 from hosl_lightning.distributed.sync import ZOUpdate, client_seed, weights_digest
-from hosl_lightning.lightning.checkpoint_io import RESUME_KEYS, SplitCheckpointIO, check_finite_weights, check_resumable
+from hosl_lightning.lightning.checkpoint_io import (
+    RESUME_KEYS,
+    SplitCheckpointIO,
+    check_finite_weights,
+    check_resumable,
+    restore_zo_state,
+)
 from hosl_lightning.lightning.cut import client_process_split, cut_module, install_split
 from hosl_lightning.lightning.dropin import dropin_step, pop_loss_weight, scaled
 from hosl_lightning.lightning.launcher import ServerLauncher
@@ -111,9 +115,7 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
 
     @property
     def _remote(self) -> RemoteServer:
-        split = self.split_model
-        assert isinstance(split, ClientSplitCausalLM)
-        return split.remote
+        return self.split_model.remote  # type: ignore[attr-defined]  # a client process's ClientSplitCausalLM
 
     def model_to_device(self) -> None:
         assert self.model is not None
@@ -276,16 +278,12 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
         return output
 
     def _log_step(self, estimate: ZOEstimate | None) -> None:
-        module = self.lightning_module
-        assert module is not None
-        client = self.client_optimizer or (self.optimizers[0] if self.mode == "zo" else None)
-        extra = {}
-        if self._client_sync is not None:  # all that keeping the clients in step has cost so far
-            extra = {"sync_bytes_up": float(self._client_sync.bytes_up),
-                     "sync_bytes_down": float(self._client_sync.bytes_down)}
+        assert self.lightning_module is not None
+        sync = self._client_sync  # with several clients: all that keeping them in step has cost so far
+        extra = {} if sync is None else {"sync_bytes_up": float(sync.bytes_up), "sync_bytes_down": float(sync.bytes_down)}
         metrics = self.telemetry.step_metrics(self.split_model, estimate, self.optimizers[0] if self.optimizers else None,
-                                              client, self.role, extra)
-        module.log_dict(prefixed(metrics), on_step=True, on_epoch=False, prog_bar=False)
+                                              self._drawing_optimizer(), self.role, extra)
+        self.lightning_module.log_dict(prefixed(metrics), on_step=True, on_epoch=False, prog_bar=False)
 
     # ---- where each half's work goes (time and memory) -------------------------------------------------
     def optimizer_step(self, optimizer: Optimizer, closure: Any, model: Any = None, **kwargs: Any) -> Any:
@@ -325,30 +323,21 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
         """
         if self.role != "server":
             raise RuntimeError(f"serve() runs the server (rank {SERVER_RANK}); this process is the {self.role}")
-        # Load first, then connect: a slow load (or download) never counts against timeout_s.
         name, split, client_zo = load_server_half(module, self.cut_layer, self._server_device or torch.device("cpu"))
-        first_key = client_zo if self.mode != "fo" else 0
+        first_key = client_zo if self.mode != "fo" else 0  # load first, then connect: a slow load never times out
         install_split(module, name, split)
         self._split = split
         self.telemetry.install(split)
-        self._connect()
-        try:
-            optimizer, scheduler = server_optimizer(
-                module, split, get_mode(self.mode).zo_halves,
-                lambda named: ZOSGD(named, self.zo_lr, self.zo_weight_decay, self.direction, self.seed, first_key=first_key))
-            worker = SplitServer(split, self._peers.client_wires, self.mode, self.settings, optimizer, scheduler,
-                                 expected=self.hello_settings(first_key), schedule=self.schedule,
-                                 checkpoint_dir=self.server_checkpoint_dir)
-            return worker.serve()
-        finally:
-            self._peers.disconnect()
+        self._connect()  # counts the clients, so the hello the server expects names them
+        return serve_half(split, module, self._peers, self.mode, self.settings, self.hello_settings(first_key),
+                          lambda named: ZOSGD(named, self.zo_lr, self.zo_weight_decay, self.direction, self.seed,
+                                              first_key=first_key), self.schedule, self.server_checkpoint_dir)
 
     def setup_environment(self) -> None:
         super().setup_environment()
         if self.role == "client":
-            # torchrun gives the client RANK=1, which would silence Lightning's rank-zero-only logging and
-            # checkpointing; the client is the only process that runs a Trainer, so it is rank zero for them.
-            # It connects at the cut, once its half is loaded: a slow load never counts against timeout_s.
+            # torchrun gives the client RANK=1, which would mute Lightning's rank-zero logging and checkpoints;
+            # the client runs the only Trainer, so it is rank zero for them. (It connects at the cut, once loaded.)
             rank_zero_only.rank = 0  # type: ignore[attr-defined]
 
     def on_exception(self, exception: BaseException) -> None:
@@ -398,16 +387,7 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
         drawing = self._drawing_optimizer()
         if state is None or drawing is None:
             return
-        saved, current = state.get("directions"), drawing.direction_signature()
-        if saved is not None and saved != current:
-            raise ValueError(
-                f"the checkpoint drew its directions with {saved}, this run draws them with {current}: the same seeds "
-                "would give other directions; resume on the same device type (client_device) with the same chunk"
-            )
-        if state["client_optimizer"] is not None and self.client_optimizer is not None:
-            self.client_optimizer.load_state_dict(state["client_optimizer"])
-        if state.get("client_scheduler") is not None and self.client_scheduler is not None:
-            self.client_scheduler.load_state_dict(state["client_scheduler"])
+        restore_zo_state(state, drawing, self.client_optimizer, self.client_scheduler)
         self._pending_state = None
 
     @classmethod
