@@ -63,3 +63,10 @@ def test_validate_scores_before_any_training(tmp_path: Path, monkeypatch: pytest
     assert cli.trainer.global_step == 0
     assert float(metrics["val_ppl"]) == pytest.approx(float(metrics["val_loss"].exp()), rel=1e-5)
     assert float(metrics["val_loss"]) > 4.0  # an untrained 128-token model is near log(128) = 4.85
+
+
+def test_the_command_line_runs_without_lightnings_args_warning() -> None:
+    """The CLI lets LightningCLI read sys.argv itself; passing it as args too printed a warning on every run."""
+    result = subprocess.run([sys.executable, "-m", "hosl_lightning.cli", "fit", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "usage:" in result.stdout and "not recommended" not in result.stderr + result.stdout

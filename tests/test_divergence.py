@@ -86,3 +86,11 @@ def test_a_cuda_device_on_a_cpu_only_torch_is_refused_before_loading(option: str
         HOSLStrategy(**{option: "cuda:0"})
     with pytest.raises(ValueError, match=rf"{option}='gpu7' is not valid"):
         HOSLStrategy(**{option: "gpu7"})
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", b"PK\x03\x04truncated"])
+def test_an_unreadable_checkpoint_is_named(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "broken.ckpt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=r"ckpt_path='.*broken.ckpt' is not valid: it cannot be read as a checkpoint"):
+        quiet_trainer(HOSLStrategy(cut_layer=1, memory_every_n_steps=0)).fit(_module(), tiny_data(), ckpt_path=str(path))

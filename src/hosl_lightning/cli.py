@@ -18,6 +18,7 @@ __all__ = ["HOSLCLI", "build_cli", "main"]
 
 
 def main(args: list[str] | None = None) -> None:
+    from_command_line = args is None
     args = list(sys.argv[1:] if args is None else args)
     if args[:1] == ["export"]:  # a plain transformers model from a split run's checkpoint(s)
         from hosl_lightning.lightning.export import main as export_main
@@ -29,7 +30,7 @@ def main(args: list[str] | None = None) -> None:
 
         tune_main(args[1:])
         return
-    build_cli(args)
+    build_cli(None if from_command_line else args)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ its half on its own disk (``HOSLStrategy(server_checkpoint_dir=...)``); the clie
 from __future__ import annotations
 
 import os
+import pickle
+import zipfile
 from typing import Any
 
 import torch
@@ -31,6 +33,17 @@ class SplitCheckpointIO(TorchCheckpointIO):
         if self.remote is not None:
             self.remote.save(self.name_of(path))
         super().save_checkpoint(checkpoint, path, storage_options)
+
+    def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> Any:
+        """Lightning's load, with a truncated, empty or garbage file named instead of a bare unpickling error."""
+        try:
+            where = {} if map_location is None else {"map_location": map_location}
+            return super().load_checkpoint(path, weights_only=weights_only, **where)
+        except FileNotFoundError:
+            raise
+        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
+            raise ValueError(f"ckpt_path={str(path)!r} is not valid: it cannot be read as a checkpoint (truncated, "
+                             f"empty or not a torch file): {type(error).__name__}: {error}") from error
 
     def load_server_half(self, path: Any) -> None:
         """Asked once the client's file has been read and checked against this run."""

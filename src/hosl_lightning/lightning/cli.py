@@ -7,7 +7,6 @@ process serves and which trains is the strategy's launcher's business (:mod:`.la
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
@@ -44,5 +43,5 @@ def build_cli(args: list[str] | None = None) -> HOSLCLI:
         subclass_mode_data=True,
         trainer_defaults={"callbacks": [LossSummary(), ZeroShotReport()]},
         save_config_kwargs={"overwrite": True},
-        args=args if args is not None else sys.argv[1:],
+        args=args,  # None: LightningCLI reads the command line itself (passing sys.argv too makes it warn)
     )
