@@ -70,3 +70,16 @@ def test_the_command_line_runs_without_lightnings_args_warning() -> None:
     result = subprocess.run([sys.executable, "-m", "hosl_lightning.cli", "fit", "--help"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "usage:" in result.stdout and "not recommended" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("override", ["--trainer.strategy.init_args.mode=hsol", "--trainer.strategy.init_args.q=0",
+                                      "--model.model=./no/such/dir"])
+def test_every_refused_option_reports_in_one_style(override: str, tmp_path: Path) -> None:
+    """A value jsonargparse refuses and one a constructor refuses both print usage and the message, exit 2."""
+    result = subprocess.run(
+        [sys.executable, "-m", "hosl_lightning.cli", "fit", "--config", str(CONFIGS / "synthetic.yaml"), override],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )
+    assert result.returncode == 2, result.stderr[-1500:]
+    assert "usage:" in result.stderr and "error:" in result.stderr
+    assert "Traceback" not in result.stderr

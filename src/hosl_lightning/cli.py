@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from hosl_lightning.lightning.cli import HOSLCLI, build_cli
+from hosl_lightning.lightning.cli import HOSLCLI, OptionError, build_cli
 
 __all__ = ["HOSLCLI", "build_cli", "main"]
 
@@ -30,7 +30,10 @@ def main(args: list[str] | None = None) -> None:
 
         tune_main(args[1:])
         return
-    build_cli(None if from_command_line else args)
+    try:
+        build_cli(None if from_command_line else args)
+    except OptionError as error:  # one style for every refused option: usage, the message, exit status 2
+        error.parser.error(str(error))
 
 
 if __name__ == "__main__":

@@ -29,11 +29,26 @@ class HOSLCLI(LightningCLI):
         return getattr(init_args, "transport", None) == "distributed"
 
     def instantiate_classes(self) -> None:
-        """In a distributed run the model is built on the meta device; each process then loads only its half."""
-        if not self._distributed():
-            return super().instantiate_classes()
-        with deferred_weights():
-            super().instantiate_classes()
+        """In a distributed run the model is built on the meta device; each process then loads only its half.
+
+        A bad option refused by a constructor (``q=0 is not valid: ...``) becomes an :class:`OptionError`, which
+        the command line reports as jsonargparse reports its own: usage and the message, exit status 2.
+        """
+        try:
+            if not self._distributed():
+                return super().instantiate_classes()
+            with deferred_weights():
+                super().instantiate_classes()
+        except (ValueError, TypeError, FileNotFoundError, ModuleNotFoundError) as error:
+            raise OptionError(f"{type(error).__name__}: {error}", self.parser) from error
+
+
+class OptionError(ValueError):
+    """An option a constructor refused while the CLI built its classes, before anything trained."""
+
+    def __init__(self, message: str, parser: Any) -> None:
+        super().__init__(message)
+        self.parser = parser
 
 
 def build_cli(args: list[str] | None = None) -> HOSLCLI:
