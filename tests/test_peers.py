@@ -71,3 +71,22 @@ def test_a_client_process_is_rank_zero_for_logging_and_checkpoints(monkeypatch: 
     monkeypatch.setattr(rank_zero_only, "rank", 1)
     strategy.setup_environment()
     assert rank_zero_only.rank == 0
+
+
+def test_teardown_after_a_failed_start_leaves_the_meta_model_where_it_is() -> None:
+    """A client that cannot reach its server still holds a meta-device model; teardown must not try to move it
+    (NotImplementedError: Cannot copy out of meta tensor), which hid the connection error behind it."""
+    import torch
+    from conftest import TINY_LLAMA, quiet_trainer
+
+    from hosl_lightning import HOSLModule
+    from hosl_lightning.models import deferred_weights
+
+    with deferred_weights():
+        module = HOSLModule(model_config=dict(TINY_LLAMA))
+    assert any(p.is_meta for p in module.parameters())
+    strategy = HOSLStrategy(transport="distributed", rank=1, world_size=2)
+    quiet_trainer(strategy)
+    strategy._lightning_module = module
+    strategy.teardown()
+    assert strategy.lightning_module is module and next(module.parameters()).device == torch.device("meta")

@@ -113,10 +113,6 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
             raise RuntimeError("the model has not been cut yet: HOSLStrategy.setup runs when the Trainer starts")
         return self._split
 
-    @property
-    def _remote(self) -> RemoteServer:
-        return self.split_model.remote  # type: ignore[attr-defined]  # a client process's ClientSplitCausalLM
-
     def model_to_device(self) -> None:
         assert self.model is not None
         self.model.to(self.root_device)
@@ -132,9 +128,10 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
         if self.role == "client":
             client = self.split_model.client
             drawing = self._drawing_optimizer()
-            self._remote.hello(mode=self.mode, client_digest=weights_digest(client) if self.clients > 1 else None,
-                               directions=None if drawing is None else drawing.direction_signature(),
-                               **self.hello_settings(zo_parameter_count(client, self.mode)))
+            self.split_model.remote.hello(  # type: ignore[attr-defined]  # a client process's ClientSplitCausalLM
+                mode=self.mode, client_digest=weights_digest(client) if self.clients > 1 else None,
+                directions=None if drawing is None else drawing.direction_signature(),
+                **self.hello_settings(zo_parameter_count(client, self.mode)))
 
     def _client_split(self, model: nn.Module) -> SplitCausalLM:
         """The client process's split model: its half only, its server behind the wire."""
@@ -185,8 +182,7 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
         self._apply_pending_state()
         if self.role == "client":
             self._start_client_sync()
-        self.check_trainer(len(self.parallel_devices or [None]), trainer.accumulate_grad_batches,
-                           module.automatic_optimization)
+        self.check_trainer(len(self.parallel_devices or [None]), trainer.accumulate_grad_batches, module.automatic_optimization)
 
     def _zo_optimizers(self, trainer: Trainer, optimizer: ZOSGD) -> None:
         """A ZOSGD as the one optimizer Lightning counts, with its zo_lr schedule (the module steps it)."""
@@ -213,8 +209,7 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
         self._log_step(output.estimate)
         return output
 
-    def _in_process_step(self, split: SplitCausalLM, batch: dict[str, Tensor], optimizer: Any, step: int,
-                         backward: Any) -> StepOutput:
+    def _in_process_step(self, split: SplitCausalLM, batch: dict[str, Tensor], optimizer: Any, step: int, backward: Any) -> StepOutput:
         mode = get_mode(self.mode)
         both_zo = "server" in mode.zo_halves
         zo = optimizer.optimizer if both_zo else self.client_optimizer  # zo: the one ZOSGD over both halves
@@ -347,8 +342,14 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
         super().on_exception(exception)
 
     def teardown(self) -> None:
-        self.close_peers(self._failure, self._remote.close if self.role == "client" and self._split else None)
-        super().teardown()
+        remote = getattr(self._split, "remote", None)  # a client process's link to its server
+        self.close_peers(self._failure, remote.close if remote is not None else None)
+        module = self._lightning_module  # on the meta device after a failed start: moving it would hide the error
+        self._lightning_module = None if module is not None and any(p.is_meta for p in module.parameters()) else module
+        try:
+            super().teardown()
+        finally:
+            self._lightning_module = module
 
     # ---- checkpoints -----------------------------------------------------------------------------------
     def _drawing_optimizer(self) -> ZOSGD | None:
