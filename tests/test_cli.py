@@ -83,3 +83,45 @@ def test_every_refused_option_reports_in_one_style(override: str, tmp_path: Path
     assert result.returncode == 2, result.stderr[-1500:]
     assert "usage:" in result.stderr and "error:" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _fit_checkpoint(tmp_path: Path, *model_args: str) -> Path:
+    """Fit 2 steps of the synthetic config and keep the last checkpoint."""
+    build_cli(["fit", "--config", str(CONFIGS / "synthetic.yaml"), "--trainer.max_steps=2", "--trainer.limit_val_batches=0",
+               "--trainer.enable_progress_bar=false", "--trainer.enable_checkpointing=true",
+               f"--trainer.default_root_dir={tmp_path}", *model_args])
+    return next(tmp_path.rglob("*.ckpt"))
+
+
+def test_the_model_named_on_the_command_line_is_the_model_that_runs(tmp_path: Path, monkeypatch) -> None:
+    """A checkpoint's hyperparameters no longer overwrite the model the user names; one of another shape fails
+    naming both models instead of silently evaluating the checkpoint's."""
+    monkeypatch.chdir(tmp_path)
+    ckpt = _fit_checkpoint(tmp_path)
+    other = ["--model.model_config.hidden_size=32", "--model.model_config.intermediate_size=64"]
+    with pytest.raises(ValueError, match=r"the checkpoint's weights do not fit this run's model: .*'hidden_size': 64.*"
+                                         r"this run has .*'hidden_size': 32"):
+        build_cli(["validate", "--config", str(CONFIGS / "synthetic.yaml"), *other, f"--ckpt_path={ckpt}",
+                   "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false"])
+    cli = build_cli(["validate", "--config", str(CONFIGS / "synthetic.yaml"), f"--ckpt_path={ckpt}",
+                     "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false"])
+    assert cli.model.hparams["model_config"]["hidden_size"] == 64
+
+
+def test_a_moved_model_directory_is_named_by_the_user_and_works(tmp_path: Path, monkeypatch) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    monkeypatch.chdir(tmp_path)
+    config = {"model_type": "llama", "vocab_size": 128, "hidden_size": 64, "intermediate_size": 128,
+              "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
+    source = tmp_path / "model-old"
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config)).save_pretrained(source)
+    ckpt = _fit_checkpoint(tmp_path, "--model.model_config=null", f"--model.model={source}")
+    moved = source.rename(tmp_path / "model-new")
+    validate = ["validate", "--config", str(CONFIGS / "synthetic.yaml"), "--model.model_config=null", f"--ckpt_path={ckpt}",
+                "--trainer.limit_val_batches=1", "--trainer.enable_progress_bar=false"]
+    with pytest.raises(ValueError, match=r"was saved with model='.*model-old', which does not exist here: pass "
+                                         r"--model.model=<where the model is now>"):
+        build_cli(validate)
+    cli = build_cli([*validate, f"--model.model={moved}"])
+    assert cli.trainer.state.finished and cli.model.hparams["model"] == str(moved)

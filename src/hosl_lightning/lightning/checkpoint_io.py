@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import pickle
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -84,3 +86,17 @@ def restore_zo_state(state: dict[str, Any], drawing: Any, optimizer: Any, schedu
         optimizer.load_state_dict(state["client_optimizer"])
     if state.get("client_scheduler") is not None and scheduler is not None:
         scheduler.load_state_dict(state["client_scheduler"])
+
+
+@contextmanager
+def weights_must_fit(checkpoint: dict[str, Any], module: Any) -> Iterator[None]:
+    """A checkpoint of another model fails naming both models, not with a bare list of mismatched tensors."""
+    try:
+        yield
+    except RuntimeError as error:
+        saved, current = checkpoint.get("hyper_parameters", {}), dict(getattr(module, "hparams", {}))
+        described = [", ".join(f"{k}={h.get(k)!r}" for k in ("model", "model_config") if h.get(k) is not None)
+                     for h in (saved, current)]
+        raise ValueError(f"the checkpoint's weights do not fit this run's model: the checkpoint was saved with "
+                         f"{described[0] or 'another model'}, this run has {described[1] or 'its own'}; name the "
+                         f"checkpoint's model, or another checkpoint ({str(error).splitlines()[0]})") from error

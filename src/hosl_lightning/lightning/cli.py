@@ -7,14 +7,17 @@ process serves and which trains is the strategy's launcher's business (:mod:`.la
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch.cli import LightningCLI
 
 from hosl_lightning.lightning.callbacks import LossSummary, ZeroShotReport
 from hosl_lightning.lightning.module import HOSLModule
 from hosl_lightning.lightning.strategy import HOSLStrategy  # noqa: F401  (registers the "hosl" strategy)
 from hosl_lightning.models import deferred_weights
+from hosl_lightning.models.sources import looks_like_path
 
 
 class HOSLCLI(LightningCLI):
@@ -22,6 +25,26 @@ class HOSLCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.set_defaults({"trainer.strategy": "hosl"})
+
+    def _parse_ckpt_path(self) -> None:
+        """The model the user names is the model that runs: a checkpoint's hyperparameters fill in only the
+        module options that the command line and config leave unset (Lightning's own CLI lets them win)."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        hparams.pop("_instantiator", None)
+        if "_class_path" in hparams:  # a module other than HOSLModule: Lightning's own way
+            return super()._parse_ckpt_path()
+        given = self.config[subcommand].get("model") or {}
+        unset = {key: value for key, value in hparams.items() if given.get(key) is None}
+        saved = unset.get("model")
+        if isinstance(saved, str) and looks_like_path(saved) and not Path(saved).expanduser().exists():
+            raise OptionError(f"ckpt_path={ckpt_path!r} was saved with model={saved!r}, which does not exist here: "
+                              "pass --model.model=<where the model is now>", self.parser)
+        if unset:
+            self.config = self.parser.parse_object({subcommand: {"model": unset}}, self.config)
 
     def _distributed(self) -> bool:
         strategy = self._get(self.config, "trainer.strategy", None)

@@ -29,6 +29,7 @@ from hosl_lightning.lightning.checkpoint_io import (
     check_finite_weights,
     check_resumable,
     restore_zo_state,
+    weights_must_fit,
 )
 from hosl_lightning.lightning.cut import client_process_split, cut_module, install_split
 from hosl_lightning.lightning.dropin import dropin_step, pop_loss_weight, scaled
@@ -308,14 +309,9 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
         with self.telemetry.sides.enter("server" if self.mode == "hosl" else "shared"):
             return super().backward(closure_loss, optimizer, *args, **kwargs)
 
-    # ---- the server process ----------------------------------------------------------------------------
     def serve(self, module: LightningModule) -> int:
-        """Run the server of a distributed run (rank 0) until the clients are done; returns the steps served.
-
-        ``module`` is the same LightningModule the client trains (e.g. built from the same config); the server
-        keeps only its half of the model, trains it with the module's own optimizer (and scheduler), and saves
-        its half of every checkpoint the client saves. ``trainer.fit`` on rank 0 calls this (ServerLauncher).
-        """
+        """Serve the clients (rank 0; ``trainer.fit`` calls this through ServerLauncher); the steps served. ``module``
+        is the clients' module: the server keeps its half, trains it with the module's optimizer, saves it."""
         if self.role != "server":
             raise RuntimeError(f"serve() runs the server (rank {SERVER_RANK}); this process is the {self.role}")
         name, split, client_zo = load_server_half(module, self.cut_layer, self._server_device or torch.device("cpu"))
@@ -369,6 +365,10 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
         check_finite_weights(checkpoint.get("state_dict", {}), filepath, self.zo_steps)  # never a NaN checkpoint
         super().save_checkpoint({**checkpoint, "hosl": self.hosl_state_dict()}, filepath, storage_options)
+
+    def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
+        with weights_must_fit(checkpoint, self.lightning_module):
+            super().load_model_state_dict(checkpoint, strict=strict)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
