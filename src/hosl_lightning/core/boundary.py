@@ -154,30 +154,28 @@ class InProcessLink:
         self.boundary, self.server_step = boundary, server_step
         self.client_side, self.server_side = client_side, server_side
         self.queue = _Queue()
-        self._step: tuple[str, Targets, int] | None = None
-        self._pending_targets: Targets | None = None
+        self.mode, self.step = "", -1  # of the open step
+        self.targets: Targets | None = None  # on the server's side, once the first activations brought them
+        self._unsent: Targets | None = None  # they travel with the first activations, as one message would
 
     def start(self, mode: str, step: int, targets: Targets, probes: int) -> None:
         self.queue.items.clear()
-        self._pending_targets = targets  # they travel with the first activations, as one message would
-        self._step = (mode, {}, step)
+        self.mode, self.step, self.targets, self._unsent = mode, step, None, targets
 
     def up(self, forward: Callable[[], CutActivations], **fields: Any) -> CutActivations:
         activations = forward()
-        assert self._step is not None, "start() opens a step before anything is sent"
         with self.server_side():
-            moved, targets = self.boundary.send_up(activations, self._pending_targets)
-        if targets is not None:
-            self._step = (self._step[0], targets, self._step[2])
-            self._pending_targets = None
+            moved, delivered = self.boundary.send_up(activations, self._unsent)
+        if delivered is not None:
+            self.targets, self._unsent = delivered, None
         self.queue.items.append((moved, fields))
         return activations
 
     def _reply(self) -> Reply:
-        assert self._step is not None, "start() opens a step before a reply is asked for"
-        mode, targets, step = self._step
+        if self.targets is None:
+            raise RuntimeError("the client asked for a reply before it sent anything in this step")
         with self.server_side():
-            reply = self.server_step(mode, self.queue, targets, step)
+            reply = self.server_step(self.mode, self.queue, self.targets, self.step)
         if self.queue.items:
             raise RuntimeError(f"the server half left {len(self.queue.items)} activations unread")
         return reply
