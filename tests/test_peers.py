@@ -1,14 +1,21 @@
 """A distributed run's processes: rank and role from torchrun's variables or arguments, and the settings that
 are refused before any process group is joined (a wrong setting must fail at once, not after every peer has
-started). Real connections are exercised by tests/test_remote.py."""
+started), and joins that fail within their bound, naming the peer and the address (no server, a port held by
+another program, clients that never come). Real runs are exercised by tests/test_remote.py."""
 
 from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
 
 import pytest
 import torch.distributed as dist
 
 from hosl_lightning import HOSLStrategy
-from hosl_lightning.distributed.peers import Peers
+from hosl_lightning.distributed import joining
+from hosl_lightning.distributed.peers import Peers, PeerUnreachable
 
 
 def _peers(rank: int | None = None, world_size: int | None = None) -> Peers:
@@ -90,3 +97,111 @@ def test_teardown_after_a_failed_start_leaves_the_meta_model_where_it_is() -> No
     strategy._lightning_module = module
     strategy.teardown()
     assert strategy.lightning_module is module and next(module.parameters()).device == torch.device("meta")
+
+
+# Joining: every connect or join ends within join_bound_s(timeout_s) + JOIN_REPORT_S, naming the peer and the address.
+JOIN_TIMEOUT_S = 2.0
+PROBE_AND_START_S = 4.0  # beyond the documented bound: the port probe (2 s at most) and a loaded machine
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def short_join(monkeypatch: pytest.MonkeyPatch) -> float:
+    """No 60 s floor: joining waits JOIN_TIMEOUT_S; returns the longest a failed join may take."""
+    monkeypatch.setattr(joining, "JOIN_GRACE_S", 0.0)
+    return joining.join_bound_s(JOIN_TIMEOUT_S) + joining.JOIN_REPORT_S + PROBE_AND_START_S
+
+
+@pytest.fixture
+def silent_listener() -> Iterator[int]:
+    """A port held by a plain socket server that accepts connections and never answers; its port.
+
+    It lets go of its connections after 40 s whatever happens, so a join that hangs fails its test instead of
+    hanging the suite."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    release = threading.Timer(40.0, stop.set)
+    release.start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        stop.set()
+        release.cancel()
+        thread.join()
+        for sock in held:
+            sock.close()
+        server.close()
+
+
+def _join_fails(peers: Peers, limit_s: float) -> str:
+    start = time.monotonic()
+    with pytest.raises(PeerUnreachable) as caught:
+        peers.connect()
+    elapsed = time.monotonic() - start
+    assert elapsed < limit_s, f"joining failed after {elapsed:.1f} s, past its bound of {limit_s:.1f} s"
+    assert not dist.is_initialized() and peers.wire is None
+    return str(caught.value)
+
+
+@pytest.mark.parametrize("env", [False, True], ids=["tcp", "env"])
+def test_a_client_with_no_server_fails_within_the_bound_naming_server_and_address(
+        short_join: float, monkeypatch: pytest.MonkeyPatch, env: bool) -> None:
+    port = _free_port()
+    init_method = f"tcp://127.0.0.1:{port}"
+    if env:
+        monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+        monkeypatch.setenv("MASTER_PORT", str(port))
+        init_method = "env://"
+    message = _join_fails(Peers(None, JOIN_TIMEOUT_S, init_method, 1, 2), short_join)
+    address = f"127.0.0.1:{port} (MASTER_ADDR:MASTER_PORT)" if env else f"127.0.0.1:{port}"
+    assert message.startswith(f"client (rank 1) found no server (rank 0) at {address}: nothing accepted"), message
+    assert "within the join bound of 2 s = max(timeout_s=2, 0)" in message, message
+    assert "Is the server started" in message, message
+
+
+def test_a_client_whose_port_is_held_by_another_program_fails_within_the_bound(
+        short_join: float, silent_listener: int) -> None:
+    """Before, torch's store handshake waited for an answer forever (past 250 s with the default timeout)."""
+    message = _join_fails(Peers(None, JOIN_TIMEOUT_S, f"tcp://127.0.0.1:{silent_listener}", 1, 2), short_join)
+    assert message.startswith(f"client (rank 1) reached 127.0.0.1:{silent_listener}, but what listens there did "
+                              "not answer as the server (rank 0)"), message
+    assert "within the join bound of 2 s" in message and "Is another program using the port?" in message, message
+
+
+@pytest.mark.parametrize(("world_size", "awaited"), [(2, "client (rank 1)"), (3, "clients (ranks 1..2)")])
+def test_a_server_whose_clients_never_come_fails_within_the_bound_naming_them(
+        short_join: float, world_size: int, awaited: str) -> None:
+    port = _free_port()
+    message = _join_fails(Peers(None, JOIN_TIMEOUT_S, f"tcp://127.0.0.1:{port}", 0, world_size), short_join)
+    assert message.startswith(f"server (rank 0): {awaited} did not join at 127.0.0.1:{port} within the join "
+                              f"bound of 2 s = max(timeout_s=2, 0) (0 of {world_size - 1} joined;"), message
+    assert f"Are the clients started, with the same address and world_size={world_size}?" in message, message
+
+
+def test_a_server_whose_port_is_taken_says_so_at_once(short_join: float, silent_listener: int) -> None:
+    message = _join_fails(Peers(None, JOIN_TIMEOUT_S, f"tcp://127.0.0.1:{silent_listener}", 0, 2), 5.0)
+    assert message.startswith(f"server (rank 0) cannot listen on 127.0.0.1:{silent_listener}: the port is in use"), message
+
+
+def test_the_join_bound_is_timeout_s_with_a_floor_of_a_minute() -> None:
+    assert joining.JOIN_GRACE_S == 60.0
+    assert (joining.join_bound_s(5), joining.join_bound_s(300)) == (60.0, 300.0)

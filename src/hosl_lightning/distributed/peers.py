@@ -7,18 +7,18 @@ strategy says *what* a step does, and this says *who* is on the other end and ho
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from lightning.fabric.plugins.environments import ClusterEnvironment
 
 from hosl_lightning.distributed.environment import SplitEnvironment
+from hosl_lightning.distributed.joining import JOIN_GRACE_S, PeerUnreachable, join_process_group
 from hosl_lightning.distributed.wire import Wire
 
 BACKENDS: tuple[str, ...] = ("gloo", "nccl")
 SERVER_RANK = 0  # in a multi-process run rank 0 is the server and ranks 1.. the clients
-JOIN_GRACE_S = 60.0  # the least time processes wait for each other to join, whatever timeout_s is
+__all__ = ["BACKENDS", "JOIN_GRACE_S", "SERVER_RANK", "PeerUnreachable", "Peers"]
 
 
 class Peers:
@@ -69,10 +69,10 @@ class Peers:
         check_clients(clients)
         if not dist.is_initialized():
             backend = self.backend or "gloo"  # both sides must agree; NCCL is opt-in (one client, GPUs both sides)
-            # Joining waits for every process to start (imports and loading can take a while on a busy machine);
+            # Joining waits for every process to start (imports and loading can take a while on a busy machine),
+            # at most join_bound_s(timeout_s), then fails with PeerUnreachable naming the peer and the address;
             # once joined, every receive has its own deadline of timeout_s (wire.Wire).
-            dist.init_process_group(backend, init_method=self.init_method, rank=rank, world_size=clients + 1,
-                                    timeout=timedelta(seconds=max(self.timeout_s, JOIN_GRACE_S)))
+            join_process_group(backend, self.init_method, rank, clients + 1, self.timeout_s)
             self._owns_process_group = True
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
         if rank == SERVER_RANK:

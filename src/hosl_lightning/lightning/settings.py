@@ -62,7 +62,9 @@ class RunSettings:
         backend: the ``torch.distributed`` backend of a distributed run: ``"gloo"`` (the default, on both sides) or
             ``"nccl"`` (one client, GPUs on both sides; untested without a GPU).
         timeout_s: in a distributed run, how long either side waits for the other before failing with an
-            error that names the peer and what was awaited.
+            error that names the peer and what was awaited. Joining at the start waits at most
+            ``max(timeout_s, 60)`` s (plus 5 s for torch to report), then raises ``PeerUnreachable`` naming the
+            peer, the address and what to check (server not started, port held by another program).
         init_method / rank / world_size: how the processes find each other; by default ``"env://"`` and the
             ``RANK`` / ``WORLD_SIZE`` / ``MASTER_ADDR`` / ``MASTER_PORT`` variables that ``torchrun`` sets.
             Rank 0 is the server; ranks 1..world_size-1 are clients, each with its own data.
