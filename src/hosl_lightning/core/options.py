@@ -41,3 +41,9 @@ def check_number(name: str, value: object, low: float, high: float | None = None
             bound = f"in {'(' if strict else '['}{low}, {high}]"
         finite = "" if not isinstance(value, Real) or math.isfinite(value) else " and finite"
         raise ValueError(f"{name}={value!r} is not valid: it must be a number {bound}{finite}")
+
+
+def check_bool(name: str, value: object) -> None:
+    """``value`` must be True or False (not 0, 1 or a string)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} is not valid: choose True or False")  # noqa: TRY004 - one error type for bad options

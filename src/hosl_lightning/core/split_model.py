@@ -43,6 +43,23 @@ def concat_activations(parts: list[CutActivations]) -> CutActivations:
     )
 
 
+def split_activations(activations: CutActivations, parts: int) -> list[CutActivations]:
+    """The inverse of :func:`concat_activations` for ``parts`` equal batches (one paired forward's probes)."""
+    rows = activations.hidden.shape[0]
+    if rows % parts:
+        raise ValueError(f"cannot split {rows} rows of activations into {parts} equal parts")
+    size = rows // parts
+
+    def part(tensor: Tensor | None, index: int) -> Tensor | None:
+        if tensor is None or tensor.shape[0] != rows:
+            return tensor  # None, or positions shared by every row ([1, T])
+        return tensor[index * size:(index + 1) * size]
+
+    return [CutActivations(hidden=activations.hidden[i * size:(i + 1) * size],
+                           attention_mask=part(activations.attention_mask, i),
+                           position_ids=part(activations.position_ids, i)) for i in range(parts)]  # type: ignore[arg-type]
+
+
 def shared_prompts(
     input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor
 ) -> tuple[Tensor, Tensor] | tuple[None, None]:

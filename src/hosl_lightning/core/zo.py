@@ -1,133 +1,67 @@
-"""Zeroth-order machinery: seeded directions, perturbed forwards, the two-point estimate and ZO-SGD.
+"""Zeroth-order estimates and ZO-SGD, the client optimizer every other one builds on.
 
-A direction is never stored: each tensor's slice of direction ``u_q`` is regenerated from a seed derived
-from (base seed, step, query, parameter index), so a resumed run draws exactly the directions an
-uninterrupted one would, and a client update is fully described by a list of (seed, scalar) pairs.
+Directions are regenerated from seeds (:mod:`hosl_lightning.core.directions`) and probes never write the
+weights (:mod:`hosl_lightning.core.perturbation`), so a client holds nothing but its weights between forwards.
 
-Perturbation happens *on the fly*: while a probe forward runs, each module that owns ZO parameters has
-them swapped for ``w + scale * u`` just for the duration of its own forward call (one tensor-sized
-temporary at a time), and the stored weights are never written. Restoring is therefore exact by
-construction, in any dtype, where an in-place ``+mu, -2mu, +mu`` round trip in fp32 drifts by one ulp
-on about half of the elements every probe.
+Two estimators turn probe losses into projected gradients ``c_q``, so that the update is always
+``-lr * (1/Q) sum_q c_q u_q`` (a few numbers per step, replayable from their seeds):
 
-Directions are drawn in chunks of rows, each from its own seed, so that nothing ever needs a whole
-table's direction at once: a token embedding adds ``scale * u`` to the rows a batch looks up (its
-output), never building the perturbed table, and the update walks each tensor chunk by chunk. On a
-135M-parameter model that is the difference between a client peak at the inference floor and one
-embedding table (~100 MiB) above it.
+- ``two_point`` (the paper's SPSA): probes at ``+mu u_q`` and ``-mu u_q``; ``c_q = (L+ - L-) / (2 mu)``;
+- ``one_sided`` (FZOO's): the unperturbed point and ``+mu u_q``; ``c_q = (L_q - L_0) / mu``, Q + 1 forwards.
+
+A token embedding's direction is either dense (the paper's: every row of the table) or sparse: only the
+rows the step's batch reads. The gradient is exactly zero on every other row, so the sparse estimate is
+unbiased, drops the table's share of ``d_c`` from the variance, and its update costs the rows, not the table.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from hosl_lightning.core.options import check_choice, check_int, check_number
+from hosl_lightning.core.directions import DIRECTIONS, DirectionSampler, mix_seed
+from hosl_lightning.core.options import check_choice, check_number
+from hosl_lightning.core.perturbation import paired, perturbed
 
-DIRECTIONS = ("gaussian", "rademacher")
+__all__ = ["DIRECTIONS", "DirectionSampler", "mix_seed"]  # re-exported: where callers have always found them
+ESTIMATORS = ("two_point", "one_sided")
+EMBEDDING_DIRECTIONS = ("dense", "sparse")
 ZO_LR_SCHEDULES = ("constant", "linear", "cosine")
-_MASK64 = (1 << 64) - 1
 T = TypeVar("T")
-
-
-def mix_seed(*parts: int) -> int:
-    """Hash integers into a 63-bit seed (splitmix64 rounds), stable across runs and platforms."""
-    state = 0x9E3779B97F4A7C15
-    for part in parts:
-        state = (state ^ (int(part) & _MASK64)) & _MASK64
-        state = (state + 0x9E3779B97F4A7C15) & _MASK64
-        z = state
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-        state = z ^ (z >> 31)
-    return state >> 1
-
-
-DIRECTION_CHUNK = 1 << 14  # elements per generator call (64 KiB in fp32): ~5% call overhead, few wasted rows
-
-
-class DirectionSampler:
-    """Regenerates the random direction of one parameter tensor for one (step, query) from its seed.
-
-    A tensor's direction is cut into chunks of whole rows (dim 0), at most ``chunk`` elements each, and
-    chunk ``i`` is drawn from seed ``mix_seed(seed, step, query, key, i)``: any chunk, and so any rows, can
-    be regenerated alone, and the whole direction is the same however it is assembled.
-    """
-
-    def __init__(self, kind: str = "gaussian", seed: int = 0, chunk: int = DIRECTION_CHUNK) -> None:
-        check_choice("direction", kind, DIRECTIONS)
-        check_int("chunk", chunk, 1)
-        self.kind = kind
-        self.seed = int(seed)
-        self.chunk = int(chunk)
-
-    def seed_for(self, step: int, query: int, key: int, chunk: int = 0) -> int:
-        return mix_seed(self.seed, step, query, key, chunk)
-
-    def rows_per_chunk(self, like: Tensor) -> int:
-        row = like[0].numel() if like.ndim > 1 else 1
-        return max(1, self.chunk // max(row, 1))
-
-    def chunks(self, step: int, query: int, key: int, like: Tensor) -> Iterator[tuple[Any, Tensor]]:
-        """``(rows, u[rows])`` for each chunk of ``like``'s direction, in order: one chunk alive at a time."""
-        if like.ndim == 0:
-            yield ..., self._draw(step, query, key, 0, like.shape, like)
-            return
-        per_chunk = self.rows_per_chunk(like)
-        for index, start in enumerate(range(0, like.shape[0], per_chunk)):
-            rows = slice(start, min(start + per_chunk, like.shape[0]))
-            yield rows, self._draw(step, query, key, index, (rows.stop - start, *like.shape[1:]), like)
-
-    def direction(self, step: int, query: int, key: int, like: Tensor) -> Tensor:
-        """A fresh tensor shaped like ``like``: N(0, 1) entries, or +-1 for rademacher."""
-        if like.ndim == 0:
-            return self._draw(step, query, key, 0, like.shape, like)
-        out = torch.empty_like(like, memory_format=torch.contiguous_format)
-        for rows, part in self.chunks(step, query, key, like):
-            out[rows] = part
-        return out
-
-    def rows(self, step: int, query: int, key: int, like: Tensor, index: Tensor) -> Tensor:
-        """``direction(...)[index]`` for integer ``index`` (any shape), drawing only the chunks it touches."""
-        per_chunk = self.rows_per_chunk(like)
-        flat = index.reshape(-1)
-        out = torch.empty((flat.numel(), *like.shape[1:]), dtype=like.dtype, device=like.device)
-        order = torch.argsort(flat)
-        chunk_of = torch.div(flat[order], per_chunk, rounding_mode="floor")
-        chunks, counts = torch.unique_consecutive(chunk_of, return_counts=True)
-        start_of_run = 0
-        for chunk, count in zip(chunks.tolist(), counts.tolist()):
-            where = order[start_of_run:start_of_run + count]
-            start_of_run += count
-            first = chunk * per_chunk
-            size = min(per_chunk, like.shape[0] - first)
-            part = self._draw(step, query, key, chunk, (size, *like.shape[1:]), like)
-            out[where] = part[flat[where] - first]
-        return out.reshape(*index.shape, *like.shape[1:])
-
-    def _draw(self, step: int, query: int, key: int, chunk: int, shape: tuple[int, ...] | torch.Size,
-              like: Tensor) -> Tensor:
-        generator = torch.Generator(device=like.device)
-        generator.manual_seed(self.seed_for(step, query, key, chunk))
-        if self.kind == "gaussian":
-            return torch.randn(shape, generator=generator, device=like.device, dtype=like.dtype)
-        signs = torch.randint(0, 2, shape, generator=generator, device=like.device, dtype=torch.int8)
-        return signs.to(like.dtype).mul_(2).sub_(1)
 
 
 @dataclass(frozen=True)
 class ZOEstimate:
-    """One step's zeroth-order gradient: ``(1/Q) sum_q coefficients[q] * u(step, q)``."""
+    """One step's zeroth-order gradient: ``(1/Q) sum_q coefficients[q] * u(step, q)``.
+
+    ``rows`` holds, for each parameter key with a sparse direction, the sorted row ids its direction covers
+    (the rows the step's batch read): the update touches those rows only, and a replay needs them.
+    """
 
     step: int
-    coefficients: Tensor  # [Q] projected gradients c_q = (L+ - L-) / (2 mu)
+    coefficients: Tensor  # [Q] projected gradients, e.g. c_q = (L+ - L-) / (2 mu)
+    rows: dict[int, Tensor] = field(default_factory=dict)
+
+
+def probe_points(estimator: str, queries: int) -> list[tuple[int, float]]:
+    """The (query, sign) of each probe in the order they are sent: sign 0 is the unperturbed point."""
+    check_choice("estimator", estimator, ESTIMATORS)
+    if estimator == "one_sided":
+        return [(0, 0.0), *((q, 1.0) for q in range(queries))]
+    return [(q, sign) for q in range(queries) for sign in (1.0, -1.0)]
+
+
+def estimate_coefficients(losses: Tensor, mu: float, estimator: str = "two_point") -> Tensor:
+    """The Q projected gradients from the probe losses, in :func:`probe_points` order."""
+    if estimator == "one_sided":
+        return (losses[1:] - losses[0]) / mu
+    return projected_gradients(losses, mu)
 
 
 def two_point_estimate(
@@ -140,7 +74,7 @@ def two_point_estimate(
     into 2Q losses. Splitting the two lets the caller evaluate every loss in one batched server forward.
     Returns the Q projected gradients and the 2Q losses.
     """
-    outputs = [probe(q, sign) for q in range(queries) for sign in (1.0, -1.0)]
+    outputs = [probe(q, sign) for q, sign in probe_points("two_point", queries)]
     values = losses(outputs).detach().float().reshape(-1)
     if values.numel() != 2 * queries:
         raise ValueError(f"losses() returned {values.numel()} values for {2 * queries} probes")
@@ -163,7 +97,17 @@ class ZOSGD(Optimizer):
     A real ``torch.optim.Optimizer`` so that LR schedulers, checkpoints and Lightning treat it like any
     other; it never reads ``.grad``. Each parameter's direction key is its position in the order given
     at construction (plus ``first_key``), shared with :meth:`perturbed` so probes and updates draw the same ``u_q``.
+
+    Subclasses (:mod:`hosl_lightning.zo_optimizers`) change the estimator, the coefficients or the update; the
+    class attributes say what a run must know about them.
     """
+
+    name: ClassVar[str] = "zo_sgd"  # as registered (hosl_lightning.zo_optimizers)
+    estimator: ClassVar[str] = "two_point"  # how probes become coefficients (see probe_points)
+    replayable: ClassVar[bool] = True  # an update is fully described by (seed, step, lr, coefficients, rows)
+    min_queries: ClassVar[int] = 1
+    extra_memory: ClassVar[str] = "none"  # client memory beyond the weights, documented per optimizer
+    options: ClassVar[dict[str, Any]] = {}  # its own options (beyond lr, weight decay, directions) and defaults
 
     def __init__(
         self,
@@ -173,12 +117,15 @@ class ZOSGD(Optimizer):
         direction: str = "gaussian",
         seed: int = 0,
         first_key: int = 0,
+        embedding_directions: str = "dense",
+        defaults: dict[str, Any] | None = None,
     ) -> None:
         named = list(named_params)
         if not named:
-            raise ValueError("ZOSGD got no parameters to train")
+            raise ValueError(f"{type(self).__name__} got no parameters to train")
         check_number("lr", lr, 0)
         check_number("weight_decay", weight_decay, 0)
+        check_choice("embedding_directions", embedding_directions, EMBEDDING_DIRECTIONS)
         for name, param in named:
             if not param.is_floating_point() or param.element_size() < 4:
                 raise TypeError(
@@ -189,19 +136,53 @@ class ZOSGD(Optimizer):
         decay = [p for n, p in named if not is_no_decay(n, p)]
         no_decay = [p for n, p in named if is_no_decay(n, p)]
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        super().__init__([g for g in groups if g["params"]], {"lr": lr, "weight_decay": weight_decay})
+        super().__init__([g for g in groups if g["params"]], {"lr": lr, "weight_decay": weight_decay, **(defaults or {})})
         self.sampler = DirectionSampler(direction, seed)
         self.names = {id(p): n for n, p in named}
         # first_key: a server process's share of an all-ZO split continues the client's keys, so both draw
         # exactly the directions that one optimizer over both halves would.
         self.keys = {id(p): first_key + index for index, (_, p) in enumerate(named)}
+        self.embedding_directions = embedding_directions
+        self._support: dict[int, Tensor] = {}  # key -> the sorted rows a sparse direction covers this step
+        self._support_step: int | None = None
+
+    @classmethod
+    def check_options(cls, **options: Any) -> None:
+        """Check this optimizer's own options (named in ``options``) before anything is built."""
 
     def direction_signature(self) -> dict[str, Any]:
         """What besides the seeds fixes the directions drawn: a generator draws other numbers on another device
-        type, and chunks cut the draws. Runs that replay or resume each other's directions must agree on it."""
+        type, chunks cut the draws, and a sparse table direction is drawn otherwise. Runs that replay or resume
+        each other's directions must agree on it."""
         first = next(p for group in self.param_groups for p in group["params"])
-        return {"direction_device": first.device.type, "direction_chunk": self.sampler.chunk}
+        return {"direction_device": first.device.type, "direction_chunk": self.sampler.chunk,
+                "embedding_directions": self.embedding_directions}
 
+    # ---- the estimate ------------------------------------------------------------------------------------
+    def coefficients(self, losses: Tensor, mu: float) -> Tensor:
+        """This optimizer's coefficients from the probe losses (in :func:`probe_points` order)."""
+        return estimate_coefficients(losses, mu, self.estimator)
+
+    def estimate(self, step: int, coefficients: Tensor) -> ZOEstimate:
+        """The step's estimate, with the rows its sparse directions covered."""
+        rows = dict(self._support) if self._support_step == step else {}
+        return ZOEstimate(step, coefficients, rows)
+
+    def row_directions(self, weight: Tensor, step: int, query: int, ids: Tensor) -> Tensor:
+        """``u(step, query)[ids]`` for an embedding table: the dense direction's rows, or the sparse one's."""
+        key = self.keys[id(weight)]
+        if self.embedding_directions == "dense":
+            return self.sampler.rows(step, query, key, weight, ids)
+        if self._support_step != step:
+            self._support, self._support_step = {}, step
+        support = self._support.setdefault(key, torch.unique(ids))
+        where = torch.searchsorted(support, ids).clamp_(max=support.numel() - 1)
+        if not bool((support[where] == ids).all()):
+            raise RuntimeError(f"step {step}: a probe of {self.names[id(weight)]!r} read rows its step's first probe "
+                               "did not; every probe of a step must see the same batch")
+        return self.sampler.support_rows(step, query, key, support.numel(), weight)[where]
+
+    # ---- the update --------------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *, estimate: ZOEstimate | None = None) -> Any:
         loss = None
@@ -209,30 +190,52 @@ class ZOSGD(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         if estimate is None:
-            raise ValueError("ZOSGD.step needs estimate=ZOEstimate(step, coefficients)")
+            raise ValueError(f"{type(self).__name__}.step needs estimate=ZOEstimate(step, coefficients)")
         coefficients = estimate.coefficients.detach().float().cpu().tolist()
         for group in self.param_groups:
             lr, weight_decay = group["lr"], group["weight_decay"]
             for param in group["params"]:
                 if weight_decay:
                     param.mul_(1.0 - lr * weight_decay)
-                self.add_directions(param, self.sampler, estimate.step, coefficients, lr)
+                self.add_directions(param, self.sampler, estimate.step, coefficients, lr,
+                                    rows=estimate.rows.get(self.keys[id(param)]))
         return loss
+
+    def directions(self, param: Tensor, sampler: DirectionSampler, step: int, coefficients: list[float],
+                   rows: Tensor | None = None) -> Iterator[tuple[Any, Tensor]]:
+        """``(index, (1/Q) sum_q c_q u_q[index])`` over ``param``: chunks of rows, or a sparse direction's rows."""
+        key, per_query = self.keys[id(param)], 1.0 / len(coefficients)
+        if rows is not None:
+            total = torch.zeros((rows.numel(), *param.shape[1:]), dtype=param.dtype, device=param.device)
+            for query, coefficient in enumerate(coefficients):
+                total.add_(sampler.support_rows(step, query, key, rows.numel(), param), alpha=per_query * coefficient)
+            yield rows.to(param.device), total
+            return
+        per_query_chunks = [sampler.chunks(step, query, key, param) for query in range(len(coefficients))]
+        for parts in zip(*per_query_chunks):  # the same chunk of every query's direction, one chunk at a time
+            index, total = parts[0][0], parts[0][1].mul_(per_query * coefficients[0])
+            for (_, u), coefficient in zip(parts[1:], coefficients[1:]):
+                total.add_(u, alpha=per_query * coefficient)
+            yield index, total
 
     @torch.no_grad()
     def add_directions(self, param: Tensor, sampler: DirectionSampler, step: int, coefficients: list[float], lr: float,
-                       scale: float = 1.0) -> None:
+                       scale: float = 1.0, rows: Tensor | None = None) -> None:
         """``param -= scale * lr * (1/Q) sum_q c_q u_q``: the ZO update of one tensor, also used to replay an
-        update that another client made (``sampler`` with its seed) from its (seed, step, coefficients)."""
-        key = self.keys[id(param)]
-        per_query = 1.0 / len(coefficients)
-        for query, coefficient in enumerate(coefficients):
-            for rows, u in sampler.chunks(step, query, key, param):
-                param[rows].add_(u, alpha=-lr * per_query * coefficient * scale)
+        update that another client made (``sampler`` with its seed) from its (seed, step, coefficients, rows)."""
+        key, per_query = self.keys[id(param)], 1.0 / len(coefficients)
+        for query, coefficient in enumerate(coefficients):  # one query at a time: the paper's arithmetic, bit for bit
+            alpha = -lr * per_query * coefficient * scale
+            if rows is not None:
+                param.index_add_(0, rows.to(param.device), sampler.support_rows(step, query, key, rows.numel(), param),
+                                 alpha=alpha)
+                continue
+            for index, u in sampler.chunks(step, query, key, param):
+                param[index].add_(u, alpha=alpha)
 
-    @contextmanager
+    # ---- probes ------------------------------------------------------------------------------------------
     def perturbed(self, modules: Sequence[nn.Module], step: int, query: int, scale: float,
-                  half: bool = False) -> Iterator[None]:
+                  half: bool = False) -> Any:
         """Run forwards of ``modules`` at ``theta + scale * u(step, query)`` without writing ``theta``.
 
         A plain ``nn.Embedding`` looks up the stored table and adds ``scale * u`` to the rows it returned
@@ -243,72 +246,13 @@ class ZOSGD(Optimizer):
         directly by another module would silently escape the perturbation). With ``half``, only the parameters
         of ``modules`` must be reached: one half's probe of an optimizer over both (zo's halves, in one process).
         """
-        swapped: dict[tuple[int, str], tuple[nn.Module, str, nn.Parameter]] = {}
-        temps: dict[int, Tensor] = {}  # one perturbed copy per parameter, shared by every module reading it
-        reached: set[int] = set()
+        return perturbed(self, modules, step, query, scale, half)
 
-        def swap_in(module: nn.Module, _args: Any) -> None:
-            for name, param in list(module._parameters.items()):
-                if param is None or id(param) not in self.keys or (id(module), name) in swapped:
-                    continue
-                if id(param) not in temps:
-                    temp = torch.empty_like(param)
-                    for rows, u in self.sampler.chunks(step, query, self.keys[id(param)], param):
-                        temp[rows] = u.mul_(scale).add_(param.detach()[rows])
-                    temps[id(param)] = temp
-                module._parameters[name] = temps[id(param)]
-                swapped[(id(module), name)] = (module, name, param)
-                reached.add(id(param))
-
-        def swap_out(module: nn.Module, _args: Any, _output: Any) -> None:
-            for key, (owner, name, param) in list(swapped.items()):
-                if owner is module:
-                    owner._parameters[name] = param
-                    del swapped[key]
-                    if not any(p is param for _, _, p in swapped.values()):
-                        temps.pop(id(param), None)
-
-        def perturb_rows(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
-            weight = module.weight
-            reached.add(id(weight))
-            offset = self.sampler.rows(step, query, self.keys[id(weight)], weight, args[0])
-            return offset.mul_(scale).add_(output)
-
-        handles = []
-        for root in modules:
-            for module in root.modules():
-                if not any(p is not None and id(p) in self.keys for p in module._parameters.values()):
-                    continue
-                if _is_plain_embedding(module) and id(module.weight) in self.keys:
-                    handles.append(module.register_forward_hook(perturb_rows))
-                else:
-                    handles.append(module.register_forward_pre_hook(swap_in))
-                    handles.append(module.register_forward_hook(swap_out))
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
-            for owner, name, param in swapped.values():
-                owner._parameters[name] = param
-            temps.clear()
-        in_scope = {id(p) for root in modules for p in root.parameters()} if half else self.keys
-        missing = [self.names[key] for key in self.keys if key in in_scope and key not in reached]
-        if missing:
-            raise RuntimeError(
-                f"{len(missing)} zeroth-order parameter(s) were not used by any module's forward during a probe, "
-                f"so perturbing them is impossible: {missing[:5]}. Parameters must be read by the module that "
-                "owns them (a module reading another module's .weight directly escapes the perturbation)."
-            )
-
-
-def _is_plain_embedding(module: nn.Module) -> bool:
-    """An embedding whose output is exactly ``weight[ids]``, so perturbing rows equals perturbing the table.
-
-    Subclasses that scale or offset inside ``forward`` (OPT's learned positions, Gemma's scaled embedding)
-    and ``max_norm`` (which renormalises the looked-up rows) take the general path instead.
-    """
-    return type(module).forward is nn.Embedding.forward and isinstance(module, nn.Embedding) and module.max_norm is None
+    def paired(self, modules: Sequence[nn.Module], step: int, query: int, mu: float, rows: int,
+               half: bool = False) -> Any:
+        """The ``+mu`` and ``-mu`` probes of ``query`` as one forward of a doubled batch of ``rows`` rows (first
+        half ``+mu``), each direction drawn once for both (:func:`hosl_lightning.core.perturbation.paired`)."""
+        return paired(self, modules, step, query, mu, rows, half)
 
 
 def zo_lr_scheduler(optimizer: ZOSGD, schedule: str, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:

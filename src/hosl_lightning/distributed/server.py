@@ -17,7 +17,7 @@ from torch import Tensor
 from hosl_lightning.core.boundary import Fields, Targets
 from hosl_lightning.core.split import CutActivations
 from hosl_lightning.core.split_model import SplitCausalLM
-from hosl_lightning.core.zo import ZOSGD, ZOEstimate, projected_gradients
+from hosl_lightning.core.zo import ZOSGD
 from hosl_lightning.distributed.client import PROTOCOL_VERSION
 from hosl_lightning.distributed.clients import TurnKeeper
 from hosl_lightning.distributed.wire import Message, PeerTimeout, Wire, check_finite, check_shape, recv_from_any
@@ -219,7 +219,7 @@ class SplitServer:
             if "zo_lr" in request.fields:  # at the client's scheduled zo_lr
                 for group in zo.param_groups:
                     group["lr"] = float(request.fields["zo_lr"])
-            zo.step(estimate=ZOEstimate(step, projected_gradients(reply["losses"], self.settings.mu)))
+            zo.step(estimate=zo.estimate(step, zo.coefficients(reply["losses"], self.settings.mu)))
         else:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)

@@ -17,12 +17,12 @@ import hashlib
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from hosl_lightning.core.zo import ZOSGD, DirectionSampler, mix_seed
+from hosl_lightning.core.zo import ZOSGD, DirectionSampler, ZOEstimate, mix_seed
 from hosl_lightning.distributed.wire import MalformedPayload
 
 SCHEDULES: tuple[str, ...] = ("sequential", "parallel")
@@ -36,24 +36,36 @@ def client_seed(seed: int, rank: int, clients: int) -> int:
 
 @dataclass(frozen=True)
 class ZOUpdate:
-    """One applied ZO step, as it travels: JSON numbers (exact for float64 and the float32 coefficients)."""
+    """One applied ZO step, as it travels: JSON numbers (exact for float64 and the float32 coefficients), and
+    for each sparse direction the row ids it covered (``{key: [rows]}``; empty with dense directions)."""
 
     seed: int
     step: int
     lr: float
     coefficients: tuple[float, ...]
+    rows: dict[int, tuple[int, ...]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, optimizer: ZOSGD, estimate: ZOEstimate) -> ZOUpdate:
+        """The update ``optimizer`` just applied from ``estimate``."""
+        rows = {key: tuple(ids.tolist()) for key, ids in estimate.rows.items()}
+        return cls(optimizer.sampler.seed, estimate.step, optimizer.param_groups[0]["lr"],
+                   tuple(estimate.coefficients.tolist()), rows)
 
     def to_json(self) -> list:
-        return [self.seed, self.step, self.lr, list(self.coefficients)]
+        item: list = [self.seed, self.step, self.lr, list(self.coefficients)]
+        return [*item, {str(k): list(v) for k, v in self.rows.items()}] if self.rows else item
 
     @classmethod
     def from_json(cls, item: list) -> ZOUpdate:
         """Parse and check one update from a peer: replaying NaN or inf would corrupt every weight it touches."""
         try:
-            seed, step, lr, coefficients = item
-            update = cls(int(seed), int(step), float(lr), tuple(float(c) for c in coefficients))
-        except (TypeError, ValueError) as error:
-            raise MalformedPayload(f"an update must be [seed, step, lr, [coefficients]], got {item!r}: {error}") from None
+            seed, step, lr, coefficients, *more = item
+            rows = {int(k): tuple(int(r) for r in v) for k, v in (more[0] if more else {}).items()}
+            update = cls(int(seed), int(step), float(lr), tuple(float(c) for c in coefficients), rows)
+        except (TypeError, ValueError, AttributeError) as error:
+            raise MalformedPayload(f"an update must be [seed, step, lr, [coefficients], {{key: [rows]}}?], got "
+                                   f"{item!r}: {error}") from None
         if not all(math.isfinite(v) for v in (update.lr, *update.coefficients)) or not update.coefficients:
             raise MalformedPayload(f"an update holds NaN, inf or no coefficients: {item!r}")
         return update
@@ -65,6 +77,12 @@ def encoded_size(updates: Sequence[ZOUpdate]) -> int:
 
 
 def check_replayable(optimizer: ZOSGD) -> None:
+    if not optimizer.replayable:
+        raise ValueError(
+            f"client_sync='seeds' replays updates from their seeds, but zo_optimizer {optimizer.name!r} keeps state "
+            "that an update's numbers do not carry: use client_sync='weights' or a stateless zo_optimizer "
+            "(zo_sgd, fzoo)"
+        )
     if any(group["weight_decay"] for group in optimizer.param_groups):
         raise ValueError(
             "client_sync='seeds' replays updates from their seeds, which is exact only without weight decay: set "
@@ -82,7 +100,9 @@ def replay(optimizer: ZOSGD, updates: Sequence[ZOUpdate], scale: float = 1.0) ->
         sampler = samplers.setdefault(update.seed, DirectionSampler(own.kind, update.seed, own.chunk))
         for group in optimizer.param_groups:
             for param in group["params"]:
-                optimizer.add_directions(param, sampler, update.step, list(update.coefficients), update.lr, scale)
+                rows = update.rows.get(optimizer.keys[id(param)])
+                optimizer.add_directions(param, sampler, update.step, list(update.coefficients), update.lr, scale,
+                                         rows=None if rows is None else torch.tensor(rows, dtype=torch.long))
 
 
 def weights_of(module: nn.Module) -> dict[str, Tensor]:

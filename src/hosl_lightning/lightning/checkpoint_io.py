@@ -53,15 +53,17 @@ class SplitCheckpointIO(TorchCheckpointIO):
             self.remote.load(self.name_of(path))
 
 
-RESUME_KEYS = ("mode", "cut_layer", "seed", "direction")  # a run resumes only with the settings it was saved with
+RESUME_KEYS = ("mode", "cut_layer", "seed", "direction", "zo_optimizer_name")  # a run resumes only with these
+RESUME_DEFAULTS = {"zo_optimizer_name": "zo_sgd"}  # what a checkpoint saved before the key existed was run with
 
 
 def check_resumable(state: dict[str, Any], current: dict[str, Any], path: Any) -> None:
     """Refuse to resume a checkpoint saved with other settings, naming the setting and both values."""
     for key in RESUME_KEYS:
-        if state[key] != current[key]:
+        saved = state.get(key, RESUME_DEFAULTS.get(key))
+        if saved != current[key]:
             raise ValueError(
-                f"checkpoint {path} was saved with {key}={state[key]!r}, this run has "
+                f"checkpoint {path} was saved with {key}={saved!r}, this run has "
                 f"{key}={current[key]!r}: resume with the same {key}"
             )
 
@@ -77,6 +79,8 @@ def check_finite_weights(state_dict: dict[str, Any], path: Any, step: int) -> No
 def restore_zo_state(state: dict[str, Any], drawing: Any, optimizer: Any, scheduler: Any) -> None:
     """Restore the client's ZO optimizer and zo_lr schedule, refusing a run that would draw other directions."""
     saved, current = state.get("directions"), drawing.direction_signature()
+    if saved is not None:
+        saved = {"embedding_directions": "dense", **saved}  # saved before sparse directions existed: dense
     if saved is not None and saved != current:
         raise ValueError(
             f"the checkpoint drew its directions with {saved}, this run draws them with {current}: the same seeds "

@@ -12,14 +12,15 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.precision import HalfPrecision, MixedPrecision, Precision
 
-from hosl_lightning.core.options import check_choice, check_int, check_number
-from hosl_lightning.core.zo import DIRECTIONS, ZO_LR_SCHEDULES, ZOSGD
+from hosl_lightning.core.options import check_bool, check_choice, check_int, check_number
+from hosl_lightning.core.zo import DIRECTIONS, EMBEDDING_DIRECTIONS, ZO_LR_SCHEDULES, ZOSGD
 from hosl_lightning.distributed.clients import ClientSync
 from hosl_lightning.distributed.peers import BACKENDS, Peers
-from hosl_lightning.distributed.sync import CLIENT_SYNCS, SCHEDULES, check_replayable
+from hosl_lightning.distributed.sync import CLIENT_SYNCS, SCHEDULES, check_replayable, client_seed
 from hosl_lightning.distributed.wire import Wire, WireError
 from hosl_lightning.models import adapter_config
 from hosl_lightning.modes import MODES, SERVER_GRADS, ZOSettings
+from hosl_lightning.zo_optimizers import build_zo_optimizer, zo_optimizer_spec
 
 STRATEGY_NAME = "hosl"
 TRANSPORTS: tuple[str, ...] = ("in_process", "distributed")
@@ -38,6 +39,19 @@ class RunSettings:
         zo_weight_decay: decoupled weight decay of the ZO updates; biases and norm weights are exempt.
         zo_lr_schedule: ``"constant"`` (the paper's), ``"linear"`` or ``"cosine"``: ``zo_lr`` decayed to 0 over the
             fit's steps (``trainer.estimated_stepping_batches``); checkpointed and resumed with the run.
+        zo_optimizer: the zeroth-order optimizer (the client's in hosl, both halves' in zo): a name or
+            ``{name: ..., <option>: ...}``. ``"zo_sgd"`` (the default: the paper's ZO-SGD, two-point), ``"fzoo"``
+            (one-sided, Q + 1 forwards, step divided by the spread of the losses; needs q >= 2) or
+            ``{name: zo_momentum, momentum: 0.9}`` (one buffer of d_c floats; no seed sync). See
+            :mod:`hosl_lightning.zo_optimizers` and README, "Choosing the client optimizer".
+        embedding_directions: ``"dense"`` (the paper's: a direction over the whole token-embedding table) or
+            ``"sparse"`` (only the rows the step's batch reads; unbiased, since the gradient is zero on every other
+            row, with the table's share of d_c gone from the variance, and an update that costs those rows only).
+            Plain ``nn.Embedding`` tables only; others (OPT's learned positions) stay dense.
+        pair_probes: run a query's +mu and -mu probes as one client forward of the batch twice over, each
+            direction drawn once for both: faster probes, for the activations of a doubled batch. ``False`` (the
+            default) runs them one after the other, drawing twice, and keeps the client at the inference floor.
+            Drop-in modules run their probes one at a time.
         direction: ``"gaussian"`` or ``"rademacher"`` directions.
         seed: base seed of the directions; direction q of step t is drawn from hash(seed, t, q, tensor).
         server_grad: which forward the server's gradient comes from in hosl mode: ``"perturbed"`` (the +mu
@@ -96,6 +110,12 @@ class RunSettings:
         check_number("zo_weight_decay", o.zo_weight_decay, 0)
         check_choice("zo_lr_schedule", o.zo_lr_schedule, ZO_LR_SCHEDULES)
         check_choice("direction", o.direction, DIRECTIONS)
+        check_choice("embedding_directions", o.embedding_directions, EMBEDDING_DIRECTIONS)
+        check_bool("pair_probes", o.pair_probes)
+        optimizer_class, optimizer_options = zo_optimizer_spec(o.zo_optimizer)
+        if o.q < optimizer_class.min_queries:
+            raise ValueError(f"q={o.q} is not valid with zo_optimizer {optimizer_class.name!r}: it needs "
+                             f"q >= {optimizer_class.min_queries}")
         check_int("seed", o.seed, 0)
         if o.server_grad is not None:
             check_choice("server_grad", o.server_grad, SERVER_GRADS)
@@ -122,7 +142,12 @@ class RunSettings:
         # None: the path's own choice (a drop-in module takes its gradient from the clean call it makes anyway).
         self._given = {"server_grad": o.server_grad, "batch_probes": o.batch_probes}
         self.settings = ZOSettings(queries=o.q, mu=float(o.mu), server_grad=o.server_grad or "perturbed",
-                                   batch_probes=True if o.batch_probes is None else o.batch_probes)
+                                   batch_probes=True if o.batch_probes is None else o.batch_probes,
+                                   estimator=optimizer_class.estimator, pair_probes=o.pair_probes)
+        # one spelling of the choice, so that client and server compare equal however each was written
+        self.zo_optimizer = {"name": optimizer_class.name, **optimizer_options}
+        self.zo_optimizer_name = optimizer_class.name
+        self.embedding_directions = o.embedding_directions
         self.zo_lr, self.zo_weight_decay = float(o.zo_lr), float(o.zo_weight_decay)
         self.zo_lr_schedule = o.zo_lr_schedule
         self.direction, self.seed = o.direction, o.seed
@@ -194,6 +219,18 @@ class RunSettings:
             if self.client_optimizer is not None and self.client_sync == "seeds":
                 check_replayable(self.client_optimizer)
 
+    def zo_optimizer_over(self, *halves: Any) -> ZOSGD:
+        """The ``zo_optimizer`` over the ZO parameters of ``halves``; each client of several draws its own seed."""
+        seed = self.seed if self.role != "client" else client_seed(self.seed, self._peers.rank(), self.clients)
+        named = [(n, p) for half in halves for n, p in half.named_parameters() if getattr(p, "_hosl_zo", False)]
+        return self.new_zo_optimizer(named, seed)
+
+    def new_zo_optimizer(self, named: list[tuple[str, Any]], seed: int, first_key: int = 0) -> ZOSGD:
+        """The run's ``zo_optimizer`` over ``named`` (this process's ZO parameters), drawing from ``seed``."""
+        return build_zo_optimizer(self.zo_optimizer, named, lr=self.zo_lr, weight_decay=self.zo_weight_decay,
+                                  direction=self.direction, seed=seed, first_key=first_key,
+                                  embedding_directions=self.embedding_directions)
+
     def hello_settings(self, client_zo_params: int) -> dict[str, Any]:
         """What client and server must agree on; the server refuses a hello that differs, naming each setting."""
         return {
@@ -202,6 +239,7 @@ class RunSettings:
             "clients": self.clients, "schedule": self.schedule, "client_sync": self.client_sync,
             "zo_lr": self.zo_lr, "zo_weight_decay": self.zo_weight_decay, "zo_lr_schedule": self.zo_lr_schedule,
             "steps_per_turn": self.steps_per_turn, "sync_every_n_steps": self.sync_every_n_steps,
+            "zo_optimizer": self.zo_optimizer, "embedding_directions": self.embedding_directions,
         }
 
     def report_failure(self, exception: BaseException) -> None:
@@ -267,7 +305,8 @@ class RunSettings:
             )
 
     def dropin_settings(self) -> ZOSettings:
-        return ZOSettings(self.settings.queries, self.settings.mu, "clean", batch_probes=False)
+        return ZOSettings(self.settings.queries, self.settings.mu, "clean", batch_probes=False,
+                          estimator=self.settings.estimator, pair_probes=False)
 
 
 def check_precision(plugin: Precision, mode: str, transport: str) -> None:

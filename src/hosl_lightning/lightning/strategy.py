@@ -22,7 +22,7 @@ from hosl_lightning.core.zo import ZOSGD, ZOEstimate, zo_lr_scheduler
 from hosl_lightning.distributed.client import ClientSplitCausalLM, RemoteServer
 from hosl_lightning.distributed.peers import SERVER_RANK
 from hosl_lightning.distributed.serving import load_server_half, serve_half, zo_parameter_count
-from hosl_lightning.distributed.sync import ZOUpdate, client_seed, weights_digest
+from hosl_lightning.distributed.sync import ZOUpdate, weights_digest
 from hosl_lightning.lightning.checkpoint_io import (
     RESUME_KEYS,
     SplitCheckpointIO,
@@ -56,6 +56,9 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
         zo_lr: float = 1e-6,
         zo_weight_decay: float = 0.0,
         zo_lr_schedule: str = "constant",
+        zo_optimizer: str | dict[str, Any] | None = None,
+        embedding_directions: str = "dense",
+        pair_probes: bool = False,
         direction: str = "gaussian",
         seed: int = 0,
         server_grad: ServerGrad | None = None,
@@ -149,11 +152,6 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
         self._split = split
         self.telemetry.install(split)
 
-    def _new_zo_optimizer(self, *halves: nn.Module) -> ZOSGD:
-        seed = self.seed if self.role != "client" else client_seed(self.seed, self._peers.rank(), self.clients)
-        named = [(n, p) for half in halves for n, p in half.named_parameters() if getattr(p, "_hosl_zo", False)]
-        return ZOSGD(named, self.zo_lr, self.zo_weight_decay, self.direction, seed)
-
     def setup_optimizers(self, trainer: Trainer) -> None:
         module = self.lightning_module
         assert module is not None
@@ -169,15 +167,15 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
                     f"lr_scheduler is not valid in mode={self.mode!r}: no first-order optimizer is left to schedule "
                     "(one ZOSGD trains both halves); schedule zo_lr with HOSLStrategy(zo_lr_schedule=...)"
                 )
-            self._zo_optimizers(trainer, self._new_zo_optimizer(split.client, split.server))
+            self._zo_optimizers(trainer, self.zo_optimizer_over(split.client, split.server))
         elif "client" in zo_halves and self.role == "client":
             # The client's only optimizer is its ZOSGD; registered with Lightning so each step counts once.
-            self._zo_optimizers(trainer, self._new_zo_optimizer(split.client))
+            self._zo_optimizers(trainer, self.zo_optimizer_over(split.client))
             self.client_optimizer = self.optimizers[0] if "server" not in zo_halves else None
         else:
             super().setup_optimizers(trainer)
             if "client" in zo_halves:
-                self.client_optimizer = self._new_zo_optimizer(split.client)
+                self.client_optimizer = self.zo_optimizer_over(split.client)
                 self.client_scheduler = zo_lr_scheduler(self.client_optimizer, self.zo_lr_schedule,
                                                         trainer.estimated_stepping_batches)
         self._apply_pending_state()
@@ -248,7 +246,7 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
             optimizer.step()
         else:
             optimizer.step(estimate=output.estimate)
-            update = ZOUpdate(zo.sampler.seed, step, zo.param_groups[0]["lr"], tuple(output.estimate.coefficients.tolist()))
+            update = ZOUpdate.of(zo, output.estimate)
         if sync is not None:
             sync.after_step(update, wait_s)
         return output
@@ -321,8 +319,8 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
         self.telemetry.install(split)
         self._connect()  # counts the clients, so the hello the server expects names them
         return serve_half(split, module, self._peers, self.mode, self.settings, self.hello_settings(first_key),
-                          lambda named: ZOSGD(named, self.zo_lr, self.zo_weight_decay, self.direction, self.seed,
-                                              first_key=first_key), self.schedule, self.server_checkpoint_dir)
+                          lambda named: self.new_zo_optimizer(named, self.seed, first_key), self.schedule,
+                          self.server_checkpoint_dir)
 
     def setup_environment(self) -> None:
         super().setup_environment()

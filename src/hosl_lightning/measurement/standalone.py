@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from functools import partial
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from hosl_lightning.core.zo import ZOSGD
 from hosl_lightning.measurement.meter import StepMemoryMeter
@@ -25,10 +26,14 @@ def measure_client_step(
     mode: ModeName,
     settings: ZOSettings | None = None,
     client_optimizer: type[torch.optim.Optimizer] = torch.optim.AdamW,
+    zo_optimizer: Callable[[list[tuple[str, nn.Parameter]]], ZOSGD] | None = None,
 ) -> ClientMemory:
-    """Run one step of ``mode`` and return the client's peak memory during it, by category at the peak (two
-    steps for ``fo``, so its optimizer state exists, as in every step after the first). Measured with the
-    tracker on any device. It changes the weights: use a throwaway model.
+    """Run two steps of ``mode`` and return the client's peak memory during them, by category at the peak (the
+    second runs with the optimizer's state, if it keeps any, as every step after the first does).
+    Measured with the tracker on any device. It changes the weights: use a throwaway model.
+
+    ``client_optimizer``: fo's client optimizer; ``zo_optimizer``: builds hosl's or zo's from the client's named
+    parameters (ZO-SGD with lr 0 by default).
     """
     client_params = [p for p in model.client.parameters()]
     switch = SideSwitch()
@@ -47,12 +52,14 @@ def measure_client_step(
                         optimizer.step()
                         optimizer.zero_grad(set_to_none=False)  # gradients stay allocated between steps, as in training
         else:
-            zo = ZOSGD(model.client.named_parameters(), lr=0.0)
+            named = list(model.client.named_parameters())
+            zo = ZOSGD(named, lr=0.0) if zo_optimizer is None else zo_optimizer(named)
             with meter:
-                if mode == "hosl":
-                    hosl_step(model, batch, zo, settings or ZOSettings(), 0, backward=lambda loss: loss.backward())
-                else:
-                    zo_step(model, batch, zo, settings or ZOSettings(), 0, apply=partial(_client_step, model, zo))
+                for step in range(2):  # as fo: the second step runs with any state the optimizer keeps
+                    if mode == "hosl":
+                        hosl_step(model, batch, zo, settings or ZOSettings(), step, backward=lambda loss: loss.backward())
+                    else:
+                        zo_step(model, batch, zo, settings or ZOSettings(), step, apply=partial(_client_step, model, zo))
     finally:
         model.client_side, model.server_side = saved
     return meter.peak_breakdown("client")

@@ -15,7 +15,7 @@ Train and eval mode is decided here, once, for every path:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -23,8 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from hosl_lightning.core.boundary import ClientLink, Reply, Targets, Uplink
-from hosl_lightning.core.split_model import SplitCausalLM
-from hosl_lightning.core.zo import ZOSGD, ZOEstimate
+from hosl_lightning.core.split_model import SplitCausalLM, split_activations
+from hosl_lightning.core.zo import ZOSGD, ZOEstimate, probe_points
 
 ModeName = Literal["hosl", "fo", "zo"]  # the built-in modes, as a config type; registered ones add to MODES
 ServerGrad = Literal["perturbed", "mean", "clean"]
@@ -33,12 +33,18 @@ SERVER_GRADS: tuple[str, ...] = ("perturbed", "mean", "clean")
 
 @dataclass(frozen=True)
 class ZOSettings:
-    """How the two-point estimate is taken."""
+    """How the zeroth-order estimate is taken: both halves must agree on it (the server counts the probes)."""
 
     queries: int = 1
     mu: float = 1e-3
     server_grad: ServerGrad = "perturbed"
     batch_probes: bool = True
+    estimator: str = "two_point"  # the client optimizer's (core.zo.ESTIMATORS): which probes are sent
+    pair_probes: bool = False  # run a query's +mu and -mu probes as one client forward of 2B rows
+
+    def points(self) -> list[tuple[int, float]]:
+        """The (query, sign) of each probe, in the order sent; sign 0 is the unperturbed point."""
+        return probe_points(self.estimator, self.queries)
 
 
 @dataclass
@@ -154,3 +160,35 @@ class StepInputs:
 
 
 READ_BY_THE_MODULE = StepInputs(None, None, {})
+
+
+def send_probes(ctx: ClientContext, link: ClientLink, inputs: StepInputs, *, half: bool = False,
+                with_fields: bool = False) -> None:
+    """Send the step's probe activations up, in :meth:`ZOSettings.points` order, without dropout.
+
+    With ``pair_probes``, a query's two signs run as one client forward of the batch twice over (each direction
+    drawn once); otherwise one forward per probe. ``half``: the optimizer spans both halves (zo); ``with_fields``:
+    each probe travels with its (query, sign), for a server half that perturbs itself to match.
+    """
+    model, settings, optimizer = ctx.model, ctx.settings, ctx.optimizer
+    assert optimizer is not None, "a zeroth-order client needs its ZO optimizer"
+    ids, mask = inputs.input_ids, inputs.attention_mask
+    points = settings.points()
+    with eval_mode(model.client), torch.no_grad():  # the probes of a step must see the same function
+        index = 0
+        while index < len(points):
+            query, sign = points[index]
+            fields = [{"query": q, "sign": s} if with_fields else {} for q, s in points[index:index + 2]]
+            if settings.pair_probes and ids is not None and points[index + 1:index + 2] == [(query, -sign)] and sign:
+                doubled = torch.cat([ids, ids])
+                with optimizer.paired([model.client], ctx.step, query, sign * settings.mu, doubled.shape[0], half):
+                    both = model.client_forward(doubled, None if mask is None else torch.cat([mask, mask]))
+                for part, extra in zip(split_activations(both, 2), fields):
+                    link.up(lambda part=part: part, **extra)
+                index += 2
+                continue
+            perturbation = (optimizer.perturbed([model.client], ctx.step, query, sign * settings.mu, half=half)
+                            if sign else nullcontext())
+            with perturbation:
+                link.up(lambda: model.client_forward(ids, mask), **fields[0])
+            index += 1

@@ -1,8 +1,8 @@
 """hosl: the client learns by zeroth-order estimates (2Q probe forwards, no activations kept), the server by backprop.
 
-Client half: for each query q and sign +-, perturb the client by +-mu u_q (never writing its weights), run the
-client forward without autograd and send the activations up at once; then read back the 2Q losses and turn
-them into the Q projected gradients c_q = (L+ - L-) / (2 mu). Server half: the 2Q losses without dropout (in
+Client half: for each probe of the client optimizer's estimator (two-point: +-mu u_q; one-sided: the clean point
+and +mu u_q), perturb the client (never writing its weights), run the client forward without autograd and send
+the activations up at once; then read back the losses and let the optimizer turn them into Q coefficients. Server half: the 2Q losses without dropout (in
 one batched forward when ``batch_probes``), and the server's gradient from the points ``server_grad`` names.
 """
 
@@ -14,7 +14,6 @@ from torch import Tensor
 from hosl_lightning.core.boundary import ClientLink, Reply, Targets, Uplink
 from hosl_lightning.core.split import CutActivations
 from hosl_lightning.core.split_model import SplitCausalLM, concat_activations
-from hosl_lightning.core.zo import ZOEstimate, projected_gradients
 from hosl_lightning.modes.base import (
     ClientContext,
     Mode,
@@ -25,42 +24,33 @@ from hosl_lightning.modes.base import (
     dropout_active,
     ensure_finite,
     eval_mode,
+    send_probes,
 )
 
 
 def probes(settings: ZOSettings) -> int:
-    """Activations per step: 2Q probes, and the clean point when the server's gradient comes from it."""
-    return 2 * settings.queries + int(settings.server_grad == "clean")
+    """Activations per step: the estimator's probes, and the clean point when the server's gradient comes from it."""
+    return len(settings.points()) + int(settings.server_grad == "clean")
 
 
 def client_step(ctx: ClientContext, link: ClientLink, inputs: StepInputs) -> StepOutput:
-    input_ids, attention_mask, targets = inputs.input_ids, inputs.attention_mask, inputs.targets
     model, settings, optimizer = ctx.model, ctx.settings, ctx.optimizer
     assert optimizer is not None, "a hosl client needs its ZO optimizer"
-    link.start("hosl", ctx.step, targets, probes(settings))
-
-    def forward() -> CutActivations:
-        return model.client_forward(input_ids, attention_mask)
-
-    with eval_mode(model.client):  # the + and - probes of a query must see the same function
-        for query in range(settings.queries):
-            for sign in (1.0, -1.0):
-                with torch.no_grad(), optimizer.perturbed([model.client], ctx.step, query, sign * settings.mu):
-                    link.up(forward)  # sent at once: the client keeps nothing
+    link.start("hosl", ctx.step, inputs.targets, probes(settings))
+    send_probes(ctx, link, inputs)  # each sent at once: the client keeps nothing
     if settings.server_grad == "clean":  # one more client forward, unperturbed, in the model's own mode
         with torch.no_grad():
-            link.up(forward, clean=True)
-    values, loss = link.losses(2 * settings.queries)
+            link.up(lambda: model.client_forward(inputs.input_ids, inputs.attention_mask), clean=True)
+    values, loss = link.losses(len(settings.points()))
     values = ensure_finite(ctx.step, "a probe loss", values.detach().float().reshape(-1))
-    coefficients = ensure_finite(ctx.step, "a projected gradient (L+ - L-) / 2mu",
-                                 projected_gradients(values, settings.mu))
+    coefficients = ensure_finite(ctx.step, "a projected gradient", optimizer.coefficients(values, settings.mu))
     return StepOutput(loss=ensure_finite(ctx.step, "the training loss", loss),
-                      estimate=ZOEstimate(ctx.step, coefficients))
+                      estimate=optimizer.estimate(ctx.step, coefficients))
 
 
 def server_step(ctx: ServerContext, uplink: Uplink, targets: Targets, step: int) -> Reply:
     model, settings, backward = ctx.model, ctx.settings, ctx.backward
-    count = 2 * settings.queries
+    count = len(settings.points())
     ups = [uplink.receive(f"probe {index + 1} of {count}")[0] for index in range(count)]
     clean = uplink.receive("the clean activations")[0] if settings.server_grad == "clean" else None
     # With dropout, the gradient needs a training-mode forward of its own; without, the probe forward's graph is it.
@@ -73,7 +63,7 @@ def server_step(ctx: ServerContext, uplink: Uplink, targets: Targets, step: int)
             values = _losses(model, ups, targets, settings.batch_probes)
             backward(values.mean())
             values = values.detach()
-        else:  # "perturbed": the +mu point of query 1, free (the authors' choice)
+        else:  # "perturbed": the first probe's point, free (two_point: +mu of query 1, the authors' choice)
             first = model.server_losses(ups[0], targets)
             backward(first[0])
             with torch.no_grad():

@@ -7,10 +7,11 @@ the pair draws exactly what one optimizer over the whole model would. Both halve
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 
 from hosl_lightning.core.boundary import ClientLink, Reply, Targets, Uplink
-from hosl_lightning.core.zo import ZOEstimate, projected_gradients
 from hosl_lightning.modes.base import (
     ClientContext,
     Mode,
@@ -20,29 +21,23 @@ from hosl_lightning.modes.base import (
     ZOSettings,
     ensure_finite,
     eval_mode,
+    send_probes,
 )
 
 
 def probes(settings: ZOSettings) -> int:
-    return 2 * settings.queries
+    return len(settings.points())
 
 
 def client_step(ctx: ClientContext, link: ClientLink, inputs: StepInputs) -> StepOutput:
-    input_ids, attention_mask, targets = inputs.input_ids, inputs.attention_mask, inputs.targets
-    model, settings, optimizer = ctx.model, ctx.settings, ctx.optimizer
+    settings, optimizer = ctx.settings, ctx.optimizer
     assert optimizer is not None, "a zo client needs its ZO optimizer"
-    link.start("zo", ctx.step, targets, probes(settings))
-    with eval_mode(model.client):
-        for query in range(settings.queries):
-            for sign in (1.0, -1.0):
-                perturbed = optimizer.perturbed([model.client], ctx.step, query, sign * settings.mu, half=True)
-                with torch.no_grad(), perturbed:
-                    link.up(lambda: model.client_forward(input_ids, attention_mask), query=query, sign=sign)
+    link.start("zo", ctx.step, inputs.targets, probes(settings))
+    send_probes(ctx, link, inputs, half=True, with_fields=True)
     values, _ = link.losses(probes(settings))
     values = ensure_finite(ctx.step, "a probe loss", values.detach().float().reshape(-1))
-    coefficients = ensure_finite(ctx.step, "a projected gradient (L+ - L-) / 2mu",
-                                 projected_gradients(values, settings.mu))
-    return StepOutput(loss=values.mean(), estimate=ZOEstimate(ctx.step, coefficients))
+    coefficients = ensure_finite(ctx.step, "a projected gradient", optimizer.coefficients(values, settings.mu))
+    return StepOutput(loss=values.mean(), estimate=optimizer.estimate(ctx.step, coefficients))
 
 
 def server_step(ctx: ServerContext, uplink: Uplink, targets: Targets, step: int) -> Reply:
@@ -50,13 +45,13 @@ def server_step(ctx: ServerContext, uplink: Uplink, targets: Targets, step: int)
     assert optimizer is not None, "a zo server needs the ZOSGD that perturbs its half"
     count, values = probes(settings), []
     with eval_mode(model.server), torch.no_grad():
-        for index in range(count):
+        for index, (query, sign) in enumerate(settings.points()):
             up, fields = uplink.receive(f"probe {index + 1} of {count}")
-            query, sign = index // 2, (1.0 if index % 2 == 0 else -1.0)
             if (fields.get("query"), fields.get("sign")) != (query, sign):
                 raise ValueError(f"probe {index + 1} arrived as (query, sign) = "
                                  f"({fields.get('query')}, {fields.get('sign')}), expected ({query}, {sign})")
-            with optimizer.perturbed([model.server], step, query, sign * settings.mu, half=True):
+            perturbation = optimizer.perturbed([model.server], step, query, sign * settings.mu, half=True)
+            with perturbation if sign else nullcontext():
                 values.append(model.server_losses(up, targets))
     losses = torch.cat(values).float()
     return {"losses": losses, "loss": losses.mean()}

@@ -1,0 +1,300 @@
+"""Convergence of the client optimizers: fo, zo, and hosl with each zeroth-order client option, at equal steps.
+
+    python benchmarks/convergence.py                    # run what is missing (resumes from the cache), then report
+    python benchmarks/convergence.py --budget-min 150   # stop starting new runs after 150 minutes
+    python benchmarks/convergence.py --report-only      # rebuild convergence.md / .csv / .png from the cache
+    python benchmarks/convergence.py --quick            # a smoke run: 4 steps, 16 examples, into a scratch folder
+
+Issue 20, item 4. SmolLM2-135M-Instruct (``load_causal_lm("smollm2-135m")``, loaded once, a fresh deep copy per
+run), cut after block 2, prompt classification on ``rotten_tomatoes`` and ``sms_spam`` from ``../shared/data``
+(the prompts of ``benchmarks/accuracy.py``), batch 8, max_length 64. Methods:
+
+- ``fo``: first-order split learning (AdamW on both halves);
+- ``zo``: ZO-SGD on both halves (MeZO over the split model);
+- ``hosl/zo_sgd-dense``: the paper's hosl (ZO-SGD client, dense directions, probes one at a time);
+- ``hosl/zo_sgd-sparse``, ``hosl/fzoo-sparse``, ``hosl/momentum-sparse``: the new client options.
+
+Every hosl method's server runs AdamW at fo's selected lr. Learning rates come from a small sweep per method
+(rotten_tomatoes, seed 0, ``SWEEP_STEPS`` steps, selected by validation loss); then every method trains
+``STEPS`` steps for each seed and dataset, is validated every ``EVAL_EVERY`` steps on ``N_VAL`` examples (loss,
+accuracy, the client's cumulative seconds) and finally scored on the same ``N_TEST`` test examples.
+
+Every finished run is written to ``benchmarks/results/convergence/<key>.json``, keyed by its full configuration
+and holding the commit that produced it, so a later sitting adds runs instead of redoing them. Commit the folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import gc
+import hashlib
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from accuracy import DATASETS, DEFAULT_DATA, MODEL, MODEL_NAME, DataSpec, code_state, machine, quiet_lightning
+
+from hosl_lightning import (
+    HOSLModule,
+    HOSLStrategy,
+    PromptClassificationDataModule,
+    load_causal_lm,
+    resolve_tokenizer,
+)
+from hosl_lightning.modes import DivergenceError
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = ROOT / "benchmarks" / "results" / "convergence"
+CUT, MU, BATCH, EVAL_BATCH, MAX_LENGTH, NUM_TRAIN = 2, 1e-3, 8, 16, 64, 2400  # 300 steps x 8: one pass
+STEPS, EVAL_EVERY, N_VAL, N_TEST, SEEDS = 300, 50, 100, 500, (0, 1, 2)
+SWEEP_STEPS, SWEEP_DATASET = 60, "rotten_tomatoes"
+
+
+@dataclass(frozen=True)
+class Method:
+    """How one method trains: its mode, its client options, and the learning rates its sweep tries."""
+
+    name: str
+    mode: str
+    q: int = 1
+    zo_optimizer: str = "zo_sgd"
+    embedding_directions: str = "dense"
+    pair_probes: bool = False
+    direction: str = "gaussian"
+    lrs: tuple[float, ...] = ()  # AdamW lr (fo, and hosl's server when zo_lrs is set)
+    zo_lrs: tuple[float, ...] = ()  # the ZO optimizer's lr (zo; hosl's client)
+
+
+METHODS = (
+    Method("fo", "fo", lrs=(1e-5, 1e-4)),
+    Method("hosl/zo_sgd-dense", "hosl", zo_lrs=(1e-6, 1e-5)),
+    Method("hosl/zo_sgd-sparse", "hosl", embedding_directions="sparse", pair_probes=True, zo_lrs=(1e-5, 1e-4)),
+    Method("hosl/fzoo-sparse", "hosl", q=2, zo_optimizer="fzoo", embedding_directions="sparse",
+           direction="rademacher", zo_lrs=(1e-6, 1e-5)),
+    Method("hosl/momentum-sparse", "hosl", zo_optimizer="zo_momentum", embedding_directions="sparse",
+           pair_probes=True, zo_lrs=(1e-7, 1e-6)),
+    Method("zo", "zo", zo_lrs=(1e-6, 1e-5)),
+)
+METHOD = {m.name: m for m in METHODS}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that fixes a run's outcome: its cache key."""
+
+    method: str
+    dataset: str
+    seed: int
+    steps: int
+    lr: float | None
+    zo_lr: float | None
+    n_val: int
+    n_test: int
+    eval_every: int
+    model: str = MODEL
+    cut: int = CUT
+    mu: float = MU
+    batch: int = BATCH
+    max_length: int = MAX_LENGTH
+    num_train: int = NUM_TRAIN
+
+    def key(self) -> str:
+        fields = asdict(self) | {"options": asdict(METHOD[self.method])}
+        digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+        return f"{self.method.replace('/', '_')}-{self.dataset}-s{self.seed}-{self.steps}steps-{digest}"
+
+
+class Curve(L.Callback):
+    """Validation loss and accuracy every ``every`` steps, with the client's cumulative seconds and the train loss."""
+
+    def __init__(self, every: int, val_batches: list[dict[str, Any]]) -> None:
+        self.every, self.val_batches = every, val_batches
+        self.points: list[dict[str, float]] = []
+        self.train_loss: list[float] = []
+        self.client_s = 0.0
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, *args: Any) -> None:
+        metrics = trainer.callback_metrics
+        self.client_s += float(metrics.get("hosl/client_sec", 0.0))
+        self.train_loss.append(float(metrics.get("train_loss", float("nan"))))
+        step = trainer.global_step
+        if step % self.every == 0 or step == trainer.max_steps:
+            scores = pl_module.evaluate(self.val_batches, stage="val")
+            self.points.append({"step": step, "val_loss": scores["val_loss"], "val_acc": scores["val_acc"],
+                                "client_s": self.client_s})
+
+
+@torch.no_grad()
+def score_examples(module: HOSLModule, batches: list[dict[str, Any]]) -> tuple[list[int], float]:
+    """Each test example's correctness (argmax over its classes' label-word log-likelihoods) and the mean loss."""
+    correct, losses = [], []
+    module.eval()
+    for batch in batches:
+        scores = module.model.sequence_log_likelihood(batch["input_ids"], batch.get("attention_mask"), batch["labels"])
+        classes = scores.view(-1, int(batch["num_classes"]))
+        correct += (classes.argmax(-1) == batch["class_labels"]).int().tolist()
+        losses += torch.nn.functional.cross_entropy(classes.float(), batch["class_labels"], reduction="none").tolist()
+    return correct, statistics.mean(losses)
+
+
+def _datamodule(spec: DataSpec, data_dir: Path, tokenizer: Any, seed: int, **limits: int) -> PromptClassificationDataModule:
+    return PromptClassificationDataModule(
+        tokenizer=tokenizer, task=spec.task, data_dir=str(data_dir / spec.name), template=spec.template,
+        label_words=spec.label_words, max_length=MAX_LENGTH, batch_size=BATCH, eval_batch_size=EVAL_BATCH, seed=seed,
+        **limits)
+
+
+def run(config: RunConfig, base: Any, tokenizer: Any, data_dir: Path) -> dict[str, Any]:
+    """Train and score one configuration; a run that diverges is recorded as such, not retried."""
+    method, spec = METHOD[config.method], next(d for d in DATASETS if d.name == config.dataset)
+    train_dm = _datamodule(spec, data_dir, tokenizer, config.seed, num_train=config.num_train)
+    eval_dm = _datamodule(spec, data_dir, tokenizer, 0, num_validation=config.n_val, num_test=config.n_test or 1)
+    train_dm.setup("fit")
+    eval_dm.setup("fit")
+    eval_dm.setup("test")
+    val_batches, test_batches = list(eval_dm.val_dataloader()), list(eval_dm.test_dataloader())
+    L.seed_everything(config.seed, verbose=False)
+    optimizer = functools.partial(torch.optim.AdamW, lr=config.lr) if config.lr is not None else torch.optim.AdamW
+    module = HOSLModule(model=copy.deepcopy(base), optimizer=optimizer)
+    strategy = HOSLStrategy(cut_layer=config.cut, mode=method.mode, q=method.q, mu=config.mu,
+                            zo_lr=config.zo_lr or 0.0, seed=config.seed, zo_optimizer=method.zo_optimizer,
+                            embedding_directions=method.embedding_directions, pair_probes=method.pair_probes,
+                            direction=method.direction, memory_every_n_steps=0)
+    curve = Curve(config.eval_every, val_batches)
+    trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=1, max_steps=config.steps, max_epochs=-1,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, callbacks=[curve])
+    started, diverged = time.perf_counter(), None
+    try:
+        trainer.fit(module, train_dataloaders=train_dm.train_dataloader())
+    except DivergenceError as error:
+        diverged = str(error)
+    record: dict[str, Any] = {"config": asdict(config), "options": asdict(method), "commit": code_state(),
+                              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                              "train_s": time.perf_counter() - started, "diverged": diverged,
+                              "curve": curve.points, "train_loss": curve.train_loss, "client_s": curve.client_s}
+    if diverged is None and config.n_test:  # sweep runs are judged on validation only
+        correct, loss = score_examples(module, test_batches)
+        record["test"] = {"acc": statistics.mean(correct), "loss": loss, "correct": correct}
+    return record
+
+
+def load_cache() -> dict[str, dict[str, Any]]:
+    return {path.stem: json.loads(path.read_text()) for path in sorted(CACHE.glob("*.json"))} if CACHE.exists() else {}
+
+
+def save(config: RunConfig, record: dict[str, Any], cache_dir: Path) -> None:
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    path = cache_dir / f"{config.key()}.json"
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(record, indent=1))
+    temporary.replace(path)  # never a half-written run in the cache
+
+
+# --- the plan: the sweep, then the final runs ------------------------------------------------------------------
+
+
+def sweep_configs(method: Method, fo_lr: float | None, steps: int, n_val: int) -> list[RunConfig]:
+    """A method's sweep runs: validated once, at their end, and never tested."""
+    if method.mode == "fo":
+        return [RunConfig(method.name, SWEEP_DATASET, 0, steps, lr, None, n_val, 0, steps) for lr in method.lrs]
+    server_lr = fo_lr if method.mode == "hosl" else None
+    return [RunConfig(method.name, SWEEP_DATASET, 0, steps, server_lr, zo_lr, n_val, 0, steps)
+            for zo_lr in method.zo_lrs]
+
+
+def selected(cache: dict[str, dict[str, Any]], configs: list[RunConfig]) -> RunConfig | None:
+    """The configuration with the lowest final validation loss among those that finished without diverging."""
+    done = [(cache[c.key()], c) for c in configs if c.key() in cache]
+    if len(done) < len(configs):
+        return None
+    finite = [(r["curve"][-1]["val_loss"], c) for r, c in done if r["diverged"] is None and r["curve"]]
+    return min(finite, key=lambda item: item[0])[1] if finite else None
+
+
+def plan(cache: dict[str, dict[str, Any]], steps: int, sweep_steps: int, n_val: int, n_test: int,
+         seeds: tuple[int, ...], datasets: tuple[str, ...]) -> list[RunConfig]:
+    """Every run still missing, in the order that makes the results useful soonest: the sweep (fo first, whose
+    lr the hosl servers use), then seed 0 of every method on each dataset, then the other seeds."""
+    todo: list[RunConfig] = []
+    fo_sweep = sweep_configs(METHOD["fo"], None, sweep_steps, n_val)
+    todo += [c for c in fo_sweep if c.key() not in cache]
+    fo = selected(cache, fo_sweep)
+    chosen: dict[str, RunConfig] = {}
+    for method in METHODS:
+        if method.mode == "hosl" and fo is None:
+            continue
+        configs = fo_sweep if method.mode == "fo" else sweep_configs(method, fo.lr if fo else None, sweep_steps, n_val)
+        todo += [c for c in configs if c.key() not in cache and c not in todo]
+        best = selected(cache, configs)
+        if best is not None:
+            chosen[method.name] = best
+    for seed in seeds:
+        for dataset in datasets:
+            for method in METHODS:
+                best = chosen.get(method.name)
+                if best is None:
+                    continue
+                final = RunConfig(method.name, dataset, seed, steps, best.lr, best.zo_lr, n_val, n_test, EVAL_EVERY)
+                if final.key() not in cache:
+                    todo.append(final)
+    return todo
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--budget-min", type=float, default=150.0, help="start no new run after this many minutes")
+    parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="a smoke run into a scratch folder")
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    global CACHE
+    steps, sweep_steps, n_val, n_test, seeds = STEPS, SWEEP_STEPS, N_VAL, N_TEST, SEEDS
+    if args.quick:
+        CACHE = Path("/tmp/convergence-quick")
+        steps, sweep_steps, n_val, n_test, seeds = 4, 2, 16, 16, (0,)
+        args.out = CACHE
+    started = time.perf_counter()
+    if not args.report_only:
+        quiet_lightning()
+        base, tokenizer = None, None
+        datasets = tuple(d.name for d in DATASETS)
+        while True:
+            cache = load_cache()
+            todo = plan(cache, steps, sweep_steps, n_val, n_test, seeds, datasets)
+            elapsed = (time.perf_counter() - started) / 60
+            if not todo or elapsed > args.budget_min:
+                print(f"[{elapsed:5.1f} min] {len(todo)} runs left; stopping", flush=True)
+                break
+            if base is None:
+                base, tokenizer = load_causal_lm(MODEL), resolve_tokenizer(MODEL)
+            config = todo[0]
+            print(f"[{elapsed:5.1f} min] {config.method} on {config.dataset}, seed {config.seed}, {config.steps} "
+                  f"steps, lr {config.lr}, zo_lr {config.zo_lr} ({len(todo)} runs left)", flush=True)
+            record = run(config, base, tokenizer, args.data_dir)
+            save(config, record, CACHE)
+            test = record.get("test", {})
+            print(f"    {'diverged' if record['diverged'] else 'done'} in {record['train_s']:.0f} s; val loss "
+                  f"{record['curve'][-1]['val_loss'] if record['curve'] else float('nan'):.4f}"
+                  + (f", test acc {test['acc']:.4f}" if test else ""), flush=True)
+            gc.collect()
+    from convergence_report import write_report
+
+    write_report(load_cache(), args.out, steps, sweep_steps, seeds, n_test, machine(), MODEL_NAME)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""Forwards at ``theta + scale * u`` that never write ``theta``: one probe at a time, or both signs at once.
+
+While a probe forward runs, each module that owns ZO parameters reads ``w + scale * u`` just for the duration
+of its own forward call (one tensor-sized temporary at a time), and the stored weights are never written.
+Restoring is therefore exact by construction, in any dtype, where an in-place ``+mu, -2mu, +mu`` round trip
+in fp32 drifts by one ulp on about half of the elements every probe.
+
+A plain token embedding never builds its perturbed table: it adds ``scale * u[ids]`` to the rows the batch
+looked up, drawing only those rows (all of a sparse direction's rows are the batch's own).
+
+:func:`paired` runs the ``+mu`` and ``-mu`` probes of one query as one forward of a doubled batch: the first
+half of every call sees ``w + mu u``, the second ``w - mu u``, and each tensor's ``u`` is drawn once for both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from hosl_lightning.core.directions import DirectionSampler
+
+
+class ZOSGD(Protocol):
+    """What a perturbation needs of its optimizer (:class:`hosl_lightning.core.zo.ZOSGD`)."""
+
+    keys: dict[int, int]  # id(parameter) -> direction key
+    names: dict[int, str]
+    sampler: DirectionSampler
+
+    def row_directions(self, weight: Tensor, step: int, query: int, ids: Tensor) -> Tensor: ...
+
+
+def is_plain_embedding(module: nn.Module) -> bool:
+    """An embedding whose output is exactly ``weight[ids]``, so perturbing rows equals perturbing the table.
+
+    Subclasses that scale or offset inside ``forward`` (OPT's learned positions, Gemma's scaled embedding)
+    and ``max_norm`` (which renormalises the looked-up rows) take the general path instead.
+    """
+    return type(module).forward is nn.Embedding.forward and isinstance(module, nn.Embedding) and module.max_norm is None
+
+
+def _owners(optimizer: ZOSGD, modules: Sequence[nn.Module]) -> Iterator[nn.Module]:
+    for root in modules:
+        for module in root.modules():
+            if any(p is not None and id(p) in optimizer.keys for p in module._parameters.values()):
+                yield module
+
+
+def _check_reached(optimizer: ZOSGD, modules: Sequence[nn.Module], reached: set[int], half: bool) -> None:
+    in_scope = {id(p) for root in modules for p in root.parameters()} if half else optimizer.keys
+    missing = [optimizer.names[key] for key in optimizer.keys if key in in_scope and key not in reached]
+    if missing:
+        raise RuntimeError(
+            f"{len(missing)} zeroth-order parameter(s) were not used by any module's forward during a probe, "
+            f"so perturbing them is impossible: {missing[:5]}. Parameters must be read by the module that "
+            "owns them (a module reading another module's .weight directly escapes the perturbation)."
+        )
+
+
+def _shifted(optimizer: ZOSGD, param: nn.Parameter, step: int, query: int, scales: Sequence[float]) -> list[Tensor]:
+    """``param + s * u`` for each ``s``, drawing ``u`` once, chunk by chunk."""
+    outs = [torch.empty_like(param) for _ in scales]
+    weights = param.detach()
+    for rows, u in optimizer.sampler.chunks(step, query, optimizer.keys[id(param)], param):
+        for out, scale in zip(outs, scales):
+            torch.mul(u, scale, out=out[rows]).add_(weights[rows])  # scale * u, then + w: as a lookup rounds
+    return outs
+
+
+@contextmanager
+def perturbed(optimizer: ZOSGD, modules: Sequence[nn.Module], step: int, query: int, scale: float,
+              half: bool = False) -> Iterator[None]:
+    """Run forwards of ``modules`` at ``theta + scale * u(step, query)`` (see :meth:`ZOSGD.perturbed`)."""
+    swapped: dict[tuple[int, str], tuple[nn.Module, str, nn.Parameter]] = {}
+    temps: dict[int, Tensor] = {}  # one perturbed copy per parameter, shared by every module reading it
+    reached: set[int] = set()
+
+    def swap_in(module: nn.Module, _args: Any) -> None:
+        for name, param in list(module._parameters.items()):
+            if param is None or id(param) not in optimizer.keys or (id(module), name) in swapped:
+                continue
+            if id(param) not in temps:
+                temps[id(param)] = _shifted(optimizer, param, step, query, (scale,))[0]
+            module._parameters[name] = temps[id(param)]
+            swapped[(id(module), name)] = (module, name, param)
+            reached.add(id(param))
+
+    def swap_out(module: nn.Module, _args: Any, _output: Any) -> None:
+        for key, (owner, name, param) in list(swapped.items()):
+            if owner is module:
+                owner._parameters[name] = param
+                del swapped[key]
+                if not any(p is param for _, _, p in swapped.values()):
+                    temps.pop(id(param), None)
+
+    def perturb_rows(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
+        reached.add(id(module.weight))
+        return optimizer.row_directions(module.weight, step, query, args[0]).mul_(scale).add_(output)
+
+    handles = []
+    for module in _owners(optimizer, modules):
+        if is_plain_embedding(module) and id(module.weight) in optimizer.keys:
+            handles.append(module.register_forward_hook(perturb_rows))
+        else:
+            handles.append(module.register_forward_pre_hook(swap_in))
+            handles.append(module.register_forward_hook(swap_out))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for owner, name, param in swapped.values():
+            owner._parameters[name] = param
+        temps.clear()
+    _check_reached(optimizer, modules, reached, half)
+
+
+def _halves(value: Any, rows: int, index: int) -> Any:
+    """``value``'s ``index``-th half along the batch axis when it is a tensor of ``rows`` rows, else ``value``."""
+    if isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] == rows:
+        half = rows // 2
+        return value[:half] if index == 0 else value[half:]
+    return value
+
+
+def _joined(first: Any, second: Any, module: nn.Module) -> Any:
+    if isinstance(first, Tensor):
+        return torch.cat([first, second])
+    if first is None:
+        return None
+    if isinstance(first, tuple):
+        return tuple(_joined(a, b, module) for a, b in zip(first, second))
+    raise TypeError(f"paired probes cannot join the outputs of {type(module).__name__} ({type(first).__name__}): "
+                    "set pair_probes=False to run the two probes of a query one after the other")
+
+
+@contextmanager
+def paired(optimizer: ZOSGD, modules: Sequence[nn.Module], step: int, query: int, mu: float, rows: int,
+           half: bool = False) -> Iterator[None]:
+    """Run a forward of ``rows`` = 2B rows whose first B rows see ``theta + mu u`` and last B ``theta - mu u``.
+
+    Each module that owns ZO parameters is called once per half, on that half of every input of ``rows``
+    rows, with its parameters drawn once for both signs; a module called inside such a call (a child of a
+    module that owns parameters itself) keeps the half's sign. A plain embedding perturbs the rows it returned.
+    """
+    if rows % 2:
+        raise ValueError(f"a paired probe needs an even number of rows (2B), got {rows}")
+    reached: set[int] = set()
+    sign_of_half: list[float | None] = [None]  # set while a module runs one half: what its children see
+    forwards: dict[int, tuple[nn.Module, Any]] = {}
+
+    def split_forward(module: nn.Module, original: Any) -> Any:
+        names = [n for n, p in module._parameters.items() if p is not None and id(p) in optimizer.keys]
+
+        def run(args: tuple[Any, ...], kwargs: dict[str, Any], shifted: dict[str, Tensor], sign: float) -> Any:
+            params = {n: module._parameters[n] for n in names}
+            enclosing, sign_of_half[0] = sign_of_half[0], sign
+            module._parameters.update(shifted)
+            try:
+                return original(*args, **kwargs)
+            finally:
+                module._parameters.update(params)
+                sign_of_half[0] = enclosing
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            reached.update(id(module._parameters[n]) for n in names)
+            enclosing = sign_of_half[0]
+            if enclosing is not None:  # inside one half of an enclosing module: that half's sign only
+                shifted = {n: _shifted(optimizer, module._parameters[n], step, query, (enclosing * mu,))[0]
+                           for n in names}
+                return run(args, kwargs, shifted, enclosing)
+            pairs = {n: _shifted(optimizer, module._parameters[n], step, query, (mu, -mu)) for n in names}
+            outputs = []
+            for index, sign in enumerate((1.0, -1.0)):
+                part_args = tuple(_halves(a, rows, index) for a in args)
+                part_kwargs = {k: _halves(v, rows, index) for k, v in kwargs.items()}
+                outputs.append(run(part_args, part_kwargs, {n: pair[index] for n, pair in pairs.items()}, sign))
+                for pair in pairs.values():
+                    pair[index] = None  # type: ignore[call-overload]  # free the + copy before the - half runs
+            return _joined(outputs[0], outputs[1], module)
+
+        return forward
+
+    def perturb_rows(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
+        reached.add(id(module.weight))
+        offset = optimizer.row_directions(module.weight, step, query, args[0])
+        enclosing = sign_of_half[0]
+        if enclosing is not None:
+            return offset.mul_(enclosing * mu).add_(output)
+        if output.shape[0] != rows:
+            raise ValueError(f"a paired probe's embedding lookup has {output.shape[0]} rows, expected {rows}")
+        offset[: rows // 2].mul_(mu)
+        offset[rows // 2:].mul_(-mu)
+        return offset.add_(output)
+
+    handles = []
+    for module in _owners(optimizer, modules):
+        if is_plain_embedding(module) and id(module.weight) in optimizer.keys:
+            handles.append(module.register_forward_hook(perturb_rows))
+        else:
+            forwards[id(module)] = (module, module.__dict__.get("forward"))
+            module.forward = split_forward(module, module.forward)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, own in forwards.values():
+            if own is None:
+                del module.forward
+            else:
+                module.forward = own  # type: ignore[method-assign]
+    _check_reached(optimizer, modules, reached, half)
