@@ -189,13 +189,42 @@ def run(config: RunConfig, base: Any, tokenizer: Any, data_dir: Path) -> dict[st
     return record
 
 
+def measure_memory(method: Method, base: Any, tokenizer: Any, data_dir: Path) -> dict[str, Any]:
+    """The client's peak over two steps of ``method`` (tracker, CPU) and its inference floor, on a real batch."""
+    from hosl_lightning import SplitCausalLM
+    from hosl_lightning.measurement import measure_client_inference, measure_client_step
+    from hosl_lightning.modes import ZOSettings
+    from hosl_lightning.zo_optimizers import build_zo_optimizer, zo_optimizer_spec
+
+    spec = next(d for d in DATASETS if d.name == SWEEP_DATASET)
+    dm = _datamodule(spec, data_dir, tokenizer, 0, num_train=BATCH)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    split = SplitCausalLM(copy.deepcopy(base), CUT).eval()
+    floor = measure_client_inference(split, batch).peak
+    cls, _ = zo_optimizer_spec(method.zo_optimizer)
+    settings = ZOSettings(queries=method.q, mu=MU, estimator=cls.estimator, pair_probes=method.pair_probes)
+    build = lambda named: build_zo_optimizer(method.zo_optimizer, named, lr=0.0, direction=method.direction,
+                                             embedding_directions=method.embedding_directions)
+    peak = measure_client_step(split, batch, method.mode, settings, zo_optimizer=build).peak  # type: ignore[arg-type]
+    return {"config": {"method": method.name, "kind": "memory", "batch": BATCH, "max_length": MAX_LENGTH},
+            "commit": code_state(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "peak_mib": peak / 2**20, "floor_mib": floor / 2**20}
+
+
+def memory_key(method: Method) -> str:
+    digest = hashlib.sha256(json.dumps(asdict(method) | {"batch": BATCH, "max_length": MAX_LENGTH, "cut": CUT},
+                                       sort_keys=True).encode()).hexdigest()[:12]
+    return f"memory-{method.name.replace('/', '_')}-{digest}"
+
+
 def load_cache() -> dict[str, dict[str, Any]]:
     return {path.stem: json.loads(path.read_text()) for path in sorted(CACHE.glob("*.json"))} if CACHE.exists() else {}
 
 
-def save(config: RunConfig, record: dict[str, Any], cache_dir: Path) -> None:
+def save(key: str, record: dict[str, Any], cache_dir: Path) -> None:
     cache_dir.mkdir(parents=True, exist_ok=True)
-    path = cache_dir / f"{config.key()}.json"
+    path = cache_dir / f"{key}.json"
     temporary = path.with_suffix(".tmp")
     temporary.write_text(json.dumps(record, indent=1))
     temporary.replace(path)  # never a half-written run in the cache
@@ -280,11 +309,17 @@ def main(argv: list[str] | None = None) -> int:
                 break
             if base is None:
                 base, tokenizer = load_causal_lm(MODEL), resolve_tokenizer(MODEL)
+            missing_memory = [m for m in METHODS if memory_key(m) not in cache]
+            if missing_memory and not args.quick:
+                method = missing_memory[0]
+                print(f"[{elapsed:5.1f} min] client memory of {method.name}", flush=True)
+                save(memory_key(method), measure_memory(method, base, tokenizer, args.data_dir), CACHE)
+                continue
             config = todo[0]
             print(f"[{elapsed:5.1f} min] {config.method} on {config.dataset}, seed {config.seed}, {config.steps} "
                   f"steps, lr {config.lr}, zo_lr {config.zo_lr} ({len(todo)} runs left)", flush=True)
             record = run(config, base, tokenizer, args.data_dir)
-            save(config, record, CACHE)
+            save(config.key(), record, CACHE)
             test = record.get("test", {})
             print(f"    {'diverged' if record['diverged'] else 'done'} in {record['train_s']:.0f} s; val loss "
                   f"{record['curve'][-1]['val_loss'] if record['curve'] else float('nan'):.4f}"

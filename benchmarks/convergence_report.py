@@ -59,6 +59,9 @@ def steps_to_reach(runs: list[dict], level: float) -> int | None:
 def write_report(cache: dict[str, dict[str, Any]], out: Path, steps: int, sweep_steps: int, seeds: tuple[int, ...],
                  n_test: int, machine: str, model_name: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    memories = sorted((r for r in cache.values() if r["config"].get("kind") == "memory"),
+                      key=lambda r: r["config"]["method"])
+    cache = {k: r for k, r in cache.items() if r["config"].get("kind") != "memory"}
     records = sorted(cache.values(), key=lambda r: (r["config"]["dataset"], r["config"]["method"],
                                                     r["config"]["steps"], r["config"]["seed"]))
     with open(out / "convergence.csv", "w", newline="") as handle:
@@ -77,11 +80,25 @@ def write_report(cache: dict[str, dict[str, Any]], out: Path, steps: int, sweep_
              f"- Machine: {machine}.",
              f"- Runs in the cache: {len(records)}; commits: "
              + ", ".join(sorted({r['commit'] for r in records})) + ".", ""]
+    lines += _memory_section(memories)
     lines += _sweep_section(records, sweep_steps)
     finals = _finals(cache, steps, seeds)
     lines += _final_section(finals, steps, seeds, n_test)
     (out / "convergence.md").write_text("\n".join(lines) + "\n")
     _plot(finals, out / "convergence.png")
+
+
+def _memory_section(memories: list[dict]) -> list[str]:
+    if not memories:
+        return []
+    lines = ["## Client peak memory per method", "",
+             ("Two steps on one training batch of rotten_tomatoes (8 x up to 64 tokens), torch's MemTracker on CPU; "
+             "the floor is the client's weights plus one no-grad forward."), "",
+             "| method | client peak MiB | floor MiB | peak / floor |", "|---|---:|---:|---:|"]
+    for r in memories:
+        lines.append(f"| {r['config']['method']} | {r['peak_mib']:.1f} | {r['floor_mib']:.1f} | "
+                     f"{r['peak_mib'] / r['floor_mib']:.2f} |")
+    return [*lines, ""]
 
 
 def _sweep_section(records: list[dict], sweep_steps: int) -> list[str]:
