@@ -122,23 +122,40 @@ def test_sparse_updates_replayed_from_their_seeds_equal_the_weights_handed_over(
         assert torch.equal(a, b), name
 
 
-def test_a_probe_that_reads_other_rows_than_the_steps_first_is_refused() -> None:
+def test_a_sparse_rows_direction_does_not_depend_on_the_other_rows_read() -> None:
+    sampler, like = DirectionSampler("gaussian", 5), torch.empty(100, 8)
+    alone = sampler.sparse_rows(2, 1, 0, torch.tensor([7]), like)
+    together = sampler.sparse_rows(2, 1, 0, torch.tensor([3, 7, 50]), like)
+    assert torch.equal(together[1:2], alone) and not torch.equal(together[0], together[2])
+
+
+def test_the_sparse_support_is_every_row_the_steps_probes_read() -> None:
+    """A module may look the table up twice in one probe (a drop-in module's chosen and rejected inputs)."""
     split = _split()
-    optimizer = _client_optimizer(split, embedding_directions="sparse")
-    with torch.no_grad():
-        with optimizer.perturbed([split.client], 0, 0, 1e-3):
-            split.client_forward(torch.tensor([[1, 2, 3]]), None)
-        with pytest.raises(RuntimeError, match="read rows its step's first probe did not"):
-            with optimizer.perturbed([split.client], 0, 0, -1e-3):
-                split.client_forward(torch.tensor([[1, 2, 4]]), None)
+    table = split.client.embeddings.embed_tokens
+    optimizer = ZOSGD([("table", table.weight)], lr=1e-2, seed=3, embedding_directions="sparse")
+    with torch.no_grad(), optimizer.perturbed([table], 0, 0, 1e-3):
+        first = table(torch.tensor([[1, 2, 3]]))
+        second = table(torch.tensor([[3, 9]]))
+    clean = table.weight.detach()
+    assert torch.equal(first[0, 2] - clean[3], second[0, 0] - clean[3])  # row 3: one direction in both lookups
+    rows = optimizer.estimate(0, torch.tensor([1.0])).rows[optimizer.keys[id(table.weight)]]
+    assert rows.tolist() == [1, 2, 3, 9]
+    assert optimizer.estimate(1, torch.tensor([1.0])).rows == {}  # another step: none read yet
 
 
 # ------------------------------------------------------------------------------------------ paired probes
+TINY_GPT2 = dict(model_type="gpt2", vocab_size=512, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+TINY_OPT = dict(model_type="opt", vocab_size=512, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32)
+
+
+@pytest.mark.parametrize("config", [WIDE_VOCAB, TINY_GPT2, TINY_OPT], ids=["llama", "gpt2", "opt"])
 @pytest.mark.parametrize("directions", ["dense", "sparse"])
-def test_paired_probes_give_the_losses_and_update_of_one_at_a_time_probes(directions: str) -> None:
+def test_paired_probes_give_the_losses_and_update_of_one_at_a_time_probes(directions: str, config: dict) -> None:
     results = []
     for pair in (False, True):
-        split = _split()
+        split = _split(config)
         optimizer = _client_optimizer(split, embedding_directions=directions)
         output = _step(split, optimizer, _batch(), pair_probes=pair)
         results.append((output.estimate.coefficients, split.client.state_dict()))
@@ -152,7 +169,7 @@ def test_paired_probes_draw_each_direction_once_per_query(monkeypatch: pytest.Mo
     draws: list[int] = []
     original = DirectionSampler._draw
 
-    def counted(self, step, query, key, chunk, shape, like):  # noqa: ANN001, ANN202
+    def counted(self, step, query, key, chunk, shape, like):
         draws.append(key)
         return original(self, step, query, key, chunk, shape, like)
 
@@ -221,7 +238,7 @@ def test_momentum_follows_its_buffer_and_resumes_from_its_state() -> None:
 
 @pytest.mark.parametrize("spec", [{"name": "fzoo"}, {"name": "zo_momentum", "momentum": 0.8}])
 def test_a_run_with_a_stateful_or_one_sided_optimizer_resumes_bitwise(spec: dict[str, Any], tmp_path: Path) -> None:
-    def run(max_steps: int, ckpt_path: str | None = None, callbacks=()):  # noqa: ANN001, ANN202
+    def run(max_steps: int, ckpt_path: str | None = None, callbacks=()):
         L.seed_everything(0)
         strategy = HOSLStrategy(cut_layer=1, q=2, zo_lr=1e-5, seed=7, zo_optimizer=dict(spec),
                                 embedding_directions="sparse")
@@ -248,8 +265,40 @@ def test_resuming_with_another_optimizer_is_refused(tmp_path: Path) -> None:
     trainer = quiet_trainer(HOSLStrategy(cut_layer=1), max_steps=1, enable_checkpointing=True, callbacks=[checkpoint])
     trainer.fit(HOSLModule(model_config=TINY_LLAMA), tiny_data())
     other = quiet_trainer(HOSLStrategy(cut_layer=1, zo_optimizer="zo_momentum"), max_steps=2)
-    with pytest.raises(ValueError, match="zo_optimizer_name='zo_sgd', this run has zo_optimizer_name='zo_momentum'"):
+    with pytest.raises(ValueError, match=r"zo_optimizer=\{'name': 'zo_sgd'\}, this run has "
+                                         r"zo_optimizer=\{'name': 'zo_momentum', 'momentum': 0.9\}"):
         other.fit(HOSLModule(model_config=TINY_LLAMA), tiny_data(), ckpt_path=str(tmp_path / "last.ckpt"))
+
+
+def test_a_registered_optimizer_needs_its_own_name_and_never_replaces_another() -> None:
+    from hosl_lightning.zo_optimizers import register_zo_optimizer
+
+    class Unnamed(ZOSGD):
+        pass
+
+    class Impostor(ZOSGD):
+        name = "fzoo"
+
+    with pytest.raises(ValueError, match="must set its own `name`"):
+        register_zo_optimizer(Unnamed)
+    with pytest.raises(ValueError, match="'fzoo' is already registered to FZOO"):
+        register_zo_optimizer(Impostor)
+    assert ZO_OPTIMIZERS["zo_sgd"] is ZOSGD and ZO_OPTIMIZERS["fzoo"] is FZOO
+
+
+def test_a_checkpoint_saved_before_the_client_options_existed_still_resumes(tmp_path: Path) -> None:
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, filename="last")
+    trainer = quiet_trainer(HOSLStrategy(cut_layer=1), max_steps=1, enable_checkpointing=True, callbacks=[checkpoint])
+    trainer.fit(HOSLModule(model_config=TINY_LLAMA), tiny_data())
+    state = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    del state["hosl"]["zo_optimizer"], state["hosl"]["directions"]["embedding_directions"]  # as an older release saved
+    torch.save(state, tmp_path / "old.ckpt")
+    resumed = quiet_trainer(HOSLStrategy(cut_layer=1), max_steps=2)
+    resumed.fit(HOSLModule(model_config=TINY_LLAMA), tiny_data(), ckpt_path=str(tmp_path / "old.ckpt"))
+    assert resumed.global_step == 2
+    with pytest.raises(ValueError, match="embedding_directions='dense' there, 'sparse' here"):
+        quiet_trainer(HOSLStrategy(cut_layer=1, embedding_directions="sparse"), max_steps=2).fit(
+            HOSLModule(model_config=TINY_LLAMA), tiny_data(), ckpt_path=str(tmp_path / "old.ckpt"))
 
 
 def test_seed_sync_is_refused_for_an_optimizer_with_state() -> None:
@@ -267,6 +316,7 @@ def test_seed_sync_is_refused_for_an_optimizer_with_state() -> None:
     ({"zo_optimizer": "fzoo", "q": 1}, "q=1 is not valid with zo_optimizer 'fzoo': it needs q >= 2"),
     ({"embedding_directions": "rows"}, "embedding_directions='rows' is not valid: choose one of 'dense', 'sparse'"),
     ({"pair_probes": 1}, "pair_probes=1 is not valid: choose True or False"),
+    ({"zo_optimizer": "zo_momentum", "world_size": 3}, "client_sync='seeds' is not valid with zo_optimizer"),
 ])
 def test_bad_client_optimizer_options_fail_naming_the_option(options: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):

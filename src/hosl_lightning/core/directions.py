@@ -17,7 +17,7 @@ from hosl_lightning.core.options import check_choice, check_int
 
 DIRECTIONS = ("gaussian", "rademacher")
 _MASK64 = (1 << 64) - 1
-SUPPORT_DRAW = _MASK64  # the "chunk" index of a sparse direction's one draw: never a real chunk's index
+SPARSE_ROW = _MASK64  # mixed with a row id into the "chunk" index of a sparse direction's row
 
 
 def mix_seed(*parts: int) -> int:
@@ -95,11 +95,12 @@ class DirectionSampler:
             out[where] = part[flat[where] - first]
         return out.reshape(*index.shape, *like.shape[1:])
 
-    def support_rows(self, step: int, query: int, key: int, count: int, like: Tensor) -> Tensor:
-        """A sparse direction's rows: ``count`` rows shaped like ``like``'s, in one draw. Row ``i`` belongs to
-        the ``i``-th of the sorted row ids the step's batch reads; every other row of the direction is zero."""
-        return self._draw(step, query, key, SUPPORT_DRAW, (count, *like.shape[1:]), like)
-
+    def sparse_rows(self, step: int, query: int, key: int, rows: Tensor, like: Tensor) -> Tensor:
+        """A sparse direction's rows ``rows`` (row ids of ``like``), each drawn from its own seed: a row's
+        direction does not depend on which other rows the step reads. Every other row of the direction is zero."""
+        shape = (1, *like.shape[1:])
+        parts = [self._draw(step, query, key, mix_seed(SPARSE_ROW, row), shape, like) for row in rows.tolist()]
+        return torch.cat(parts) if parts else torch.empty((0, *like.shape[1:]), dtype=like.dtype, device=like.device)
 
     def _draw(self, step: int, query: int, key: int, chunk: int, shape: tuple[int, ...] | torch.Size,
               like: Tensor) -> Tensor:

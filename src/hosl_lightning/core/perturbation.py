@@ -120,9 +120,11 @@ def perturbed(optimizer: ZOSGD, modules: Sequence[nn.Module], step: int, query: 
 
 
 def _halves(value: Any, rows: int, index: int) -> Any:
-    """``value``'s ``index``-th half along the batch axis when it is a tensor of ``rows`` rows, else ``value``."""
-    if isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] == rows:
-        half = rows // 2
+    """``value``'s ``index``-th half along the batch axis when it is a tensor of ``rows`` rows, or of ``k * rows``
+    (a batch flattened with its tokens, as OPT's MLP sees it: batch-major, so the first half is the + probe),
+    else ``value`` whole (positions shared by every row, a mask without a batch axis)."""
+    if isinstance(value, Tensor) and value.ndim > 0 and value.shape[0] >= rows and value.shape[0] % rows == 0:
+        half = value.shape[0] // 2
         return value[:half] if index == 0 else value[half:]
     return value
 
@@ -191,8 +193,11 @@ def paired(optimizer: ZOSGD, modules: Sequence[nn.Module], step: int, query: int
         enclosing = sign_of_half[0]
         if enclosing is not None:
             return offset.mul_(enclosing * mu).add_(output)
-        if output.shape[0] != rows:
-            raise ValueError(f"a paired probe's embedding lookup has {output.shape[0]} rows, expected {rows}")
+        if output.shape[0] == 1 and rows > 1:  # positions shared by the batch ([1, T]): each half gets its own sign
+            offset = offset.expand(rows, *offset.shape[1:]).clone()
+        elif output.shape[0] != rows:
+            raise ValueError(f"a paired probe's embedding lookup has {output.shape[0]} rows, expected {rows} or 1: "
+                             "set pair_probes=False to run the two probes of a query one after the other")
         offset[: rows // 2].mul_(mu)
         offset[rows // 2:].mul_(-mu)
         return offset.add_(output)

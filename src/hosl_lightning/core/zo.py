@@ -169,18 +169,17 @@ class ZOSGD(Optimizer):
         return ZOEstimate(step, coefficients, rows)
 
     def row_directions(self, weight: Tensor, step: int, query: int, ids: Tensor) -> Tensor:
-        """``u(step, query)[ids]`` for an embedding table: the dense direction's rows, or the sparse one's."""
+        """``u(step, query)[ids]`` for an embedding table: the dense direction's rows, or the sparse one's, whose
+        support (the rows the update moves) is every row the step's probes read."""
         key = self.keys[id(weight)]
         if self.embedding_directions == "dense":
             return self.sampler.rows(step, query, key, weight, ids)
         if self._support_step != step:
             self._support, self._support_step = {}, step
-        support = self._support.setdefault(key, torch.unique(ids))
-        where = torch.searchsorted(support, ids).clamp_(max=support.numel() - 1)
-        if not bool((support[where] == ids).all()):
-            raise RuntimeError(f"step {step}: a probe of {self.names[id(weight)]!r} read rows its step's first probe "
-                               "did not; every probe of a step must see the same batch")
-        return self.sampler.support_rows(step, query, key, support.numel(), weight)[where]
+        read, where = torch.unique(ids, return_inverse=True)
+        known = self._support.get(key)
+        self._support[key] = read if known is None else torch.unique(torch.cat([known, read]))
+        return self.sampler.sparse_rows(step, query, key, read, weight)[where]
 
     # ---- the update --------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -208,7 +207,7 @@ class ZOSGD(Optimizer):
         if rows is not None:
             total = torch.zeros((rows.numel(), *param.shape[1:]), dtype=param.dtype, device=param.device)
             for query, coefficient in enumerate(coefficients):
-                total.add_(sampler.support_rows(step, query, key, rows.numel(), param), alpha=per_query * coefficient)
+                total.add_(sampler.sparse_rows(step, query, key, rows, param), alpha=per_query * coefficient)
             yield rows.to(param.device), total
             return
         per_query_chunks = [sampler.chunks(step, query, key, param) for query in range(len(coefficients))]
@@ -227,7 +226,7 @@ class ZOSGD(Optimizer):
         for query, coefficient in enumerate(coefficients):  # one query at a time: the paper's arithmetic, bit for bit
             alpha = -lr * per_query * coefficient * scale
             if rows is not None:
-                param.index_add_(0, rows.to(param.device), sampler.support_rows(step, query, key, rows.numel(), param),
+                param.index_add_(0, rows.to(param.device), sampler.sparse_rows(step, query, key, rows, param),
                                  alpha=alpha)
                 continue
             for index, u in sampler.chunks(step, query, key, param):

@@ -68,6 +68,8 @@ class ZOUpdate:
                                    f"{item!r}: {error}") from None
         if not all(math.isfinite(v) for v in (update.lr, *update.coefficients)) or not update.coefficients:
             raise MalformedPayload(f"an update holds NaN, inf or no coefficients: {item!r}")
+        if any(list(rows) != sorted(set(rows)) or (rows and rows[0] < 0) for rows in update.rows.values()):
+            raise MalformedPayload(f"an update's rows must be sorted, distinct and >= 0: {item!r}")
         return update
 
 
@@ -101,6 +103,9 @@ def replay(optimizer: ZOSGD, updates: Sequence[ZOUpdate], scale: float = 1.0) ->
         for group in optimizer.param_groups:
             for param in group["params"]:
                 rows = update.rows.get(optimizer.keys[id(param)])
+                if rows and rows[-1] >= param.shape[0]:
+                    raise MalformedPayload(f"an update moves row {rows[-1]} of {optimizer.names[id(param)]!r}, which "
+                                           f"has {param.shape[0]} rows")
                 optimizer.add_directions(param, sampler, update.step, list(update.coefficients), update.lr, scale,
                                          rows=None if rows is None else torch.tensor(rows, dtype=torch.long))
 

@@ -53,8 +53,8 @@ class SplitCheckpointIO(TorchCheckpointIO):
             self.remote.load(self.name_of(path))
 
 
-RESUME_KEYS = ("mode", "cut_layer", "seed", "direction", "zo_optimizer_name")  # a run resumes only with these
-RESUME_DEFAULTS = {"zo_optimizer_name": "zo_sgd"}  # what a checkpoint saved before the key existed was run with
+RESUME_KEYS = ("mode", "cut_layer", "seed", "direction", "zo_optimizer")  # a run resumes only with these
+RESUME_DEFAULTS = {"zo_optimizer": {"name": "zo_sgd"}}  # what a checkpoint saved before the key existed ran with
 
 
 def check_resumable(state: dict[str, Any], current: dict[str, Any], path: Any) -> None:
@@ -82,9 +82,12 @@ def restore_zo_state(state: dict[str, Any], drawing: Any, optimizer: Any, schedu
     if saved is not None:
         saved = {"embedding_directions": "dense", **saved}  # saved before sparse directions existed: dense
     if saved is not None and saved != current:
+        differ = ", ".join(f"{k}={saved.get(k)!r} there, {current.get(k)!r} here" for k in sorted(saved.keys() | current.keys())
+                           if saved.get(k) != current.get(k))
         raise ValueError(
-            f"the checkpoint drew its directions with {saved}, this run draws them with {current}: the same seeds "
-            "would give other directions; resume on the same device type (client_device) with the same chunk"
+            f"the checkpoint drew its directions with {saved}, this run draws them with {current} ({differ}): the "
+            "same seeds would give other directions; resume with the same setting (direction_device: the same device "
+            "type, client_device)"
         )
     if state["client_optimizer"] is not None and optimizer is not None:
         optimizer.load_state_dict(state["client_optimizer"])

@@ -7,9 +7,9 @@ asks the link for a probe; the link calls ``training_step`` there (no grad, no d
 silenced) and keeps its loss. The clean call, unperturbed and with autograd in the module's own mode, is
 what Lightning backpropagates into the server and what ``self.log`` reports.
 
-Its cost: 2Q + 1 calls of ``training_step`` per step, each a whole-model forward. The probes cannot be
-batched (the module's step is opaque), and the clean call is needed anyway for the logged loss, so the
-server's gradient comes from it (``server_grad="clean"``).
+Its cost: one call of ``training_step`` per probe (2Q, or Q + 1 with ``fzoo``) and one more, clean, per
+step, each a whole-model forward. The probes cannot be batched (the module's step is opaque), and the clean
+call is needed anyway for the logged loss, so the server's gradient comes from it (``server_grad="clean"``).
 """
 
 from __future__ import annotations

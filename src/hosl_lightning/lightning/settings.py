@@ -45,17 +45,19 @@ class RunSettings:
             ``{name: zo_momentum, momentum: 0.9}`` (one buffer of d_c floats; no seed sync). See
             :mod:`hosl_lightning.zo_optimizers` and README, "Choosing the client optimizer".
         embedding_directions: ``"dense"`` (the paper's: a direction over the whole token-embedding table) or
-            ``"sparse"`` (only the rows the step's batch reads; unbiased, since the gradient is zero on every other
-            row, with the table's share of d_c gone from the variance, and an update that costs those rows only).
-            Plain ``nn.Embedding`` tables only; others (OPT's learned positions) stay dense.
+            ``"sparse"`` (only the rows the step's probes read; unbiased, since the gradient is zero on every other
+            row, with the table's share of d_c gone from the variance, and an update that costs those rows only;
+            ``zo_weight_decay`` > 0 still decays every row). Plain ``nn.Embedding`` tables only; others (OPT's
+            learned positions) stay dense.
         pair_probes: run a query's +mu and -mu probes as one client forward of the batch twice over, each
             direction drawn once for both: faster probes, for the activations of a doubled batch. ``False`` (the
             default) runs them one after the other, drawing twice, and keeps the client at the inference floor.
             Drop-in modules run their probes one at a time.
         direction: ``"gaussian"`` or ``"rademacher"`` directions.
         seed: base seed of the directions; direction q of step t is drawn from hash(seed, t, q, tensor).
-        server_grad: which forward the server's gradient comes from in hosl mode: ``"perturbed"`` (the +mu
-            point of query 1, free: the authors' choice), ``"mean"`` (all 2Q points) or ``"clean"``
+        server_grad: which forward the server's gradient comes from in hosl mode: ``"perturbed"`` (the first
+            probe's point, free: the +mu point of query 1, the authors' choice; with ``fzoo`` the unperturbed
+            point), ``"mean"`` (all probe points) or ``"clean"``
             (unperturbed client weights; one more client forward).
             Unset: ``"perturbed"``, or ``"clean"`` for a drop-in module (its unperturbed call runs anyway, for the
             loss it logs); a drop-in module refuses the others.
@@ -113,6 +115,9 @@ class RunSettings:
         check_choice("embedding_directions", o.embedding_directions, EMBEDDING_DIRECTIONS)
         check_bool("pair_probes", o.pair_probes)
         optimizer_class, optimizer_options = zo_optimizer_spec(o.zo_optimizer)
+        if (o.world_size or 0) > 2 and o.client_sync == "seeds" and not optimizer_class.replayable:
+            raise ValueError(f"client_sync='seeds' is not valid with zo_optimizer {optimizer_class.name!r}: it keeps "
+                             "state that an update's numbers do not carry; use client_sync='weights'")
         if o.q < optimizer_class.min_queries:
             raise ValueError(f"q={o.q} is not valid with zo_optimizer {optimizer_class.name!r}: it needs "
                              f"q >= {optimizer_class.min_queries}")
@@ -146,7 +151,6 @@ class RunSettings:
                                    estimator=optimizer_class.estimator, pair_probes=o.pair_probes)
         # one spelling of the choice, so that client and server compare equal however each was written
         self.zo_optimizer = {"name": optimizer_class.name, **optimizer_options}
-        self.zo_optimizer_name = optimizer_class.name
         self.embedding_directions = o.embedding_directions
         self.zo_lr, self.zo_weight_decay = float(o.zo_lr), float(o.zo_weight_decay)
         self.zo_lr_schedule = o.zo_lr_schedule

@@ -54,12 +54,13 @@ def measure_client_step(
         else:
             named = list(model.client.named_parameters())
             zo = ZOSGD(named, lr=0.0) if zo_optimizer is None else zo_optimizer(named)
+            settings = settings or ZOSettings(queries=zo.min_queries, estimator=zo.estimator)
             with meter:
                 for step in range(2):  # as fo: the second step runs with any state the optimizer keeps
                     if mode == "hosl":
-                        hosl_step(model, batch, zo, settings or ZOSettings(), step, backward=lambda loss: loss.backward())
+                        hosl_step(model, batch, zo, settings, step, backward=lambda loss: loss.backward())
                     else:
-                        zo_step(model, batch, zo, settings or ZOSettings(), step, apply=partial(_client_step, model, zo))
+                        zo_step(model, batch, zo, settings, step, apply=partial(_client_step, model, zo))
     finally:
         model.client_side, model.server_side = saved
     return meter.peak_breakdown("client")

@@ -30,6 +30,11 @@ def register_zo_optimizer(cls: type[ZOSGD]) -> type[ZOSGD]:
     """Make ``cls`` selectable as ``zo_optimizer: {name: cls.name, ...}``; usable as a class decorator."""
     if not (isinstance(cls, type) and issubclass(cls, ZOSGD)):
         raise TypeError(f"a zo_optimizer must be a ZOSGD subclass, got {cls!r}")
+    if "name" not in vars(cls):
+        raise ValueError(f"{cls.__name__} must set its own `name` to be registered (it would inherit "
+                         f"{cls.name!r} and replace that optimizer)")
+    if ZO_OPTIMIZERS.get(cls.name, cls) is not cls:
+        raise ValueError(f"zo_optimizer name {cls.name!r} is already registered to {ZO_OPTIMIZERS[cls.name].__name__}")
     ZO_OPTIMIZERS[cls.name] = cls
     return cls
 
@@ -57,7 +62,7 @@ def zo_optimizer_spec(spec: str | dict[str, Any] | None) -> tuple[type[ZOSGD], d
         raise ValueError(f"zo_optimizer {name!r} has no option {unknown[0]!r}: its options are {valid} (the learning "
                          "rate, weight decay and directions are zo_lr, zo_weight_decay and direction)")
     cls.check_options(**fields)
-    return cls, fields
+    return cls, {**options, **fields}  # with its defaults: one spelling of each choice
 
 
 def build_zo_optimizer(spec: str | dict[str, Any] | None, named: Iterable[tuple[str, nn.Parameter]],
