@@ -192,13 +192,16 @@ class ZOSGD(Optimizer):
             raise ValueError(f"{type(self).__name__}.step needs estimate=ZOEstimate(step, coefficients)")
         coefficients = estimate.coefficients.detach().float().cpu().tolist()
         for group in self.param_groups:
-            lr, weight_decay = group["lr"], group["weight_decay"]
             for param in group["params"]:
-                if weight_decay:
-                    param.mul_(1.0 - lr * weight_decay)
-                self.add_directions(param, self.sampler, estimate.step, coefficients, lr,
-                                    rows=estimate.rows.get(self.keys[id(param)]))
+                self.update(param, group, estimate, coefficients)
         return loss
+
+    def update(self, param: Tensor, group: dict[str, Any], estimate: ZOEstimate, coefficients: list[float]) -> None:
+        """One tensor's share of :meth:`step` (decoupled weight decay, then the ZO update); subclasses replace it."""
+        if group["weight_decay"]:
+            param.mul_(1.0 - group["lr"] * group["weight_decay"])
+        self.add_directions(param, self.sampler, estimate.step, coefficients, group["lr"],
+                            rows=estimate.rows.get(self.keys[id(param)]))
 
     def directions(self, param: Tensor, sampler: DirectionSampler, step: int, coefficients: list[float],
                    rows: Tensor | None = None) -> Iterator[tuple[Any, Tensor]]:

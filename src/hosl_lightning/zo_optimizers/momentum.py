@@ -9,7 +9,6 @@ that an update's numbers do not carry (use ``client_sync: weights``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -35,30 +34,18 @@ class ZOMomentum(ZOSGD):
         self.check_options(momentum)
         super().__init__(*args, defaults={"momentum": float(momentum)}, **kwargs)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None, *, estimate: ZOEstimate | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        if estimate is None:
-            raise ValueError(f"{type(self).__name__}.step needs estimate=ZOEstimate(step, coefficients)")
-        coefficients = estimate.coefficients.detach().float().cpu().tolist()
-        for group in self.param_groups:
-            lr, weight_decay, beta = group["lr"], group["weight_decay"], group["momentum"]
-            for param in group["params"]:
-                state = self.state[param]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(param)
-                buffer: Tensor = state["momentum_buffer"]
-                buffer.mul_(beta)
-                rows = estimate.rows.get(self.keys[id(param)])
-                for index, total in self.directions(param, self.sampler, estimate.step, coefficients, rows):
-                    if isinstance(index, Tensor):
-                        buffer.index_add_(0, index, total)
-                    else:
-                        buffer[index].add_(total)
-                if weight_decay:
-                    param.mul_(1.0 - lr * weight_decay)
-                param.add_(buffer, alpha=-lr)
-        return loss
+    def update(self, param: Tensor, group: dict[str, Any], estimate: ZOEstimate, coefficients: list[float]) -> None:
+        state = self.state[param]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(param)
+        buffer: Tensor = state["momentum_buffer"]
+        buffer.mul_(group["momentum"])
+        rows = estimate.rows.get(self.keys[id(param)])
+        for index, total in self.directions(param, self.sampler, estimate.step, coefficients, rows):
+            if isinstance(index, Tensor):
+                buffer.index_add_(0, index, total)
+            else:
+                buffer[index].add_(total)
+        if group["weight_decay"]:
+            param.mul_(1.0 - group["lr"] * group["weight_decay"])
+        param.add_(buffer, alpha=-group["lr"])
