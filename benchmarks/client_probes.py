@@ -39,7 +39,7 @@ from hosl_lightning.core.zo import ZOSGD
 from hosl_lightning.measurement.standalone import measure_client_inference, measure_client_step
 from hosl_lightning.modes import ClientContext, StepInputs, ZOSettings
 from hosl_lightning.modes.base import send_probes
-from hosl_lightning.zo_optimizers import build_zo_optimizer
+from hosl_lightning.zo_optimizers import build_zo_optimizer, zo_optimizer_spec
 
 SMOLLM2_SHAPE = {"model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
                  "num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3,
@@ -57,7 +57,7 @@ class Option:
     direction: str = "gaussian"
 
     def settings(self) -> ZOSettings:
-        estimator = "one_sided" if self.optimizer == "fzoo" else "two_point"
+        estimator = zo_optimizer_spec(self.optimizer)[0].estimator
         return ZOSettings(queries=self.queries, estimator=estimator, pair_probes=self.pair_probes)
 
     def build(self, named: list[tuple[str, Any]]) -> ZOSGD:

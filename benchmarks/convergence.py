@@ -42,12 +42,24 @@ import lightning as L
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import DATASETS, DEFAULT_DATA, MODEL, MODEL_NAME, DataSpec, code_state, machine, quiet_lightning
+from accuracy import (  # the same prompts, batch, max_length, cut and mu, scored the same way
+    BATCH,
+    CUT,
+    DATASETS,
+    DEFAULT_DATA,
+    MAX_LENGTH,
+    MODEL,
+    MODEL_NAME,
+    MU,
+    code_state,
+    datamodule,
+    machine,
+    quiet_lightning,
+)
 
 from hosl_lightning import (
     HOSLModule,
     HOSLStrategy,
-    PromptClassificationDataModule,
     load_causal_lm,
     resolve_tokenizer,
 )
@@ -55,7 +67,7 @@ from hosl_lightning.modes import DivergenceError
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "benchmarks" / "results" / "convergence"
-CUT, MU, BATCH, EVAL_BATCH, MAX_LENGTH, NUM_TRAIN = 2, 1e-3, 8, 16, 64, 2400  # 300 steps x 8: one pass
+NUM_TRAIN = 2400  # 300 steps x 8: one pass
 STEPS, EVAL_EVERY, N_VAL, N_TEST, SEEDS = 300, 50, 100, 500, (0, 1, 2)
 SWEEP_STEPS, SWEEP_DATASET = 60, "rotten_tomatoes"
 
@@ -147,18 +159,11 @@ def score_examples(module: HOSLModule, batches: list[dict[str, Any]]) -> tuple[l
     return correct, statistics.mean(losses)
 
 
-def _datamodule(spec: DataSpec, data_dir: Path, tokenizer: Any, seed: int, **limits: int) -> PromptClassificationDataModule:
-    return PromptClassificationDataModule(
-        tokenizer=tokenizer, task=spec.task, data_dir=str(data_dir / spec.name), template=spec.template,
-        label_words=spec.label_words, max_length=MAX_LENGTH, batch_size=BATCH, eval_batch_size=EVAL_BATCH, seed=seed,
-        **limits)
-
-
 def run(config: RunConfig, base: Any, tokenizer: Any, data_dir: Path) -> dict[str, Any]:
     """Train and score one configuration; a run that diverges is recorded as such, not retried."""
     method, spec = METHOD[config.method], next(d for d in DATASETS if d.name == config.dataset)
-    train_dm = _datamodule(spec, data_dir, tokenizer, config.seed, num_train=config.num_train)
-    eval_dm = _datamodule(spec, data_dir, tokenizer, 0, num_validation=config.n_val, num_test=config.n_test or 1)
+    train_dm = datamodule(spec, data_dir, tokenizer, config.seed, num_train=config.num_train)
+    eval_dm = datamodule(spec, data_dir, tokenizer, 0, num_validation=config.n_val, num_test=config.n_test or 1)
     train_dm.setup("fit")
     eval_dm.setup("fit")
     eval_dm.setup("test")
@@ -197,7 +202,7 @@ def measure_memory(method: Method, base: Any, tokenizer: Any, data_dir: Path) ->
     from hosl_lightning.zo_optimizers import build_zo_optimizer, zo_optimizer_spec
 
     spec = next(d for d in DATASETS if d.name == SWEEP_DATASET)
-    dm = _datamodule(spec, data_dir, tokenizer, 0, num_train=BATCH)
+    dm = datamodule(spec, data_dir, tokenizer, 0, num_train=BATCH)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     split = SplitCausalLM(copy.deepcopy(base), CUT).eval()

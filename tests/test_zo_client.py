@@ -303,7 +303,7 @@ def test_a_checkpoint_saved_before_the_client_options_existed_still_resumes(tmp_
 
 def test_seed_sync_is_refused_for_an_optimizer_with_state() -> None:
     split = _split()
-    with pytest.raises(ValueError, match="zo_optimizer 'zo_momentum' keeps state.*client_sync='weights'"):
+    with pytest.raises(ValueError, match="zo_optimizer 'zo_momentum': it keeps state.*client_sync='weights'"):
         check_replayable(build_zo_optimizer("zo_momentum", split.client.named_parameters()))
     check_replayable(build_zo_optimizer("fzoo", split.client.named_parameters()))  # stateless: fine
 

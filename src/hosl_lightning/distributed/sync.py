@@ -78,13 +78,17 @@ def encoded_size(updates: Sequence[ZOUpdate]) -> int:
     return len(json.dumps([u.to_json() for u in updates]).encode())
 
 
-def check_replayable(optimizer: ZOSGD) -> None:
+def check_stateless(optimizer: type[ZOSGD] | ZOSGD) -> None:
+    """Seed sync replays an update from its numbers alone: an optimizer with state cannot be replayed so."""
     if not optimizer.replayable:
         raise ValueError(
-            f"client_sync='seeds' replays updates from their seeds, but zo_optimizer {optimizer.name!r} keeps state "
-            "that an update's numbers do not carry: use client_sync='weights' or a stateless zo_optimizer "
-            "(zo_sgd, fzoo)"
+            f"client_sync='seeds' is not valid with zo_optimizer {optimizer.name!r}: it keeps state that an update's "
+            "numbers do not carry; use client_sync='weights' or a stateless zo_optimizer (zo_sgd, fzoo)"
         )
+
+
+def check_replayable(optimizer: ZOSGD) -> None:
+    check_stateless(optimizer)
     if any(group["weight_decay"] for group in optimizer.param_groups):
         raise ValueError(
             "client_sync='seeds' replays updates from their seeds, which is exact only without weight decay: set "

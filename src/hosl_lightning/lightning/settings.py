@@ -16,7 +16,7 @@ from hosl_lightning.core.options import check_bool, check_choice, check_int, che
 from hosl_lightning.core.zo import DIRECTIONS, EMBEDDING_DIRECTIONS, ZO_LR_SCHEDULES, ZOSGD
 from hosl_lightning.distributed.clients import ClientSync
 from hosl_lightning.distributed.peers import BACKENDS, Peers
-from hosl_lightning.distributed.sync import CLIENT_SYNCS, SCHEDULES, check_replayable, client_seed
+from hosl_lightning.distributed.sync import CLIENT_SYNCS, SCHEDULES, check_replayable, check_stateless, client_seed
 from hosl_lightning.distributed.wire import Wire, WireError
 from hosl_lightning.models import adapter_config
 from hosl_lightning.modes import MODES, SERVER_GRADS, ZOSettings
@@ -115,9 +115,8 @@ class RunSettings:
         check_choice("embedding_directions", o.embedding_directions, EMBEDDING_DIRECTIONS)
         check_bool("pair_probes", o.pair_probes)
         optimizer_class, optimizer_options = zo_optimizer_spec(o.zo_optimizer)
-        if (o.world_size or 0) > 2 and o.client_sync == "seeds" and not optimizer_class.replayable:
-            raise ValueError(f"client_sync='seeds' is not valid with zo_optimizer {optimizer_class.name!r}: it keeps "
-                             "state that an update's numbers do not carry; use client_sync='weights'")
+        if (o.world_size or 0) > 2 and o.client_sync == "seeds":  # several clients, known now: refuse at once
+            check_stateless(optimizer_class)
         if o.q < optimizer_class.min_queries:
             raise ValueError(f"q={o.q} is not valid with zo_optimizer {optimizer_class.name!r}: it needs "
                              f"q >= {optimizer_class.min_queries}")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from hosl_lightning.core.zo import ZOSGD, estimate_coefficients
+from hosl_lightning.core.zo import ZOSGD
 
 
 class FZOO(ZOSGD):
@@ -28,7 +28,7 @@ class FZOO(ZOSGD):
     extra_memory = "none"
 
     def coefficients(self, losses: Tensor, mu: float) -> Tensor:
-        differences = estimate_coefficients(losses, mu, self.estimator) * mu  # L_q - L_0
+        differences = losses[1:] - losses[0]  # L_q - L_0: mu cancels against sigma's
         sigma = losses[1:].float().std()
         if not bool(sigma > 0):  # every perturbed loss equal: no direction is better than another
             return torch.zeros_like(differences)
