@@ -241,7 +241,7 @@ def test_loss_weight_scales_every_group_loss() -> None:
     weighted = model.server_losses(activations, {"labels": batch["labels"], "loss_weight": torch.tensor(2.5)})
     assert torch.allclose(weighted, 2.5 * plain)
     with pytest.raises(ValueError, match="loss_weight must be a scalar tensor"):
-        model.server_losses(activations, {"labels": batch["labels"], "loss_weight": torch.ones(4)})
+        model.server_losses(activations, {"labels": batch["labels"], "loss_weight": torch.ones(2, 2)})
 
 
 @pytest.mark.parametrize("server_grad", ["perturbed", "mean", "clean"])

@@ -107,7 +107,10 @@ def test_a_key_the_config_does_not_have_fails_before_any_trial(tmp_path: Path) -
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"subset": "craig"}, "subset='craig' is not valid: choose one of 'gradmatch', 'random', 'full'"),
+        ({"subset": "craig"}, "subset='craig' is not valid: choose one of 'gradmatch', 'random', 'full', 'milo'"),
+        ({"feature": "logits"}, "feature='logits' is not valid: choose one of 'hidden', 'head', 'label_head'"),
+        ({"granularity": "example"}, "granularity='example' is not valid: choose one of 'batch', 'per_class'"),
+        ({"subset_val_batches": 0}, "subset_val_batches=0 is not valid: it must be an integer >= 1, or None"),
         ({"fraction": 2.0}, r"fraction=2.0 is not valid: it must be a number in \(0, 1\]"),
         ({"pruner": "asha"}, "pruner='asha' is not valid: choose one of 'hyperband', 'none'"),
         ({"direction": "up"}, "direction='up' is not valid"),
@@ -128,22 +131,28 @@ def test_bad_options_fail_before_any_trial(kwargs: dict, message: str, tmp_path:
 
 
 @pytest.mark.parametrize(("selection_seed", "expected"), [(None, 3), (7, 7)])
-def test_selection_seed_and_warm_start_reach_every_trials_selection(
+def test_selection_options_and_the_trial_validation_reach_every_trial(
     selection_seed: int | None, expected: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import hosl_lightning.tuning.search as tune_module
 
-    seeds: list[tuple[int, int]] = []
+    seeds: list[tuple[object, ...]] = []
 
     class Recording(tune_module.SubsetSelection):
-        def setup(self, *args: object, **kwargs: object) -> None:
-            seeds.append((self.seed, self.warm_start_steps))  # what a trial's selection really uses
-            super().setup(*args, **kwargs)
+        def setup(self, trainer, *args: object, **kwargs: object) -> None:  # what a trial's selection really uses
+            seeds.append((self.seed, self.warm_start_steps, self.feature, self.granularity, trainer.limit_val_batches))
+            super().setup(trainer, *args, **kwargs)
 
+    fits: list[list[str]] = []
+    fit = tune_module._fit
     monkeypatch.setattr(tune_module, "SubsetSelection", Recording)
-    _tune(tmp_path, n_trials=1, retrain=False, subset="random", sampler_seed=3, selection_seed=selection_seed,
-          warm_start_steps=2)
-    assert seeds == [(expected, 2)]
+    monkeypatch.setattr(tune_module, "_fit", lambda args, *rest: fits.append(args) or fit(args, *rest))
+    _tune(tmp_path, n_trials=1, subset="random", sampler_seed=3, selection_seed=selection_seed, warm_start_steps=2,
+          feature="head", granularity="batch", subset_val_batches=2,
+          overrides=[o for o in SMALL if "limit_val_batches" not in o])
+    assert seeds == [(expected, 2, "head", "batch", 2)]
+    trial, retrain = fits
+    assert "--trainer.limit_val_batches=2" in trial and not any("limit_val_batches" in a for a in retrain)
 
 
 def _states_under(pruner: object) -> dict[int, str]:

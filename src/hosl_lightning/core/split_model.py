@@ -84,13 +84,20 @@ def shared_prompts(
     return first, source_rows
 
 
-def _weighted(losses: Tensor, targets: Targets) -> Tensor:
+def loss_weights(targets: Targets, examples: int, device: torch.device) -> Tensor | None:
+    """``targets["loss_weight"]``: None, a scalar (the batch's weight) or one weight per example, checked.
+
+    Subsets chosen batch by batch weigh whole batches; subsets chosen example by example (per-class GradMatch,
+    ``hosl_lightning.tuning``) weigh each example, and the weights then enter the loss before its mean.
+    """
     weight = targets.get("loss_weight")
     if weight is None:
-        return losses
-    if not isinstance(weight, Tensor) or weight.numel() != 1:
-        raise ValueError(f"loss_weight must be a scalar tensor (one weight per batch), got {weight!r}")
-    return losses * weight.to(losses.device, losses.dtype).reshape(())
+        return None
+    if not isinstance(weight, Tensor) or weight.dim() > 1 or (weight.dim() == 1 and len(weight) != examples):
+        shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
+        raise ValueError(f"loss_weight must be a scalar tensor (one weight per batch) or a vector of one weight per "
+                         f"example ({examples} here), got {shape}")
+    return weight.to(device, torch.float32)
 
 
 class SplitCausalLM(nn.Module):
@@ -180,8 +187,9 @@ class SplitCausalLM(nn.Module):
         ``targets["labels"]`` alone: the mean next-token loss over labelled tokens (the HF causal-LM loss).
         With ``class_labels`` and ``num_classes`` (rows are C candidate sequences per example): cross-entropy
         over the candidates' sequence log-likelihoods, the classification-style loss MeZO trains with.
-        With ``loss_weight`` (a scalar: the batch's weight in a weighted subset, ``hosl_lightning.tuning``)
-        every group's loss is multiplied by it, so it scales the server's gradient and the ZO differences alike.
+        With ``loss_weight`` (a weighted subset's, ``hosl_lightning.tuning``): a scalar multiplies every group's
+        loss; one weight per example multiplies that example's loss (classification) or its tokens' losses (LM)
+        before the mean. Either way it scales the server's gradient and the ZO differences alike.
         """
         final_hidden = self.server(activations)
         labels = targets["labels"].to(final_hidden.device)
@@ -191,16 +199,22 @@ class SplitCausalLM(nn.Module):
         nll, row_of_token = self._label_token_nll(final_hidden, labels.repeat(groups, 1))
         if "class_labels" in targets:
             num_classes = int(targets["num_classes"])
+            weight = loss_weights(targets, rows // num_classes, nll.device)
             log_likelihood = -torch.zeros(groups * rows, device=nll.device).index_add(0, row_of_token, nll)
             class_labels = targets["class_labels"].to(nll.device).repeat(groups)
             losses = F.cross_entropy(log_likelihood.view(-1, num_classes), class_labels, reduction="none")
-            return _weighted(losses.view(groups, -1).mean(dim=1), targets)
+            losses = losses.view(groups, -1)
+            return losses.mean(dim=1) if weight is None else (losses * weight).mean(dim=1)
+        weight = loss_weights(targets, rows, nll.device)
+        if weight is not None and weight.dim() == 1:  # a weighted token mean: sum_r w_r sum_t nll_rt / tokens
+            nll = nll * weight[row_of_token % rows]
         group_of_token = torch.div(row_of_token, rows, rounding_mode="floor")
         sums = torch.zeros(groups, device=nll.device).index_add(0, group_of_token, nll)
         counts = torch.bincount(group_of_token, minlength=groups)
         if bool((counts == 0).any()):
             raise ValueError("a batch has no labelled tokens (all labels are -100): there is nothing to train on")
-        return _weighted(sums / counts, targets)
+        losses = sums / counts
+        return losses * weight if weight is not None and weight.dim() == 0 else losses
 
     @torch.no_grad()
     def server_row_features(

@@ -50,7 +50,12 @@ def loss_of(output: STEP_OUTPUT) -> Tensor:
 def pop_loss_weight(args: tuple[Any, ...]) -> Tensor | None:
     """A weighted subset's batch weight (``hosl_lightning.tuning``), taken out before a user's training_step sees it."""
     batch = args[0] if args else None
-    return batch.pop("loss_weight", None) if isinstance(batch, dict) else None
+    weight = batch.pop("loss_weight", None) if isinstance(batch, dict) else None
+    if weight is not None and weight.dim() > 0:
+        raise ValueError("this batch weighs each example (SubsetSelection(granularity='per_class')), but a drop-in training_step computes its own loss, "
+                         "which one weight per batch can scale and per-example weights cannot: use HOSLModule, or "
+                         "granularity='batch'")
+    return weight
 
 
 def scaled(output: STEP_OUTPUT, weight: Tensor | None) -> STEP_OUTPUT:

@@ -34,7 +34,8 @@ class WeightedDataset(Dataset):
 
 @dataclass(frozen=True)
 class WeightedCollate:
-    """The loader's own collate, plus the batch's weight as a scalar ``loss_weight``."""
+    """The loader's own collate, plus the weights as ``loss_weight``: a scalar when the batch's examples share one
+    (a batch chosen whole), else one per example (examples chosen one by one)."""
 
     collate: Callable[[list[Any]], Any]
 
@@ -42,7 +43,9 @@ class WeightedCollate:
         batch = self.collate([example for example, _ in items])
         if not isinstance(batch, dict):
             raise TypeError(f"SubsetSelection needs batches that are dicts (to add 'loss_weight'), got {type(batch).__name__}")
-        batch["loss_weight"] = torch.tensor(items[0][1], dtype=torch.float32)
+        weights = [weight for _, weight in items]
+        shared = all(weight == weights[0] for weight in weights)
+        batch["loss_weight"] = torch.tensor(weights[0] if shared else weights, dtype=torch.float32)
         return batch
 
 

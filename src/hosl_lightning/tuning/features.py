@@ -105,6 +105,64 @@ def classification_row_features(
         return sums, torch.ones(examples, dtype=torch.long, device=device)
 
 
+@torch.no_grad()
+def label_head_row_features(model: SplitCausalLM, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    """Per example, the classification loss's gradient at the LM head's label-word rows: C x hidden numbers.
+
+    Row c is (p_c - y_c) h_c, with p the softmax over the C candidates' log-likelihoods (the loss training
+    uses), y the gold one-hot and h_c the final hidden state that scores candidate c's first answer token.
+    When the answers are single tokens after a shared prompt this is exactly the loss's gradient at those
+    rows (and zero elsewhere): the last-layer gradient CORDS and AUTOMATA match, small, and it sees the input.
+    Longer answers keep their first token's row, an approximation. Counts are 1 per example.
+    """
+    if not _is_classification(batch):
+        raise ValueError("feature='label_head' needs classification batches (with 'class_labels' and "
+                         "'num_classes', as PromptClassificationDataModule makes); use feature='hidden' or 'head'")
+    input_ids, mask, labels = batch["input_ids"], batch.get("attention_mask"), batch["labels"]
+    num_classes, examples = int(batch["num_classes"]), len(batch["class_labels"])
+    representatives, source_rows = shared_prompts(input_ids, mask, labels)
+    if representatives is not None:
+        input_ids, mask = input_ids[representatives], None if mask is None else mask[representatives]
+    activations = model.client_forward(input_ids, mask)
+    with model.server_side():
+        up, targets = model.boundary.send_up(activations, {"labels": labels, "class_labels": batch["class_labels"]})
+        assert targets is not None
+        final_hidden = model.server(up)
+        device = final_hidden.device
+        wanted = targets["labels"].to(device)
+        sources = None if source_rows is None else source_rows.to(device)
+        nll, row = model._label_token_nll(final_hidden, wanted, sources)
+        log_likelihood = -torch.zeros(len(wanted), device=device).index_add(0, row, nll)
+        probabilities = log_likelihood.view(examples, num_classes).softmax(-1)
+        errors = probabilities - F.one_hot(targets["class_labels"].to(device), num_classes).float()
+        labelled = wanted[:, 1:] != IGNORE_INDEX
+        first = labelled.float().argmax(dim=1)  # each candidate's first scored position
+        rows = torch.arange(len(wanted), device=device)
+        hidden = final_hidden[rows if sources is None else sources, first].float()
+        features = errors.reshape(-1, 1) * hidden  # (examples * C) x hidden
+        return features.view(examples, -1), torch.ones(examples, dtype=torch.long, device=device)
+
+
+@torch.no_grad()
+def row_embeddings(model: SplitCausalLM, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    """Each example's fixed embedding: the final hidden state where its answer is scored (classification: the gold
+    row's first answer position; LM: the mean over labelled positions). What model-agnostic selection covers."""
+    input_ids, mask, labels = _gold_rows(batch)
+    activations = model.client_forward(input_ids, mask)
+    with model.server_side():
+        up, targets = model.boundary.send_up(activations, {"labels": labels})
+        assert targets is not None
+        final_hidden = model.server(up)[:, :-1].float()
+        labelled = (targets["labels"].to(final_hidden.device)[:, 1:] != IGNORE_INDEX).float()
+        if _is_classification(batch):  # the first answer position, the one the label words are scored from
+            labelled = F.one_hot(labelled.argmax(dim=1), labelled.shape[1]).float()
+        counts = labelled.sum(dim=1)
+        if bool((counts == 0).any()):
+            raise ValueError("an example has no labelled tokens (all labels are -100): it has no embedding")
+        sums = torch.einsum("rp,rph->rh", labelled, final_hidden) / counts[:, None]
+        return sums, torch.ones(len(sums), dtype=torch.long, device=sums.device)
+
+
 def _token_errors(
     model: SplitCausalLM, hidden: Tensor, wanted: Tensor, matrix: Tensor, tokens_per_pass: int
 ) -> tuple[Tensor, Tensor]:
@@ -147,6 +205,7 @@ def candidate_features(
     device: torch.device | str = "cpu",
     progress: bool = True,
     description: str = "GradMatch features",
+    rows_of: Callable[[SplitCausalLM, dict[str, Any]], tuple[Tensor, Tensor]] | None = None,
 ) -> Tensor:
     """Every candidate batch's gradient feature, from forwards over all its examples grouped by length.
 
@@ -154,6 +213,8 @@ def candidate_features(
     examples need not be forwarded in their candidate batches. They go in chunks of ``batch_size`` examples of
     about equal ``lengths`` (indexed by example), which wastes almost nothing on padding and amortises each
     forward over more rows. The result equals stacking ``batch_feature`` over the candidates, up to rounding.
+    ``rows_of`` replaces ``row_features`` (with ``projection``) as what a chunk's examples give, e.g.
+    ``label_head_row_features`` or ``row_embeddings``; singleton candidates make it per example.
     """
     examples = torch.tensor([index for batch in candidates for index in batch], dtype=torch.long)
     owner = torch.tensor([c for c, batch in enumerate(candidates) for _ in batch], dtype=torch.long)
@@ -168,7 +229,9 @@ def candidate_features(
     bar = tqdm(feature_loader, desc=description, leave=False, disable=not progress)
     with eval_mode(model):
         for chunk, batch in zip(chunks, bar):
-            row_sums, row_counts = row_features(model, move_data_to_device(batch, device), projection)
+            batch = move_data_to_device(batch, device)
+            row_sums, row_counts = (row_features(model, batch, projection) if rows_of is None
+                                    else rows_of(model, batch))
             if sums is None:
                 sums = torch.zeros(len(candidates), row_sums.shape[1])
             sums.index_add_(0, owner[chunk], row_sums.cpu())

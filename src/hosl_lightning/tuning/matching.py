@@ -3,11 +3,14 @@
 Orthogonal matching pursuit (Killamsetty et al., ICML 2021; per-batch, as AUTOMATA uses it): add the candidate
 whose feature best agrees with what is still unmatched, refit all weights (non-negative least squares with a
 ridge), repeat. Every iteration scores all candidates with one matrix-vector product; the only Python loop
-is over the ``budget`` picks, never over examples.
+is over the ``budget`` picks, never over examples. Per class over examples (CORDS' PerClass and
+PerClassPerGradient), and two baselines: random picks, and a model-agnostic coverage subset (MILO-style facility
+location over fixed embeddings).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -103,4 +106,95 @@ def gradmatch(features: Tensor, budget: int, generator: torch.Generator, ridge: 
 def random_subset(candidates: int, budget: int, generator: torch.Generator) -> Selection:
     """``budget`` candidates drawn uniformly without replacement, weight 1: the baseline GradMatch must beat."""
     indices = torch.randperm(candidates, generator=generator)[:budget].tolist()
+    return Selection(indices, [1.0] * len(indices), matched=0, residual=0.0)
+
+
+def class_budgets(labels: Tensor, budget: int) -> dict[int, int]:
+    """``budget`` split over the classes in proportion to their sizes (largest remainder), each at most its size."""
+    classes, sizes = labels.unique(return_counts=True)
+    if not 1 <= budget <= len(labels):
+        raise ValueError(f"budget={budget} is not valid: it must be between 1 and the number of examples ({len(labels)})")
+    exact = sizes.double() * budget / len(labels)
+    shares = exact.floor().long()
+    for index in (exact - shares).argsort(descending=True)[: budget - int(shares.sum())]:
+        shares[index] += 1
+    return {int(c): int(min(s, n)) for c, s, n in zip(classes, shares, sizes)}
+
+
+def per_class_gradmatch(
+    features: Tensor, labels: Tensor, budget: int, generator: torch.Generator, ridge: float = 1e-3,
+    class_rows: bool = False,
+) -> Selection:
+    """GradMatch class by class over examples (CORDS' PerClass; PerClassPerGradient with ``class_rows``).
+
+    Each class gets a share of ``budget`` in proportion to its size, and matching pursuit matches the mean
+    feature of that class's examples with its share. With ``class_rows`` the features are C blocks (one per
+    class, as ``label_head_row_features`` gives) and class c is matched on block c alone: the gradient at its
+    own label-word row. Weights are mean 1 within each class, so the subset keeps the data's class mix.
+    """
+    if len(labels) != features.shape[0]:
+        raise ValueError(f"{len(labels)} labels for {features.shape[0]} examples")
+    classes = int(labels.max()) + 1
+    if class_rows and features.shape[1] % classes:
+        raise ValueError(f"class_rows needs one block per class: {features.shape[1]} feature columns do not split "
+                         f"into {classes} classes")
+    indices: list[int] = []
+    weights: list[float] = []
+    matched, residuals = 0, []
+    for label, share in class_budgets(labels, budget).items():
+        if share == 0:
+            continue
+        members = (labels == label).nonzero().flatten()
+        block = features[members]
+        if class_rows:
+            block = block.view(len(members), classes, -1)[:, label]
+        chosen = gradmatch(block, share, generator, ridge)
+        indices += members[chosen.indices].tolist()
+        weights += chosen.weights
+        matched += chosen.matched
+        residuals.append(chosen.residual)
+    return Selection(indices, weights, matched=matched, residual=max(residuals, default=0.0))
+
+
+def facility_location(
+    embeddings: Tensor, labels: Tensor, budget: int, generator: torch.Generator, epsilon: float = 0.01
+) -> Selection:
+    """A model-agnostic subset (MILO-style): per class, examples that best cover the class under cosine similarity.
+
+    Greedy facility location, max sum_i max_{j in S} sim(i, j), class by class with shares proportional to the
+    class sizes; stochastic greedy (each pick scores a random (n / k) log(1 / epsilon) of the candidates), so
+    each ``generator`` gives another near-optimal subset: MILO's stochastic-greedy exploration. Weight 1.
+    Written here: apricot-select, the library for it, was last released in 2021 and pulls in numba.
+    """
+    if len(labels) != embeddings.shape[0]:
+        raise ValueError(f"{len(labels)} labels for {embeddings.shape[0]} examples")
+    unit = torch.nn.functional.normalize(embeddings.double(), dim=1)
+    indices: list[int] = []
+    for label, share in class_budgets(labels, budget).items():
+        members = (labels == label).nonzero().flatten()
+        if share == 0:
+            continue
+        similarity = (unit[members] @ unit[members].T).clamp_min(0.0)  # non-negative: the objective is monotone
+        n = len(members)
+        sample = max(1, min(n, math.ceil(n / share * math.log(1 / epsilon))))
+        covered = torch.zeros(n, dtype=similarity.dtype)
+        available = torch.ones(n, dtype=torch.bool)
+        for _ in range(share):
+            pool = available.nonzero().flatten()
+            pool = pool[torch.randperm(len(pool), generator=generator)[:sample]]
+            gains = (similarity[:, pool] - covered[:, None]).clamp_min(0.0).sum(dim=0)
+            best = int(pool[gains.argmax()])
+            covered = torch.maximum(covered, similarity[:, best])
+            available[best] = False
+            indices.append(int(members[best]))
+    return Selection(indices, [1.0] * len(indices), matched=0, residual=0.0)
+
+
+def random_examples(labels: Tensor, budget: int, generator: torch.Generator) -> Selection:
+    """``budget`` examples drawn uniformly within each class (shares as ``class_budgets``), weight 1: the
+    example-level baseline per-class GradMatch must beat."""
+    indices: list[int] = []
+    for label, share in class_budgets(labels, budget).items():
+        members = (labels == label).nonzero().flatten()
+        indices += members[torch.randperm(len(members), generator=generator)[:share]].tolist()
     return Selection(indices, [1.0] * len(indices), matched=0, residual=0.0)

@@ -24,7 +24,16 @@ from typing import Any, Literal
 from hosl_lightning.core.options import check_choice, check_int, check_number
 from hosl_lightning.tuning.limits import check_space
 from hosl_lightning.tuning.results import TrialRecord, TuneResult, write_results
-from hosl_lightning.tuning.selection import METHODS, Method, SelectionCache, SubsetSelection
+from hosl_lightning.tuning.selection import (
+    FEATURES,
+    GRANULARITIES,
+    METHODS,
+    Feature,
+    Granularity,
+    Method,
+    SelectionCache,
+    SubsetSelection,
+)
 from hosl_lightning.tuning.space import load_space, override_args
 
 INSTALL_HINT = "pip install 'hosl-lightning[tune]'  (optuna and optuna-integration)"
@@ -106,6 +115,9 @@ def tune(
     fraction: float = 0.1,
     select_every_n_steps: int | None = None,
     warm_start_steps: int = 0,
+    feature: Feature = "hidden",
+    granularity: Granularity = "batch",
+    subset_val_batches: int | None = None,
     metric: str = "val_acc",
     direction: Literal["maximize", "minimize"] = "maximize",
     study_name: str = "hosl-tune",
@@ -129,11 +141,19 @@ def tune(
             (ints give integer parameters) or ``{choices: [...]}``, e.g.
             ``trainer.strategy.init_args.zo_lr: {low: 1.0e-7, high: 1.0e-5, log: true}``.
         n_trials: trials this worker runs (several workers on one study add up).
-        subset: how trials choose their training batches: ``gradmatch``, ``random`` or ``full``.
+        subset: how trials choose their training batches: ``gradmatch``, ``random``, ``full`` or ``milo``
+            (``SubsetSelection``).
         fraction: the share of training batches a trial trains on per epoch (``subset`` gradmatch / random).
         select_every_n_steps: steps between re-selections; default once per subset epoch.
         warm_start_steps: each trial's first steps on random batches of all the data before the first subset
             choice (AUTOMATA's warm start; ``SubsetSelection``). They count within the trial's steps.
+        feature: GradMatch's gradient feature: ``hidden`` (dL/dh), ``head`` (the projected head gradient) or
+            ``label_head`` (the gradient at the label-word rows, classification only; ``SubsetSelection``).
+        granularity: ``batch`` (choose whole batches, AUTOMATA) or ``per_class`` (choose examples class by
+            class, CORDS' PerClass; needs labelled examples).
+        subset_val_batches: validate subset trials on the first this many validation batches only (Lightning's
+            ``limit_val_batches``; the datamodule's validation sample is seeded, so this is a smaller seeded
+            sample), which cuts a short trial's fixed cost. Default: all of them. The retrain uses all.
         metric: the logged metric trials are ranked by (after each validation, and at the end).
         direction: ``maximize`` or ``minimize`` the metric.
         study_name: the study's name in the storage; workers with the same name and storage share it.
@@ -164,13 +184,17 @@ def tune(
     check_int("selection_seed", selection_seed, none="sampler_seed")
     check_int("n_startup_trials", n_startup_trials, 0)
     check_int("reduction_factor", reduction_factor, 2)
+    check_choice("feature", feature, FEATURES)
+    check_choice("granularity", granularity, GRANULARITIES)
+    check_int("subset_val_batches", subset_val_batches, 1, none="all of them")
     if timeout_s is not None:
         check_number("timeout_s", timeout_s, 0, strict=True)
     if not Path(fit_config).is_file():
         raise FileNotFoundError(f"fit_config file {fit_config!r} does not exist")
     selection_seed = sampler_seed if selection_seed is None else selection_seed
-    SubsetSelection(subset, fraction, select_every_n_steps, seed=selection_seed,
-                    warm_start_steps=warm_start_steps)  # checks these now, not in a trial
+    SubsetSelection(subset, fraction, select_every_n_steps, seed=selection_seed, warm_start_steps=warm_start_steps,
+                    feature=feature, granularity=granularity)  # checks these now, not in a trial
+    trial_overrides = [] if subset_val_batches is None else [f"--trainer.limit_val_batches={subset_val_batches}"]
     parameters = load_space(space)
     base = ["fit", "--config", fit_config, *(overrides or [])]
     # Every choice and both ends of every range are checked before the study starts, without building a model:
@@ -206,9 +230,9 @@ def tune(
                   + ", ".join(f"{k.rsplit('.', 1)[-1]}={v:.3g}" if isinstance(v, float)
                               else f"{k.rsplit('.', 1)[-1]}={v}" for k, v in values.items()), flush=True)
             selection = SubsetSelection(subset, fraction, select_every_n_steps, seed=selection_seed, cache=cache,
-                                        warm_start_steps=warm_start_steps)
+                                        warm_start_steps=warm_start_steps, feature=feature, granularity=granularity)
             pruning = PyTorchLightningPruningCallback(trial, monitor=metric)
-            cli, _, value = _fit(base[1:] + override_args(values), [selection, pruning], metric)
+            cli, _, value = _fit(base[1:] + override_args(values) + trial_overrides, [selection, pruning], metric)
             if not math.isfinite(value):  # a diverged run: never COMPLETE, never the best
                 raise FloatingPointError(f"{metric}={value} is not finite: the run diverged")
             record.state, record.value = "COMPLETE", value

@@ -34,15 +34,30 @@ from hosl_lightning.tuning.batches import (
     partition,
     subset_length,
 )
-from hosl_lightning.tuning.features import candidate_features, example_lengths, vocabulary_projection
-from hosl_lightning.tuning.matching import Selection, gradmatch, random_subset
+from hosl_lightning.tuning.features import (
+    candidate_features,
+    example_lengths,
+    label_head_row_features,
+    row_embeddings,
+    vocabulary_projection,
+)
+from hosl_lightning.tuning.matching import (
+    Selection,
+    facility_location,
+    gradmatch,
+    per_class_gradmatch,
+    random_examples,
+    random_subset,
+)
 
 log = logging.getLogger(__name__)
 
-Method = Literal["gradmatch", "random", "full"]
-METHODS: tuple[str, ...] = ("gradmatch", "random", "full")
-Feature = Literal["hidden", "head"]
-FEATURES: tuple[str, ...] = ("hidden", "head")
+Method = Literal["gradmatch", "random", "full", "milo"]
+METHODS: tuple[str, ...] = ("gradmatch", "random", "full", "milo")
+Feature = Literal["hidden", "head", "label_head"]
+FEATURES: tuple[str, ...] = ("hidden", "head", "label_head")
+Granularity = Literal["batch", "per_class"]
+GRANULARITIES: tuple[str, ...] = ("batch", "per_class")
 
 
 class SelectionCache:
@@ -53,25 +68,27 @@ class SelectionCache:
     """
 
     def __init__(self) -> None:
-        self._entries: dict[tuple[Any, ...], list[list[WeightedIndex]]] = {}
+        self._entries: dict[tuple[Any, ...], Any] = {}  # batches, or MILO's embeddings
         self.hits = 0
 
-    def get(self, key: tuple[Any, ...]) -> list[list[WeightedIndex]] | None:
+    def get(self, key: tuple[Any, ...]) -> Any:
         found = self._entries.get(key)
         self.hits += found is not None
         return found
 
-    def put(self, key: tuple[Any, ...], batches: list[list[WeightedIndex]]) -> None:
-        self._entries[key] = batches
+    def put(self, key: tuple[Any, ...], value: Any) -> None:
+        self._entries[key] = value
 
 
 class SubsetSelection(Callback):
     """Train on ``fraction`` of the training batches, chosen again every ``every_n_steps`` steps.
 
     Args:
-        method: ``"gradmatch"`` (orthogonal matching pursuit over per-batch gradient features, non-negative
-            weights), ``"random"`` (uniform, weight 1) or ``"full"`` (every batch, weight 1: the full-data
-            baseline through the same code).
+        method: ``"gradmatch"`` (orthogonal matching pursuit over gradient features, non-negative weights),
+            ``"random"`` (uniform, weight 1), ``"full"`` (every batch, weight 1: the full-data baseline through
+            the same code) or ``"milo"`` (model-agnostic, MILO-style: per class, the examples that best cover the
+            class under cosine similarity of fixed embeddings, the final hidden states of the weights training
+            starts from, computed once; each selection draws another stochastic-greedy subset; weight 1).
         fraction: the share of batches in the subset, in (0, 1]; an epoch is that many steps.
         every_n_steps: steps between selections; default one subset epoch.
         seed: seeds the candidate batches (re-drawn at every selection), random picks and the epoch order.
@@ -83,11 +100,19 @@ class SubsetSelection(Callback):
             On a classification task the gradient feature mostly measures a batch's class mix, and without
             stratification GradMatch picks batches of opposite, extreme mixes whose errors cancel in the sum but
             not step by step (benchmarks/README.md, "Subset choice").
-        feature: GradMatch's per-batch feature, the gradient of the loss training uses (the classification loss
-            on batches with ``class_labels``, else the LM loss). ``"hidden"`` (default): dL/dh at the final hidden
-            state (``hidden`` numbers). ``"head"``: the LM head's weight gradient with its vocabulary side projected by
+        feature: GradMatch's feature, the gradient of the loss training uses (the classification loss on batches
+            with ``class_labels``, else the LM loss). ``"hidden"`` (default): dL/dh at the final hidden state
+            (``hidden`` numbers). ``"head"``: the LM head's weight gradient with its vocabulary side projected by
             a fixed random sign matrix to ``feature_rows`` rows (``feature_rows`` x ``hidden`` numbers); it also
-            sees the inputs, where dL/dh sees only the error.
+            sees the inputs, where dL/dh sees only the error. ``"label_head"`` (classification only): the
+            gradient at the head's label-word rows, (p - y) times the final hidden state (classes x ``hidden``
+            numbers), the last-layer gradient CORDS and AUTOMATA match.
+        granularity: ``"batch"`` (default): choose among candidate batches, one weight per batch (AUTOMATA's
+            per-batch GradMatch). ``"per_class"``: choose examples class by class, in proportion to the class
+            sizes, each matched against its own class's gradient (CORDS' PerClass; with ``feature="label_head"``
+            on its own label-word row alone, PerClassPerGradient), one weight per example; the chosen examples
+            are then cut into stratified batches. Needs labelled examples; with ``"random"`` it draws examples
+            per class. ``"milo"`` always works per class; ``"full"`` ignores it.
         feature_rows: rows of that projection.
         warm_start_steps: AUTOMATA's warm start. The first ``warm_start_steps`` steps train on random batches of
             all the data (weight 1, drawn again every subset epoch), and the first ``method`` choice is made from
@@ -115,6 +140,7 @@ class SubsetSelection(Callback):
         cache: SelectionCache | None = None,
         stratify: bool | None = None,
         feature: Feature = "hidden",
+        granularity: Granularity = "batch",
         feature_rows: int = 16,
         warm_start_steps: int = 0,
         feature_batch_size: int = 64,
@@ -126,6 +152,7 @@ class SubsetSelection(Callback):
         check_int("seed", seed)
         check_number("ridge", ridge, 0)
         check_choice("feature", feature, FEATURES)
+        check_choice("granularity", granularity, GRANULARITIES)
         check_int("feature_rows", feature_rows, 1)
         check_int("warm_start_steps", warm_start_steps, 0)
         check_int("feature_batch_size", feature_batch_size, 1)
@@ -134,6 +161,7 @@ class SubsetSelection(Callback):
         self.method, self.fraction, self.every_n_steps = method, float(fraction), every_n_steps
         self.seed, self.ridge, self.cache, self.stratify, self.progress = seed, ridge, cache, stratify, progress
         self.feature, self.feature_rows, self.feature_batch_size = feature, feature_rows, feature_batch_size
+        self.granularity = granularity
         self.warm_start_steps = 0 if method == "full" else warm_start_steps  # all the data needs no warm start
         self.selection_seconds = 0.0
         self.selections = 0  # selections made (including cache hits)
@@ -148,6 +176,8 @@ class SubsetSelection(Callback):
         self._loader: DataLoader | None = None
         self._labels: Tensor | None = None  # each training example's class, when candidates are stratified
         self._projection: Tensor | None = None  # feature="head": the vocabulary-side projection
+        self._embeddings: Tensor | None = None  # method="milo": each training example's fixed embedding
+        self._classes: Tensor | None = None  # per-example choices: each training example's class
         self._lengths: Tensor | None = None  # each training example's collated length, for the feature pass
         self._source: Any = None
         self._original: Any = None
@@ -171,7 +201,8 @@ class SubsetSelection(Callback):
             raise TypeError("SubsetSelection needs train_dataloader() to return one DataLoader with a batch_size")
         if loader.dataset is not getattr(self._loader, "dataset", None):
             self._labels = self._stratify_by(loader.dataset)
-            self._lengths = None
+            self._classes = self._classes_of(loader.dataset) if self._per_example else None
+            self._lengths = self._embeddings = None
         self._loader = loader
         candidates = math.ceil(len(loader.dataset) / loader.batch_size)  # type: ignore[arg-type]
         length = candidates if self.method == "full" else subset_length(self.fraction, candidates)
@@ -195,8 +226,24 @@ class SubsetSelection(Callback):
                              "(attribute or key); this dataset's do not: use stratify=None or False")
         return labels
 
+    def _classes_of(self, dataset: Any) -> Tensor:
+        labels = class_labels(dataset)
+        if labels is not None:
+            return labels
+        if self.method == "milo":  # coverage needs no classes: all examples form one
+            return torch.zeros(len(dataset), dtype=torch.long)
+        raise ValueError("SubsetSelection(granularity='per_class') needs every training example to have an integer "
+                         "'label' (attribute or key); this dataset's do not: use granularity='batch'")
+
+    @property
+    def _per_example(self) -> bool:
+        """Whether choices are made over examples (then cut into batches) rather than over candidate batches."""
+        return self.method == "milo" or (self.granularity == "per_class" and self.method in ("gradmatch", "random"))
+
     # ---- when to choose ------------------------------------------------------------------------------------
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.method == "milo" and self._embeddings is None:  # from the weights training starts from: fixed
+            self._embeddings = self._fixed_embeddings(trainer)
         if self._restored is None:
             self._steps = 0
             self._select(trainer)
@@ -230,6 +277,9 @@ class SubsetSelection(Callback):
         budget = self._sampler.length
         if self.method == "full":
             chosen = Selection(list(range(len(candidates))), [1.0] * len(candidates), 0, 0.0)
+        elif self._per_example and not self._warming:
+            chosen = None
+            self._sampler.update(self._choose_examples(trainer, budget, generator), self._round + 1)
         elif self.method == "random" or self._warming:
             chosen = random_subset(len(candidates), budget, generator)
         else:
@@ -263,7 +313,57 @@ class SubsetSelection(Callback):
             self.cache.put(key, [[(i, w) for i in candidates[c]] for c, w in zip(chosen.indices, chosen.weights)])
         return chosen
 
-    def _features(self, trainer: Trainer, model: SplitCausalLM, candidates: Sequence[list[int]]) -> Tensor:
+    def _choose_examples(self, trainer: Trainer, budget: int, generator: torch.Generator) -> list[list[WeightedIndex]]:
+        """A per-example choice of ``budget`` batches' worth of examples, cut into stratified weighted batches."""
+        assert self._loader is not None and self._classes is not None
+        batch_size, classes = self._loader.batch_size, self._classes
+        assert batch_size is not None
+        count = min(len(classes), budget * batch_size)
+        key = None
+        if self.method == "random":
+            chosen = random_examples(classes, count, generator)
+        elif self.method == "milo":
+            assert self._embeddings is not None
+            chosen = facility_location(self._embeddings, classes, count, generator)
+        else:
+            model = _split_model(trainer)
+            if self.cache is not None:
+                key = (weights_digest(model), self._round, self.seed, count, self.ridge, "per_class", self.feature,
+                       self.feature_rows, self.feature_batch_size)
+                cached = self.cache.get(key)
+                if cached is not None:
+                    return cached
+            examples = [[index] for index in range(len(classes))]
+            features = self._features(trainer, model, examples)
+            chosen = per_class_gradmatch(features, classes, count, generator, self.ridge,
+                                         class_rows=self.feature == "label_head")
+            log.info("per-class GradMatch chose %d of %d examples (%d matched, worst class residual %.3f)",
+                     count, len(classes), chosen.matched, chosen.residual)
+        self.last = chosen
+        picked = torch.tensor(chosen.indices, dtype=torch.long)
+        batches = [[(int(picked[i]), chosen.weights[i]) for i in part]
+                   for part in partition(len(picked), batch_size, generator, classes[picked])]
+        if key is not None and self.cache is not None:
+            self.cache.put(key, batches)
+        return batches
+
+    def _fixed_embeddings(self, trainer: Trainer) -> Tensor:
+        """Every training example's embedding from the current weights (shared through ``cache`` by their digest)."""
+        assert self._loader is not None
+        model = _split_model(trainer, "method='milo' embeds the examples")
+        key = ("embeddings", weights_digest(model), len(self._loader.dataset), self.feature_batch_size)  # type: ignore[arg-type]
+        cached = None if self.cache is None else self.cache.get(key)
+        if cached is None:
+            examples = [[index] for index in range(len(self._loader.dataset))]  # type: ignore[arg-type]
+            cached = self._features(trainer, model, examples, row_embeddings, "MILO embeddings")
+            if self.cache is not None:
+                self.cache.put(key, cached)
+        return cached
+
+    def _features(
+        self, trainer: Trainer, model: SplitCausalLM, candidates: Sequence[list[int]], rows_of: Any = None,
+        description: str | None = None,
+    ) -> Tensor:
         assert self._loader is not None
         device = trainer.strategy.root_device
         if self.feature == "head" and self._projection is None:  # fixed by the seed: drawn once per callback
@@ -272,9 +372,11 @@ class SubsetSelection(Callback):
         if self._lengths is None:  # the training data is fixed for the fit: measured once
             self._lengths = example_lengths(self._loader.dataset, self._loader.collate_fn,
                                             range(len(self._loader.dataset)))  # type: ignore[arg-type]
-        description = f"GradMatch features (selection {self._round})"
+        if rows_of is None and self.feature == "label_head":
+            rows_of = label_head_row_features
         return candidate_features(model, self._loader, candidates, self._lengths, self.feature_batch_size,
-                                  self._projection, device, self.progress, description)
+                                  self._projection, device, self.progress,
+                                  description or f"GradMatch features (selection {self._round})", rows_of)
 
     # ---- checkpoints ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -300,13 +402,13 @@ def _training_ends(trainer: Trainer) -> bool:
     return out_of_steps or (last_epoch and trainer.is_last_batch)
 
 
-def _split_model(trainer: Trainer) -> SplitCausalLM:
+def _split_model(trainer: Trainer, why: str = "method='gradmatch' computes features") -> SplitCausalLM:
     from hosl_lightning.lightning.strategy import HOSLStrategy
 
     strategy = trainer.strategy
     if not isinstance(strategy, HOSLStrategy) or strategy.transport != "in_process":
         raise ValueError(
-            "SubsetSelection(method='gradmatch') computes features with the split model in this process: use it "
-            "with HOSLStrategy(transport='in_process') (or method='random' / 'full')"
+            f"SubsetSelection({why} with the split model in this process): use it with "
+            "HOSLStrategy(transport='in_process') (or method='random' / 'full')"
         )
     return strategy.split_model
