@@ -159,8 +159,9 @@ def score_examples(module: HOSLModule, batches: list[dict[str, Any]]) -> tuple[l
     return correct, statistics.mean(losses)
 
 
-def run(config: RunConfig, base: Any, tokenizer: Any, data_dir: Path) -> dict[str, Any]:
-    """Train and score one configuration; a run that diverges is recorded as such, not retried."""
+def run(config: RunConfig, base: Any, tokenizer: Any, data_dir: Path, code: str) -> dict[str, Any]:
+    """Train and score one configuration; a run that diverges is recorded as such, not retried. ``code`` is the
+    code the process imported (``code_state()`` at its start), which the record keeps."""
     method, spec = METHOD[config.method], next(d for d in DATASETS if d.name == config.dataset)
     train_dm = datamodule(spec, data_dir, tokenizer, config.seed, num_train=config.num_train)
     eval_dm = datamodule(spec, data_dir, tokenizer, 0, num_validation=config.n_val, num_test=config.n_test or 1)
@@ -184,7 +185,7 @@ def run(config: RunConfig, base: Any, tokenizer: Any, data_dir: Path) -> dict[st
         trainer.fit(module, train_dataloaders=train_dm.train_dataloader())
     except DivergenceError as error:
         diverged = str(error)
-    record: dict[str, Any] = {"config": asdict(config), "options": asdict(method), "commit": code_state(),
+    record: dict[str, Any] = {"config": asdict(config), "options": asdict(method), "commit": code,
                               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                               "train_s": time.perf_counter() - started, "diverged": diverged,
                               "curve": curve.points, "train_loss": curve.train_loss, "client_s": curve.client_s}
@@ -194,7 +195,7 @@ def run(config: RunConfig, base: Any, tokenizer: Any, data_dir: Path) -> dict[st
     return record
 
 
-def measure_memory(method: Method, base: Any, tokenizer: Any, data_dir: Path) -> dict[str, Any]:
+def measure_memory(method: Method, base: Any, tokenizer: Any, data_dir: Path, code: str) -> dict[str, Any]:
     """The client's peak over two steps of ``method`` (tracker, CPU) and its inference floor, on a real batch."""
     from hosl_lightning import SplitCausalLM
     from hosl_lightning.measurement import measure_client_inference, measure_client_step
@@ -213,7 +214,7 @@ def measure_memory(method: Method, base: Any, tokenizer: Any, data_dir: Path) ->
                                              embedding_directions=method.embedding_directions)
     peak = measure_client_step(split, batch, method.mode, settings, zo_optimizer=build).peak  # type: ignore[arg-type]
     return {"config": {"method": method.name, "kind": "memory", "batch": BATCH, "max_length": MAX_LENGTH},
-            "commit": code_state(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "commit": code, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "peak_mib": peak / 2**20, "floor_mib": floor / 2**20}
 
 
@@ -300,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         CACHE = Path("/tmp/convergence-quick")
         steps, sweep_steps, n_val, n_test, seeds = 4, 2, 16, 16, (0,)
         args.out = CACHE
-    started = time.perf_counter()
+    started, code = time.perf_counter(), code_state()  # the code this process imports, before anything changes
     if not args.report_only:
         quiet_lightning()
         base, tokenizer = None, None
@@ -318,12 +319,12 @@ def main(argv: list[str] | None = None) -> int:
             if missing_memory and not args.quick:
                 method = missing_memory[0]
                 print(f"[{elapsed:5.1f} min] client memory of {method.name}", flush=True)
-                save(memory_key(method), measure_memory(method, base, tokenizer, args.data_dir), CACHE)
+                save(memory_key(method), measure_memory(method, base, tokenizer, args.data_dir, code), CACHE)
                 continue
             config = todo[0]
             print(f"[{elapsed:5.1f} min] {config.method} on {config.dataset}, seed {config.seed}, {config.steps} "
                   f"steps, lr {config.lr}, zo_lr {config.zo_lr} ({len(todo)} runs left)", flush=True)
-            record = run(config, base, tokenizer, args.data_dir)
+            record = run(config, base, tokenizer, args.data_dir, code)
             save(config.key(), record, CACHE)
             test = record.get("test", {})
             print(f"    {'diverged' if record['diverged'] else 'done'} in {record['train_s']:.0f} s; val loss "
