@@ -104,6 +104,11 @@ DATASETS = (
     DataSpec("rotten_tomatoes", "rotten_tomatoes"),
     DataSpec("sms_spam", "generic", SMS_TEMPLATE, SMS_WORDS),
 )
+# bbc_news (five topics, articles of ~380 words, left-truncated to fit max_length): used by benchmarks/claims.py
+BBC_TEMPLATE = "Article: {text}\nTopic:"
+BBC_WORDS = {"business": " business", "entertainment": " entertainment", "politics": " politics", "sport": " sport",
+             "tech": " technology"}
+ALL_DATASETS = (*DATASETS, DataSpec("bbc_news", "generic", BBC_TEMPLATE, BBC_WORDS))
 SWEEP_DATASET = "rotten_tomatoes"
 
 # --- the sweep (rotten_tomatoes, seed 0, validation subset) ---------------------------------------------

@@ -43,6 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy import (  # the same prompts, batch, max_length, cut and mu, scored the same way
+    ALL_DATASETS,
     BATCH,
     CUT,
     DATASETS,
@@ -85,6 +86,14 @@ class Method:
     direction: str = "gaussian"
     lrs: tuple[float, ...] = ()  # AdamW lr (fo, and hosl's server when zo_lrs is set)
     zo_lrs: tuple[float, ...] = ()  # the ZO optimizer's lr (zo; hosl's client)
+    client_adapter: dict[str, Any] | None = None  # a peft config for the client's blocks (the d_c study)
+
+    def options(self) -> dict[str, Any]:
+        """What keys a run: every field, less those added later while at their defaults (old keys stay valid)."""
+        return {k: v for k, v in asdict(self).items() if not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
+
+
+LATER_FIELDS: dict[str, Any] = {"client_adapter": None}  # fields added after runs were cached, and their defaults
 
 
 METHODS = (
@@ -121,7 +130,7 @@ class RunConfig:
     num_train: int = NUM_TRAIN
 
     def key(self) -> str:
-        fields = asdict(self) | {"options": asdict(METHOD[self.method])}
+        fields = asdict(self) | {"options": METHOD[self.method].options()}
         digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
         return f"{self.method.replace('/', '_')}-{self.dataset}-s{self.seed}-{self.steps}steps-{digest}"
 
@@ -162,7 +171,7 @@ def score_examples(module: HOSLModule, batches: list[dict[str, Any]]) -> tuple[l
 def run(config: RunConfig, base: Any, tokenizer: Any, data_dir: Path, code: str) -> dict[str, Any]:
     """Train and score one configuration; a run that diverges is recorded as such, not retried. ``code`` is the
     code the process imported (``code_state()`` at its start), which the record keeps."""
-    method, spec = METHOD[config.method], next(d for d in DATASETS if d.name == config.dataset)
+    method, spec = METHOD[config.method], next(d for d in ALL_DATASETS if d.name == config.dataset)
     train_dm = datamodule(spec, data_dir, tokenizer, config.seed, num_train=config.num_train)
     eval_dm = datamodule(spec, data_dir, tokenizer, 0, num_validation=config.n_val, num_test=config.n_test or 1)
     train_dm.setup("fit")
@@ -175,7 +184,8 @@ def run(config: RunConfig, base: Any, tokenizer: Any, data_dir: Path, code: str)
     strategy = HOSLStrategy(cut_layer=config.cut, mode=method.mode, q=method.q, mu=config.mu,
                             zo_lr=config.zo_lr or 0.0, seed=config.seed, zo_optimizer=method.zo_optimizer,
                             embedding_directions=method.embedding_directions, pair_probes=method.pair_probes,
-                            direction=method.direction, memory_every_n_steps=0)
+                            direction=method.direction, client_adapter=method.client_adapter,
+                            memory_every_n_steps=0)
     curve = Curve(config.eval_every, val_batches)
     trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=1, max_steps=config.steps, max_epochs=-1,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -195,7 +205,7 @@ def run(config: RunConfig, base: Any, tokenizer: Any, data_dir: Path, code: str)
     return record
 
 
-def measure_memory(method: Method, base: Any, tokenizer: Any, data_dir: Path, code: str) -> dict[str, Any]:
+def measure_memory(method: Method, base: Any, tokenizer: Any, data_dir: Path, code: str, cut: int = CUT) -> dict[str, Any]:
     """The client's peak over two steps of ``method`` (tracker, CPU) and its inference floor, on a real batch."""
     from hosl_lightning import SplitCausalLM
     from hosl_lightning.measurement import measure_client_inference, measure_client_step
@@ -206,22 +216,22 @@ def measure_memory(method: Method, base: Any, tokenizer: Any, data_dir: Path, co
     dm = datamodule(spec, data_dir, tokenizer, 0, num_train=BATCH)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
-    split = SplitCausalLM(copy.deepcopy(base), CUT).eval()
+    split = SplitCausalLM(copy.deepcopy(base), cut).eval()
     floor = measure_client_inference(split, batch).peak
     cls, _ = zo_optimizer_spec(method.zo_optimizer)
     settings = ZOSettings(queries=method.q, mu=MU, estimator=cls.estimator, pair_probes=method.pair_probes)
     build = lambda named: build_zo_optimizer(method.zo_optimizer, named, lr=0.0, direction=method.direction,
                                              embedding_directions=method.embedding_directions)
     peak = measure_client_step(split, batch, method.mode, settings, zo_optimizer=build).peak  # type: ignore[arg-type]
-    return {"config": {"method": method.name, "kind": "memory", "batch": BATCH, "max_length": MAX_LENGTH},
+    return {"config": {"method": method.name, "kind": "memory", "batch": BATCH, "max_length": MAX_LENGTH, "cut": cut},
             "commit": code, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "peak_mib": peak / 2**20, "floor_mib": floor / 2**20}
 
 
-def memory_key(method: Method) -> str:
-    digest = hashlib.sha256(json.dumps(asdict(method) | {"batch": BATCH, "max_length": MAX_LENGTH, "cut": CUT},
+def memory_key(method: Method, cut: int = CUT) -> str:
+    digest = hashlib.sha256(json.dumps(method.options() | {"batch": BATCH, "max_length": MAX_LENGTH, "cut": cut},
                                        sort_keys=True).encode()).hexdigest()[:12]
-    return f"memory-{method.name.replace('/', '_')}-{digest}"
+    return f"memory-{method.name.replace('/', '_')}" + (f"-cut{cut}" if cut != CUT else "") + f"-{digest}"
 
 
 def load_cache() -> dict[str, dict[str, Any]]:
@@ -257,32 +267,44 @@ def selected(cache: dict[str, dict[str, Any]], configs: list[RunConfig]) -> RunC
     return min(finite, key=lambda item: item[0])[1] if finite else None
 
 
-def plan(cache: dict[str, dict[str, Any]], steps: int, sweep_steps: int, n_val: int, n_test: int,
-         seeds: tuple[int, ...], datasets: tuple[str, ...]) -> list[RunConfig]:
-    """Every run still missing, in the order that makes the results useful soonest: the sweep (fo first, whose
-    lr the hosl servers use), then seed 0 of every method on each dataset, then the other seeds."""
+def chosen(cache: dict[str, dict[str, Any]], sweep_steps: int, n_val: int,
+           methods: tuple[Method, ...] = METHODS) -> tuple[dict[str, RunConfig], list[RunConfig]]:
+    """Each method's selected sweep run (once its sweep is complete) and the sweep runs still missing, fo's first
+    (its lr is the hosl servers')."""
     todo: list[RunConfig] = []
     fo_sweep = sweep_configs(METHOD["fo"], None, sweep_steps, n_val)
     todo += [c for c in fo_sweep if c.key() not in cache]
     fo = selected(cache, fo_sweep)
-    chosen: dict[str, RunConfig] = {}
-    for method in METHODS:
+    best: dict[str, RunConfig] = {}
+    for method in methods:
         if method.mode == "hosl" and fo is None:
             continue
         configs = fo_sweep if method.mode == "fo" else sweep_configs(method, fo.lr if fo else None, sweep_steps, n_val)
         todo += [c for c in configs if c.key() not in cache and c not in todo]
-        best = selected(cache, configs)
-        if best is not None:
-            chosen[method.name] = best
+        pick = selected(cache, configs)
+        if pick is not None:
+            best[method.name] = pick
+    return best, todo
+
+
+def final_config(best: RunConfig, dataset: str, seed: int, steps: int, n_val: int, n_test: int,
+                 cut: int = CUT) -> RunConfig:
+    """The final run of a method at its selected learning rates."""
+    return RunConfig(best.method, dataset, seed, steps, best.lr, best.zo_lr, n_val, n_test, EVAL_EVERY, cut=cut)
+
+
+def plan(cache: dict[str, dict[str, Any]], steps: int, sweep_steps: int, n_val: int, n_test: int,
+         seeds: tuple[int, ...], datasets: tuple[str, ...]) -> list[RunConfig]:
+    """Every run still missing, in the order that makes the results useful soonest: the sweep (fo first, whose
+    lr the hosl servers use), then seed 0 of every method on each dataset, then the other seeds."""
+    best, todo = chosen(cache, sweep_steps, n_val)
     for seed in seeds:
         for dataset in datasets:
             for method in METHODS:
-                best = chosen.get(method.name)
-                if best is None:
-                    continue
-                final = RunConfig(method.name, dataset, seed, steps, best.lr, best.zo_lr, n_val, n_test, EVAL_EVERY)
-                if final.key() not in cache:
-                    todo.append(final)
+                if method.name in best:
+                    final = final_config(best[method.name], dataset, seed, steps, n_val, n_test)
+                    if final.key() not in cache:
+                        todo.append(final)
     return todo
 
 
