@@ -1,0 +1,399 @@
+"""The paper's three claims beside ours: client memory by cut, accuracy gap to fo, margin over zo, and the d_c effect.
+
+    python benchmarks/claims.py                         # run what is missing (resumes from the cache), then report
+    python benchmarks/claims.py --budget-min 150        # start no new run after 150 minutes
+    python benchmarks/claims.py --hosl hosl/zo_sgd-sparse   # the hosl option to study (default: the best finished)
+    python benchmarks/claims.py --report-only           # rebuild claims.md / .csv / .png from the caches
+
+Issue 21. Everything trains as ``benchmarks/convergence.py`` trains (SmolLM2-135M-Instruct, batch 8,
+max_length 64, 300 steps, validated every 50 steps, 500 test examples or the whole test split, seeds 0-2, the
+learning rates its sweep selected) and every run lives in its cache, ``results/convergence/``: a run one
+script finished is never redone by the other.
+
+- **Accuracy** (the paper: within 0.20-4.23 points of FO-SL, up to 15.55 above ZO-SL): fo, zo and hosl with
+  one client option (``--hosl``; by default the hosl option of the convergence study with the best mean
+  final test accuracy once all of them have seed 0 on both of its datasets) on rotten_tomatoes, sms_spam and
+  bbc_news (five topics, articles left-truncated to 64 tokens). Paired 95% intervals (bootstrap over seeds
+  and examples) for fo - hosl and hosl - zo.
+- **Memory by cut** (the paper: up to 3.7x less client memory than FO-SL): the client's peak over a training
+  step (the tracker, ``measure_client_step``) for fo and hosl at cut 1, 2, 4 and 8 with the inference floor,
+  and the peak resident memory of a client process of a two-process run (``processes.py``'s runner). hosl's
+  accuracy at each cut on rotten_tomatoes, 3 seeds, at the learning rates selected at cut 2.
+- **d_c** (the paper's bound: convergence improves as d_c, the weights the client perturbs, shrinks): at cut
+  2 on rotten_tomatoes, the full client (d_c = embeddings + 2 blocks) against LoRA clients of rank 2 and 16
+  on q_proj and v_proj (their zo_lr swept as the other methods'), 3 seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import gc
+import statistics
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from accuracy import ALL_DATASETS, MODEL, MODEL_NAME, code_state, machine, quiet_lightning
+from convergence import (
+    CACHE,
+    CUT,
+    METHOD,
+    METHODS,
+    N_TEST,
+    N_VAL,
+    SEEDS,
+    STEPS,
+    SWEEP_STEPS,
+    Method,
+    RunConfig,
+    chosen,
+    final_config,
+    load_cache,
+    measure_memory,
+    memory_key,
+    run,
+    save,
+)
+from convergence_report import _mean_curve, bootstrap_difference
+
+from hosl_lightning import load_causal_lm, resolve_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+TASKS = tuple(d.name for d in ALL_DATASETS)  # rotten_tomatoes, sms_spam, bbc_news
+CUTS, CUT_TASK = (1, 2, 4, 8), "rotten_tomatoes"
+LORA_RANKS = (2, 16)
+PAPER = {"memory": 3.7, "fo_gap": (0.20, 4.23), "zo_margin": 15.55}
+TARGET_FO_GAP, TARGET_ZO_MARGIN = 1.0, 10.0
+RSS_STEPS = 2
+
+
+def lora_method(hosl: Method, rank: int) -> Method:
+    """The hosl option with a LoRA client of ``rank`` on q_proj and v_proj (alpha 2r); its zo_lr gets its own sweep."""
+    adapter = {"r": rank, "lora_alpha": 2 * rank, "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.0}
+    return dataclasses.replace(hosl, name=f"{hosl.name}+lora{rank}", client_adapter=adapter, zo_lrs=(1e-5, 1e-4))
+
+
+def best_hosl(cache: dict[str, dict[str, Any]]) -> tuple[str | None, str]:
+    """The convergence study's hosl option with the best mean final test accuracy, once every option has seed 0
+    on both of its datasets; and why (or what is missing)."""
+    options = [m.name for m in METHODS if m.mode == "hosl"]
+    scores: dict[str, list[tuple[str, int, float]]] = {name: [] for name in options}
+    for record in cache.values():
+        config = record["config"]
+        if config.get("method") in scores and config.get("steps") == STEPS and config.get("cut", CUT) == CUT \
+                and config.get("dataset") in ("rotten_tomatoes", "sms_spam") and record.get("test"):
+            scores[config["method"]].append((config["dataset"], config["seed"], record["test"]["acc"]))
+    common = None
+    for runs in scores.values():
+        keys = {(d, s) for d, s, _ in runs}
+        common = keys if common is None else common & keys
+    if not common or {d for d, _ in common} != {"rotten_tomatoes", "sms_spam"}:
+        return None, "not every hosl option of the convergence study has finished seed 0 on both of its datasets"
+    means = {name: statistics.mean(a for d, s, a in runs if (d, s) in common) for name, runs in scores.items()}
+    best = max(means, key=means.__getitem__)
+    listing = ", ".join(f"{name} {100 * value:.1f}" for name, value in sorted(means.items(), key=lambda i: -i[1]))
+    return best, f"the best mean test accuracy over the {len(common)} runs every option finished ({listing})"
+
+
+def study_methods(hosl: str | None) -> tuple[Method, ...]:
+    """fo, zo, and (when chosen) the hosl option and its LoRA clients, registered where the cache keys look."""
+    methods = [METHOD["fo"], METHOD["zo"]]
+    if hosl is not None:
+        methods.append(METHOD[hosl])
+        for rank in LORA_RANKS:
+            variant = lora_method(METHOD[hosl], rank)
+            METHOD[variant.name] = variant
+            methods.append(variant)
+    return tuple(methods)
+
+
+def plan(cache: dict[str, dict[str, Any]], hosl: str | None) -> list[RunConfig]:
+    """Every run still missing, most useful first: seed 0 of the accuracy runs on each task, the cut and d_c runs
+    at seed 0, then the other seeds."""
+    methods = study_methods(hosl)
+    best, todo = chosen(cache, SWEEP_STEPS, N_VAL, methods)
+    main = [m.name for m in methods if m.client_adapter is None]
+    lora = [m.name for m in methods if m.client_adapter is not None]
+    for seed in SEEDS:
+        runs = [final_config(best[m], task, seed, STEPS, N_VAL, N_TEST) for task in TASKS for m in main if m in best]
+        if hosl in best:
+            runs += [final_config(best[hosl], CUT_TASK, seed, STEPS, N_VAL, N_TEST, cut=c) for c in CUTS if c != CUT]
+        runs += [final_config(best[m], CUT_TASK, seed, STEPS, N_VAL, N_TEST) for m in lora if m in best]
+        todo += [r for r in runs if r.key() not in cache and r not in todo]
+    return todo
+
+
+def measure_rss(method: Method, cut: int, model_dir: Path, code: str) -> dict[str, Any]:
+    """The peak resident memory of a client process (and its server) over two steps of a two-process run."""
+    from processes import _spawn
+
+    extra = {"mode": method.mode, "q": method.q, "zo_optimizer": method.zo_optimizer,
+             "embedding_directions": method.embedding_directions, "pair_probes": method.pair_probes,
+             "direction": method.direction}
+    tmp = model_dir.parent
+    server, client = _spawn(["server", "client"], str(model_dir), {"steps": RSS_STEPS, "batch": 8, "length": 64,
+                                                                   "cut": cut}, tmp, extra)
+    return {"config": {"method": method.name, "kind": "rss", "cut": cut, "steps": RSS_STEPS}, "commit": code,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "client_rss_mib": client["peak_rss_mib"],
+            "client_imports_mib": client["imports_mib"], "server_rss_mib": server["peak_rss_mib"]}
+
+
+def rss_key(method: Method, cut: int) -> str:
+    return f"rss-{method.name.replace('/', '_')}-cut{cut}-{RSS_STEPS}steps"
+
+
+def client_weights(base: Any, cut: int, adapter: dict[str, Any] | None) -> int:
+    """d_c: the weights the client perturbs (embeddings and its blocks; with LoRA, the adapters' A and B alone)."""
+    inner = base.model
+    if adapter is None:
+        return sum(p.numel() for p in inner.embed_tokens.parameters()) + sum(
+            p.numel() for layer in inner.layers[:cut] for p in layer.parameters())
+    total = 0
+    for layer in inner.layers[:cut]:
+        for name in adapter["target_modules"]:
+            linear = getattr(layer.self_attn, name)
+            total += adapter["r"] * (linear.in_features + linear.out_features)
+    return total
+
+
+# --- the report -------------------------------------------------------------------------------------------------
+
+
+def finals(cache: dict[str, dict[str, Any]], method: str, task: str, cut: int = CUT) -> list[dict[str, Any]]:
+    runs = [r for r in cache.values() if r["config"].get("method") == method and r["config"].get("dataset") == task
+            and r["config"].get("steps") == STEPS and r["config"].get("cut", CUT) == cut
+            and r["config"].get("seed") in SEEDS and r["config"].get("n_test") == N_TEST and r.get("test")]
+    return sorted(runs, key=lambda r: r["config"]["seed"])
+
+
+def paired(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> tuple[float, float, float, int] | None:
+    seeds = sorted({r["config"]["seed"] for r in a} & {r["config"]["seed"] for r in b})
+    if not seeds:
+        return None
+    pick = lambda runs: [next(r["test"]["correct"] for r in runs if r["config"]["seed"] == s) for s in seeds]
+    return (*bootstrap_difference(pick(a), pick(b)), len(seeds))
+
+
+def accuracy_cell(runs: list[dict[str, Any]]) -> str:
+    if not runs:
+        return "-"
+    values = [100 * r["test"]["acc"] for r in runs]
+    spread = f" ({min(values):.1f}-{max(values):.1f})" if len(values) > 1 else ""
+    return f"{statistics.mean(values):.1f}{spread}"
+
+
+def write_report(cache: dict[str, dict[str, Any]], hosl: str | None, why: str, base: Any, out: Path,
+                 command: str) -> None:
+    used = [r for r in cache.values() if r.get("test") or r["config"].get("kind")]  # what the tables read
+    commits = Counter(r["commit"].split(",")[0] for r in used)
+    code = ", ".join(f"{commit} ({count})" for commit, count in sorted(commits.items()))
+    lines = ["# The paper's claims beside ours", "", f"Command: `{command}`  ", f"Machine: {machine()}  ",
+             f"Model: {MODEL_NAME}  ", f"Code: each run records its commit (runs or measurements per commit: {code})",
+             "", (f"hosl option: `{hosl}`, {why}." if hosl else f"hosl option: not chosen yet ({why})."), ""]
+    rows: list[dict[str, Any]] = []
+    # accuracy, per task
+    gaps, margins = {}, {}
+    lines += ["## Accuracy (300 steps, 3 seeds)", "",
+              "| task | test examples | fo | hosl | zo | fo - hosl [95% CI] | hosl - zo [95% CI] | seeds paired |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for task in TASKS:
+        fo, zo = finals(cache, "fo", task), finals(cache, "zo", task)
+        ho = finals(cache, hosl, task) if hosl else []
+        examples = len((fo or zo or ho or [{"test": {"correct": []}}])[0]["test"]["correct"])
+        gap, margin = paired(fo, ho), paired(ho, zo)
+        gaps[task], margins[task] = gap, margin
+        cell = lambda x: "-" if x is None else f"{x[0]:+.1f} [{x[1]:+.1f}, {x[2]:+.1f}]"
+        seeds = "/".join(str(x[3]) if x else "-" for x in (gap, margin))
+        lines.append(f"| {task} | {examples or '-'} | {accuracy_cell(fo)} | {accuracy_cell(ho)} | {accuracy_cell(zo)} | {cell(gap)} | "
+                     f"{cell(margin)} | {seeds} |")
+        for method, runs in (("fo", fo), ("zo", zo), (hosl, ho)):
+            rows += [{"study": "accuracy", "task": task, "method": method, "cut": CUT, "seed": r["config"]["seed"],
+                      "test_acc": r["test"]["acc"], "commit": r["commit"]} for r in runs]
+    lines += ["", "Accuracy in % (range over seeds); a test split smaller than 500 is scored whole.", ""]
+    # memory and accuracy by cut
+    hosl_method = METHOD.get(hosl) if hosl else None
+    lines += ["## Client memory and accuracy by cut", "",
+              ("| cut | d_c | fo peak MiB | hosl peak MiB | floor MiB | fo / hosl | fo client RSS MiB | hosl client RSS "
+               "MiB | hosl test acc (rotten_tomatoes) |"), "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    memory_ratios = []
+    for cut in CUTS:
+        fo_memory = cache.get(memory_key(METHOD["fo"], cut))
+        ho_memory = cache.get(memory_key(hosl_method, cut)) if hosl_method else None
+        fo_rss = cache.get(rss_key(METHOD["fo"], cut))
+        ho_rss = cache.get(rss_key(hosl_method, cut)) if hosl_method else None
+        ratio = fo_memory["peak_mib"] / ho_memory["peak_mib"] if fo_memory and ho_memory else None
+        if ratio:
+            memory_ratios.append((cut, ratio))
+        number = lambda r, k: "-" if r is None else f"{r[k]:.0f}"
+        runs = finals(cache, hosl, CUT_TASK, cut) if hosl else []
+        lines.append(f"| {cut} | {client_weights(base, cut, None) / 1e6:.1f} M | {number(fo_memory, 'peak_mib')} | "
+                     f"{number(ho_memory, 'peak_mib')} | {number(ho_memory or fo_memory, 'floor_mib')} | "
+                     f"{'-' if ratio is None else f'{ratio:.2f}x'} | {number(fo_rss, 'client_rss_mib')} | "
+                     f"{number(ho_rss, 'client_rss_mib')} | {accuracy_cell(runs)} |")
+        rows += [{"study": "cut", "task": CUT_TASK, "method": hosl, "cut": cut, "seed": r["config"]["seed"],
+                  "test_acc": r["test"]["acc"], "commit": r["commit"]} for r in runs]
+    lines += ["", ("Peak MiB: the client's peak over a training step (torch's memory tracker, batch 8 x 64); the floor "
+                   "is its weights plus one no-grad forward. RSS: the peak resident memory of the client process of "
+                   f"a two-process run ({RSS_STEPS} steps, random tokens), which also counts Python and the libraries. "
+                   "Every cut trains at the learning rates selected at cut 2."), ""]
+    # d_c
+    lines += ["## Convergence against d_c (cut 2, rotten_tomatoes)", "",
+              "| client | d_c | zo_lr | val acc at 50 / 150 / 300 steps | test acc |", "|---|---:|---:|---:|---:|"]
+    curves: dict[str, list[tuple[int, float]]] = {}
+    if hosl:
+        for method in [METHOD[hosl], *(METHOD.get(f"{hosl}+lora{r}") for r in LORA_RANKS)]:
+            if method is None:
+                continue
+            runs = finals(cache, method.name, CUT_TASK)
+            curve = _mean_curve(runs, "val_acc") if runs else []
+            curves[method.name] = curve
+            at = {step: acc for step, acc in curve}
+            points = " / ".join("-" if s not in at else f"{100 * at[s]:.1f}" for s in (50, 150, 300))
+            zo_lr = runs[0]["config"]["zo_lr"] if runs else None
+            lines.append(f"| {method.name} | {client_weights(base, CUT, method.client_adapter):,} | "
+                         f"{'-' if zo_lr is None else f'{zo_lr:g}'} | {points} | {accuracy_cell(runs)} |")
+            rows += [{"study": "d_c", "task": CUT_TASK, "method": method.name, "cut": CUT, "seed": r["config"]["seed"],
+                      "test_acc": r["test"]["acc"], "commit": r["commit"]} for r in runs]
+    lines += ["", "Validation accuracy is the mean over seeds on 100 examples; d_c counts the weights the client perturbs.",
+              ""]
+    lines = lines[:9] + claims_table(gaps, margins, memory_ratios) + lines[9:]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "claims.md").write_text("\n".join(lines) + "\n")
+    with (out / "claims.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["study", "task", "method", "cut", "seed", "test_acc", "commit"])
+        writer.writeheader()
+        writer.writerows(rows)
+    plot(out / "claims.png", cache, hosl, curves)
+
+
+def claims_table(gaps: dict[str, Any], margins: dict[str, Any], memory_ratios: list[tuple[int, float]]) -> list[str]:
+    """Each claim of the paper in its own terms, beside ours, with the issue's targets."""
+    def per_task(values: dict[str, Any]) -> str:
+        parts = [f"{task} {v[0]:+.1f} [{v[1]:+.1f}, {v[2]:+.1f}]" for task, v in values.items() if v is not None]
+        return "; ".join(parts) or "not yet measured"
+
+    def verdict(values: dict[str, Any], ok: Any) -> str:
+        known = {t: v for t, v in values.items() if v is not None}
+        if len(known) < len(TASKS):
+            return f"not yet assessable ({len(known)} of {len(TASKS)} tasks)"
+        missed = [f"{t} by {abs(ok(v[0])):.1f}" for t, v in known.items() if ok(v[0]) < 0]
+        return "met on every task" if not missed else "NOT met: " + ", ".join(missed)
+
+    memory = ", ".join(f"cut {c}: {r:.2f}x" for c, r in memory_ratios) or "not yet measured"
+    low, high = PAPER["fo_gap"]
+    largest = f"largest {max(r for _, r in memory_ratios):.2f}x" if memory_ratios else "-"
+    memory_row = f"| client memory up to {PAPER['memory']}x below FO-SL | fo / hosl client peak: {memory} | - | {largest} |"
+    gap_row = (f"| accuracy within {low}-{high} points of FO-SL | fo - hosl: {per_task(gaps)} | <= {TARGET_FO_GAP:g} "
+               f"point | {verdict(gaps, lambda g: TARGET_FO_GAP - g)}; the paper's band (<= {high}): "
+               f"{verdict(gaps, lambda g: high - g)} |")
+    margin_row = (f"| up to {PAPER['zo_margin']} points above ZO-SL | hosl - zo: {per_task(margins)} | >= "
+                  f"{TARGET_ZO_MARGIN:g} points | {verdict(margins, lambda m: m - TARGET_ZO_MARGIN)} |")
+    return ["## The claims", "", "| the paper (OPT-125M / 1.3B) | ours (SmolLM2-135M) | target | verdict |",
+            "|---|---|---|---|", memory_row, gap_row, margin_row,
+            "| convergence improves as d_c shrinks (more layers on the server) | the two tables below | - | see below |",
+            ""]
+
+
+def plot(path: Path, cache: dict[str, dict[str, Any]], hosl: str | None, curves: dict[str, list]) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return
+    fig, (memory_ax, accuracy_ax, curve_ax) = plt.subplots(1, 3, figsize=(16, 4.5))
+    for method, style in (("fo", "o-"), (hosl, "s-")):
+        if method is None:
+            continue
+        points = [(c, cache[memory_key(METHOD[method], c)]) for c in CUTS if memory_key(METHOD[method], c) in cache]
+        memory_ax.plot([c for c, _ in points], [r["peak_mib"] for _, r in points], style, label=f"{method} (tracker)")
+        if method == hosl and points:
+            memory_ax.plot([c for c, _ in points], [r["floor_mib"] for _, r in points], "k--", label="inference floor")
+    memory_ax.set_xlabel("cut (client blocks)")
+    memory_ax.set_ylabel("client peak MiB")
+    memory_ax.legend(fontsize=8)
+    if hosl:
+        by_cut = [(c, finals(cache, hosl, CUT_TASK, c)) for c in CUTS]
+        by_cut = [(c, [100 * r["test"]["acc"] for r in runs]) for c, runs in by_cut if runs]
+        accuracy_ax.errorbar([c for c, _ in by_cut], [statistics.mean(v) for _, v in by_cut],
+                             yerr=[statistics.pstdev(v) for _, v in by_cut], fmt="s-")
+    accuracy_ax.set_xlabel("cut (client blocks)")
+    accuracy_ax.set_ylabel(f"hosl test acc on {CUT_TASK} (%)")
+    for name, curve in curves.items():
+        curve_ax.plot([s for s, _ in curve], [100 * a for _, a in curve], label=name)
+    curve_ax.set_xlabel("step")
+    curve_ax.set_ylabel("val acc (%), mean over seeds")
+    curve_ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--budget-min", type=float, default=150.0, help="start no new run after this many minutes")
+    parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--hosl", choices=[m.name for m in METHODS if m.mode == "hosl"], default=None,
+                        help="the hosl client option to study (default: the convergence study's best, once known)")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    command = "python benchmarks/claims.py" + (" " + " ".join(argv or sys.argv[1:]) if (argv or sys.argv[1:]) else "")
+    started, code = time.perf_counter(), code_state()
+    hosl, why = (args.hosl, "chosen on the command line") if args.hosl else best_hosl(load_cache())
+    base, tokenizer = load_causal_lm(MODEL), None
+    if not args.report_only:
+        quiet_lightning()
+        while True:
+            cache = load_cache()
+            elapsed = (time.perf_counter() - started) / 60
+            methods = [METHOD["fo"]] + ([METHOD[hosl]] if hosl else [])
+            missing_memory = [(m, c) for m in methods for c in CUTS if memory_key(m, c) not in cache]
+            missing_rss = [(m, c) for m in methods for c in CUTS if rss_key(m, c) not in cache]
+            todo = plan(cache, hosl)
+            if elapsed > args.budget_min or not (todo or missing_memory or missing_rss):
+                print(f"[{elapsed:5.1f} min] {len(todo)} runs and {len(missing_memory) + len(missing_rss)} memory "
+                      "measurements left; stopping", flush=True)
+                break
+            tokenizer = tokenizer or resolve_tokenizer(MODEL)
+            if missing_memory:
+                method, cut = missing_memory[0]
+                print(f"[{elapsed:5.1f} min] client memory of {method.name} at cut {cut}", flush=True)
+                save(memory_key(method, cut), measure_memory(method, base, tokenizer, DATA, code, cut), CACHE)
+            elif missing_rss:
+                method, cut = missing_rss[0]
+                model_dir = ROOT / "benchmarks" / "results" / "_processes_tmp" / "smollm2-135m"
+                if not (model_dir / "model.safetensors").exists():
+                    from hosl_lightning.models import export_model
+
+                    export_model(base, model_dir)
+                print(f"[{elapsed:5.1f} min] client process memory of {method.name} at cut {cut}", flush=True)
+                save(rss_key(method, cut), measure_rss(method, cut, model_dir, code), CACHE)
+            else:
+                config = todo[0]
+                print(f"[{elapsed:5.1f} min] {config.method} on {config.dataset}, seed {config.seed}, cut "
+                      f"{config.cut}, {config.steps} steps, lr {config.lr}, zo_lr {config.zo_lr} ({len(todo)} runs "
+                      "left)", flush=True)
+                record = run(config, base, tokenizer, DATA, code)
+                save(config.key(), record, CACHE)
+                test = record.get("test", {})
+                print(f"    {'diverged' if record['diverged'] else 'done'} in {record['train_s']:.0f} s"
+                      + (f", test acc {test['acc']:.4f}" if test else ""), flush=True)
+            gc.collect()
+    write_report(load_cache(), hosl, why, base, args.out, command)
+    print((args.out / "claims.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
