@@ -6,7 +6,7 @@
 The GGUF model is first saved as a safetensors directory (each process of a split run loads only its half),
 then runs of the same steps follow, each in fresh processes: in-process; server (rank 0) + client (rank 1)
 over gloo on loopback; and server + two clients taking turns, keeping their halves in step by seeds and by
-weights. Each process reports its own peak resident memory (ru_maxrss), which counts
+weights. Each process reports its own peak resident memory (VmHWM), which counts
 everything the process ever held: Python, torch, the libraries, the model half, the work. Writes
 ``results/processes.md``.
 """
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import resource
 import socket
 import sys
 import time
@@ -44,9 +43,10 @@ def _run(role: str, model_dir: str, port: int, args: dict, out: str, rank: int =
 
     from hosl_lightning import HOSLModule, HOSLStrategy
     from hosl_lightning.lightning.launcher import fit
+    from hosl_lightning.measurement import process_peak_rss_mib
     from hosl_lightning.models import deferred_weights
 
-    imports_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Python, torch, Lightning, transformers
+    imports_mib = process_peak_rss_mib()  # Python, torch, Lightning, transformers
     torch.manual_seed(0)
     data = list(_batches(args["steps"], args["batch"], args["length"]))
     options = {} if role == "in_process" else {
@@ -69,7 +69,7 @@ def _run(role: str, model_dir: str, port: int, args: dict, out: str, rank: int =
     Path(out).write_text(json.dumps({
         "sync_bytes_up": None if sync is None else sync.bytes_up,
         "sync_bytes_down": None if sync is None else sync.bytes_down,
-        "role": role, "imports_mib": imports_mib, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "seconds": seconds,
+        "role": role, "imports_mib": imports_mib, "peak_rss_mib": process_peak_rss_mib(), "seconds": seconds,
         "bytes_up_last_step": None if traffic is None else traffic.bytes_up,
         "bytes_down_last_step": None if traffic is None else traffic.bytes_down,
     }))
@@ -121,7 +121,7 @@ def main() -> None:
         "",
         f"Command: `python benchmarks/processes.py --steps {options.steps}` ({minutes:.1f} min). SmolLM2-135M "
         f"(safetensors, fp32), cut after block {options.cut}, {options.steps} hosl steps of batch {options.batch} x "
-        f"{options.length}, Q=1, AdamW on the server. Peak resident memory of each process (ru_maxrss), which "
+        f"{options.length}, Q=1, AdamW on the server. Peak resident memory of each process (VmHWM), which "
         "includes Python, torch and the libraries.",
         "",
         "| process | holds | peak RSS (MiB) | of which imports | peak - imports | fit seconds |",

@@ -6,7 +6,6 @@ class listens to it, so every piece of work is timed and measured as the half th
 
 from __future__ import annotations
 
-import resource
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,7 +15,7 @@ from torch.optim import Optimizer
 
 from hosl_lightning.core.split_model import SplitCausalLM
 from hosl_lightning.core.zo import ZOSGD, ZOEstimate
-from hosl_lightning.measurement import MemoryReport, SideSwitch, StepMemoryMeter
+from hosl_lightning.measurement import MemoryReport, SideSwitch, StepMemoryMeter, process_peak_rss_mib
 
 
 class StepTelemetry:
@@ -68,7 +67,7 @@ class StepTelemetry:
 
     def memory_metrics(self, role: str) -> dict[str, float]:
         if role == "client":  # the process holds only the client: its peak resident memory is the client's
-            return {"memory/process_peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            return {"memory/process_peak_rss_mib": process_peak_rss_mib()}
         report = self.memory_report
         return {} if report is None else {f"memory/{k}": v for k, v in report.metrics().items()}
 

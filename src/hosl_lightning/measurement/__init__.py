@@ -31,12 +31,14 @@ Modules: :mod:`~hosl_lightning.measurement.sides` (which half works), :mod:`~hos
 (exact counts), :mod:`~hosl_lightning.measurement.tracker` (CPU; imported only when a CPU side is measured),
 :mod:`~hosl_lightning.measurement.cuda` (CUDA), :mod:`~hosl_lightning.measurement.meter` (one training step),
 :mod:`~hosl_lightning.measurement.reports` (the results), :mod:`~hosl_lightning.measurement.standalone`
-(the client's peak outside a Lightning run).
+(the client's peak outside a Lightning run), :mod:`~hosl_lightning.measurement.resident` (a process's peak
+resident memory).
 """
 
 from hosl_lightning.measurement.cuda import CudaCounters
 from hosl_lightning.measurement.meter import StepMemoryMeter
 from hosl_lightning.measurement.reports import MIB, ClientMemory, MemoryReport, SideMemory
+from hosl_lightning.measurement.resident import process_peak_rss_mib
 from hosl_lightning.measurement.sides import SIDES, WORK_SIDES, Side, SideSwitch
 from hosl_lightning.measurement.standalone import measure_client_inference, measure_client_step
 
@@ -53,4 +55,5 @@ __all__ = [
     "StepMemoryMeter",
     "measure_client_inference",
     "measure_client_step",
+    "process_peak_rss_mib",
 ]
