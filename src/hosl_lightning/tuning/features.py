@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from hosl_lightning.core.boundary import Targets
 from hosl_lightning.core.split_model import IGNORE_INDEX, SplitCausalLM, shared_prompts
 from hosl_lightning.modes import eval_mode
 
@@ -60,16 +61,10 @@ def row_features(model: SplitCausalLM, batch: dict[str, Any], projection: Tensor
         return model.server_row_features(up, targets["labels"], projection)
 
 
-@torch.no_grad()
-def classification_row_features(
-    model: SplitCausalLM, batch: dict[str, Any], projection: Tensor | None = None, tokens_per_pass: int = 256
-) -> tuple[Tensor, Tensor]:
-    """Per example, the gradient of the classification loss (``SplitCausalLM.server_losses``); counts are 1.
-
-    The loss is cross-entropy over the C candidates' log-likelihoods LL_c = -sum_t nll_t, so a candidate's
-    token t gets the LM feature of its own nll (e_t W, or (P e_t) h_t^T) times (onehot_c - softmax(LL)_c).
-    Prompts shared by one-token answers are forwarded once, as training and scoring do.
-    """
+def _classification_forward(model: SplitCausalLM, batch: dict[str, Any]) -> tuple[Tensor, Targets, Tensor | None]:
+    """A classification batch through both halves: the server's final hidden states, the targets as the server
+    received them, and each row's source among the forwarded rows (prompts shared by one-token answers are
+    forwarded once, as training and scoring do; None when nothing is shared)."""
     input_ids, mask, labels = batch["input_ids"], batch.get("attention_mask"), batch["labels"]
     num_classes = int(batch["num_classes"])
     if input_ids.shape[0] != len(batch["class_labels"]) * num_classes:
@@ -83,10 +78,26 @@ def classification_row_features(
         up, targets = model.boundary.send_up(activations, {"labels": labels, "class_labels": batch["class_labels"]})
         assert targets is not None
         final_hidden = model.server(up)
+    return final_hidden, targets, None if source_rows is None else source_rows.to(final_hidden.device)
+
+
+@torch.no_grad()
+def classification_row_features(
+    model: SplitCausalLM, batch: dict[str, Any], projection: Tensor | None = None, tokens_per_pass: int = 256
+) -> tuple[Tensor, Tensor]:
+    """Per example, the gradient of the classification loss (``SplitCausalLM.server_losses``); counts are 1.
+
+    The loss is cross-entropy over the C candidates' log-likelihoods LL_c = -sum_t nll_t, so a candidate's
+    token t gets the LM feature of its own nll (e_t W, or (P e_t) h_t^T) times (onehot_c - softmax(LL)_c).
+    Prompts shared by one-token answers are forwarded once, as training and scoring do.
+    """
+    num_classes = int(batch["num_classes"])
+    final_hidden, targets, source_rows = _classification_forward(model, batch)
+    with model.server_side():
         device = final_hidden.device
         shifted = targets["labels"].to(device)[:, 1:]
         row, position = (shifted != IGNORE_INDEX).nonzero(as_tuple=True)
-        hidden = final_hidden[row if source_rows is None else source_rows.to(device)[row], position]
+        hidden = final_hidden[row if source_rows is None else source_rows[row], position]
         matrix = model.server.lm_head.weight.float() if projection is None else projection.to(device).mT
         nll, errors = _token_errors(model, hidden, shifted[row, position], matrix, tokens_per_pass)
         log_likelihood = -torch.zeros(len(shifted), device=device).index_add(0, row, nll)
@@ -118,19 +129,11 @@ def label_head_row_features(model: SplitCausalLM, batch: dict[str, Any]) -> tupl
     if not _is_classification(batch):
         raise ValueError("feature='label_head' needs classification batches (with 'class_labels' and "
                          "'num_classes', as PromptClassificationDataModule makes); use feature='hidden' or 'head'")
-    input_ids, mask, labels = batch["input_ids"], batch.get("attention_mask"), batch["labels"]
     num_classes, examples = int(batch["num_classes"]), len(batch["class_labels"])
-    representatives, source_rows = shared_prompts(input_ids, mask, labels)
-    if representatives is not None:
-        input_ids, mask = input_ids[representatives], None if mask is None else mask[representatives]
-    activations = model.client_forward(input_ids, mask)
+    final_hidden, targets, sources = _classification_forward(model, batch)
     with model.server_side():
-        up, targets = model.boundary.send_up(activations, {"labels": labels, "class_labels": batch["class_labels"]})
-        assert targets is not None
-        final_hidden = model.server(up)
         device = final_hidden.device
         wanted = targets["labels"].to(device)
-        sources = None if source_rows is None else source_rows.to(device)
         nll, row = model._label_token_nll(final_hidden, wanted, sources)
         log_likelihood = -torch.zeros(len(wanted), device=device).index_add(0, row, nll)
         probabilities = log_likelihood.view(examples, num_classes).softmax(-1)
