@@ -50,3 +50,30 @@ def test_alias_resolves_to_the_packaged_gguf_file() -> None:
     directory, gguf_file = resolve_source("SmolLM2-135M")
     assert gguf_file == MODEL_ALIASES["smollm2-135m"].filename
     assert (Path(directory) / gguf_file).is_file()
+
+
+def test_inside_loaded_once_a_model_is_read_once_and_every_load_is_a_fresh_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+    from conftest import TINY_LLAMA
+
+    import hosl_lightning.models.loading as loading
+    from hosl_lightning.models import export_model, loaded_once
+
+    export_model(load_causal_lm(model_config=TINY_LLAMA), tmp_path / "tiny")
+    reads: list[str] = []
+    read = loading._read_pretrained
+    monkeypatch.setattr(loading, "_read_pretrained", lambda *args: reads.append(args[0]) or read(*args))
+    path = str(tmp_path / "tiny")
+    with loaded_once():
+        first = load_causal_lm(path)
+        with torch.no_grad():
+            next(first.parameters()).add_(1.0)  # a trial trains its copy
+        second, third = load_causal_lm(path), load_causal_lm(path)
+        assert first is not second is not third
+    assert reads == [path]  # read once for the three loads
+    a, b = dict(second.named_parameters()), dict(load_causal_lm(path).named_parameters())
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the later copies are the weights as read, not the trained ones
+    assert not torch.equal(next(first.parameters()), next(second.parameters()))
+    assert reads == [path, path]  # outside, every load reads again

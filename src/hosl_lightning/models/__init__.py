@@ -18,7 +18,7 @@ from hosl_lightning.models.adapters import (
     untied_head_trainable,
 )
 from hosl_lightning.models.configs import check_model_type, position_limit
-from hosl_lightning.models.loading import load_causal_lm
+from hosl_lightning.models.loading import load_causal_lm, loaded_once
 from hosl_lightning.models.partial import (
     ModelSource,
     deferred_weights,
@@ -43,6 +43,7 @@ __all__ = [
     "export_model",
     "load_adapters",
     "load_causal_lm",
+    "loaded_once",
     "materialize_half",
     "merged_model",
     "meta_causal_lm",

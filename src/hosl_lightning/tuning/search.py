@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from hosl_lightning.core.options import check_choice, check_int, check_number
+from hosl_lightning.models.loading import loaded_once
 from hosl_lightning.tuning.limits import check_space
 from hosl_lightning.tuning.results import TrialRecord, TuneResult, write_results
 from hosl_lightning.tuning.selection import (
@@ -260,32 +261,33 @@ def tune(
             del cli
             gc.collect()
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial from here instead
-    # catch=(Exception,): a failed trial is marked FAIL and the study goes on; Ctrl-C still stops it.
-    study.optimize(objective, n_trials=n_trials, timeout=timeout_s, catch=(Exception,))
-    result.search_seconds = time.perf_counter() - started
-    finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None
-                and math.isfinite(t.value)]  # another worker's older code may have completed a diverged trial
-    if not finished:
-        write_results(out, result, metric, study)
-        raise RuntimeError(_no_trial_completed(result, study, optuna))
-    best = (max if direction == "maximize" else min)(finished, key=lambda t: t.value)
-    result.best_params, result.best_value = dict(best.params), float(best.value)
-    print(f"[tune] best {metric}={result.best_value:.4f} with {result.best_params} "
-          f"({result.search_seconds:.1f} s of search)", flush=True)
-    write_results(out, result, metric, study)  # the search is kept even if the retrain fails
-    if retrain:
-        retrain_started = time.perf_counter()
-        cli, trainer, value = _fit(base[1:] + override_args(result.best_params), [], metric)
-        result.retrain_metrics = {metric: value}
-        if test and is_overridden("test_dataloader", cli.datamodule):
-            for scores in trainer.test(cli.model, datamodule=cli.datamodule, verbose=False):
-                result.retrain_metrics.update({k: float(v) for k, v in scores.items()})
-        result.retrain_seconds = time.perf_counter() - retrain_started
-        print(f"[tune] retrained on full data in {result.retrain_seconds:.1f} s: {result.retrain_metrics}", flush=True)
-        del cli, trainer
-        gc.collect()
-        write_results(out, result, metric, study)
+    with loaded_once():  # every trial and the retrain read the pretrained model once between them
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial from here instead
+        # catch=(Exception,): a failed trial is marked FAIL and the study goes on; Ctrl-C still stops it.
+        study.optimize(objective, n_trials=n_trials, timeout=timeout_s, catch=(Exception,))
+        result.search_seconds = time.perf_counter() - started
+        finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None
+                    and math.isfinite(t.value)]  # another worker's older code may have completed a diverged trial
+        if not finished:
+            write_results(out, result, metric, study)
+            raise RuntimeError(_no_trial_completed(result, study, optuna))
+        best = (max if direction == "maximize" else min)(finished, key=lambda t: t.value)
+        result.best_params, result.best_value = dict(best.params), float(best.value)
+        print(f"[tune] best {metric}={result.best_value:.4f} with {result.best_params} "
+              f"({result.search_seconds:.1f} s of search)", flush=True)
+        write_results(out, result, metric, study)  # the search is kept even if the retrain fails
+        if retrain:
+            retrain_started = time.perf_counter()
+            cli, trainer, value = _fit(base[1:] + override_args(result.best_params), [], metric)
+            result.retrain_metrics = {metric: value}
+            if test and is_overridden("test_dataloader", cli.datamodule):
+                for scores in trainer.test(cli.model, datamodule=cli.datamodule, verbose=False):
+                    result.retrain_metrics.update({k: float(v) for k, v in scores.items()})
+            result.retrain_seconds = time.perf_counter() - retrain_started
+            print(f"[tune] retrained on full data in {result.retrain_seconds:.1f} s: {result.retrain_metrics}", flush=True)
+            del cli, trainer
+            gc.collect()
+            write_results(out, result, metric, study)
     return result
 
 
