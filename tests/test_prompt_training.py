@@ -43,3 +43,49 @@ def test_fit_on_prompts_with_each_loss_and_report_zero_shot_then_final(
     assert set(report.zero_shot) == {"val_acc", "val_f1", "val_loss"}
     assert "zero-shot -> final" in caplog.text
     assert float(trainer.callback_metrics["train_loss"]) > 0
+
+
+@pytest.mark.parametrize("mode", ["fo", "hosl", "zo"])
+@pytest.mark.parametrize("pair_probes", [False, True])
+def test_one_token_answers_forward_each_prompt_once_and_train_the_same(
+    mode: str, pair_probes: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+    from test_subsets import _classification_batch, _split
+
+    from hosl_lightning.core.zo import ZOSGD
+    from hosl_lightning.modes import ZOSettings, base
+    from hosl_lightning.modes.in_process import fo_step, hosl_step, zo_step
+
+    if mode == "fo" and pair_probes:
+        pytest.skip("fo has no probes")
+    settings = ZOSettings(queries=2, pair_probes=pair_probes)
+
+    def step(share: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[int]]:
+        if not share:
+            monkeypatch.setattr(base, "shared_prompts", lambda *args: (None, None))
+        model = _split()
+        batch = _classification_batch([[11], [12], [13]], class_of=[2, 0, 1, 0])
+        rows: list[int] = []
+        model.client.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+        if mode == "fo":
+            output = fo_step(model, batch, lambda loss: loss.backward())
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 0.1 * p.grad
+        elif mode == "hosl":
+            output = hosl_step(model, batch, ZOSGD(list(model.client.named_parameters()), lr=1e-2, seed=3),
+                               settings, 0, lambda loss: loss.backward())
+        else:
+            optimizer = ZOSGD(list(model.named_parameters()), lr=1e-2, seed=3)
+            output = zo_step(model, batch, optimizer, settings, 0, lambda e: optimizer.step(estimate=e))
+        monkeypatch.undo()
+        return output.loss.detach(), {k: v.detach().clone() for k, v in model.state_dict().items()}, rows
+
+    shared_loss, shared_weights, shared_rows = step(True)
+    plain_loss, plain_weights, plain_rows = step(False)
+    assert set(shared_rows) == {4 * (2 if pair_probes else 1)} and set(plain_rows) == {12 * (2 if pair_probes else 1)}
+    assert torch.allclose(shared_loss, plain_loss, atol=1e-6)
+    assert all(torch.allclose(shared_weights[k], plain_weights[k], atol=1e-6) for k in plain_weights)
+    moved = [k for k in plain_weights if not torch.equal(plain_weights[k], _split().state_dict()[k])]
+    assert moved  # the step trained something, the same way in both

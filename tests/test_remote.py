@@ -51,10 +51,23 @@ def _module(model_dir: Path, mode: str, lr: float = 1e-2) -> HOSLModule:
     return HOSLModule(model=str(model_dir), optimizer=lambda params: torch.optim.AdamW(params, lr=lr))
 
 
-def _in_process(model_dir: Path, mode: str, steps: int) -> dict[str, torch.Tensor]:
+def _classification_loader() -> Any:
+    """Three classification batches of one-token answers after shared prompts (each prompt forwarded once)."""
+    from test_subsets import _classification_batch
+    from torch.utils.data import DataLoader
+
+    batches = [_classification_batch([[11], [12]], class_of=classes) for classes in ([1, 0, 1], [0, 0, 1], [1, 1, 0])]
+    return DataLoader(batches, batch_size=None)
+
+
+def _in_process(model_dir: Path, mode: str, steps: int, classification: bool = False) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     module = _module(model_dir, mode)
-    quiet_trainer(_strategy(mode), max_steps=steps).fit(module, datamodule=tiny_data())
+    trainer = quiet_trainer(_strategy(mode), max_steps=steps)
+    if classification:
+        trainer.fit(module, train_dataloaders=_classification_loader())
+    else:
+        trainer.fit(module, datamodule=tiny_data())
     split = module.model
     return {**{f"client.{k}": v for k, v in split.client.state_dict().items()},
             **{f"server.{k}": v for k, v in split.server.state_dict().items()}}
@@ -70,6 +83,7 @@ def _process(rank: int, port: int, model_dir: str, mode: str, steps: int, out: s
         ckpt_path = options.pop("ckpt_path", None)
         checkpoint_dir = options.pop("checkpoint_dir", None)
         server_lr = options.pop("server_lr", 1e-2)
+        classification = options.pop("classification", False)
         with deferred_weights():
             module = _module(Path(model_dir), mode, server_lr)
         strategy = _strategy(mode, transport="distributed", rank=rank, world_size=world_size,
@@ -109,7 +123,10 @@ def _process(rank: int, port: int, model_dir: str, mode: str, steps: int, out: s
 
             module.training_step = poisoned  # type: ignore[method-assign]
         data = tiny_data() if world_size == 2 else tiny_data(seed=rank)  # several clients: each its own data
-        fit(trainer, module, datamodule=data, ckpt_path=ckpt_path)
+        if classification:
+            fit(trainer, module, train_dataloaders=_classification_loader(), ckpt_path=ckpt_path)
+        else:
+            fit(trainer, module, datamodule=data, ckpt_path=ckpt_path)
         half = module.model.client if rank >= 1 else module.model.server
         side = "client" if rank >= 1 else "server"
         state = {f"{side}.{k}": v for k, v in half.state_dict().items()}
@@ -157,11 +174,13 @@ def _run_group(model_dir: Path, tmp_path: Path, mode: str, steps: int, world_siz
     return results
 
 
-@pytest.mark.parametrize("mode", ["hosl", "fo", "zo"])
-def test_two_processes_end_with_the_in_process_weights(model_dir: Path, tmp_path: Path, mode: str) -> None:
+@pytest.mark.parametrize(("mode", "classification"), [("hosl", False), ("fo", False), ("zo", False), ("hosl", True)],
+                         ids=["hosl", "fo", "zo", "hosl-shared-prompts"])
+def test_two_processes_end_with_the_in_process_weights(model_dir: Path, tmp_path: Path, mode: str,
+                                                       classification: bool) -> None:
     steps = 3
-    expected = _in_process(model_dir, mode, steps)
-    server, client = _run_pair(model_dir, tmp_path, mode, steps)
+    expected = _in_process(model_dir, mode, steps, classification)
+    server, client = _run_pair(model_dir, tmp_path, mode, steps, classification=classification)
     assert isinstance(server, dict), server
     assert isinstance(client, dict), client
     got = {**client, **server}

@@ -186,7 +186,9 @@ class SplitCausalLM(nn.Module):
 
         ``targets["labels"]`` alone: the mean next-token loss over labelled tokens (the HF causal-LM loss).
         With ``class_labels`` and ``num_classes`` (rows are C candidate sequences per example): cross-entropy
-        over the candidates' sequence log-likelihoods, the classification-style loss MeZO trains with.
+        over the candidates' sequence log-likelihoods, the classification-style loss MeZO trains with. With
+        ``source_rows`` (shared prompts, ``batch_tensors``) the activations hold only the forwarded rows, and
+        labels row r reads forwarded row ``source_rows[r]`` of its group.
         With ``loss_weight`` (a weighted subset's, ``hosl_lightning.tuning``): a scalar multiplies every group's
         loss; one weight per example multiplies that example's loss (classification) or its tokens' losses (LM)
         before the mean. Either way it scales the server's gradient and the ZO differences alike.
@@ -194,9 +196,15 @@ class SplitCausalLM(nn.Module):
         final_hidden = self.server(activations)
         labels = targets["labels"].to(final_hidden.device)
         rows = labels.shape[0]
-        if final_hidden.shape[0] != groups * rows:
-            raise ValueError(f"activations hold {final_hidden.shape[0]} rows, expected {groups} x {rows}")
-        nll, row_of_token = self._label_token_nll(final_hidden, labels.repeat(groups, 1))
+        source_rows, forwarded = targets.get("source_rows"), rows
+        if source_rows is not None:  # shared prompts: each labels row reads the hidden states of its source row
+            source_rows = source_rows.to(final_hidden.device)
+            forwarded = int(source_rows.max()) + 1 if len(source_rows) else 0
+        if final_hidden.shape[0] != groups * forwarded:
+            raise ValueError(f"activations hold {final_hidden.shape[0]} rows, expected {groups} x {forwarded}")
+        sources = None if source_rows is None else (
+            source_rows + forwarded * torch.arange(groups, device=final_hidden.device)[:, None]).flatten()
+        nll, row_of_token = self._label_token_nll(final_hidden, labels.repeat(groups, 1), sources)
         if "class_labels" in targets:
             num_classes = int(targets["num_classes"])
             weight = loss_weights(targets, rows // num_classes, nll.device)

@@ -177,6 +177,12 @@ class SplitServer:
             targets["num_classes"] = int(request.fields["num_classes"])
         if "loss_weight" in request.tensors:
             targets["loss_weight"] = check_shape(request, "loss_weight", (), _FLOATS, self.peer).to(self.device)
+        if "source_rows" in request.tensors:  # shared prompts: fewer rows forwarded than labelled
+            source_rows = check_shape(request, "source_rows", (labels.shape[0],), _INTEGERS, self.peer)
+            forwarded = int(source_rows.max()) + 1 if len(source_rows) else 0
+            if len(source_rows) and (int(source_rows.min()) < 0 or len(source_rows.unique()) != forwarded):
+                raise ValueError(f"{self.peer} sent source_rows that do not name each of {forwarded} forwarded rows")
+            targets["source_rows"] = source_rows.to(self.device)
         return targets
 
     def _checked_activations(self, message: Message, rows: int, length: int, waiting_for: str) -> CutActivations:
@@ -211,7 +217,10 @@ class SplitServer:
         step = int(request.fields["step"])
         zo = self.optimizer if isinstance(self.optimizer, ZOSGD) else None
         context = ServerContext(self.model, self.settings, lambda loss: loss.backward(), zo)
-        reply = self._mode.server_step(context, WireUplink(self, *targets["labels"].shape), targets, step)
+        rows, length = targets["labels"].shape
+        if "source_rows" in targets:
+            rows = int(targets["source_rows"].max()) + 1 if rows else 0
+        reply = self._mode.server_step(context, WireUplink(self, rows, length), targets, step)
         for key, value in reply.items():  # a diverged step stops here, before the server's weights take it
             ensure_finite(step, f"the server's {key}", value)
         self.wire.send(self._mode.reply, reply)

@@ -13,7 +13,7 @@ from hosl_lightning.core.zo import ZOSGD
 from hosl_lightning.measurement.meter import StepMemoryMeter
 from hosl_lightning.measurement.reports import ClientMemory
 from hosl_lightning.measurement.sides import SideSwitch
-from hosl_lightning.modes import ModeName, ZOSettings, eval_mode
+from hosl_lightning.modes import ModeName, ZOSettings, batch_tensors, eval_mode
 from hosl_lightning.modes.in_process import fo_step, hosl_step, zo_step
 
 if TYPE_CHECKING:
@@ -72,12 +72,14 @@ def _client_step(model: SplitCausalLM, optimizer: ZOSGD, estimate: Any) -> None:
 
 
 def measure_client_inference(model: SplitCausalLM, batch: dict[str, Tensor]) -> ClientMemory:
-    """The floor: the client's weights plus one no-grad forward's working set."""
+    """The floor: the client's weights plus one no-grad forward's working set, of the rows a step forwards
+    (a classification batch's shared prompts once, ``batch_tensors``)."""
     # only now, as a measurement is made: torch's private MemTracker
     from hosl_lightning.measurement.tracker import SideTracker, peak_of
 
     tracker = SideTracker(model.client.parameters())
     tracker.track_external(model.client)
     with tracker, torch.no_grad(), eval_mode(model):
-        model.client_forward(batch["input_ids"], batch.get("attention_mask"))
+        input_ids, attention_mask, _ = batch_tensors(batch)
+        model.client_forward(input_ids, attention_mask)
     return peak_of(tracker, model.client_device)

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from hosl_lightning.core.boundary import ClientLink, Reply, Targets, Uplink
-from hosl_lightning.core.split_model import SplitCausalLM, split_activations
+from hosl_lightning.core.split_model import SplitCausalLM, shared_prompts, split_activations
 from hosl_lightning.core.zo import ZOSGD, ZOEstimate, probe_points
 
 ModeName = Literal["hosl", "fo", "zo"]  # the built-in modes, as a config type; registered ones add to MODES
@@ -134,12 +134,24 @@ def dropout_active(module: nn.Module | None) -> bool:
 
 
 def batch_tensors(batch: dict[str, Any]) -> tuple[Tensor, Tensor | None, Targets]:
-    """Inputs for the client; everything else (labels, class labels, loss weight) is for the server's loss."""
+    """Inputs for the client; everything else (labels, class labels, loss weight) is for the server's loss.
+
+    A classification batch whose candidates are one-token answers after one prompt (C rows per example that
+    differ only in the answer) sends each prompt once: the client forwards E rows instead of E x C, and
+    ``targets["source_rows"]`` says which forwarded row each labels row reads. Causal attention never looks
+    ahead, so the hidden state that scores each answer is the same, and so is the loss.
+    """
     missing = [key for key in ("input_ids", "labels") if key not in batch]
     if missing:
         raise KeyError(f"a training batch needs 'input_ids' and 'labels'; missing {missing}")
+    input_ids, mask = batch["input_ids"], batch.get("attention_mask")
     targets = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
-    return batch["input_ids"], batch.get("attention_mask"), targets
+    if "class_labels" in batch:
+        representatives, source_rows = shared_prompts(input_ids, mask, batch["labels"])
+        if representatives is not None:
+            input_ids, mask = input_ids[representatives], None if mask is None else mask[representatives]
+            targets["source_rows"] = source_rows
+    return input_ids, mask, targets
 
 
 @dataclass(frozen=True)
