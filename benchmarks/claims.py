@@ -20,8 +20,9 @@ script finished is never redone by the other.
   and the peak resident memory of a client process of a two-process run (``processes.py``'s runner). hosl's
   accuracy at each cut on rotten_tomatoes, 3 seeds, at the learning rates selected at cut 2.
 - **d_c** (the paper's bound: convergence improves as d_c, the weights the client perturbs, shrinks): at cut
-  2 on rotten_tomatoes, the full client (d_c = embeddings + 2 blocks) against LoRA clients of rank 2 and 16
-  on q_proj and v_proj (their zo_lr swept as the other methods'), 3 seeds.
+  2 on rotten_tomatoes, the full client (d_c = embeddings + 2 blocks), the client with frozen token embeddings
+  (its blocks alone) and LoRA clients of rank 2 and 16 on q_proj and v_proj (each variant's zo_lr swept as the
+  other methods'), 3 seeds.
 """
 
 from __future__ import annotations
@@ -81,6 +82,12 @@ def lora_method(hosl: Method, rank: int) -> Method:
     return dataclasses.replace(hosl, name=f"{hosl.name}+lora{rank}", client_adapter=adapter, zo_lrs=(1e-5, 1e-4))
 
 
+def frozen_embeddings_method(hosl: Method) -> Method:
+    """The hosl option with the client's token embeddings frozen: ZO perturbs its blocks alone."""
+    return dataclasses.replace(hosl, name=f"{hosl.name}+frozen-embeddings", client_frozen=("embeddings.embed_tokens",),
+                               zo_lrs=(1e-5, 1e-4))
+
+
 def best_hosl(cache: dict[str, dict[str, Any]]) -> tuple[str | None, str]:
     """The convergence study's hosl option with the best mean final test accuracy, once every option has seed 0
     on both of its datasets; and why (or what is missing)."""
@@ -108,8 +115,7 @@ def study_methods(hosl: str | None) -> tuple[Method, ...]:
     methods = [METHOD["fo"], METHOD["zo"]]
     if hosl is not None:
         methods.append(METHOD[hosl])
-        for rank in LORA_RANKS:
-            variant = lora_method(METHOD[hosl], rank)
+        for variant in (frozen_embeddings_method(METHOD[hosl]), *(lora_method(METHOD[hosl], r) for r in LORA_RANKS)):
             METHOD[variant.name] = variant
             methods.append(variant)
     return tuple(methods)
@@ -120,8 +126,8 @@ def plan(cache: dict[str, dict[str, Any]], hosl: str | None) -> list[RunConfig]:
     at seed 0, then the other seeds."""
     methods = study_methods(hosl)
     best, todo = chosen(cache, SWEEP_STEPS, N_VAL, methods)
-    main = [m.name for m in methods if m.client_adapter is None]
-    lora = [m.name for m in methods if m.client_adapter is not None]
+    main = [m.name for m in methods if m.client_adapter is None and m.client_frozen is None]
+    lora = [m.name for m in methods if m.name not in main]  # the d_c variants
     for seed in SEEDS:
         runs = [final_config(best[m], task, seed, STEPS, N_VAL, N_TEST) for task in TASKS for m in main if m in best]
         if hosl in best:
@@ -150,12 +156,13 @@ def rss_key(method: Method, cut: int) -> str:
     return f"rss-{method.name.replace('/', '_')}-cut{cut}-{RSS_STEPS}steps"
 
 
-def client_weights(base: Any, cut: int, adapter: dict[str, Any] | None) -> int:
-    """d_c: the weights the client perturbs (embeddings and its blocks; with LoRA, the adapters' A and B alone)."""
+def client_weights(base: Any, cut: int, adapter: dict[str, Any] | None, frozen: tuple[str, ...] | None = None) -> int:
+    """d_c: the weights the client perturbs (embeddings and its blocks, less the frozen embeddings; with LoRA, the
+    adapters' A and B alone)."""
     inner = base.model
     if adapter is None:
-        return sum(p.numel() for p in inner.embed_tokens.parameters()) + sum(
-            p.numel() for layer in inner.layers[:cut] for p in layer.parameters())
+        blocks = sum(p.numel() for layer in inner.layers[:cut] for p in layer.parameters())
+        return blocks + (0 if frozen else sum(p.numel() for p in inner.embed_tokens.parameters()))
     total = 0
     for layer in inner.layers[:cut]:
         for name in adapter["target_modules"]:
@@ -249,7 +256,8 @@ def write_report(cache: dict[str, dict[str, Any]], hosl: str | None, why: str, b
               "| client | d_c | zo_lr | val acc at 50 / 150 / 300 steps | test acc |", "|---|---:|---:|---:|---:|"]
     curves: dict[str, list[tuple[int, float]]] = {}
     if hosl:
-        for method in [METHOD[hosl], *(METHOD.get(f"{hosl}+lora{r}") for r in LORA_RANKS)]:
+        variants = [f"{hosl}+frozen-embeddings", *(f"{hosl}+lora{r}" for r in LORA_RANKS)]
+        for method in [METHOD[hosl], *(METHOD.get(name) for name in variants)]:
             if method is None:
                 continue
             runs = finals(cache, method.name, CUT_TASK)
@@ -258,7 +266,8 @@ def write_report(cache: dict[str, dict[str, Any]], hosl: str | None, why: str, b
             at = {step: acc for step, acc in curve}
             points = " / ".join("-" if s not in at else f"{100 * at[s]:.1f}" for s in (50, 150, 300))
             zo_lr = runs[0]["config"]["zo_lr"] if runs else None
-            lines.append(f"| {method.name} | {client_weights(base, CUT, method.client_adapter):,} | "
+            d_c = client_weights(base, CUT, method.client_adapter, method.client_frozen)
+            lines.append(f"| {method.name} | {d_c:,} | "
                          f"{'-' if zo_lr is None else f'{zo_lr:g}'} | {points} | {accuracy_cell(runs)} |")
             rows += [{"study": "d_c", "task": CUT_TASK, "method": method.name, "cut": CUT, "seed": r["config"]["seed"],
                       "test_acc": r["test"]["acc"], "commit": r["commit"]} for r in runs]

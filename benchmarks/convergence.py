@@ -87,13 +87,14 @@ class Method:
     lrs: tuple[float, ...] = ()  # AdamW lr (fo, and hosl's server when zo_lrs is set)
     zo_lrs: tuple[float, ...] = ()  # the ZO optimizer's lr (zo; hosl's client)
     client_adapter: dict[str, Any] | None = None  # a peft config for the client's blocks (the d_c study)
+    client_frozen: tuple[str, ...] | None = None  # client modules that do not train (the d_c study)
 
     def options(self) -> dict[str, Any]:
         """What keys a run: every field, less those added later while at their defaults (old keys stay valid)."""
         return {k: v for k, v in asdict(self).items() if not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
 
 
-LATER_FIELDS: dict[str, Any] = {"client_adapter": None}  # fields added after runs were cached, and their defaults
+LATER_FIELDS: dict[str, Any] = {"client_adapter": None, "client_frozen": None}  # fields added after runs were cached, and their defaults
 
 
 METHODS = (
@@ -185,6 +186,7 @@ def run(config: RunConfig, base: Any, tokenizer: Any, data_dir: Path, code: str)
                             zo_lr=config.zo_lr or 0.0, seed=config.seed, zo_optimizer=method.zo_optimizer,
                             embedding_directions=method.embedding_directions, pair_probes=method.pair_probes,
                             direction=method.direction, client_adapter=method.client_adapter,
+                            client_frozen=None if method.client_frozen is None else list(method.client_frozen),
                             memory_every_n_steps=0)
     curve = Curve(config.eval_every, val_batches)
     trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=1, max_steps=config.steps, max_epochs=-1,

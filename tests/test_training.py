@@ -248,3 +248,23 @@ def test_a_decaying_zo_lr_needs_a_fit_with_an_end() -> None:
         zo_lr_scheduler(optimizer, "linear", float("inf"))
     with pytest.raises(ValueError, match=r"zo_lr_schedule='step' is not valid: choose one of"):
         HOSLStrategy(zo_lr_schedule="step")
+
+
+@pytest.mark.parametrize("mode", ["hosl", "fo", "zo"])
+def test_frozen_client_modules_stay_bit_identical_while_the_rest_trains(mode: str) -> None:
+    trainer, start = _fit(mode, client_frozen=["embeddings.embed_tokens"])
+    split = trainer.strategy.split_model
+    after = split.client.state_dict()
+    embedding = "embeddings.embed_tokens.weight"
+    assert torch.equal(after[embedding], start.client[embedding])  # frozen
+    assert any(not torch.equal(after[k], start.client[k]) for k in after if k != embedding)  # the blocks trained
+    head = split.server.lm_head.weight  # TINY_LLAMA ties it to the embedding: the server's copy still trains
+    assert not torch.equal(head, start.server["lm_head.weight"])
+
+
+def test_a_frozen_name_the_client_does_not_have_fails_listing_its_modules() -> None:
+    with pytest.raises(ValueError, match=r"client_frozen names 'embed_tokens', which the client half does not have; "
+                                         r"its modules: \['embeddings', 'embeddings.embed_tokens'"):
+        _fit(client_frozen=["embed_tokens"])
+    with pytest.raises(ValueError, match="client_frozen='embeddings' is not valid: give a list of module names"):
+        HOSLStrategy(client_frozen="embeddings")  # type: ignore[arg-type]

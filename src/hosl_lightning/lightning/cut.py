@@ -33,13 +33,30 @@ def mark_zeroth_order(split: SplitCausalLM, zo_halves: tuple[str, ...]) -> None:
                 param._hosl_zo = True  # type: ignore[attr-defined]  # trained by ZO, never by backprop
 
 
+def freeze_client_modules(split: SplitCausalLM, names: list[str]) -> None:
+    """Take the named modules of the client half out of training (before the ZO parameters are tagged)."""
+    client = split.client
+    if client is None:
+        return
+    known = [name for name, _ in client.named_modules() if name and name.count(".") < 3]
+    for name in names:
+        try:
+            frozen = client.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"client_frozen names {name!r}, which the client half does not have; its modules: "
+                             f"{known}") from None
+        frozen.requires_grad_(False)
+
+
 def cut_module(
     module: LightningModule, cut_layer: int, role: str, zo_halves: tuple[str, ...],
     client_split: Callable[[nn.Module], SplitCausalLM], adapters: tuple[Any, Any] = (None, None),
+    client_frozen: list[str] | None = None,
 ) -> tuple[SplitCausalLM, Any, bool]:
     """Cut the module's model (once): returns (split model, the PeftModel if adapters were added, newly cut).
 
     ``client_split`` builds a client process's split model (its half only); in-process both halves stay here.
+    ``client_frozen``: modules of the client half that do not train (``freeze_client_modules``).
     """
     name, model = find_causal_lm(module)
     if isinstance(model, SplitCausalLM):
@@ -59,6 +76,7 @@ def cut_module(
     if peft_model is not None:
         untied_head_trainable(peft_model, split.server.lm_head)
     install_split(module, name, split)
+    freeze_client_modules(split, client_frozen or [])
     mark_zeroth_order(split, zo_halves)
     return split, peft_model, True
 

@@ -99,6 +99,10 @@ class RunSettings:
             weights are frozen: ZO never perturbs them and backprop gives them no gradient); a side without
             trains all its weights. ``strategy.peft_model`` is the PeftModel for saving and merging
             (:mod:`hosl_lightning.models`). In-process runs only; needs ``pip install 'hosl-lightning[peft]'``.
+        client_frozen: modules of the client half whose weights do not train, by their names inside it (e.g.
+            ``[embeddings.embed_tokens]``: ZO then perturbs the client's blocks only, a smaller d_c). A tied LM
+            head is the server's own copy and still trains. A name the client does not have fails, listing those
+            it has.
     """
 
     def _init_settings(self, options: dict[str, Any]) -> None:
@@ -142,6 +146,11 @@ class RunSettings:
             if spec is not None:
                 adapter_config(spec, side)  # a bad field fails now, not when training starts
         self.client_adapter, self.server_adapter = o.client_adapter, o.server_adapter
+        if o.client_frozen is not None and (isinstance(o.client_frozen, str) or not all(
+                isinstance(name, str) for name in o.client_frozen)):
+            raise ValueError(f"client_frozen={o.client_frozen!r} is not valid: give a list of module names inside the "
+                             "client half, e.g. ['embeddings.embed_tokens']")
+        self.client_frozen = None if o.client_frozen is None else list(o.client_frozen)
         self.cut_layer, self.mode = o.cut_layer, o.mode
         # None: the path's own choice (a drop-in module takes its gradient from the clean call it makes anyway).
         self._given = {"server_grad": o.server_grad, "batch_probes": o.batch_probes}

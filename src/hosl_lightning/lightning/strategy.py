@@ -79,6 +79,7 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
         server_checkpoint_dir: str = "server_checkpoints",
         client_adapter: dict[str, Any] | None = None,
         server_adapter: dict[str, Any] | None = None,
+        client_frozen: list[str] | None = None,
         **kwargs: Any,
     ) -> None:
         self._init_settings({k: v for k, v in locals().items() if k not in ("self", "kwargs", "__class__")})
@@ -147,7 +148,8 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
 
     def _cut(self, module: LightningModule) -> None:
         split, peft_model, _ = cut_module(module, self.cut_layer, self.role, get_mode(self.mode).zo_halves,
-                                          self._client_split, (self.client_adapter, self.server_adapter))
+                                          self._client_split, (self.client_adapter, self.server_adapter),
+                                          self.client_frozen)
         self.peft_model = peft_model or self.peft_model
         self._split = split
         self.telemetry.install(split)
