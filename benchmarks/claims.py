@@ -399,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"    {'diverged' if record['diverged'] else 'done'} in {record['train_s']:.0f} s"
                       + (f", test acc {test['acc']:.4f}" if test else ""), flush=True)
             gc.collect()
+    study_methods(hosl)  # the d_c variants' names, for the report (plan() registers them too)
     write_report(load_cache(), hosl, why, base, args.out, command)
     print((args.out / "claims.md").read_text())
     return 0

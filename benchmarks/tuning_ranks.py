@@ -244,15 +244,27 @@ def bootstrap(statistic: Any, columns: list[tuple[list[float], list[float]]], se
         if values:
             draws.append(statistics.mean(values))
     draws.sort()
+    if not draws:  # every resample undefined (a constant column): no interval
+        return math.nan, math.nan
     return draws[int(0.025 * len(draws))], draws[min(len(draws) - 1, int(0.975 * len(draws)))]
 
 
+def defined_mean(values: list[float]) -> float:
+    """The mean of the values that are defined (NaN when none is: a correlation of a constant column)."""
+    known = [v for v in values if not math.isnan(v)]
+    return statistics.mean(known) if known else math.nan
+
+
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # Student's t
+
+
 def mean_interval(values: list[float]) -> str:
-    """The mean and a t-free 95% interval (1.96 standard errors) over study seeds, as text."""
+    """The mean and its 95% interval over study seeds (Student's t: with 3 seeds, 4.3 standard errors), as text."""
     if len(values) < 2:
         return f"{statistics.mean(values):+.1f}" if values else "n/a"
-    error = 1.96 * statistics.stdev(values) / math.sqrt(len(values))
-    return f"{statistics.mean(values):+.1f} [{statistics.mean(values) - error:+.1f}, {statistics.mean(values) + error:+.1f}]"
+    centre = statistics.mean(values)
+    error = T975.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
+    return f"{centre:+.1f} [{centre - error:+.1f}, {centre + error:+.1f}]"
 
 
 def write_report(cache: dict[str, dict[str, Any]], configs: tuple[Config, ...], sizes: dict[str, Any],
@@ -264,9 +276,12 @@ def write_report(cache: dict[str, dict[str, Any]], configs: tuple[Config, ...], 
         print(f"full-data trials missing for {missing}: no report yet")
         return
     test = {name: r["test_acc"] * 100 for name, r in full.items()}
-    finite = {name: v for name, v in test.items() if not math.isnan(v)}
-    oracle_name = max(finite, key=finite.__getitem__)
-    oracle = finite[oracle_name]
+    trained = {name: v for name, v in test.items() if not math.isnan(v)}
+    if not trained:
+        print("every full-data trial diverged: no oracle, no report")
+        return
+    oracle_name = max(trained, key=trained.__getitem__)
+    oracle = trained[oracle_name]
     full_pick = max(full, key=lambda n: -math.inf if math.isnan(full[n]["val_acc"]) else full[n]["val_acc"])
     full_search_s = sum(r["seconds"] for r in full.values())
     full_val = [full[c.name]["val_acc"] for c in configs]
@@ -288,7 +303,7 @@ def write_report(cache: dict[str, dict[str, Any]], configs: tuple[Config, ...], 
         state = " (diverged)" if r["diverged"] else ""
         lines.append(f"| {c.name}{state} | {c.lr:g} | {c.zo_lr:g} | {c.mu:g} | {c.q} | {r['val_acc'] * 100:.1f} | "
                      f"{test[c.name]:.1f} | {r['seconds']:.0f} s |")
-    ordered = sorted(finite.values())
+    ordered = sorted(trained.values())
     diverged = sum(math.isnan(v) for v in test.values())
     lines += ["", (f"Spread of full-data outcomes (test accuracy over the {len(configs)} configurations): best "
                    f"{ordered[-1]:.1f}, median {statistics.median(ordered):.1f}, worst {ordered[0]:.1f}"
@@ -315,14 +330,15 @@ def write_report(cache: dict[str, dict[str, Any]], configs: tuple[Config, ...], 
             if not per_seed:
                 continue
             columns = [(s["scores"], full_val) for s in per_seed]
-            rho = statistics.mean(v for v in (spearman(a, b) for a, b in columns) if not math.isnan(v))
-            tau = statistics.mean(v for v in (kendall(a, b) for a, b in columns) if not math.isnan(v))
+            rho = defined_mean([spearman(a, b) for a, b in columns])
+            tau = defined_mean([kendall(a, b) for a, b in columns])
             rho_ci, tau_ci = bootstrap(spearman, columns), bootstrap(kendall, columns)
             seconds = statistics.mean(s["seconds"] for s in per_seed)
             row = {"method": option.name, "fraction": fraction, "seeds": len(per_seed), "search_s": seconds,
                    "speedup": full_search_s / seconds, "regrets": [s["regret"] for s in per_seed], "spearman": rho,
                    "spearman_ci": rho_ci, "kendall": tau, "kendall_ci": tau_ci,
-                   "spearmans": [spearman(a, b) for a, b in columns], "picks": [s["pick"] for s in per_seed],
+                   "by_seed": {s["seed"]: (s["regret"], spearman(s["scores"], full_val)) for s in per_seed},
+                   "picks": [s["pick"] for s in per_seed],
                    "selection_s": statistics.mean(s["selection_s"] for s in per_seed)}
             rows.append(row)
             lines.append(f"| {option.name} | {fraction:.0%} | {len(per_seed)} | {seconds / 60:.1f} min | "
@@ -363,12 +379,14 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
     for fraction in FRACTIONS:
         by = {r["method"]: r for r in rows if r["fraction"] == fraction}
         for name in ("gradmatch", "gradmatch-pc", "gradmatch-pc-warm"):
-            if name in by and "random" in by and by[name]["seeds"] == by["random"]["seeds"]:
-                regret = [a - b for a, b in zip(by[name]["regrets"], by["random"]["regrets"], strict=True)]
-                rho = [a - b for a, b in zip(by[name]["spearmans"], by["random"]["spearmans"], strict=True)]
-                lines.append(f"- {name} minus random at {fraction:.0%}, paired by study seed: regret "
-                             f"{mean_interval(regret)} points, Spearman {mean_interval([100 * x for x in rho])} "
-                             "hundredths")
+            if name not in by or "random" not in by:
+                continue
+            mine, theirs = by[name]["by_seed"], by["random"]["by_seed"]
+            seeds = sorted(set(mine) & set(theirs))  # paired: the same study seed on both sides
+            regret = [mine[s][0] - theirs[s][0] for s in seeds]
+            rho = [100 * (mine[s][1] - theirs[s][1]) for s in seeds if not math.isnan(mine[s][1] - theirs[s][1])]
+            lines.append(f"- {name} minus random at {fraction:.0%}, paired over study seeds {seeds}: regret "
+                         f"{mean_interval(regret)} points, Spearman {mean_interval(rho)} hundredths")
     return lines
 
 

@@ -174,8 +174,8 @@ def _run_group(model_dir: Path, tmp_path: Path, mode: str, steps: int, world_siz
     return results
 
 
-@pytest.mark.parametrize(("mode", "classification"), [("hosl", False), ("fo", False), ("zo", False), ("hosl", True)],
-                         ids=["hosl", "fo", "zo", "hosl-shared-prompts"])
+@pytest.mark.parametrize(("mode", "classification"), [(m, c) for c in (False, True) for m in ("hosl", "fo", "zo")],
+                         ids=["hosl", "fo", "zo", "hosl-shared-prompts", "fo-shared-prompts", "zo-shared-prompts"])
 def test_two_processes_end_with_the_in_process_weights(model_dir: Path, tmp_path: Path, mode: str,
                                                        classification: bool) -> None:
     steps = 3
@@ -269,6 +269,32 @@ def test_a_well_formed_payload_passes_the_checks() -> None:
     server = _server_for_checks()
     up = server._checked_activations(_act(torch.zeros(2, 5, 32), attention_mask=torch.ones(2, 5, dtype=torch.int64)), 2, 5, "x")
     assert up.hidden.shape == (2, 5, 32) and up.position_ids.shape == (1, 5)
+
+
+@pytest.mark.parametrize(
+    ("extra", "error"),
+    [
+        ({"loss_weight": torch.ones(3)}, "per-example weights (SubsetSelection's granularity='per_class') run "
+                                         "in-process only"),
+        ({"source_rows": torch.tensor([0, 0, 2, 2, 3, 3])}, "source_rows that do not name each of 4 forwarded rows"),
+        ({"source_rows": torch.tensor([0, 1])}, "'source_rows' of shape [2]"),
+    ],
+)
+def test_malformed_training_targets_are_rejected_with_what_was_wrong(extra: dict, error: str) -> None:
+    labels = torch.full((6, 5), -100)
+    labels[:, -1] = 7
+    request = Message("train", tensors={"labels": labels, "class_labels": torch.tensor([0, 1, 0]), **extra},
+                      fields={"num_classes": 2})
+    with pytest.raises((ValueError, MalformedPayload), match=re.escape(error)):
+        _server_for_checks()._targets(request)
+
+
+def test_shared_prompt_targets_pass_the_checks() -> None:
+    labels = torch.full((6, 5), -100)
+    labels[:, -1] = 7
+    request = Message("train", tensors={"labels": labels, "class_labels": torch.tensor([0, 1, 0]),
+                                        "source_rows": torch.tensor([0, 0, 1, 1, 2, 2])}, fields={"num_classes": 2})
+    assert _server_for_checks()._targets(request)["source_rows"].tolist() == [0, 0, 1, 1, 2, 2]
 
 
 def test_a_mismatched_hello_names_each_differing_setting() -> None:

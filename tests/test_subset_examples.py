@@ -130,7 +130,7 @@ def test_per_class_gradmatch_keeps_the_class_mix_and_matches_each_class() -> Non
     torch.manual_seed(0)
     labels = torch.tensor([0] * 60 + [1] * 40)
     features = torch.randn(100, 2, 8) + torch.tensor([[1.0] * 8, [-1.0] * 8])  # one block per class
-    chosen = per_class_gradmatch(features.flatten(1), labels, 10, torch.Generator().manual_seed(0), class_rows=True)
+    chosen = per_class_gradmatch(features.flatten(1), labels, 10, torch.Generator().manual_seed(0), num_classes=2)
     picked = labels[chosen.indices]
     assert len(set(chosen.indices)) == 10 and int((picked == 0).sum()) == 6 and int((picked == 1).sum()) == 4
     for label in (0, 1):
@@ -140,7 +140,7 @@ def test_per_class_gradmatch_keeps_the_class_mix_and_matches_each_class() -> Non
     noisy = features.clone()
     noisy[labels == 0, 1] = torch.randn(60, 8) * 100
     noisy[labels == 1, 0] = torch.randn(40, 8) * 100
-    again = per_class_gradmatch(noisy.flatten(1), labels, 10, torch.Generator().manual_seed(0), class_rows=True)
+    again = per_class_gradmatch(noisy.flatten(1), labels, 10, torch.Generator().manual_seed(0), num_classes=2)
     assert again.indices == chosen.indices
     whole = per_class_gradmatch(noisy.flatten(1), labels, 10, torch.Generator().manual_seed(0))
     assert whole.indices != chosen.indices  # PerClass (the whole feature) does see it
@@ -172,14 +172,16 @@ class WeightLog(Callback):
         self.labels.append(batch["class_labels"].clone())
 
 
-def _fit_classification(tmp_path: Path, selection: SubsetSelection, steps: int, train_size: int = 48):
+def _fit_classification(tmp_path: Path, selection: SubsetSelection, steps: int, train_size: int = 48,
+                        batch_size: int = 6):
     from test_tasks import sentiment_dm, word_tokenizer
 
+    tmp_path.mkdir(parents=True, exist_ok=True)
     words = ["a", "great", "movie", "and", "the", "plot", "was", "long"]
     rows = [{"text": " ".join(words[: 1 + (i * 5) % 8]), "label": "positive" if i % 3 else "negative"}
             for i in range(train_size)]
     tokenizer = word_tokenizer()
-    data = sentiment_dm(tmp_path, tokenizer, rows, batch_size=6, eval_batch_size=6, loss="classification")
+    data = sentiment_dm(tmp_path, tokenizer, rows, batch_size=batch_size, eval_batch_size=6, loss="classification")
     L.seed_everything(0)
     module = HOSLModule(model_config=dict(TINY_LLAMA, vocab_size=len(tokenizer)))
     log = WeightLog()
@@ -198,6 +200,20 @@ def test_per_class_gradmatch_trains_on_stratified_batches_of_weighted_examples(t
     seen = torch.cat([w.reshape(-1).expand(len(labels)) for w, labels in zip(log.weights, log.labels)])
     assert sorted(seen.tolist()) == pytest.approx(sorted(chosen.weights))  # each chosen example once, its weight
     assert all(int((labels == 0).sum()) == 2 for labels in log.labels)  # 1 in 3 negative: 2 of 6 in each batch
+
+
+def test_a_per_class_choice_is_shared_by_fits_of_the_same_weights_and_batch_size_only(tmp_path: Path) -> None:
+    cache = SelectionCache()
+    options = {"granularity": "per_class", "feature": "label_head", "cache": cache, "progress": False}
+    first = SubsetSelection("gradmatch", fraction=0.25, **options)
+    _fit_classification(tmp_path / "a", first, steps=1)
+    second = SubsetSelection("gradmatch", fraction=0.25, **options)
+    _fit_classification(tmp_path / "b", second, steps=1)
+    assert cache.hits == 1 and second.last is not None and first.last is not None
+    assert second.last.indices == first.last.indices  # a hit also says what was chosen
+    other = SubsetSelection("gradmatch", fraction=0.25, **options)  # 4 batches of 3: 12 examples, as 2 of 6 are
+    _fit_classification(tmp_path / "c", other, steps=1, batch_size=3)
+    assert cache.hits == 1  # the same number of examples, but batches of another size: chosen anew
 
 
 def test_per_class_random_draws_examples_per_class(tmp_path: Path) -> None:

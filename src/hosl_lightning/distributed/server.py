@@ -176,6 +176,9 @@ class SplitServer:
             targets["class_labels"] = check_shape(request, "class_labels", (None,), _INTEGERS, self.peer).to(self.device)
             targets["num_classes"] = int(request.fields["num_classes"])
         if "loss_weight" in request.tensors:
+            if request.tensors["loss_weight"].dim() != 0:
+                raise ValueError(f"{self.peer} sent one loss weight per example: per-example weights (SubsetSelection's "
+                                 "granularity='per_class') run in-process only; a distributed run takes one per batch")
             targets["loss_weight"] = check_shape(request, "loss_weight", (), _FLOATS, self.peer).to(self.device)
         if "source_rows" in request.tensors:  # shared prompts: fewer rows forwarded than labelled
             source_rows = check_shape(request, "source_rows", (labels.shape[0],), _INTEGERS, self.peer)

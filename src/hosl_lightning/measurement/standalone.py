@@ -80,6 +80,7 @@ def measure_client_inference(model: SplitCausalLM, batch: dict[str, Tensor]) -> 
     tracker = SideTracker(model.client.parameters())
     tracker.track_external(model.client)
     with tracker, torch.no_grad(), eval_mode(model):
-        input_ids, attention_mask, _ = batch_tensors(batch)
+        input_ids, attention_mask = (batch_tensors(batch)[:2] if "labels" in batch
+                                     else (batch["input_ids"], batch.get("attention_mask")))
         model.client_forward(input_ids, attention_mask)
     return peak_of(tracker, model.client_device)

@@ -123,21 +123,22 @@ def class_budgets(labels: Tensor, budget: int) -> dict[int, int]:
 
 def per_class_gradmatch(
     features: Tensor, labels: Tensor, budget: int, generator: torch.Generator, ridge: float = 1e-3,
-    class_rows: bool = False,
+    num_classes: int | None = None,
 ) -> Selection:
-    """GradMatch class by class over examples (CORDS' PerClass; PerClassPerGradient with ``class_rows``).
+    """GradMatch class by class over examples (CORDS' PerClass; PerClassPerGradient with ``num_classes``).
 
     Each class gets a share of ``budget`` in proportion to its size, and matching pursuit matches the mean
-    feature of that class's examples with its share. With ``class_rows`` the features are C blocks (one per
-    class, as ``label_head_row_features`` gives) and class c is matched on block c alone: the gradient at its
-    own label-word row. Weights are mean 1 within each class, so the subset keeps the data's class mix.
+    feature of that class's examples with its share. With ``num_classes`` the features are that many blocks
+    (one per class, as ``label_head_row_features`` gives) and class c is matched on block c alone: the gradient
+    at its own label-word row. Weights are mean 1 within each class, so the subset keeps the data's class mix.
     """
     if len(labels) != features.shape[0]:
         raise ValueError(f"{len(labels)} labels for {features.shape[0]} examples")
-    classes = int(labels.max()) + 1
-    if class_rows and features.shape[1] % classes:
-        raise ValueError(f"class_rows needs one block per class: {features.shape[1]} feature columns do not split "
-                         f"into {classes} classes")
+    class_rows = num_classes is not None
+    if num_classes is not None and (features.shape[1] % num_classes or int(labels.max()) >= num_classes):
+        raise ValueError(f"per-class blocks need {features.shape[1]} feature columns to split into num_classes="
+                         f"{num_classes} blocks and every label below it (the largest is {int(labels.max())})")
+    classes = num_classes or int(labels.max()) + 1
     indices: list[int] = []
     weights: list[float] = []
     matched, residuals = 0, []

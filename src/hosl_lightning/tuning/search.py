@@ -153,8 +153,9 @@ def tune(
         granularity: ``batch`` (choose whole batches, AUTOMATA) or ``per_class`` (choose examples class by
             class, CORDS' PerClass; needs labelled examples).
         subset_val_batches: validate subset trials on the first this many validation batches only (Lightning's
-            ``limit_val_batches``; the datamodule's validation sample is seeded, so this is a smaller seeded
-            sample), which cuts a short trial's fixed cost. Default: all of them. The retrain uses all.
+            ``limit_val_batches``), which cuts a short trial's fixed cost: a smaller seeded sample when the
+            datamodule draws its validation sample (``num_validation``), else the first batches in file order.
+            Default: all of them. The retrain uses all.
         metric: the logged metric trials are ranked by (after each validation, and at the end).
         direction: ``maximize`` or ``minimize`` the metric.
         study_name: the study's name in the storage; workers with the same name and storage share it.

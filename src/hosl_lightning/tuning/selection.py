@@ -323,20 +323,22 @@ class SubsetSelection(Callback):
         if self.method == "random":
             chosen = random_examples(classes, count, generator)
         elif self.method == "milo":
-            assert self._embeddings is not None
+            if self._embeddings is None:  # a reloaded dataset: embed it now, from the weights as they are
+                self._embeddings = self._fixed_embeddings(trainer)
             chosen = facility_location(self._embeddings, classes, count, generator)
         else:
             model = _split_model(trainer)
             if self.cache is not None:
-                key = (weights_digest(model), self._round, self.seed, count, self.ridge, "per_class", self.feature,
-                       self.feature_rows, self.feature_batch_size)
+                key = (weights_digest(model), self._round, self.seed, len(classes), batch_size, count, self.ridge,
+                       "per_class", self.feature, self.feature_rows, self.feature_batch_size)
                 cached = self.cache.get(key)
                 if cached is not None:
-                    return cached
+                    self.last, batches = cached
+                    return batches
             examples = [[index] for index in range(len(classes))]
             features = self._features(trainer, model, examples)
-            chosen = per_class_gradmatch(features, classes, count, generator, self.ridge,
-                                         class_rows=self.feature == "label_head")
+            blocks = features.shape[1] // model.server.lm_head.in_features if self.feature == "label_head" else None
+            chosen = per_class_gradmatch(features, classes, count, generator, self.ridge, num_classes=blocks)
             log.info("per-class GradMatch chose %d of %d examples (%d matched, worst class residual %.3f)",
                      count, len(classes), chosen.matched, chosen.residual)
         self.last = chosen
@@ -344,7 +346,7 @@ class SubsetSelection(Callback):
         batches = [[(int(picked[i]), chosen.weights[i]) for i in part]
                    for part in partition(len(picked), batch_size, generator, classes[picked])]
         if key is not None and self.cache is not None:
-            self.cache.put(key, batches)
+            self.cache.put(key, (chosen, batches))
         return batches
 
     def _fixed_embeddings(self, trainer: Trainer) -> Tensor:
