@@ -250,3 +250,34 @@ def vocabulary_projection(vocab: int, rows: int, seed: int) -> Tensor:
     generator = torch.Generator().manual_seed(seed)
     signs = torch.randint(0, 2, (rows, vocab), generator=generator, dtype=torch.float32) * 2.0 - 1.0
     return signs / rows**0.5
+
+
+class FeaturePass:
+    """A fit's feature passes over its training data, keeping what stays fixed between selections.
+
+    The examples' collated lengths (for the length-sorted chunks) are measured once per dataset, and the
+    ``feature="head"`` projection is drawn once from ``seed``; every selection then costs only its forwards.
+    """
+
+    def __init__(self, feature: str, feature_rows: int, batch_size: int, seed: int, progress: bool) -> None:
+        self.feature, self.feature_rows, self.batch_size = feature, feature_rows, batch_size
+        self.seed, self.progress = seed, progress
+        self._projection: Tensor | None = None
+        self._lengths: Tensor | None = None
+        self._dataset: Any = None
+
+    def __call__(
+        self, model: SplitCausalLM, loader: DataLoader, candidates: Sequence[list[int]], device: torch.device | str,
+        description: str, rows_of: Callable[[SplitCausalLM, dict[str, Any]], tuple[Tensor, Tensor]] | None = None,
+    ) -> Tensor:
+        """Each candidate's feature (or, with ``rows_of``, what it gives per row summed per candidate)."""
+        if self.feature == "head" and self._projection is None:
+            self._projection = vocabulary_projection(model.server.lm_head.out_features, self.feature_rows, self.seed)
+        if self._lengths is None or loader.dataset is not self._dataset:
+            self._dataset = loader.dataset
+            self._lengths = example_lengths(loader.dataset, loader.collate_fn, range(len(loader.dataset)))  # type: ignore[arg-type]
+        if rows_of is None and self.feature == "label_head":
+            rows_of = label_head_row_features
+        projection = None if self._projection is None else self._projection.to(device)
+        return candidate_features(model, loader, candidates, self._lengths, self.batch_size, projection, device,
+                                  self.progress, description, rows_of)

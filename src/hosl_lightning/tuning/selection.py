@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -34,13 +33,7 @@ from hosl_lightning.tuning.batches import (
     partition,
     subset_length,
 )
-from hosl_lightning.tuning.features import (
-    candidate_features,
-    example_lengths,
-    label_head_row_features,
-    row_embeddings,
-    vocabulary_projection,
-)
+from hosl_lightning.tuning.features import FeaturePass, row_embeddings
 from hosl_lightning.tuning.matching import (
     Selection,
     facility_location,
@@ -175,10 +168,9 @@ class SubsetSelection(Callback):
         self._sampler: SelectedBatches | None = None
         self._loader: DataLoader | None = None
         self._labels: Tensor | None = None  # each training example's class, when candidates are stratified
-        self._projection: Tensor | None = None  # feature="head": the vocabulary-side projection
         self._embeddings: Tensor | None = None  # method="milo": each training example's fixed embedding
         self._classes: Tensor | None = None  # per-example choices: each training example's class
-        self._lengths: Tensor | None = None  # each training example's collated length, for the feature pass
+        self._features = FeaturePass(feature, feature_rows, feature_batch_size, seed, progress)
         self._source: Any = None
         self._original: Any = None
 
@@ -202,7 +194,7 @@ class SubsetSelection(Callback):
         if loader.dataset is not getattr(self._loader, "dataset", None):
             self._labels = self._stratify_by(loader.dataset)
             self._classes = self._classes_of(loader.dataset) if self._per_example else None
-            self._lengths = self._embeddings = None
+            self._embeddings = None
         self._loader = loader
         candidates = math.ceil(len(loader.dataset) / loader.batch_size)  # type: ignore[arg-type]
         length = candidates if self.method == "full" else subset_length(self.fraction, candidates)
@@ -305,7 +297,8 @@ class SubsetSelection(Callback):
             if cached is not None:
                 self._sampler.update(cached, self._round + 1)  # type: ignore[union-attr]
                 return None
-        features = self._features(trainer, model, candidates)
+        features = self._features(model, self._loader, candidates, trainer.strategy.root_device,  # type: ignore[arg-type]
+                                  f"GradMatch features (selection {self._round})")
         chosen = gradmatch(features, budget, generator, self.ridge)
         log.info("GradMatch chose %d of %d batches (%d matched, residual %.3f)", budget, len(candidates),
                  chosen.matched, chosen.residual)
@@ -336,7 +329,8 @@ class SubsetSelection(Callback):
                     self.last, batches = cached
                     return batches
             examples = [[index] for index in range(len(classes))]
-            features = self._features(trainer, model, examples)
+            features = self._features(model, self._loader, examples, trainer.strategy.root_device,
+                                      f"GradMatch features (selection {self._round})")
             blocks = features.shape[1] // model.server.lm_head.in_features if self.feature == "label_head" else None
             chosen = per_class_gradmatch(features, classes, count, generator, self.ridge, num_classes=blocks)
             log.info("per-class GradMatch chose %d of %d examples (%d matched, worst class residual %.3f)",
@@ -357,28 +351,11 @@ class SubsetSelection(Callback):
         cached = None if self.cache is None else self.cache.get(key)
         if cached is None:
             examples = [[index] for index in range(len(self._loader.dataset))]  # type: ignore[arg-type]
-            cached = self._features(trainer, model, examples, row_embeddings, "MILO embeddings")
+            cached = self._features(model, self._loader, examples, trainer.strategy.root_device, "MILO embeddings",
+                                    row_embeddings)
             if self.cache is not None:
                 self.cache.put(key, cached)
         return cached
-
-    def _features(
-        self, trainer: Trainer, model: SplitCausalLM, candidates: Sequence[list[int]], rows_of: Any = None,
-        description: str | None = None,
-    ) -> Tensor:
-        assert self._loader is not None
-        device = trainer.strategy.root_device
-        if self.feature == "head" and self._projection is None:  # fixed by the seed: drawn once per callback
-            vocab = model.server.lm_head.out_features
-            self._projection = vocabulary_projection(vocab, self.feature_rows, self.seed).to(device)
-        if self._lengths is None:  # the training data is fixed for the fit: measured once
-            self._lengths = example_lengths(self._loader.dataset, self._loader.collate_fn,
-                                            range(len(self._loader.dataset)))  # type: ignore[arg-type]
-        if rows_of is None and self.feature == "label_head":
-            rows_of = label_head_row_features
-        return candidate_features(model, self._loader, candidates, self._lengths, self.feature_batch_size,
-                                  self._projection, device, self.progress,
-                                  description or f"GradMatch features (selection {self._round})", rows_of)
 
     # ---- checkpoints ------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
