@@ -570,3 +570,25 @@ def test_fit_with_a_trainer(tmp_path: Path, wtok: PreTrainedTokenizerFast) -> No
                         enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu")
     trainer.fit(module, datamodule=dm)
     assert module.rows == {"train": 5, "val": 5}
+
+
+def test_inside_tokenized_once_alike_datamodules_tokenise_a_split_once(
+    tmp_path: Path, wtok: PreTrainedTokenizerFast, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hosl_lightning.data import tokenized_once
+
+    built: list[str] = []
+    original = PromptClassificationDataModule._build
+    monkeypatch.setattr(PromptClassificationDataModule, "_build",
+                        lambda self, split: built.append(split) or original(self, split))
+    with tokenized_once():
+        first = sentiment_dm(tmp_path, wtok).dataset("train")
+        again = sentiment_dm(tmp_path, wtok).dataset("train")  # a new DataModule configured alike
+        assert built == ["train"] and [a is b for a, b in zip(first, again)] == [True] * len(first)
+        assert again is not first  # its own dataset object, over the same examples
+        shorter = sentiment_dm(tmp_path, wtok, max_length=4).dataset("train")  # another hyperparameter
+        assert built == ["train", "train"] and shorter[0].prompt != first[0].prompt
+        sentiment_dm(tmp_path, word_tokenizer()).dataset("train")  # another tokenizer instance
+        assert built == ["train"] * 3
+    sentiment_dm(tmp_path, wtok).dataset("train")  # outside: built again
+    assert built == ["train"] * 4

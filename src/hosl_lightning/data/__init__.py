@@ -30,6 +30,7 @@ if TYPE_CHECKING:
         get_task,
     )
     from hosl_lightning.data.text_lm import TextLMDataModule
+    from hosl_lightning.data.tokenized import tokenized_once
 
 #: The module under ``hosl_lightning.data`` that defines each exported name.
 _HOME: dict[str, str] = {
@@ -52,6 +53,7 @@ _HOME: dict[str, str] = {
     "generic_task": "tasks",
     "get_task": "tasks",
     "TextLMDataModule": "text_lm",
+    "tokenized_once": "tokenized",
 }
 
 __all__ = [
@@ -74,6 +76,7 @@ __all__ = [
     "sample_train",
     "seeded_order",
     "special_prefix",
+    "tokenized_once",
 ]
 
 

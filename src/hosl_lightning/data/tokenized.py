@@ -8,7 +8,8 @@ an :class:`~hosl_lightning.data.sampling.EpochShuffle` order, so a resumed run r
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,24 @@ from hosl_lightning.models import position_limit
 
 #: ``tokenizer.model_max_length`` above this is a "no limit" placeholder, not a real context size.
 _NO_LIMIT = 1_000_000
+
+_built: dict[tuple[Any, ...], ListDataset] | None = None  # inside tokenized_once(): the splits tokenised so far
+
+
+@contextmanager
+def tokenized_once() -> Iterator[None]:
+    """Inside, a split is tokenised once for every DataModule configured alike; later ones reuse its examples.
+
+    For many fits in one process over the same data, such as the trials of a study: each trial builds its own
+    DataModule, and without this each would read and tokenise every split again. DataModules are alike when
+    their class, hyperparameters and tokenizer (name, or the same instance) are.
+    """
+    global _built
+    outer, _built = _built, ({} if _built is None else _built)
+    try:
+        yield
+    finally:
+        _built = outer
 
 
 class ListDataset(Dataset):
@@ -161,8 +180,21 @@ class _TokenizedDataModule(LightningDataModule):
             if not self._has(split):
                 raise ValueError(f"no {split} split was given ({self._where_hint()})")
             self.check_max_length()
-            self._splits[split] = self._build(split)
+            key = self._built_key(split)
+            if key is not None and key in _built:  # type: ignore[operator]
+                self._splits[split] = ListDataset(_built[key].items)  # type: ignore[index]
+            else:
+                self._splits[split] = self._build(split)
+                if key is not None:
+                    _built[key] = self._splits[split]  # type: ignore[index]
         return self._splits[split]
+
+    def _built_key(self, split: str) -> tuple[Any, ...] | None:
+        """What a split's examples depend on, inside :func:`tokenized_once` (else ``None``: nothing is shared)."""
+        if _built is None:
+            return None
+        hparams = sorted((name, repr(value)) for name, value in self.hparams.items() if name != "tokenizer")
+        return type(self), tuple(hparams), self._tokenizer_arg, split
 
     def _loader(self, split: str, collate: Any) -> DataLoader:
         dataset, workers = self.dataset(split), self.num_workers

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from hosl_lightning.core.options import check_choice, check_int, check_number
+from hosl_lightning.data.tokenized import tokenized_once
 from hosl_lightning.models.loading import loaded_once
 from hosl_lightning.tuning.limits import check_space
 from hosl_lightning.tuning.results import TrialRecord, TuneResult, write_results
@@ -262,7 +263,8 @@ def tune(
             del cli
             gc.collect()
 
-    with loaded_once():  # every trial and the retrain read the pretrained model once between them
+    # every trial and the retrain read the pretrained model and tokenise each split once between them
+    with loaded_once(), tokenized_once():
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial from here instead
         # catch=(Exception,): a failed trial is marked FAIL and the study goes on; Ctrl-C still stops it.
         study.optimize(objective, n_trials=n_trials, timeout=timeout_s, catch=(Exception,))
