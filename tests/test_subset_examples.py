@@ -75,6 +75,13 @@ def test_a_drop_in_training_step_refuses_per_example_weights() -> None:
         pop_loss_weight(({"loss_weight": torch.tensor([1.0, 2.0])},))
 
 
+def test_per_class_gradmatch_refuses_a_drop_in_module_before_the_first_step() -> None:
+    # a batch's weights may happen to be equal (sent as one number): the refusal must not wait for unequal ones
+    drop_in = L.LightningModule()  # automatic optimization: its own training_step computes the loss
+    with pytest.raises(ValueError, match=r"granularity='per_class'\) weighs each example, but a drop-in"):
+        SubsetSelection("gradmatch", granularity="per_class").on_train_start(None, drop_in)  # type: ignore[arg-type]
+
+
 # ---- the label-head feature and fixed embeddings ----------------------------------------------------------------
 
 
@@ -227,9 +234,10 @@ def test_milo_embeds_once_from_the_starting_weights_and_shares_them_through_the_
     embedded: list[str] = []
 
     class Recording(SubsetSelection):
-        def _fixed_embeddings(self, trainer):
-            embedded.append(weights_digest(trainer.strategy.split_model))
-            return super()._fixed_embeddings(trainer)
+        def _milo_embeddings(self, trainer):
+            if self._embeddings is None:  # asked for, not yet held: embedded now (or found in the cache)
+                embedded.append(weights_digest(trainer.strategy.split_model))
+            return super()._milo_embeddings(trainer)
 
     cache = SelectionCache()
     start = None

@@ -364,6 +364,7 @@ def test_selection_cache_reuses_the_first_choice_of_identical_weights() -> None:
     second = SubsetSelection("gradmatch", fraction=0.25, cache=cache, progress=False)
     _, log_b = _fit(second, steps=2)
     assert cache.hits == 1
+    assert second.last == first.last is not None  # a hit also says what was chosen
     assert log_a.weights == log_b.weights
     assert all(torch.equal(a, b) for a, b in zip(log_a.rows, log_b.rows))
 
@@ -496,5 +497,6 @@ def test_gradmatch_needs_the_split_model_in_this_process() -> None:
 
     trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[SubsetSelection("gradmatch", progress=False)])
-    with pytest.raises(ValueError, match="HOSLStrategy"):
+    with pytest.raises(ValueError, match=r"method='gradmatch'\) computes features .* uses SingleDeviceStrategy: use "
+                                         r"HOSLStrategy\(transport='in_process'\)"):
         trainer.fit(Plain(), SyntheticLMDataModule(vocab_size=64, seq_len=8, batch_size=4, train_size=16))

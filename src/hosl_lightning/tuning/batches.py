@@ -1,7 +1,8 @@
 """The batches of a subset epoch: candidate batches to choose from, and the loader pieces that serve the chosen ones.
 
 Kept apart from the choosing (``selection``): these only cut, order and weight batches, and need no model.
-Each served batch carries its weight as ``loss_weight``, which the split model multiplies into its losses.
+Each served batch carries its weights as ``loss_weight`` (one number, or one per example when they differ), which
+the split model multiplies into its losses.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Sampler
+
+from hosl_lightning.tuning.matching import Selection
 
 WeightedIndex = tuple[int, float]
 
@@ -125,3 +128,8 @@ def class_labels(dataset: Any) -> Tensor | None:
             return None
         labels.append(label)
     return torch.tensor(labels, dtype=torch.long)
+
+
+def weighted_batches(candidates: list[list[int]], chosen: Selection) -> list[list[WeightedIndex]]:
+    """The chosen candidate batches, each example with its batch's weight."""
+    return [[(i, w) for i in candidates[c]] for c, w in zip(chosen.indices, chosen.weights)]

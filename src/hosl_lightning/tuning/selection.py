@@ -1,12 +1,12 @@
-"""Train on a weighted subset of mini-batches, re-chosen every few steps (AUTOMATA's data side).
+"""Train on a weighted subset of the training data, re-chosen every few steps (AUTOMATA's data side).
 
 ``SubsetSelection`` is a callback: it wraps the training DataLoader of the datamodule (or module) so that an
 "epoch" is ``fraction`` of the batches, and every ``every_n_steps`` steps it chooses them again: by GradMatch
-over each candidate batch's gradient feature (``features``: dL/dh at the final hidden state of the loss training
-uses, LM or classification, from one forward and the head's backward, computed per example in length-sorted
-chunks), at random, or all of them (the full-data baseline, through the same code path). Each training batch carries its
-weight as ``loss_weight``, which the split model multiplies into the server's loss and into every ZO probe
-loss, so the weights enter both halves' updates.
+over candidate batches' gradient features (``features``), or over single examples class by class
+(``granularity="per_class"``); by MILO-style coverage of fixed embeddings; at random; or all of them (the
+full-data baseline, through the same code path). Each training batch carries its weights as ``loss_weight``
+(one number, or one per example), which the split model multiplies into the server's loss and into every ZO
+probe loss, so the weights enter both halves' updates.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from hosl_lightning.tuning.batches import (
     class_labels,
     partition,
     subset_length,
+    weighted_batches,
 )
 from hosl_lightning.tuning.features import FeaturePass, row_embeddings
 from hosl_lightning.tuning.matching import (
@@ -57,11 +58,12 @@ class SelectionCache:
     """Selections keyed by the weights they were computed from, shared across fits (e.g. the trials of a study).
 
     Every trial of a study starts from the same pretrained weights, so its first GradMatch selection is the
-    same: it is computed once. A key holds a digest of all weights, so trained weights never hit.
+    same: it is computed once. A key holds a digest of all weights, so trained weights never hit. ``hits`` counts
+    the lookups answered, MILO's embeddings included.
     """
 
     def __init__(self) -> None:
-        self._entries: dict[tuple[Any, ...], Any] = {}  # batches, or MILO's embeddings
+        self._entries: dict[tuple[Any, ...], Any] = {}  # (Selection, batches), or MILO's embeddings
         self.hits = 0
 
     def get(self, key: tuple[Any, ...]) -> Any:
@@ -81,7 +83,8 @@ class SubsetSelection(Callback):
             ``"random"`` (uniform, weight 1), ``"full"`` (every batch, weight 1: the full-data baseline through
             the same code) or ``"milo"`` (model-agnostic, MILO-style: per class, the examples that best cover the
             class under cosine similarity of fixed embeddings, the final hidden states of the weights training
-            starts from, computed once; each selection draws another stochastic-greedy subset; weight 1).
+            starts from, computed once (a resumed fit embeds from the checkpoint's weights); each selection draws
+            another stochastic-greedy subset; weight 1).
         fraction: the share of batches in the subset, in (0, 1]; an epoch is that many steps.
         every_n_steps: steps between selections; default one subset epoch.
         seed: seeds the candidate batches (re-drawn at every selection), random picks and the epoch order.
@@ -152,9 +155,8 @@ class SubsetSelection(Callback):
         if not any(stratify is allowed for allowed in (None, True, False)):  # 1 == True, but 1 is not a bool
             raise ValueError(f"stratify={stratify!r} is not valid: choose None (when labels exist), True or False")
         self.method, self.fraction, self.every_n_steps = method, float(fraction), every_n_steps
-        self.seed, self.ridge, self.cache, self.stratify, self.progress = seed, ridge, cache, stratify, progress
+        self.seed, self.ridge, self.cache, self.stratify, self.granularity = seed, ridge, cache, stratify, granularity
         self.feature, self.feature_rows, self.feature_batch_size = feature, feature_rows, feature_batch_size
-        self.granularity = granularity
         self.warm_start_steps = 0 if method == "full" else warm_start_steps  # all the data needs no warm start
         self.selection_seconds = 0.0
         self.selections = 0  # selections made (including cache hits)
@@ -192,8 +194,16 @@ class SubsetSelection(Callback):
         if not isinstance(loader, DataLoader) or loader.batch_size is None:
             raise TypeError("SubsetSelection needs train_dataloader() to return one DataLoader with a batch_size")
         if loader.dataset is not getattr(self._loader, "dataset", None):
-            self._labels = self._stratify_by(loader.dataset)
-            self._classes = self._classes_of(loader.dataset) if self._per_example else None
+            labels = class_labels(loader.dataset)  # read once: every example of the dataset is visited
+            if labels is None and (self.stratify or self._per_example and self.method != "milo"):
+                option, instead = (("stratify=True", "stratify=None or False") if self.stratify
+                                   else ("granularity='per_class'", "granularity='batch'"))
+                raise ValueError(f"SubsetSelection({option}) needs every training example to have an integer "
+                                 f"'label' (attribute or key); this dataset's do not: use {instead}")
+            self._labels = None if self.stratify is False else labels
+            if labels is None and self._per_example:  # MILO's coverage needs no classes: all examples form one
+                labels = torch.zeros(len(loader.dataset), dtype=torch.long)
+            self._classes = labels if self._per_example else None
             self._embeddings = None
         self._loader = loader
         candidates = math.ceil(len(loader.dataset) / loader.batch_size)  # type: ignore[arg-type]
@@ -209,24 +219,6 @@ class SubsetSelection(Callback):
             num_workers=loader.num_workers, pin_memory=loader.pin_memory,
         )
 
-    def _stratify_by(self, dataset: Any) -> Tensor | None:
-        if self.stratify is False:
-            return None
-        labels = class_labels(dataset)
-        if labels is None and self.stratify:
-            raise ValueError("SubsetSelection(stratify=True) needs every training example to have an integer 'label' "
-                             "(attribute or key); this dataset's do not: use stratify=None or False")
-        return labels
-
-    def _classes_of(self, dataset: Any) -> Tensor:
-        labels = class_labels(dataset)
-        if labels is not None:
-            return labels
-        if self.method == "milo":  # coverage needs no classes: all examples form one
-            return torch.zeros(len(dataset), dtype=torch.long)
-        raise ValueError("SubsetSelection(granularity='per_class') needs every training example to have an integer "
-                         "'label' (attribute or key); this dataset's do not: use granularity='batch'")
-
     @property
     def _per_example(self) -> bool:
         """Whether choices are made over examples (then cut into batches) rather than over candidate batches."""
@@ -234,8 +226,12 @@ class SubsetSelection(Callback):
 
     # ---- when to choose ------------------------------------------------------------------------------------
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.method == "milo" and self._embeddings is None:  # from the weights training starts from: fixed
-            self._embeddings = self._fixed_embeddings(trainer)
+        if self.method == "gradmatch" and self._per_example and pl_module.automatic_optimization:
+            raise ValueError("SubsetSelection(granularity='per_class') weighs each example, but a drop-in training_step "
+                             "computes its own loss, which per-example weights cannot scale: use HOSLModule, or "
+                             "granularity='batch'")
+        if self.method == "milo":  # from the weights training starts from: fixed
+            self._milo_embeddings(trainer)
         if self._restored is None:
             self._steps = 0
             self._select(trainer)
@@ -266,47 +262,51 @@ class SubsetSelection(Callback):
         started = time.perf_counter()
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self._round + 1)
         candidates = partition(len(self._loader.dataset), self._loader.batch_size, generator, self._labels)  # type: ignore[arg-type]
-        budget = self._sampler.length
-        if self.method == "full":
-            chosen = Selection(list(range(len(candidates))), [1.0] * len(candidates), 0, 0.0)
-        elif self._per_example and not self._warming:
-            chosen = None
-            self._sampler.update(self._choose_examples(trainer, budget, generator), self._round + 1)
-        elif self.method == "random" or self._warming:
-            chosen = random_subset(len(candidates), budget, generator)
-        else:
-            chosen = self._gradmatch(trainer, candidates, budget, generator)
-        if chosen is not None:
-            self.last = chosen
-            batches = [[(i, w) for i in candidates[c]] for c, w in zip(chosen.indices, chosen.weights)]
-            self._sampler.update(batches, self._round + 1)
+        self.last, batches = self._choose(trainer, candidates, self._sampler.length, generator)
+        self._sampler.update(batches, self._round + 1)
         self._round += 1
         self._since_selection = 0
         self.selections += 1
         self.selection_seconds += time.perf_counter() - started
 
+    def _choose(
+        self, trainer: Trainer, candidates: list[list[int]], budget: int, generator: torch.Generator
+    ) -> tuple[Selection, list[list[WeightedIndex]]]:
+        """This round's choice, and the weighted batches it makes."""
+        if self._per_example and not self._warming:
+            return self._choose_examples(trainer, budget, generator)
+        if self.method == "gradmatch" and not self._warming:
+            return self._gradmatch(trainer, candidates, budget, generator)
+        if self.method == "full":
+            chosen = Selection(list(range(len(candidates))), [1.0] * len(candidates), 0, 0.0)
+        else:  # random, or the warm start's random batches of all the data
+            chosen = random_subset(len(candidates), budget, generator)
+        return chosen, weighted_batches(candidates, chosen)
+
     def _gradmatch(
         self, trainer: Trainer, candidates: list[list[int]], budget: int, generator: torch.Generator
-    ) -> Selection | None:
-        model = _split_model(trainer)
+    ) -> tuple[Selection, list[list[WeightedIndex]]]:
+        model = _split_model(trainer, self.method)
         key = None
         if self.cache is not None:
             key = (weights_digest(model), self._round, self.seed, len(candidates), budget, self.ridge,
                    self._labels is not None, self.feature, self.feature_rows, self.feature_batch_size)
             cached = self.cache.get(key)
             if cached is not None:
-                self._sampler.update(cached, self._round + 1)  # type: ignore[union-attr]
-                return None
+                return cached
         features = self._features(model, self._loader, candidates, trainer.strategy.root_device,  # type: ignore[arg-type]
                                   f"GradMatch features (selection {self._round})")
         chosen = gradmatch(features, budget, generator, self.ridge)
         log.info("GradMatch chose %d of %d batches (%d matched, residual %.3f)", budget, len(candidates),
                  chosen.matched, chosen.residual)
+        result = chosen, weighted_batches(candidates, chosen)
         if self.cache is not None and key is not None:
-            self.cache.put(key, [[(i, w) for i in candidates[c]] for c, w in zip(chosen.indices, chosen.weights)])
-        return chosen
+            self.cache.put(key, result)
+        return result
 
-    def _choose_examples(self, trainer: Trainer, budget: int, generator: torch.Generator) -> list[list[WeightedIndex]]:
+    def _choose_examples(
+        self, trainer: Trainer, budget: int, generator: torch.Generator
+    ) -> tuple[Selection, list[list[WeightedIndex]]]:
         """A per-example choice of ``budget`` batches' worth of examples, cut into stratified weighted batches."""
         assert self._loader is not None and self._classes is not None
         batch_size, classes = self._loader.batch_size, self._classes
@@ -316,18 +316,15 @@ class SubsetSelection(Callback):
         if self.method == "random":
             chosen = random_examples(classes, count, generator)
         elif self.method == "milo":
-            if self._embeddings is None:  # a reloaded dataset: embed it now, from the weights as they are
-                self._embeddings = self._fixed_embeddings(trainer)
-            chosen = facility_location(self._embeddings, classes, count, generator)
+            chosen = facility_location(self._milo_embeddings(trainer), classes, count, generator)
         else:
-            model = _split_model(trainer)
+            model = _split_model(trainer, self.method)
             if self.cache is not None:
                 key = (weights_digest(model), self._round, self.seed, len(classes), batch_size, count, self.ridge,
                        "per_class", self.feature, self.feature_rows, self.feature_batch_size)
                 cached = self.cache.get(key)
                 if cached is not None:
-                    self.last, batches = cached
-                    return batches
+                    return cached
             examples = [[index] for index in range(len(classes))]
             features = self._features(model, self._loader, examples, trainer.strategy.root_device,
                                       f"GradMatch features (selection {self._round})")
@@ -335,18 +332,20 @@ class SubsetSelection(Callback):
             chosen = per_class_gradmatch(features, classes, count, generator, self.ridge, num_classes=blocks)
             log.info("per-class GradMatch chose %d of %d examples (%d matched, worst class residual %.3f)",
                      count, len(classes), chosen.matched, chosen.residual)
-        self.last = chosen
         picked = torch.tensor(chosen.indices, dtype=torch.long)
         batches = [[(int(picked[i]), chosen.weights[i]) for i in part]
                    for part in partition(len(picked), batch_size, generator, classes[picked])]
         if key is not None and self.cache is not None:
             self.cache.put(key, (chosen, batches))
-        return batches
+        return chosen, batches
 
-    def _fixed_embeddings(self, trainer: Trainer) -> Tensor:
-        """Every training example's embedding from the current weights (shared through ``cache`` by their digest)."""
+    def _milo_embeddings(self, trainer: Trainer) -> Tensor:
+        """Every training example's fixed embedding, from the weights as they are when first asked for: the start of
+        training, or after a dataset reload (shared through ``cache`` by the weights' digest)."""
+        if self._embeddings is not None:
+            return self._embeddings
         assert self._loader is not None
-        model = _split_model(trainer, "method='milo' embeds the examples")
+        model = _split_model(trainer, self.method, "embeds the examples")
         key = ("embeddings", weights_digest(model), len(self._loader.dataset), self.feature_batch_size)  # type: ignore[arg-type]
         cached = None if self.cache is None else self.cache.get(key)
         if cached is None:
@@ -355,6 +354,7 @@ class SubsetSelection(Callback):
                                     row_embeddings)
             if self.cache is not None:
                 self.cache.put(key, cached)
+        self._embeddings = cached
         return cached
 
     # ---- checkpoints ------------------------------------------------------------------------------------
@@ -381,13 +381,15 @@ def _training_ends(trainer: Trainer) -> bool:
     return out_of_steps or (last_epoch and trainer.is_last_batch)
 
 
-def _split_model(trainer: Trainer, why: str = "method='gradmatch' computes features") -> SplitCausalLM:
+def _split_model(trainer: Trainer, method: str, work: str = "computes features") -> SplitCausalLM:
     from hosl_lightning.lightning.strategy import HOSLStrategy
 
     strategy = trainer.strategy
     if not isinstance(strategy, HOSLStrategy) or strategy.transport != "in_process":
+        found = (f"HOSLStrategy(transport={strategy.transport!r})" if isinstance(strategy, HOSLStrategy)
+                 else type(strategy).__name__)
         raise ValueError(
-            f"SubsetSelection({why} with the split model in this process): use it with "
-            "HOSLStrategy(transport='in_process') (or method='random' / 'full')"
+            f"SubsetSelection(method={method!r}) {work} with the split model in this process, but this run uses "
+            f"{found}: use HOSLStrategy(transport='in_process') (or method='random' / 'full')"
         )
     return strategy.split_model
