@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -268,3 +269,6 @@ def test_a_frozen_name_the_client_does_not_have_fails_listing_its_modules() -> N
         _fit(client_frozen=["embed_tokens"])
     with pytest.raises(ValueError, match="client_frozen='embeddings' is not valid: give a list of module names"):
         HOSLStrategy(client_frozen="embeddings")  # type: ignore[arg-type]
+    for bad in (3, True, ["embeddings", 1]):
+        with pytest.raises(ValueError, match=re.escape(f"client_frozen={bad!r} is not valid")):
+            HOSLStrategy(client_frozen=bad)  # type: ignore[arg-type]

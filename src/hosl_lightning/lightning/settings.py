@@ -146,7 +146,7 @@ class RunSettings:
             if spec is not None:
                 adapter_config(spec, side)  # a bad field fails now, not when training starts
         self.client_adapter, self.server_adapter = o.client_adapter, o.server_adapter
-        if o.client_frozen is not None and (isinstance(o.client_frozen, str) or not all(
+        if o.client_frozen is not None and (not isinstance(o.client_frozen, (list, tuple)) or not all(
                 isinstance(name, str) for name in o.client_frozen)):
             raise ValueError(f"client_frozen={o.client_frozen!r} is not valid: give a list of module names inside the "
                              "client half, e.g. ['embeddings.embed_tokens']")

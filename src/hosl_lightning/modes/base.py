@@ -139,7 +139,9 @@ def batch_tensors(batch: dict[str, Any]) -> tuple[Tensor, Tensor | None, Targets
     A classification batch whose candidates are one-token answers after one prompt (C rows per example that
     differ only in the answer) sends each prompt once: the client forwards E rows instead of E x C, and
     ``targets["source_rows"]`` says which forwarded row each labels row reads. Causal attention never looks
-    ahead, so the hidden state that scores each answer is the same, and so is the loss.
+    ahead, so the hidden state that scores each answer is the same, and so is the loss. Under active dropout
+    (OPT's 0.1, say) an example's answer rows then share one dropout mask over the prompt instead of drawing one
+    each: every row's loss keeps its distribution, and the answers are compared under the same noise.
     """
     missing = [key for key in ("input_ids", "labels") if key not in batch]
     if missing:
