@@ -376,6 +376,12 @@ def machine() -> str:
             f"transformers {transformers.__version__}, lightning {L.__version__}, Python {platform.python_version()}")
 
 
+def command_line(script: str, argv: list[str] | None) -> str:
+    """The command that reproduces this run, as a shell would take it (``argv`` None: this process's arguments)."""
+    args = sys.argv[1:] if argv is None else argv
+    return f"python benchmarks/{script}" + "".join(f" {shlex.quote(a)}" for a in args)
+
+
 def code_state() -> str:
     """The commit a benchmark runs, and any uncommitted change to the package or to a benchmark script."""
     try:
@@ -613,7 +619,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA,
                         help="folder holding rotten_tomatoes/ and sms_spam/ (default: ../shared/data)")
     args = parser.parse_args(argv)
-    command = "python benchmarks/accuracy.py" + "".join(f" {shlex.quote(a)}" for a in (sys.argv[1:] if argv is None else argv))
+    command = command_line("accuracy.py", argv)
     defaults, sweep = (QUICK, QUICK_SWEEP) if args.quick else (FULL, FULL_SWEEP)
     steps = args.steps or defaults["steps"]
     seeds = args.seeds or defaults["seeds"]

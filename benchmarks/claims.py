@@ -28,6 +28,7 @@ script finished is never redone by the other.
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import dataclasses
 import gc
@@ -41,7 +42,18 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import ALL_DATASETS, MODEL, MODEL_NAME, code_state, machine, quiet_lightning
+from accuracy import (
+    ALL_DATASETS,
+    BATCH,
+    DATASETS,
+    MAX_LENGTH,
+    MODEL,
+    MODEL_NAME,
+    code_state,
+    command_line,
+    machine,
+    quiet_lightning,
+)
 from convergence import (
     CACHE,
     CUT,
@@ -55,6 +67,7 @@ from convergence import (
     Method,
     RunConfig,
     chosen,
+    digest,
     final_config,
     load_cache,
     measure_memory,
@@ -64,7 +77,8 @@ from convergence import (
 )
 from convergence_report import _mean_curve, bootstrap_difference
 
-from hosl_lightning import load_causal_lm, resolve_tokenizer
+from hosl_lightning import SplitCausalLM, load_causal_lm, resolve_tokenizer
+from hosl_lightning.lightning.cut import freeze_client_modules
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -89,21 +103,18 @@ def frozen_embeddings_method(hosl: Method) -> Method:
 
 
 def best_hosl(cache: dict[str, dict[str, Any]]) -> tuple[str | None, str]:
-    """The convergence study's hosl option with the best mean final test accuracy, once every option has seed 0
-    on both of its datasets; and why (or what is missing)."""
+    """The convergence study's hosl option with the best mean final test accuracy over the (dataset, seed) runs
+    every option has finished, once those cover both of its datasets; and why (or what is missing)."""
     options = [m.name for m in METHODS if m.mode == "hosl"]
-    scores: dict[str, list[tuple[str, int, float]]] = {name: [] for name in options}
-    for record in cache.values():
-        config = record["config"]
-        if config.get("method") in scores and config.get("steps") == STEPS and config.get("cut", CUT) == CUT \
-                and config.get("dataset") in ("rotten_tomatoes", "sms_spam") and record.get("test"):
-            scores[config["method"]].append((config["dataset"], config["seed"], record["test"]["acc"]))
+    datasets = [d.name for d in DATASETS]
+    scores = {name: [(task, r["config"]["seed"], r["test"]["acc"]) for task in datasets for r in finals(cache, name, task)]
+              for name in options}
     common = None
     for runs in scores.values():
         keys = {(d, s) for d, s, _ in runs}
         common = keys if common is None else common & keys
-    if not common or {d for d, _ in common} != {"rotten_tomatoes", "sms_spam"}:
-        return None, "not every hosl option of the convergence study has finished seed 0 on both of its datasets"
+    if not common or {d for d, _ in common} != set(datasets):
+        return None, "not every hosl option of the convergence study has finished a common seed on both its datasets"
     means = {name: statistics.mean(a for d, s, a in runs if (d, s) in common) for name, runs in scores.items()}
     best = max(means, key=means.__getitem__)
     listing = ", ".join(f"{name} {100 * value:.1f}" for name, value in sorted(means.items(), key=lambda i: -i[1]))
@@ -121,18 +132,18 @@ def study_methods(hosl: str | None) -> tuple[Method, ...]:
     return tuple(methods)
 
 
-def plan(cache: dict[str, dict[str, Any]], hosl: str | None) -> list[RunConfig]:
+def plan(cache: dict[str, dict[str, Any]], hosl: str | None, methods: tuple[Method, ...]) -> list[RunConfig]:
     """Every run still missing, most useful first: seed 0 of the accuracy runs on each task, the cut and d_c runs
-    at seed 0, then the other seeds."""
-    methods = study_methods(hosl)
+    at seed 0, then the other seeds. ``methods``: ``study_methods(hosl)``."""
     best, todo = chosen(cache, SWEEP_STEPS, N_VAL, methods)
-    main = [m.name for m in methods if m.client_adapter is None and m.client_frozen is None]
-    lora = [m.name for m in methods if m.name not in main]  # the d_c variants
+    accuracy = [m.name for m in methods if m.client_adapter is None and m.client_frozen is None]
+    variants = [m.name for m in methods if m.name not in accuracy]  # the d_c variants
     for seed in SEEDS:
-        runs = [final_config(best[m], task, seed, STEPS, N_VAL, N_TEST) for task in TASKS for m in main if m in best]
+        runs = [final_config(best[m], task, seed, STEPS, N_VAL, N_TEST) for task in TASKS for m in accuracy
+                if m in best]
         if hosl in best:
             runs += [final_config(best[hosl], CUT_TASK, seed, STEPS, N_VAL, N_TEST, cut=c) for c in CUTS if c != CUT]
-        runs += [final_config(best[m], CUT_TASK, seed, STEPS, N_VAL, N_TEST) for m in lora if m in best]
+        runs += [final_config(best[m], CUT_TASK, seed, STEPS, N_VAL, N_TEST) for m in variants if m in best]
         todo += [r for r in runs if r.key() not in cache and r not in todo]
     return todo
 
@@ -145,26 +156,27 @@ def measure_rss(method: Method, cut: int, model_dir: Path, code: str) -> dict[st
              "embedding_directions": method.embedding_directions, "pair_probes": method.pair_probes,
              "direction": method.direction}
     tmp = model_dir.parent
-    server, client = _spawn(["server", "client"], str(model_dir), {"steps": RSS_STEPS, "batch": 8, "length": 64,
-                                                                   "cut": cut}, tmp, extra)
+    server, client = _spawn(["server", "client"], str(model_dir), {"steps": RSS_STEPS, "batch": BATCH,
+                                                                   "length": MAX_LENGTH, "cut": cut}, tmp, extra)
     return {"config": {"method": method.name, "kind": "rss", "cut": cut, "steps": RSS_STEPS}, "commit": code,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "client_rss_mib": client["peak_rss_mib"],
             "client_imports_mib": client["imports_mib"], "server_rss_mib": server["peak_rss_mib"]}
 
 
 def rss_key(method: Method, cut: int) -> str:
-    return f"rss-{method.name.replace('/', '_')}-cut{cut}-{RSS_STEPS}steps"
+    fields = method.options() | {"batch": BATCH, "max_length": MAX_LENGTH, "cut": cut, "steps": RSS_STEPS}
+    return f"rss-{method.name.replace('/', '_')}-cut{cut}-{RSS_STEPS}steps-{digest(fields)}"
 
 
 def client_weights(base: Any, cut: int, adapter: dict[str, Any] | None, frozen: tuple[str, ...] | None = None) -> int:
-    """d_c: the weights the client perturbs (embeddings and its blocks, less the frozen embeddings; with LoRA, the
-    adapters' A and B alone)."""
-    inner = base.model
+    """d_c: the weights the client perturbs, counted on the cut model (less ``frozen``); with LoRA, the adapters'
+    A and B alone (r x (in + out) per adapted linear layer)."""
     if adapter is None:
-        blocks = sum(p.numel() for layer in inner.layers[:cut] for p in layer.parameters())
-        return blocks + (0 if frozen else sum(p.numel() for p in inner.embed_tokens.parameters()))
+        split = SplitCausalLM(copy.deepcopy(base), cut)
+        freeze_client_modules(split, list(frozen or ()))
+        return sum(p.numel() for p in split.client.parameters() if p.requires_grad)
     total = 0
-    for layer in inner.layers[:cut]:
+    for layer in base.model.layers[:cut]:
         for name in adapter["target_modules"]:
             linear = getattr(layer.self_attn, name)
             total += adapter["r"] * (linear.in_features + linear.out_features)
@@ -357,9 +369,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
-    command = "python benchmarks/claims.py" + (" " + " ".join(argv or sys.argv[1:]) if (argv or sys.argv[1:]) else "")
+    command = command_line("claims.py", argv)
     started, code = time.perf_counter(), code_state()
     hosl, why = (args.hosl, "chosen on the command line") if args.hosl else best_hosl(load_cache())
+    study = study_methods(hosl)  # registers the d_c variants where the cache keys and the report look
     base, tokenizer = load_causal_lm(MODEL), None
     if not args.report_only:
         quiet_lightning()
@@ -369,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
             methods = [METHOD["fo"]] + ([METHOD[hosl]] if hosl else [])
             missing_memory = [(m, c) for m in methods for c in CUTS if memory_key(m, c) not in cache]
             missing_rss = [(m, c) for m in methods for c in CUTS if rss_key(m, c) not in cache]
-            todo = plan(cache, hosl)
+            todo = plan(cache, hosl, study)
             if elapsed > args.budget_min or not (todo or missing_memory or missing_rss):
                 print(f"[{elapsed:5.1f} min] {len(todo)} runs and {len(missing_memory) + len(missing_rss)} memory "
                       "measurements left; stopping", flush=True)
@@ -399,7 +412,6 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"    {'diverged' if record['diverged'] else 'done'} in {record['train_s']:.0f} s"
                       + (f", test acc {test['acc']:.4f}" if test else ""), flush=True)
             gc.collect()
-    study_methods(hosl)  # the d_c variants' names, for the report (plan() registers them too)
     write_report(load_cache(), hosl, why, base, args.out, command)
     print((args.out / "claims.md").read_text())
     return 0

@@ -132,8 +132,12 @@ class RunConfig:
 
     def key(self) -> str:
         fields = asdict(self) | {"options": METHOD[self.method].options()}
-        digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
-        return f"{self.method.replace('/', '_')}-{self.dataset}-s{self.seed}-{self.steps}steps-{digest}"
+        return f"{self.method.replace('/', '_')}-{self.dataset}-s{self.seed}-{self.steps}steps-{digest(fields)}"
+
+
+def digest(fields: dict[str, Any]) -> str:
+    """A cache key's digest of everything that fixes a run."""
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
 class Curve(L.Callback):
@@ -198,7 +202,7 @@ def run(config: RunConfig, base: Any, tokenizer: Any, data_dir: Path, code: str)
     except DivergenceError as error:
         diverged = str(error)
     record: dict[str, Any] = {"config": asdict(config), "options": asdict(method), "commit": code,
-                              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
                               "train_s": time.perf_counter() - started, "diverged": diverged,
                               "curve": curve.points, "train_loss": curve.train_loss, "client_s": curve.client_s}
     if diverged is None and config.n_test:  # sweep runs are judged on validation only
@@ -214,6 +218,8 @@ def measure_memory(method: Method, base: Any, tokenizer: Any, data_dir: Path, co
     from hosl_lightning.modes import ZOSettings
     from hosl_lightning.zo_optimizers import build_zo_optimizer, zo_optimizer_spec
 
+    if method.client_adapter is not None or method.client_frozen is not None:  # it would measure the whole client
+        raise ValueError(f"measure_memory does not apply client_adapter or client_frozen ({method.name})")
     spec = next(d for d in DATASETS if d.name == SWEEP_DATASET)
     dm = datamodule(spec, data_dir, tokenizer, 0, num_train=BATCH)
     dm.setup("fit")
@@ -231,13 +237,25 @@ def measure_memory(method: Method, base: Any, tokenizer: Any, data_dir: Path, co
 
 
 def memory_key(method: Method, cut: int = CUT) -> str:
-    digest = hashlib.sha256(json.dumps(method.options() | {"batch": BATCH, "max_length": MAX_LENGTH, "cut": cut},
-                                       sort_keys=True).encode()).hexdigest()[:12]
-    return f"memory-{method.name.replace('/', '_')}" + (f"-cut{cut}" if cut != CUT else "") + f"-{digest}"
+    fields = method.options() | {"batch": BATCH, "max_length": MAX_LENGTH, "cut": cut}
+    return f"memory-{method.name.replace('/', '_')}" + (f"-cut{cut}" if cut != CUT else "") + f"-{digest(fields)}"
 
 
-def load_cache() -> dict[str, dict[str, Any]]:
-    return {path.stem: json.loads(path.read_text()) for path in sorted(CACHE.glob("*.json"))} if CACHE.exists() else {}
+def load_cache(folder: Path = CACHE) -> dict[str, dict[str, Any]]:
+    return {path.stem: json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))} if folder.exists() else {}
+
+
+def own_records(cache: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """This study's runs and memory records: its own methods, at cut 2, on its datasets. ``claims.py`` keeps other
+    cuts, tasks, variants and RSS records in the same folder."""
+    names, datasets = {m.name for m in METHODS}, {d.name for d in DATASETS}
+
+    def ours(config: dict[str, Any]) -> bool:
+        kind = config.get("kind")
+        return (config.get("method") in names and config.get("cut", CUT) == CUT
+                and (kind == "memory" or kind is None and config.get("dataset") in datasets))
+
+    return {key: record for key, record in cache.items() if ours(record["config"])}
 
 
 def save(key: str, record: dict[str, Any], cache_dir: Path) -> None:
@@ -357,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
             gc.collect()
     from convergence_report import write_report
 
-    write_report(load_cache(), args.out, steps, sweep_steps, seeds, n_test, machine(), MODEL_NAME)
+    write_report(own_records(load_cache()), args.out, steps, sweep_steps, seeds, n_test, machine(), MODEL_NAME)
     return 0
 
 

@@ -44,7 +44,6 @@ import gc
 import importlib.util
 import os
 import platform
-import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -56,7 +55,7 @@ from tqdm import tqdm
 from transformers import OPTConfig, OPTForCausalLM, PreTrainedModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import code_state
+from accuracy import code_state, command_line
 
 from hosl_lightning import SplitCausalLM, load_causal_lm
 from hosl_lightning.core.split import (  # where a family keeps its block list
@@ -376,7 +375,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--full-server", action="store_true",
                         help="keep the server's blocks in every measurement (slower; same client numbers)")
     args = parser.parse_args(argv)
-    command = "python benchmarks/memory.py" + "".join(f" {shlex.quote(a)}" for a in (sys.argv[1:] if argv is None else argv))
+    command = command_line("memory.py", argv)
     if importlib.util.find_spec("matplotlib") is None:
         sys.exit("benchmarks/memory.py draws memory.png with matplotlib: pip install matplotlib")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -42,7 +42,6 @@ import argparse
 import csv
 import json
 import math
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -52,7 +51,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import code_state, machine
+from accuracy import code_state, command_line, machine
 
 from hosl_lightning.tuning import TuneResult, override_args, subset_length, tune
 from hosl_lightning.tuning.search import _fit
@@ -461,7 +460,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--{option.replace('_', '-')}={getattr(args, option)} is not valid: it must be >= {low}")
     reused = sorted(set(args.reuse) | ({"full"} if args.reuse_full else set()), key=METHODS.index)
     size = dict(QUICK if args.quick else FULL)
-    command = "python benchmarks/tuning.py" + (" " + shlex.join(argv or sys.argv[1:]) if (argv or sys.argv[1:]) else "")
+    command = command_line("tuning.py", argv)
     work = ROOT / "benchmarks" / "results" / "_tuning_tmp"
     started, code = time.perf_counter(), code_state()  # the code this run imported, before anything changes
     model_dir = prepare_model(size["layers"], work / f"smollm2-135m-{size['layers']}-blocks")
