@@ -63,7 +63,7 @@ def test_one_token_answers_forward_each_prompt_once_and_train_the_same(
 
     def step(share: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[int]]:
         if not share:
-            monkeypatch.setattr(base, "shared_prompts", lambda *args: (None, None))
+            monkeypatch.setattr(base, "forwarded_inputs", lambda ids, mask, labels: (ids, mask, None))
         model = _split()
         batch = _classification_batch([[11], [12], [13]], class_of=[2, 0, 1, 0])
         rows: list[int] = []

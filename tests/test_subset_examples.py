@@ -151,6 +151,12 @@ def test_per_class_gradmatch_keeps_the_class_mix_and_matches_each_class() -> Non
     assert again.indices == chosen.indices
     whole = per_class_gradmatch(noisy.flatten(1), labels, 10, torch.Generator().manual_seed(0))
     assert whole.indices != chosen.indices  # PerClass (the whole feature) does see it
+    generator = torch.Generator().manual_seed(0)
+    with pytest.raises(ValueError, match="num_classes=3 does not divide the 16 feature columns into one block"):
+        per_class_gradmatch(features.flatten(1), labels, 10, generator, num_classes=3)
+    with pytest.raises(ValueError, match="num_classes=2 has no block for label 2"):
+        per_class_gradmatch(features.flatten(1), labels.clamp_max(1) + (labels == 1).long(), 10, generator,
+                            num_classes=2)
 
 
 def test_facility_location_covers_every_cluster_of_every_class() -> None:

@@ -90,7 +90,9 @@ class InProcessBoundary:
         return self._deliver(gradient, self.client_device)
 
 
-Targets = dict[str, Any]  # what the server needs for a loss: "labels"; "class_labels"/"num_classes"; "loss_weight"
+# what the server needs for a loss: "labels"; "class_labels"/"num_classes"; "loss_weight" (one number, or one per
+# example); "source_rows" (shared prompts: each labels row's source among the rows forwarded)
+Targets = dict[str, Any]
 Reply = dict[str, Tensor]  # what a server half sends down: {"losses", "loss"} or {"gradient", "loss"}
 Fields = dict[str, Any]  # small JSON-able facts that travel with activations (a zo probe's query and sign)
 

@@ -84,6 +84,24 @@ def shared_prompts(
     return first, source_rows
 
 
+def forwarded_inputs(
+    input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """The rows to forward (each shared prompt once, :func:`shared_prompts`), their mask, and each labels row's
+    source among them (``None`` when nothing is shared: every row is forwarded)."""
+    first, source_rows = shared_prompts(input_ids, attention_mask, labels)
+    if first is None:
+        return input_ids, attention_mask, None
+    return input_ids[first], None if attention_mask is None else attention_mask[first], source_rows
+
+
+def forwarded_rows(source_rows: Tensor | None, rows: int) -> int:
+    """How many rows the client forwarded for ``rows`` labels rows: fewer when prompts are shared."""
+    if source_rows is None:
+        return rows
+    return int(source_rows.max()) + 1 if len(source_rows) else 0
+
+
 def loss_weights(targets: Targets, examples: int, device: torch.device) -> Tensor | None:
     """``targets["loss_weight"]``: None, a scalar (the batch's weight) or one weight per example, checked.
 
@@ -196,10 +214,9 @@ class SplitCausalLM(nn.Module):
         final_hidden = self.server(activations)
         labels = targets["labels"].to(final_hidden.device)
         rows = labels.shape[0]
-        source_rows, forwarded = targets.get("source_rows"), rows
-        if source_rows is not None:  # shared prompts: each labels row reads the hidden states of its source row
-            source_rows = source_rows.to(final_hidden.device)
-            forwarded = int(source_rows.max()) + 1 if len(source_rows) else 0
+        source_rows = targets.get("source_rows")  # shared prompts: each labels row reads its source row's states
+        source_rows = None if source_rows is None else source_rows.to(final_hidden.device)
+        forwarded = forwarded_rows(source_rows, rows)
         if final_hidden.shape[0] != groups * forwarded:
             raise ValueError(f"activations hold {final_hidden.shape[0]} rows, expected {groups} x {forwarded}")
         sources = None if source_rows is None else (
@@ -271,11 +288,9 @@ class SplitCausalLM(nn.Module):
         it, so it is the same for all of them. Scoring C one-token answers then costs one forward of the
         prompt, not C; the scores are the same.
         """
-        representatives, source_rows = (
-            shared_prompts(input_ids, attention_mask, labels) if share_prompts else (None, None))
-        if representatives is not None:
-            input_ids = input_ids[representatives]
-            attention_mask = None if attention_mask is None else attention_mask[representatives]
+        source_rows = None
+        if share_prompts:
+            input_ids, attention_mask, source_rows = forwarded_inputs(input_ids, attention_mask, labels)
         return self.scores_across(self.client_forward(input_ids, attention_mask), labels, source_rows)
 
     def scores_across(self, activations: CutActivations, labels: Tensor, source_rows: Tensor | None) -> Tensor:

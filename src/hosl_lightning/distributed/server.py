@@ -16,7 +16,7 @@ from torch import Tensor
 
 from hosl_lightning.core.boundary import Fields, Targets
 from hosl_lightning.core.split import CutActivations
-from hosl_lightning.core.split_model import SplitCausalLM
+from hosl_lightning.core.split_model import SplitCausalLM, forwarded_rows
 from hosl_lightning.core.zo import ZOSGD
 from hosl_lightning.distributed.client import PROTOCOL_VERSION
 from hosl_lightning.distributed.clients import TurnKeeper
@@ -182,7 +182,7 @@ class SplitServer:
             targets["loss_weight"] = check_shape(request, "loss_weight", (), _FLOATS, self.peer).to(self.device)
         if "source_rows" in request.tensors:  # shared prompts: fewer rows forwarded than labelled
             source_rows = check_shape(request, "source_rows", (labels.shape[0],), _INTEGERS, self.peer)
-            forwarded = int(source_rows.max()) + 1 if len(source_rows) else 0
+            forwarded = forwarded_rows(source_rows, len(source_rows))
             if len(source_rows) and (int(source_rows.min()) < 0 or len(source_rows.unique()) != forwarded):
                 raise ValueError(f"{self.peer} sent source_rows that do not name each of {forwarded} forwarded rows")
             targets["source_rows"] = source_rows.to(self.device)
@@ -221,8 +221,7 @@ class SplitServer:
         zo = self.optimizer if isinstance(self.optimizer, ZOSGD) else None
         context = ServerContext(self.model, self.settings, lambda loss: loss.backward(), zo)
         rows, length = targets["labels"].shape
-        if "source_rows" in targets:
-            rows = int(targets["source_rows"].max()) + 1 if rows else 0
+        rows = forwarded_rows(targets.get("source_rows"), rows)
         reply = self._mode.server_step(context, WireUplink(self, rows, length), targets, step)
         for key, value in reply.items():  # a diverged step stops here, before the server's weights take it
             ensure_finite(step, f"the server's {key}", value)

@@ -48,7 +48,8 @@ def loss_of(output: STEP_OUTPUT) -> Tensor:
 
 
 def pop_loss_weight(args: tuple[Any, ...]) -> Tensor | None:
-    """A weighted subset's batch weight (``hosl_lightning.tuning``), taken out before a user's training_step sees it."""
+    """A weighted subset's batch weight (``hosl_lightning.tuning``), taken out before a user's training_step sees it;
+    per-example weights are refused, since a loss the module computes itself can only be scaled as a whole."""
     batch = args[0] if args else None
     weight = batch.pop("loss_weight", None) if isinstance(batch, dict) else None
     if weight is not None and weight.dim() > 0:

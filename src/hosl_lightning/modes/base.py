@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from hosl_lightning.core.boundary import ClientLink, Reply, Targets, Uplink
-from hosl_lightning.core.split_model import SplitCausalLM, shared_prompts, split_activations
+from hosl_lightning.core.split_model import SplitCausalLM, forwarded_inputs, split_activations
 from hosl_lightning.core.zo import ZOSGD, ZOEstimate, probe_points
 
 ModeName = Literal["hosl", "fo", "zo"]  # the built-in modes, as a config type; registered ones add to MODES
@@ -149,9 +149,8 @@ def batch_tensors(batch: dict[str, Any]) -> tuple[Tensor, Tensor | None, Targets
     input_ids, mask = batch["input_ids"], batch.get("attention_mask")
     targets = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
     if "class_labels" in batch:
-        representatives, source_rows = shared_prompts(input_ids, mask, batch["labels"])
-        if representatives is not None:
-            input_ids, mask = input_ids[representatives], None if mask is None else mask[representatives]
+        input_ids, mask, source_rows = forwarded_inputs(input_ids, mask, batch["labels"])
+        if source_rows is not None:
             targets["source_rows"] = source_rows
     return input_ids, mask, targets
 

@@ -3,8 +3,10 @@
 A candidate batch's feature is the gradient of the loss training uses, at the server's final hidden state (dL/dh)
 or at the LM head's projected weight: the mean labelled-token loss (``SplitCausalLM.server_row_features``), or,
 for classification batches (``class_labels``, ``num_classes``), the mean cross-entropy over the classes' sequence
-log-likelihoods (as ``SplitCausalLM.server_losses``). Both are sums over examples, so the pass forwards every
-example once in length-sorted chunks and adds the rows up per candidate.
+log-likelihoods (as ``SplitCausalLM.server_losses``); or, for classification, the gradient at the head's
+label-word rows (``label_head_row_features``). MILO's fixed embeddings (``row_embeddings``) come from the same
+pass. All are sums over examples, so the pass forwards every example once in length-sorted chunks and adds the
+rows up per candidate.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from hosl_lightning.core.boundary import Targets
-from hosl_lightning.core.split_model import IGNORE_INDEX, SplitCausalLM, shared_prompts
+from hosl_lightning.core.split_model import IGNORE_INDEX, SplitCausalLM, forwarded_inputs
 from hosl_lightning.modes import eval_mode
 
 
@@ -70,9 +72,7 @@ def _classification_forward(model: SplitCausalLM, batch: dict[str, Any]) -> tupl
     if input_ids.shape[0] != len(batch["class_labels"]) * num_classes:
         raise ValueError(f"a classification batch needs num_classes={num_classes} rows per example, got "
                          f"{input_ids.shape[0]} rows for {len(batch['class_labels'])} examples")
-    representatives, source_rows = shared_prompts(input_ids, mask, labels)
-    if representatives is not None:
-        input_ids, mask = input_ids[representatives], None if mask is None else mask[representatives]
+    input_ids, mask, source_rows = forwarded_inputs(input_ids, mask, labels)
     activations = model.client_forward(input_ids, mask)
     with model.server_side():
         up, targets = model.boundary.send_up(activations, {"labels": labels, "class_labels": batch["class_labels"]})
@@ -241,7 +241,7 @@ def candidate_features(
             counts.index_add_(0, owner[chunk], row_counts.cpu())
     assert sums is not None
     if bool((counts == 0).any()):
-        raise ValueError("a candidate batch has no labelled tokens (all labels are -100): it has no gradient feature")
+        raise ValueError("a candidate batch has no labelled tokens (all labels are -100): it has no feature")
     return sums / counts[:, None]
 
 

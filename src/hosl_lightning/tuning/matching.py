@@ -11,6 +11,7 @@ location over fixed embeddings).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -121,6 +122,12 @@ def class_budgets(labels: Tensor, budget: int) -> dict[int, int]:
     return {int(c): int(min(s, n)) for c, s, n in zip(classes, shares, sizes)}
 
 
+def _class_shares(labels: Tensor, budget: int) -> Iterator[tuple[int, Tensor, int]]:
+    """Each class's label, its examples' indices and its share of ``budget`` (``class_budgets``), zero shares too."""
+    for label, share in class_budgets(labels, budget).items():
+        yield label, (labels == label).nonzero().flatten(), share
+
+
 def per_class_gradmatch(
     features: Tensor, labels: Tensor, budget: int, generator: torch.Generator, ridge: float = 1e-3,
     num_classes: int | None = None,
@@ -134,21 +141,20 @@ def per_class_gradmatch(
     """
     if len(labels) != features.shape[0]:
         raise ValueError(f"{len(labels)} labels for {features.shape[0]} examples")
-    class_rows = num_classes is not None
-    if num_classes is not None and (features.shape[1] % num_classes or int(labels.max()) >= num_classes):
-        raise ValueError(f"per-class blocks need {features.shape[1]} feature columns to split into num_classes="
-                         f"{num_classes} blocks and every label below it (the largest is {int(labels.max())})")
-    classes = num_classes or int(labels.max()) + 1
+    if num_classes is not None and features.shape[1] % num_classes:
+        raise ValueError(f"num_classes={num_classes} does not divide the {features.shape[1]} feature columns into "
+                         "one block per class")
+    if num_classes is not None and int(labels.max()) >= num_classes:
+        raise ValueError(f"num_classes={num_classes} has no block for label {int(labels.max())}")
     indices: list[int] = []
     weights: list[float] = []
     matched, residuals = 0, []
-    for label, share in class_budgets(labels, budget).items():
+    for label, members, share in _class_shares(labels, budget):
         if share == 0:
             continue
-        members = (labels == label).nonzero().flatten()
         block = features[members]
-        if class_rows:
-            block = block.view(len(members), classes, -1)[:, label]
+        if num_classes is not None:  # its own label-word row's block alone
+            block = block.view(len(members), num_classes, -1)[:, label]
         chosen = gradmatch(block, share, generator, ridge)
         indices += members[chosen.indices].tolist()
         weights += chosen.weights
@@ -171,8 +177,7 @@ def facility_location(
         raise ValueError(f"{len(labels)} labels for {embeddings.shape[0]} examples")
     unit = torch.nn.functional.normalize(embeddings.double(), dim=1)
     indices: list[int] = []
-    for label, share in class_budgets(labels, budget).items():
-        members = (labels == label).nonzero().flatten()
+    for _, members, share in _class_shares(labels, budget):
         if share == 0:
             continue
         similarity = (unit[members] @ unit[members].T).clamp_min(0.0)  # non-negative: the objective is monotone
@@ -195,7 +200,6 @@ def random_examples(labels: Tensor, budget: int, generator: torch.Generator) -> 
     """``budget`` examples drawn uniformly within each class (shares as ``class_budgets``), weight 1: the
     example-level baseline per-class GradMatch must beat."""
     indices: list[int] = []
-    for label, share in class_budgets(labels, budget).items():
-        members = (labels == label).nonzero().flatten()
+    for _, members, share in _class_shares(labels, budget):
         indices += members[torch.randperm(len(members), generator=generator)[:share]].tolist()
     return Selection(indices, [1.0] * len(indices), matched=0, residual=0.0)

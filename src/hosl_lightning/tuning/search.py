@@ -27,8 +27,6 @@ from hosl_lightning.models.loading import loaded_once
 from hosl_lightning.tuning.limits import check_space
 from hosl_lightning.tuning.results import TrialRecord, TuneResult, write_results
 from hosl_lightning.tuning.selection import (
-    FEATURES,
-    GRANULARITIES,
     METHODS,
     Feature,
     Granularity,
@@ -145,7 +143,8 @@ def tune(
         n_trials: trials this worker runs (several workers on one study add up).
         subset: how trials choose their training batches: ``gradmatch``, ``random``, ``full`` or ``milo``
             (``SubsetSelection``).
-        fraction: the share of training batches a trial trains on per epoch (``subset`` gradmatch / random).
+        fraction: the share of training batches a trial trains on per epoch (``subset`` gradmatch, random or
+            milo; ``full`` trains on all of them).
         select_every_n_steps: steps between re-selections; default once per subset epoch.
         warm_start_steps: each trial's first steps on random batches of all the data before the first subset
             choice (AUTOMATA's warm start; ``SubsetSelection``). They count within the trial's steps.
@@ -153,7 +152,8 @@ def tune(
             ``label_head`` (the gradient at the label-word rows, classification only; ``SubsetSelection``).
         granularity: ``batch`` (choose whole batches, AUTOMATA) or ``per_class`` (choose examples class by
             class, CORDS' PerClass; needs labelled examples).
-        subset_val_batches: validate subset trials on the first this many validation batches only (Lightning's
+        subset_val_batches: validate the study's trials (with any ``subset``, ``full`` too) on the first this many
+            validation batches only (Lightning's
             ``limit_val_batches``), which cuts a short trial's fixed cost: a smaller seeded sample when the
             datamodule draws its validation sample (``num_validation``), else the first batches in file order.
             Default: all of them. The retrain uses all.
@@ -179,7 +179,7 @@ def tune(
     from lightning.pytorch.utilities.model_helpers import is_overridden
     from optuna_integration import PyTorchLightningPruningCallback
 
-    check_choice("subset", subset, METHODS)
+    check_choice("subset", subset, METHODS)  # by the option's name here; SubsetSelection checks the others
     check_choice("direction", direction, ("maximize", "minimize"))
     check_choice("pruner", pruner, ("hyperband", "none"))
     check_int("n_trials", n_trials, 1)
@@ -187,8 +187,6 @@ def tune(
     check_int("selection_seed", selection_seed, none="sampler_seed")
     check_int("n_startup_trials", n_startup_trials, 0)
     check_int("reduction_factor", reduction_factor, 2)
-    check_choice("feature", feature, FEATURES)
-    check_choice("granularity", granularity, GRANULARITIES)
     check_int("subset_val_batches", subset_val_batches, 1, none="all of them")
     if timeout_s is not None:
         check_number("timeout_s", timeout_s, 0, strict=True)
