@@ -376,6 +376,19 @@ def machine() -> str:
             f"transformers {transformers.__version__}, lightning {L.__version__}, Python {platform.python_version()}")
 
 
+def pyplot() -> Any:
+    """matplotlib's pyplot on the file-only Agg backend, or None (with a notice) when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+        return None
+    return plt
+
+
 def command_line(script: str, argv: list[str] | None) -> str:
     """The command that reproduces this run, as a shell would take it (``argv`` None: this process's arguments)."""
     args = sys.argv[1:] if argv is None else argv
@@ -561,11 +574,9 @@ def write_markdown(path: Path, rows: list[Row], info: dict) -> None:
 
 
 def plot(path: Path, rows: list[Row], info: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
+    if plt is None:
+        return
     colors = {"fo": "tab:red", "zo": "tab:gray", "hosl": "tab:blue"}
     fig, axes = plt.subplots(2, len(DATASETS), figsize=(5.5 * len(DATASETS), 8), squeeze=False)
     for col, spec in enumerate(DATASETS):

@@ -42,7 +42,7 @@ import lightning as L
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import code_state, machine, quiet_lightning
+from accuracy import code_state, machine, pyplot, quiet_lightning
 from tuning import keep_blocks
 
 from hosl_lightning import (
@@ -176,13 +176,8 @@ def _tail(r: dict) -> float:
 
 
 def plot(path: Path, rows: list[dict], zero_shot: float) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
     for r in rows:

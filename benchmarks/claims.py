@@ -52,6 +52,7 @@ from accuracy import (
     code_state,
     command_line,
     machine,
+    pyplot,
     quiet_lightning,
 )
 from convergence import (
@@ -324,13 +325,8 @@ def claims_table(gaps: dict[str, Any], margins: dict[str, Any], memory_ratios: l
 
 
 def plot(path: Path, cache: dict[str, dict[str, Any]], hosl: str | None, curves: dict[str, list]) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     fig, (memory_ax, accuracy_ax, curve_ax) = plt.subplots(1, 3, figsize=(16, 4.5))
     for method, style in (("fo", "o-"), (hosl, "s-")):

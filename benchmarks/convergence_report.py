@@ -188,12 +188,10 @@ def _targets(verdicts: list[tuple]) -> list[str]:
 
 
 def _plot(finals: dict[tuple[str, str], list[dict]], path: Path) -> None:
-    try:
-        import matplotlib
+    from accuracy import pyplot  # beside this file, on the path of the scripts that import it
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     datasets = sorted({d for d, _ in finals})
     if not datasets:

@@ -55,7 +55,7 @@ from tqdm import tqdm
 from transformers import OPTConfig, OPTForCausalLM, PreTrainedModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import code_state, command_line
+from accuracy import code_state, command_line, pyplot
 
 from hosl_lightning import SplitCausalLM, load_causal_lm
 from hosl_lightning.core.split import (  # where a family keeps its block list
@@ -307,11 +307,9 @@ def write_markdown(path: Path, rows: list[Row], per_setting: dict, info: dict) -
 
 
 def plot(path: Path, rows: list[Row], per_setting: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
+    if plt is None:
+        return
     models = list(dict.fromkeys(r.model for r in rows))
     fig, axes = plt.subplots(2, max(2, len(models)), figsize=(6 * max(2, len(models)), 9), squeeze=False)
     styles = {"fo": ("tab:red", "o"), "zo": ("tab:gray", "s"), "hosl": ("tab:blue", "^"), "floor": ("black", "x")}

@@ -51,7 +51,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import code_state, command_line, machine
+from accuracy import code_state, command_line, machine, pyplot
 
 from hosl_lightning.tuning import TuneResult, override_args, subset_length, tune
 from hosl_lightning.tuning.search import _fit
@@ -387,13 +387,8 @@ def write_outputs(out: Path, name: str, rows: list[dict], results: dict[str, Tun
 
 
 def plot(path: Path, rows: list[dict], results: dict[str, TuneResult], startup: int) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     fig, (left, middle, right) = plt.subplots(1, 3, figsize=(13, 4))
     names, colors = [r["search"] for r in rows], [COLORS[r["method"]] for r in rows]

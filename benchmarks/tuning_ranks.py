@@ -49,7 +49,7 @@ import torch
 from torchmetrics.functional import kendall_rank_corrcoef, spearman_corrcoef
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import code_state, command_line, machine, quiet_lightning
+from accuracy import code_state, command_line, machine, pyplot, quiet_lightning
 from convergence import digest, load_cache, save
 from tuning import keep_blocks
 
@@ -390,13 +390,8 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
 
 def plot(path: Path, rows: list[dict[str, Any]], cache: dict[str, dict[str, Any]], configs: tuple[Config, ...],
          frozen: tuple[tuple[str, Any], ...], full_val: list[float]) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, len(FRACTIONS), figsize=(6 * len(FRACTIONS), 4.5), squeeze=False)
     for ax, fraction in zip(axes[0], FRACTIONS):
