@@ -67,7 +67,6 @@ from convergence import (
     SWEEP_STEPS,
     Method,
     RunConfig,
-    chosen,
     digest,
     final_config,
     load_cache,
@@ -75,6 +74,7 @@ from convergence import (
     memory_key,
     run,
     save,
+    sweep_choices,
 )
 from convergence_report import _mean_curve, bootstrap_difference
 
@@ -136,7 +136,7 @@ def study_methods(hosl: str | None) -> tuple[Method, ...]:
 def plan(cache: dict[str, dict[str, Any]], hosl: str | None, methods: tuple[Method, ...]) -> list[RunConfig]:
     """Every run still missing, most useful first: seed 0 of the accuracy runs on each task, the cut and d_c runs
     at seed 0, then the other seeds. ``methods``: ``study_methods(hosl)``."""
-    best, todo = chosen(cache, SWEEP_STEPS, N_VAL, methods)
+    best, todo = sweep_choices(cache, SWEEP_STEPS, N_VAL, methods)
     accuracy = [m.name for m in methods if m.client_adapter is None and m.client_frozen is None]
     variants = [m.name for m in methods if m.name not in accuracy]  # the d_c variants
     for seed in SEEDS:
@@ -215,9 +215,10 @@ def write_report(cache: dict[str, dict[str, Any]], hosl: str | None, why: str, b
     used = [r for r in cache.values() if r.get("test") or r["config"].get("kind")]  # what the tables read
     commits = Counter(r["commit"].split(",")[0] for r in used)
     code = ", ".join(f"{commit} ({count})" for commit, count in sorted(commits.items()))
-    lines = ["# The paper's claims beside ours", "", f"Command: `{command}`  ", f"Machine: {machine()}  ",
-             f"Model: {MODEL_NAME}  ", f"Code: each run records its commit (runs or measurements per commit: {code})",
-             "", (f"hosl option: `{hosl}`, {why}." if hosl else f"hosl option: not chosen yet ({why})."), ""]
+    header = ["# The paper's claims beside ours", "", f"Command: `{command}`  ", f"Machine: {machine()}  ",
+              f"Model: {MODEL_NAME}  ", f"Code: each run records its commit (runs or measurements per commit: {code})",
+              "", (f"hosl option: `{hosl}`, {why}." if hosl else f"hosl option: not chosen yet ({why})."), ""]
+    lines: list[str] = []
     rows: list[dict[str, Any]] = []
     # accuracy, per task
     gaps, margins = {}, {}
@@ -227,7 +228,7 @@ def write_report(cache: dict[str, dict[str, Any]], hosl: str | None, why: str, b
     for task in TASKS:
         fo, zo = finals(cache, "fo", task), finals(cache, "zo", task)
         ho = finals(cache, hosl, task) if hosl else []
-        examples = len((fo or zo or ho or [{"test": {"correct": []}}])[0]["test"]["correct"])
+        examples = next((len(r["test"]["correct"]) for r in fo + zo + ho), 0)
         gap, margin = paired(fo, ho), paired(ho, zo)
         gaps[task], margins[task] = gap, margin
         cell = lambda x: "-" if x is None else f"{x[0]:+.1f} [{x[1]:+.1f}, {x[2]:+.1f}]"
@@ -286,7 +287,7 @@ def write_report(cache: dict[str, dict[str, Any]], hosl: str | None, why: str, b
                       "test_acc": r["test"]["acc"], "commit": r["commit"]} for r in runs]
     lines += ["", "Validation accuracy is the mean over seeds on 100 examples; d_c counts the weights the client perturbs.",
               ""]
-    lines = lines[:9] + claims_table(gaps, margins, memory_ratios) + lines[9:]
+    lines = header + claims_table(gaps, margins, memory_ratios) + lines
     out.mkdir(parents=True, exist_ok=True)
     (out / "claims.md").write_text("\n".join(lines) + "\n")
     with (out / "claims.csv").open("w", newline="") as handle:

@@ -287,7 +287,7 @@ def selected(cache: dict[str, dict[str, Any]], configs: list[RunConfig]) -> RunC
     return min(finite, key=lambda item: item[0])[1] if finite else None
 
 
-def chosen(cache: dict[str, dict[str, Any]], sweep_steps: int, n_val: int,
+def sweep_choices(cache: dict[str, dict[str, Any]], sweep_steps: int, n_val: int,
            methods: tuple[Method, ...] = METHODS) -> tuple[dict[str, RunConfig], list[RunConfig]]:
     """Each method's selected sweep run (once its sweep is complete) and the sweep runs still missing, fo's first
     (its lr is the hosl servers')."""
@@ -317,7 +317,7 @@ def plan(cache: dict[str, dict[str, Any]], steps: int, sweep_steps: int, n_val: 
          seeds: tuple[int, ...], datasets: tuple[str, ...]) -> list[RunConfig]:
     """Every run still missing, in the order that makes the results useful soonest: the sweep (fo first, whose
     lr the hosl servers use), then seed 0 of every method on each dataset, then the other seeds."""
-    best, todo = chosen(cache, sweep_steps, n_val)
+    best, todo = sweep_choices(cache, sweep_steps, n_val)
     for seed in seeds:
         for dataset in datasets:
             for method in METHODS:

@@ -94,7 +94,7 @@ QUICK_CONFIGS = (Config("default", 2e-5, 1e-6), Config("lr1e-3", 1e-3, 1e-5), Co
 
 
 @dataclass(frozen=True)
-class Selection:
+class SubsetMethod:
     """A subset method: ``SubsetSelection``'s options, plus a warm start of half a trial's steps when ``warm``."""
 
     name: str
@@ -105,11 +105,11 @@ class Selection:
 
 
 SELECTIONS = (
-    Selection("random", "random"),
-    Selection("gradmatch", "gradmatch"),  # today's default: per batch, dL/dh, from the pretrained weights
-    Selection("gradmatch-pc", "gradmatch", "per_class", "label_head"),  # CORDS' PerClassPerGradient
-    Selection("gradmatch-pc-warm", "gradmatch", "per_class", "label_head", warm=True),  # AUTOMATA's warm start
-    Selection("milo", "milo"),
+    SubsetMethod("random", "random"),
+    SubsetMethod("gradmatch", "gradmatch"),  # today's default: per batch, dL/dh, from the pretrained weights
+    SubsetMethod("gradmatch-pc", "gradmatch", "per_class", "label_head"),  # CORDS' PerClassPerGradient
+    SubsetMethod("gradmatch-pc-warm", "gradmatch", "per_class", "label_head", warm=True),  # AUTOMATA's warm start
+    SubsetMethod("milo", "milo"),
 )
 SELECTION = {s.name: s for s in SELECTIONS}
 
