@@ -176,7 +176,6 @@ def tune(
         overrides: extra command-line arguments for every trial and the retrain, e.g. ``--trainer.max_epochs=3``.
     """
     optuna = _require_optuna()
-    from lightning.pytorch.utilities.model_helpers import is_overridden
     from optuna_integration import PyTorchLightningPruningCallback
 
     check_choice("subset", subset, METHODS)  # by the option's name here; SubsetSelection checks the others
@@ -278,18 +277,25 @@ def tune(
               f"({result.search_seconds:.1f} s of search)", flush=True)
         write_results(out, result, metric, study)  # the search is kept even if the retrain fails
         if retrain:
-            retrain_started = time.perf_counter()
-            cli, trainer, value = _fit(base[1:] + override_args(result.best_params), [], metric)
-            result.retrain_metrics = {metric: value}
-            if test and is_overridden("test_dataloader", cli.datamodule):
-                for scores in trainer.test(cli.model, datamodule=cli.datamodule, verbose=False):
-                    result.retrain_metrics.update({k: float(v) for k, v in scores.items()})
-            result.retrain_seconds = time.perf_counter() - retrain_started
-            print(f"[tune] retrained on full data in {result.retrain_seconds:.1f} s: {result.retrain_metrics}", flush=True)
-            del cli, trainer
-            gc.collect()
+            _retrain(result, base[1:] + override_args(result.best_params), metric, test)
             write_results(out, result, metric, study)
     return result
+
+
+def _retrain(result: TuneResult, args: list[str], metric: str, test: bool) -> None:
+    """Fit the best configuration on all the data (and test it), into ``result``'s retrain fields."""
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    started = time.perf_counter()
+    cli, trainer, value = _fit(args, [], metric)
+    result.retrain_metrics = {metric: value}
+    if test and is_overridden("test_dataloader", cli.datamodule):
+        for scores in trainer.test(cli.model, datamodule=cli.datamodule, verbose=False):
+            result.retrain_metrics.update({k: float(v) for k, v in scores.items()})
+    result.retrain_seconds = time.perf_counter() - started
+    print(f"[tune] retrained on full data in {result.retrain_seconds:.1f} s: {result.retrain_metrics}", flush=True)
+    del cli, trainer
+    gc.collect()
 
 
 def main(args: list[str] | None = None) -> TuneResult:
