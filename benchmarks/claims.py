@@ -12,7 +12,8 @@ script finished is never redone by the other.
 
 - **Accuracy** (the paper: within 0.20-4.23 points of FO-SL, up to 15.55 above ZO-SL): fo, zo and hosl with
   one client option (``--hosl``; by default the hosl option of the convergence study with the best mean
-  final test accuracy once all of them have seed 0 on both of its datasets) on rotten_tomatoes, sms_spam and
+  final test accuracy over the runs all of them have finished on both of its datasets, ties broken by the
+  mean validation accuracy along the curve) on rotten_tomatoes, sms_spam and
   bbc_news (five topics, articles left-truncated to 64 tokens). Paired 95% intervals (bootstrap over seeds
   and examples) for fo - hosl and hosl - zo.
 - **Memory by cut** (the paper: up to 3.7x less client memory than FO-SL): the client's peak over a training

@@ -241,7 +241,8 @@ def memory_key(method: Method, cut: int = CUT) -> str:
     return f"memory-{method.name.replace('/', '_')}" + (f"-cut{cut}" if cut != CUT else "") + f"-{digest(fields)}"
 
 
-def load_cache(folder: Path = CACHE) -> dict[str, dict[str, Any]]:
+def load_cache(folder: Path | None = None) -> dict[str, dict[str, Any]]:
+    folder = CACHE if folder is None else folder  # read at call time: --quick points CACHE elsewhere
     return {path.stem: json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))} if folder.exists() else {}
 
 
@@ -288,7 +289,7 @@ def selected(cache: dict[str, dict[str, Any]], configs: list[RunConfig]) -> RunC
 
 
 def sweep_choices(cache: dict[str, dict[str, Any]], sweep_steps: int, n_val: int,
-           methods: tuple[Method, ...] = METHODS) -> tuple[dict[str, RunConfig], list[RunConfig]]:
+                  methods: tuple[Method, ...] = METHODS) -> tuple[dict[str, RunConfig], list[RunConfig]]:
     """Each method's selected sweep run (once its sweep is complete) and the sweep runs still missing, fo's first
     (its lr is the hosl servers')."""
     todo: list[RunConfig] = []

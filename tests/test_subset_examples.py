@@ -77,9 +77,17 @@ def test_a_drop_in_training_step_refuses_per_example_weights() -> None:
 
 def test_per_class_gradmatch_refuses_a_drop_in_module_before_the_first_step() -> None:
     # a batch's weights may happen to be equal (sent as one number): the refusal must not wait for unequal ones
+    from types import SimpleNamespace
+
+    from hosl_lightning import HOSLStrategy
+
     drop_in = L.LightningModule()  # automatic optimization: its own training_step computes the loss
+    trainer = SimpleNamespace(strategy=HOSLStrategy(cut_layer=1))  # in-process: the first check passes
     with pytest.raises(ValueError, match=r"granularity='per_class'\) weighs each example, but a drop-in"):
-        SubsetSelection("gradmatch", granularity="per_class").on_train_start(None, drop_in)  # type: ignore[arg-type]
+        SubsetSelection("gradmatch", granularity="per_class").on_train_start(trainer, drop_in)  # type: ignore[arg-type]
+    elsewhere = SimpleNamespace(strategy=L.pytorch.strategies.SingleDeviceStrategy("cpu"))
+    with pytest.raises(ValueError, match=r"uses SingleDeviceStrategy: use HOSLStrategy\(transport='in_process'\)"):
+        SubsetSelection("gradmatch", granularity="per_class").on_train_start(elsewhere, drop_in)  # type: ignore[arg-type]
 
 
 # ---- the label-head feature and fixed embeddings ----------------------------------------------------------------
@@ -154,6 +162,10 @@ def test_per_class_gradmatch_keeps_the_class_mix_and_matches_each_class() -> Non
     generator = torch.Generator().manual_seed(0)
     with pytest.raises(ValueError, match="num_classes=3 does not divide the 16 feature columns into one block"):
         per_class_gradmatch(features.flatten(1), labels, 10, generator, num_classes=3)
+    with pytest.raises(ValueError, match="num_classes=0 is not valid: it must be an integer >= 1"):
+        per_class_gradmatch(features.flatten(1), labels, 10, generator, num_classes=0)
+    with pytest.raises(ValueError, match="labels must be class indices >= 0; the smallest is -1"):
+        per_class_gradmatch(features.flatten(1), labels - 1, 10, generator, num_classes=2)
     with pytest.raises(ValueError, match="num_classes=2 has no block for label 2"):
         per_class_gradmatch(features.flatten(1), labels.clamp_max(1) + (labels == 1).long(), 10, generator,
                             num_classes=2)

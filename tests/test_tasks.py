@@ -586,6 +586,8 @@ def test_inside_tokenized_once_alike_datamodules_tokenise_a_split_once(
         again = sentiment_dm(tmp_path, wtok).dataset("train")  # a new DataModule configured alike
         assert built == ["train"] and [a is b for a, b in zip(first, again)] == [True] * len(first)
         assert again is not first  # its own dataset object, over the same examples
+        sentiment_dm(tmp_path, wtok, batch_size=2, num_workers=0).dataset("train")  # loader options only: shared
+        assert built == ["train"]
         shorter = sentiment_dm(tmp_path, wtok, max_length=4).dataset("train")  # another hyperparameter
         assert built == ["train", "train"] and shorter[0].prompt != first[0].prompt
         sentiment_dm(tmp_path, word_tokenizer()).dataset("train")  # another tokenizer instance

@@ -27,7 +27,9 @@ from hosl_lightning.models import position_limit
 #: ``tokenizer.model_max_length`` above this is a "no limit" placeholder, not a real context size.
 _NO_LIMIT = 1_000_000
 
-_built: dict[tuple[Any, ...], ListDataset] | None = None  # inside tokenized_once(): the splits tokenised so far
+_built: dict[tuple[Any, ...], ListDataset] | None = None
+# hyperparameters that do not change a split's examples (the tokenizer is keyed apart)
+_LOADER_ONLY = frozenset({"tokenizer", "batch_size", "eval_batch_size", "num_workers", "shuffle_seed"})  # inside tokenized_once(): the splits tokenised so far
 
 
 @contextmanager
@@ -36,7 +38,10 @@ def tokenized_once() -> Iterator[None]:
 
     For many fits in one process over the same data, such as the trials of a study: each trial builds its own
     DataModule, and without this each would read and tokenise every split again. DataModules are alike when
-    their class, hyperparameters and tokenizer (name, or the same instance) are.
+    their class, the hyperparameters that shape the examples and their tokenizer (name, or the same instance)
+    are; those that only shape the DataLoaders (batch sizes, workers, the shuffle) do not count. It keys on
+    the constructor's arguments: a DataModule changed after construction, or a data file edited inside, is
+    not seen.
     """
     global _built
     outer, _built = _built, ({} if _built is None else _built)
@@ -193,7 +198,7 @@ class _TokenizedDataModule(LightningDataModule):
         """What a split's examples depend on, inside :func:`tokenized_once` (else ``None``: nothing is shared)."""
         if _built is None:
             return None
-        hparams = sorted((name, repr(value)) for name, value in self.hparams.items() if name != "tokenizer")
+        hparams = sorted((name, repr(value)) for name, value in self.hparams.items() if name not in _LOADER_ONLY)
         return type(self), tuple(hparams), self._tokenizer_arg, split
 
     def _loader(self, split: str, collate: Any) -> DataLoader:

@@ -141,6 +141,10 @@ def per_class_gradmatch(
     """
     if len(labels) != features.shape[0]:
         raise ValueError(f"{len(labels)} labels for {features.shape[0]} examples")
+    if num_classes is not None and num_classes < 1:
+        raise ValueError(f"num_classes={num_classes} is not valid: it must be an integer >= 1, or None")
+    if len(labels) and int(labels.min()) < 0:
+        raise ValueError(f"labels must be class indices >= 0; the smallest is {int(labels.min())}")
     if num_classes is not None and features.shape[1] % num_classes:
         raise ValueError(f"num_classes={num_classes} does not divide the {features.shape[1]} feature columns into "
                          "one block per class")

@@ -152,9 +152,8 @@ def tune(
             ``label_head`` (the gradient at the label-word rows, classification only; ``SubsetSelection``).
         granularity: ``batch`` (choose whole batches, AUTOMATA) or ``per_class`` (choose examples class by
             class, CORDS' PerClass; needs labelled examples).
-        subset_val_batches: validate the study's trials (with any ``subset``, ``full`` too) on the first this many
-            validation batches only (Lightning's
-            ``limit_val_batches``), which cuts a short trial's fixed cost: a smaller seeded sample when the
+        subset_val_batches: validate the study's trials (with any ``subset``, ``full`` too) on the first this
+            many validation batches only (Lightning's ``limit_val_batches``), which cuts a short trial's fixed cost: a smaller seeded sample when the
             datamodule draws its validation sample (``num_validation``), else the first batches in file order.
             Default: all of them. The retrain uses all.
         metric: the logged metric trials are ranked by (after each validation, and at the end).

@@ -22,7 +22,6 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from hosl_lightning.core.options import check_choice, check_int, check_number
-from hosl_lightning.core.split_model import SplitCausalLM
 from hosl_lightning.distributed.sync import weights_digest
 from hosl_lightning.tuning.batches import (
     SelectedBatches,
@@ -194,7 +193,8 @@ class SubsetSelection(Callback):
         if not isinstance(loader, DataLoader) or loader.batch_size is None:
             raise TypeError("SubsetSelection needs train_dataloader() to return one DataLoader with a batch_size")
         if loader.dataset is not getattr(self._loader, "dataset", None):
-            labels = class_labels(loader.dataset)  # read once: every example of the dataset is visited
+            # read once, and only when used: every example of the dataset is visited
+            labels = class_labels(loader.dataset) if self.stratify is not False or self._per_example else None
             if labels is None and (self.stratify or self._per_example and self.method != "milo"):
                 option, instead = (("stratify=True", "stratify=None or False") if self.stratify
                                    else ("granularity='per_class'", "granularity='batch'"))
@@ -226,6 +226,8 @@ class SubsetSelection(Callback):
 
     # ---- when to choose ------------------------------------------------------------------------------------
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.method == "gradmatch" and self._per_example:
+            _split_model(trainer, self.method, check_only=True)  # the strategy first: its error is the one to fix
         if self.method == "gradmatch" and self._per_example and pl_module.automatic_optimization:
             raise ValueError("SubsetSelection(granularity='per_class') weighs each example, but a drop-in training_step "
                              "computes its own loss, which per-example weights cannot scale: use HOSLModule, or "
@@ -381,7 +383,8 @@ def _training_ends(trainer: Trainer) -> bool:
     return out_of_steps or (last_epoch and trainer.is_last_batch)
 
 
-def _split_model(trainer: Trainer, method: str, work: str = "computes features") -> SplitCausalLM:
+def _split_model(trainer: Trainer, method: str, work: str = "computes features", check_only: bool = False) -> Any:
+    """The split model of an in-process HOSLStrategy, which features and embeddings need (None: ``check_only``)."""
     from hosl_lightning.lightning.strategy import HOSLStrategy
 
     strategy = trainer.strategy
@@ -392,4 +395,4 @@ def _split_model(trainer: Trainer, method: str, work: str = "computes features")
             f"SubsetSelection(method={method!r}) {work} with the split model in this process, but this run uses "
             f"{found}: use HOSLStrategy(transport='in_process') (or method='random' / 'full')"
         )
-    return strategy.split_model
+    return None if check_only else strategy.split_model
