@@ -27,9 +27,9 @@ from hosl_lightning.models import position_limit
 #: ``tokenizer.model_max_length`` above this is a "no limit" placeholder, not a real context size.
 _NO_LIMIT = 1_000_000
 
-_built: dict[tuple[Any, ...], ListDataset] | None = None
+_built: dict[tuple[Any, ...], ListDataset] | None = None  # inside tokenized_once(): the splits tokenised so far
 # hyperparameters that do not change a split's examples (the tokenizer is keyed apart)
-_LOADER_ONLY = frozenset({"tokenizer", "batch_size", "eval_batch_size", "num_workers", "shuffle_seed"})  # inside tokenized_once(): the splits tokenised so far
+_LOADER_ONLY = frozenset({"tokenizer", "batch_size", "eval_batch_size", "num_workers", "shuffle_seed"})
 
 
 @contextmanager

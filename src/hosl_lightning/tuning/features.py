@@ -272,12 +272,12 @@ class FeaturePass:
     ) -> Tensor:
         """Each candidate's feature (or, with ``rows_of``, what it gives per row summed per candidate)."""
         if self.feature == "head" and self._projection is None:
-            self._projection = vocabulary_projection(model.server.lm_head.out_features, self.feature_rows, self.seed)
+            vocab = model.server.lm_head.out_features
+            self._projection = vocabulary_projection(vocab, self.feature_rows, self.seed).to(device)  # one copy
         if self._lengths is None or loader.dataset is not self._dataset:
             self._dataset = loader.dataset
             self._lengths = example_lengths(loader.dataset, loader.collate_fn, range(len(loader.dataset)))  # type: ignore[arg-type]
         if rows_of is None and self.feature == "label_head":
             rows_of = label_head_row_features
-        projection = None if self._projection is None else self._projection.to(device)
-        return candidate_features(model, loader, candidates, self._lengths, self.batch_size, projection, device,
+        return candidate_features(model, loader, candidates, self._lengths, self.batch_size, self._projection, device,
                                   self.progress, description, rows_of)
