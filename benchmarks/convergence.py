@@ -317,15 +317,16 @@ def final_config(best: RunConfig, dataset: str, seed: int, steps: int, n_val: in
 def plan(cache: dict[str, dict[str, Any]], steps: int, sweep_steps: int, n_val: int, n_test: int,
          seeds: tuple[int, ...], datasets: tuple[str, ...]) -> list[RunConfig]:
     """Every run still missing, in the order that makes the results useful soonest: the sweep (fo first, whose
-    lr the hosl servers use), then seed 0 of every method on each dataset, then the other seeds."""
+    lr the hosl servers use), then seed 0 of every method on each dataset, then the other seeds, one dataset at a
+    time (the first, where the methods differ most, before the next)."""
     best, todo = sweep_choices(cache, sweep_steps, n_val)
-    for seed in seeds:
-        for dataset in datasets:
-            for method in METHODS:
-                if method.name in best:
-                    final = final_config(best[method.name], dataset, seed, steps, n_val, n_test)
-                    if final.key() not in cache:
-                        todo.append(final)
+    order = [(seeds[0], d) for d in datasets] + [(s, d) for d in datasets for s in seeds[1:]]
+    for seed, dataset in order:
+        for method in METHODS:
+            if method.name in best:
+                final = final_config(best[method.name], dataset, seed, steps, n_val, n_test)
+                if final.key() not in cache:
+                    todo.append(final)
     return todo
 
 
