@@ -11,7 +11,8 @@ rows up per candidate.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from hosl_lightning.core.boundary import Targets
+from hosl_lightning.core.split import CutActivations
 from hosl_lightning.core.split_model import IGNORE_INDEX, SplitCausalLM, forwarded_inputs
 from hosl_lightning.modes import eval_mode
 
@@ -46,6 +48,18 @@ def _gold_rows(batch: dict[str, Any]) -> tuple[Tensor, Tensor | None, Tensor]:
     return input_ids, mask, labels
 
 
+@contextmanager
+def _at_server(model: SplitCausalLM, input_ids: Tensor, mask: Tensor | None,
+               targets: Targets) -> Iterator[tuple[CutActivations, Targets]]:
+    """The client's forward, then, on the server's side, its activations and the targets as the server receives
+    them: every feature is computed there, where the labels and the head live."""
+    activations = model.client_forward(input_ids, mask)
+    with model.server_side():
+        up, received = model.boundary.send_up(activations, targets)
+        assert received is not None
+        yield up, received
+
+
 @torch.no_grad()
 def row_features(model: SplitCausalLM, batch: dict[str, Any], projection: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Each example's summed gradient features and its weight in the batch's mean loss.
@@ -56,10 +70,7 @@ def row_features(model: SplitCausalLM, batch: dict[str, Any], projection: Tensor
     if _is_classification(batch):
         return classification_row_features(model, batch, projection)
     input_ids, mask, labels = batch["input_ids"], batch.get("attention_mask"), batch["labels"]
-    activations = model.client_forward(input_ids, mask)
-    with model.server_side():
-        up, targets = model.boundary.send_up(activations, {"labels": labels})
-        assert targets is not None
+    with _at_server(model, input_ids, mask, {"labels": labels}) as (up, targets):
         return model.server_row_features(up, targets["labels"], projection)
 
 
@@ -73,10 +84,7 @@ def _classification_forward(model: SplitCausalLM, batch: dict[str, Any]) -> tupl
         raise ValueError(f"a classification batch needs num_classes={num_classes} rows per example, got "
                          f"{input_ids.shape[0]} rows for {len(batch['class_labels'])} examples")
     input_ids, mask, source_rows = forwarded_inputs(input_ids, mask, labels)
-    activations = model.client_forward(input_ids, mask)
-    with model.server_side():
-        up, targets = model.boundary.send_up(activations, {"labels": labels, "class_labels": batch["class_labels"]})
-        assert targets is not None
+    with _at_server(model, input_ids, mask, {"labels": labels, "class_labels": batch["class_labels"]}) as (up, targets):
         final_hidden = model.server(up)
     return final_hidden, targets, None if source_rows is None else source_rows.to(final_hidden.device)
 
@@ -151,10 +159,7 @@ def row_embeddings(model: SplitCausalLM, batch: dict[str, Any]) -> tuple[Tensor,
     """Each example's fixed embedding: the final hidden state where its answer is scored (classification: the gold
     row's first answer position; LM: the mean over labelled positions). What model-agnostic selection covers."""
     input_ids, mask, labels = _gold_rows(batch)
-    activations = model.client_forward(input_ids, mask)
-    with model.server_side():
-        up, targets = model.boundary.send_up(activations, {"labels": labels})
-        assert targets is not None
+    with _at_server(model, input_ids, mask, {"labels": labels}) as (up, targets):
         final_hidden = model.server(up)[:, :-1].float()
         labelled = (targets["labels"].to(final_hidden.device)[:, 1:] != IGNORE_INDEX).float()
         if _is_classification(batch):  # the first answer position, the one the label words are scored from
