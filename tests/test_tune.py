@@ -143,15 +143,26 @@ def test_selection_options_and_the_trial_validation_reach_every_trial(
             seeds.append((self.seed, self.warm_start_steps, self.feature, self.granularity, trainer.limit_val_batches))
             super().setup(trainer, *args, **kwargs)
 
+    import hosl_lightning.data.tokenized as tokenized
+    import hosl_lightning.models.loading as loading
+
     fits: list[list[str]] = []
+    shared: list[tuple[bool, bool]] = []  # each fit runs where models are read and splits tokenised once a study
     fit = tune_module._fit
+
+    def recording_fit(args: list[str], *rest: object) -> object:
+        fits.append(args)
+        shared.append((loading._loaded is not None, tokenized._built is not None))
+        return fit(args, *rest)
+
     monkeypatch.setattr(tune_module, "SubsetSelection", Recording)
-    monkeypatch.setattr(tune_module, "_fit", lambda args, *rest: fits.append(args) or fit(args, *rest))
+    monkeypatch.setattr(tune_module, "_fit", recording_fit)
     _tune(tmp_path, n_trials=1, subset="random", sampler_seed=3, selection_seed=selection_seed, warm_start_steps=2,
           feature="head", granularity="batch", subset_val_batches=2,
           overrides=[o for o in SMALL if "limit_val_batches" not in o])
     assert seeds == [(expected, 2, "head", "batch", 2)]
     trial, retrain = fits
+    assert shared == [(True, True), (True, True)]
     assert "--trainer.limit_val_batches=2" in trial and not any("limit_val_batches" in a for a in retrain)
 
 
