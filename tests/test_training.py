@@ -272,3 +272,9 @@ def test_a_frozen_name_the_client_does_not_have_fails_listing_its_modules() -> N
     for bad in (3, True, ["embeddings", 1]):
         with pytest.raises(ValueError, match=re.escape(f"client_frozen={bad!r} is not valid")):
             HOSLStrategy(client_frozen=bad)  # type: ignore[arg-type]
+
+
+def test_a_client_frozen_whole_is_refused_in_hosl_naming_the_option() -> None:
+    with pytest.raises(ValueError, match=re.escape("client_frozen=['embeddings', 'stack'] freezes every weight of "
+                                                   "the client half")):
+        _fit(client_frozen=["embeddings", "stack"])

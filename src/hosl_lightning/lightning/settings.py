@@ -235,6 +235,10 @@ class RunSettings:
         """The ``zo_optimizer`` over the ZO parameters of ``halves``; each client of several draws its own seed."""
         seed = self.seed if self.role != "client" else client_seed(self.seed, self._peers.rank(), self.clients)
         named = [(n, p) for half in halves for n, p in half.named_parameters() if getattr(p, "_hosl_zo", False)]
+        if not named and self.client_frozen:
+            raise ValueError(f"client_frozen={self.client_frozen} freezes every weight of the client half, leaving the "
+                             f"zeroth-order optimizer nothing to train: freeze fewer modules, or set zo_lr: 0 to keep "
+                             f"the client fixed while it still probes")
         return self.new_zo_optimizer(named, seed)
 
     def new_zo_optimizer(self, named: list[tuple[str, Any]], seed: int, first_key: int = 0) -> ZOSGD:
