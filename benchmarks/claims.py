@@ -59,8 +59,8 @@ from accuracy import (
 from convergence import (
     CACHE,
     CUT,
+    HOSL_OPTIONS,
     METHOD,
-    METHODS,
     N_TEST,
     N_VAL,
     SEEDS,
@@ -109,7 +109,7 @@ def best_hosl(cache: dict[str, dict[str, Any]]) -> tuple[str | None, str]:
     every option has finished, once those cover both of its datasets; ties (accuracies are counts of 500) go to
     the higher mean validation accuracy along the curve, the option that learns sooner. Also why, or what is
     missing."""
-    options = [m.name for m in METHODS if m.mode == "hosl"]
+    options = list(HOSL_OPTIONS)  # not the fixed-client reference
     datasets = [d.name for d in DATASETS]
     runs = {name: {(task, r["config"]["seed"]): r for task in datasets for r in finals(cache, name, task)}
             for name in options}
@@ -365,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--budget-min", type=float, default=150.0, help="start no new run after this many minutes")
     parser.add_argument("--report-only", action="store_true")
-    parser.add_argument("--hosl", choices=[m.name for m in METHODS if m.mode == "hosl"], default=None,
+    parser.add_argument("--hosl", choices=HOSL_OPTIONS, default=None,
                         help="the hosl client option to study (default: the convergence study's best, once known)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)

@@ -12,7 +12,9 @@ run), cut after block 2, prompt classification on ``rotten_tomatoes`` and ``sms_
 - ``fo``: first-order split learning (AdamW on both halves);
 - ``zo``: ZO-SGD on both halves (MeZO over the split model);
 - ``hosl/zo_sgd-dense``: the paper's hosl (ZO-SGD client, dense directions, probes one at a time);
-- ``hosl/zo_sgd-sparse``, ``hosl/fzoo-sparse``, ``hosl/momentum-sparse``: the new client options.
+- ``hosl/zo_sgd-sparse``, ``hosl/fzoo-sparse``, ``hosl/momentum-sparse``: the new client options;
+- ``fixed-client``: a reference, not an option: hosl whose client probes but never moves (``zo_lr`` 0), so its
+  server learns alone. What the options gain over it is what the client's own learning adds.
 
 Every hosl method's server runs AdamW at fo's selected lr. Learning rates come from a small sweep per method
 (rotten_tomatoes, seed 0, ``SWEEP_STEPS`` steps, selected by validation loss); then every method trains
@@ -106,8 +108,10 @@ METHODS = (
     Method("hosl/momentum-sparse", "hosl", zo_optimizer="zo_momentum", embedding_directions="sparse",
            pair_probes=True, zo_lrs=(1e-7, 1e-6)),
     Method("zo", "zo", zo_lrs=(1e-6, 1e-5)),
+    Method("fixed-client", "hosl", zo_lrs=(0.0,)),  # the reference: the server learns, the client never moves
 )
 METHOD = {m.name: m for m in METHODS}
+HOSL_OPTIONS = tuple(m.name for m in METHODS if m.name.startswith("hosl/"))  # the client options (not the reference)
 
 
 @dataclass(frozen=True)
