@@ -19,7 +19,8 @@ run), cut after block 2, prompt classification on ``rotten_tomatoes`` and ``sms_
 Every hosl method's server runs AdamW at fo's selected lr. Learning rates come from a small sweep per method
 (rotten_tomatoes, seed 0, ``SWEEP_STEPS`` steps, selected by validation loss); then every method trains
 ``STEPS`` steps for each seed and dataset, is validated every ``EVAL_EVERY`` steps on ``N_VAL`` examples (loss,
-accuracy, the client's cumulative seconds) and finally scored on the same ``N_TEST`` test examples.
+accuracy, the client's cumulative seconds) and finally scored on the same ``N_TEST`` test examples. Runs since
+the fixed-client reference also record ``client_shift``, how far the client's weights moved (``client_shift``).
 
 Every finished run is written to ``benchmarks/results/convergence/<key>.json``, keyed by its full configuration
 and holding the commit that produced it, so a later sitting adds runs instead of redoing them. Commit the folder.
@@ -209,10 +210,22 @@ def run(config: RunConfig, base: Any, tokenizer: Any, data_dir: Path, code: str)
                               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
                               "train_s": time.perf_counter() - started, "diverged": diverged,
                               "curve": curve.points, "train_loss": curve.train_loss, "client_s": curve.client_s}
+    if method.client_adapter is None:
+        record["client_shift"] = client_shift(strategy.split_model, base, config.cut)
     if diverged is None and config.n_test:  # sweep runs are judged on validation only
         correct, loss = score_examples(module, test_batches)
         record["test"] = {"acc": statistics.mean(correct), "loss": loss, "correct": correct}
     return record
+
+
+def client_shift(split: Any, base: Any, cut: int) -> float:
+    """How far training moved the client: ||w_end - w_start|| / ||w_start|| over all its weights. Near 0, the
+    server did the learning."""
+    from hosl_lightning import SplitCausalLM
+
+    start, end = SplitCausalLM(copy.deepcopy(base), cut).client.state_dict(), split.client.state_dict()
+    moved = sum(float((end[name].float() - weight.float()).pow(2).sum()) for name, weight in start.items())
+    return (moved / sum(float(weight.float().pow(2).sum()) for weight in start.values())) ** 0.5
 
 
 def measure_memory(method: Method, base: Any, tokenizer: Any, data_dir: Path, code: str, cut: int = CUT) -> dict[str, Any]:
