@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 TARGET_FO_GAP, TARGET_ZO_MARGIN, TARGET_STEPS_RATIO = 1.0, 10.0, 1.5
+REFERENCE = "fixed-client"  # convergence.py's reference: hosl at zo_lr 0, the server learning alone
 
 
 def bootstrap_difference(a: list[list[int]], b: list[list[int]], draws: int = 2000,
@@ -130,12 +131,14 @@ def _final_section(finals: dict[tuple[str, str], list[dict]], steps: int, seeds:
     verdicts = []
     for dataset in datasets:
         methods = {m: runs for (d, m), runs in finals.items() if d == dataset}
-        fo, zo = methods.get("fo", []), methods.get("zo", [])
+        fo, zo, fixed = methods.get("fo", []), methods.get("zo", []), methods.get(REFERENCE, [])
         fo_final = statistics.mean(r["test"]["acc"] for r in fo) if fo else None
         fo_steps = steps_to_reach(fo, 0.95 * statistics.mean(r["curve"][-1]["val_acc"] for r in fo)) if fo else None
+        shifts = any("client_shift" in r for runs in methods.values() for r in runs)
+        extra = (" minus fixed client (95% CI) |" if fixed else "") + (" client shift |" if shifts else "")
         lines += [f"### {dataset}", "",
                   ("| method | seeds | test acc | minus fo (95% CI) | minus zo (95% CI) | steps to 95% of fo | "
-                  "client s / step |"), "|---|---:|---:|---:|---:|---:|---:|"]
+                  f"client s / step |{extra}"), "|---|---:|---:|---:|---:|---:|---:|" + "---:|" * extra.count("|")]
         for method, runs in sorted(methods.items()):
             accs = [100 * r["test"]["acc"] for r in runs]
             spread = f" ± {statistics.stdev(accs):.1f}" if len(accs) > 1 else ""
@@ -146,12 +149,20 @@ def _final_section(finals: dict[tuple[str, str], list[dict]], steps: int, seeds:
                 level = 0.95 * statistics.mean(r["curve"][-1]["val_acc"] for r in fo)
                 reach = steps_to_reach(runs, level)
             per_step = statistics.mean(r["client_s"] / steps for r in runs)
+            cells = ([_interval(runs, fixed)] if fixed else []) + ([_mean_shift(runs)] if shifts else [])
             lines.append(f"| {method} | {len(runs)} | {statistics.mean(accs):.1f}{spread} | {vs_fo} | {vs_zo} | "
-                         f"{reach if reach is not None else 'not reached'} | {per_step:.2f} |")
+                         f"{reach if reach is not None else 'not reached'} | {per_step:.2f} |"
+                         + "".join(f" {cell} |" for cell in cells))
             if method.startswith("hosl") and fo and zo:
                 verdicts.append((dataset, method, runs, fo, zo, fo_final, fo_steps, reach))
         lines.append("")
     return lines + _targets(verdicts)
+
+
+def _mean_shift(runs: list[dict]) -> str:
+    """The mean relative distance the client's weights moved, over the runs that recorded it."""
+    shifts = [r["client_shift"] for r in runs if r.get("client_shift") is not None]
+    return f"{statistics.mean(shifts):.2e}" if shifts else "-"
 
 
 def _paired(a: list[dict], b: list[dict]) -> tuple[list[list[int]], list[list[int]]]:
