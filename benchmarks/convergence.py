@@ -20,7 +20,7 @@ Every hosl method's server runs AdamW at fo's selected lr. Learning rates come f
 (rotten_tomatoes, seed 0, ``SWEEP_STEPS`` steps, selected by validation loss); then every method trains
 ``STEPS`` steps for each seed and dataset, is validated every ``EVAL_EVERY`` steps on ``N_VAL`` examples (loss,
 accuracy, the client's cumulative seconds) and finally scored on the same ``N_TEST`` test examples. Runs since
-the fixed-client reference also record ``client_shift``, how far the client's weights moved (``client_shift``).
+the fixed-client reference also record how far the client's weights moved (``client_shift``).
 
 Every finished run is written to ``benchmarks/results/convergence/<key>.json``, keyed by its full configuration
 and holding the commit that produced it, so a later sitting adds runs instead of redoing them. Commit the folder.
