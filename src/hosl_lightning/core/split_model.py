@@ -231,14 +231,15 @@ class SplitCausalLM(nn.Module):
             losses = losses.view(groups, -1)
             return losses.mean(dim=1) if weight is None else (losses * weight).mean(dim=1)
         weight = loss_weights(targets, rows, nll.device)
-        if weight is not None:  # a weighted token mean, sum_r w_r sum_t nll_rt / tokens; a scalar weighs every token
-            nll = nll * (weight if weight.dim() == 0 else weight[row_of_token % rows])
+        if weight is not None and weight.dim() == 1:  # a weighted token mean: sum_r w_r sum_t nll_rt / tokens
+            nll = nll * weight[row_of_token % rows]
         group_of_token = torch.div(row_of_token, rows, rounding_mode="floor")
         sums = torch.zeros(groups, device=nll.device).index_add(0, group_of_token, nll)
         counts = torch.bincount(group_of_token, minlength=groups)
         if bool((counts == 0).any()):
             raise ValueError("a batch has no labelled tokens (all labels are -100): there is nothing to train on")
-        return sums / counts
+        losses = sums / counts
+        return losses * weight if weight is not None and weight.dim() == 0 else losses
 
     @torch.no_grad()
     def server_row_features(
