@@ -239,6 +239,8 @@ class SplitCausalLM(nn.Module):
         if bool((counts == 0).any()):
             raise ValueError("a batch has no labelled tokens (all labels are -100): there is nothing to train on")
         losses = sums / counts
+        # a scalar multiplies the mean, not each token: that scales the loss exactly, and the ZO difference of two
+        # near-equal losses would amplify the rounding of a token-by-token product
         return losses * weight if weight is not None and weight.dim() == 0 else losses
 
     @torch.no_grad()
