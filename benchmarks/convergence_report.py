@@ -115,7 +115,7 @@ def _sweep_section(records: list[dict], sweep_steps: int) -> list[str]:
         outcome = "diverged: " + r["diverged"].split(":")[0] if r["diverged"] else ""
         loss = f"{last['val_loss']:.4f}" if last else ""
         acc = f"{100 * last['val_acc']:.1f}" if last else ""
-        lines.append(f"| {c['method']} | {c['lr'] or ''} | {c['zo_lr'] or ''} | {loss} | {acc} | {outcome} |")
+        lines.append(f"| {c['method']} | {c['lr'] or ''} | {'' if c['zo_lr'] is None else c['zo_lr']} | {loss} | {acc} | {outcome} |")
     return [*lines, ""]
 
 
