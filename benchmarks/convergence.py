@@ -60,6 +60,7 @@ from accuracy import (  # the same prompts, batch, max_length, cut and mu, score
     machine,
     quiet_lightning,
 )
+from convergence_report import REFERENCE
 
 from hosl_lightning import (
     HOSLModule,
@@ -109,10 +110,10 @@ METHODS = (
     Method("hosl/momentum-sparse", "hosl", zo_optimizer="zo_momentum", embedding_directions="sparse",
            pair_probes=True, zo_lrs=(1e-7, 1e-6)),
     Method("zo", "zo", zo_lrs=(1e-6, 1e-5)),
-    Method("fixed-client", "hosl", zo_lrs=(0.0,)),  # the reference: the server learns, the client never moves
+    Method(REFERENCE, "hosl", zo_lrs=(0.0,)),  # the reference: the server learns, the client never moves
 )
 METHOD = {m.name: m for m in METHODS}
-HOSL_OPTIONS = tuple(m.name for m in METHODS if m.name.startswith("hosl/"))  # the client options (not the reference)
+HOSL_OPTIONS = tuple(m.name for m in METHODS if m.mode == "hosl" and m.name != REFERENCE)  # the client options
 
 
 @dataclass(frozen=True)

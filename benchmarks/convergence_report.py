@@ -115,7 +115,8 @@ def _sweep_section(records: list[dict], sweep_steps: int) -> list[str]:
         outcome = "diverged: " + r["diverged"].split(":")[0] if r["diverged"] else ""
         loss = f"{last['val_loss']:.4f}" if last else ""
         acc = f"{100 * last['val_acc']:.1f}" if last else ""
-        lines.append(f"| {c['method']} | {c['lr'] or ''} | {'' if c['zo_lr'] is None else c['zo_lr']} | {loss} | {acc} | {outcome} |")
+        zo_lr = "" if c["zo_lr"] is None else c["zo_lr"]  # 0 is the fixed-client reference's
+        lines.append(f"| {c['method']} | {c['lr'] or ''} | {zo_lr} | {loss} | {acc} | {outcome} |")
     return [*lines, ""]
 
 
