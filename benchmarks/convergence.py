@@ -4,6 +4,7 @@
     python benchmarks/convergence.py --budget-min 150   # stop starting new runs after 150 minutes
     python benchmarks/convergence.py --report-only      # rebuild convergence.md / .csv / .png from the cache
     python benchmarks/convergence.py --quick            # a smoke run: 4 steps, 16 examples, into a scratch folder
+    python benchmarks/convergence.py --methods fo hosl/zo_sgd-dense --datasets sms_spam   # only these runs first
 
 Issue 20, item 4. SmolLM2-135M-Instruct (``load_causal_lm("smollm2-135m")``, loaded once, a fresh deep copy per
 run), cut after block 2, prompt classification on ``rotten_tomatoes`` and ``sms_spam`` from ``../shared/data``
@@ -355,6 +356,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a smoke run into a scratch folder")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--methods", nargs="+", choices=[m.name for m in METHODS], default=None,
+                        help="run only these methods' missing runs (sweeps included); the report covers all")
+    parser.add_argument("--datasets", nargs="+", choices=[d.name for d in DATASETS], default=None,
+                        help="run only these datasets' missing final runs; the report covers all")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     global CACHE
@@ -370,14 +375,17 @@ def main(argv: list[str] | None = None) -> int:
         datasets = tuple(d.name for d in DATASETS)
         while True:
             cache = load_cache()
-            todo = plan(cache, steps, sweep_steps, n_val, n_test, seeds, datasets)
+            todo = [c for c in plan(cache, steps, sweep_steps, n_val, n_test, seeds, datasets)
+                    if (args.methods is None or c.method in args.methods)
+                    and (args.datasets is None or c.steps == sweep_steps or c.dataset in args.datasets)]
             elapsed = (time.perf_counter() - started) / 60
             if not todo or elapsed > args.budget_min:
                 print(f"[{elapsed:5.1f} min] {len(todo)} runs left; stopping", flush=True)
                 break
             if base is None:
                 base, tokenizer = load_causal_lm(MODEL), resolve_tokenizer(MODEL)
-            missing_memory = [m for m in METHODS if memory_key(m) not in cache]
+            missing_memory = [m for m in METHODS if memory_key(m) not in cache
+                              and (args.methods is None or m.name in args.methods)]
             if missing_memory and not args.quick:
                 method = missing_memory[0]
                 print(f"[{elapsed:5.1f} min] client memory of {method.name}", flush=True)
