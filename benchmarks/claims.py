@@ -33,6 +33,7 @@ import copy
 import csv
 import dataclasses
 import gc
+import inspect
 import statistics
 import sys
 import time
@@ -61,6 +62,7 @@ from convergence import (
     CUT,
     HOSL_OPTIONS,
     METHOD,
+    METHODS,
     N_TEST,
     N_VAL,
     SEEDS,
@@ -79,7 +81,7 @@ from convergence import (
 )
 from convergence_report import REFERENCE, _mean_curve, bootstrap_difference
 
-from hosl_lightning import SplitCausalLM, load_causal_lm, resolve_tokenizer
+from hosl_lightning import HOSLStrategy, SplitCausalLM, load_causal_lm, resolve_tokenizer
 from hosl_lightning.lightning.cut import freeze_client_modules
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,10 +89,25 @@ DATA = ROOT.parent / "shared" / "data"
 TASKS = tuple(d.name for d in ALL_DATASETS)  # rotten_tomatoes, sms_spam, bbc_news
 CUTS, CUT_TASK = (1, 2, 4, 8), "rotten_tomatoes"
 LORA_RANKS = (2, 16)
-DEFAULT_HOSL = "hosl/zo_sgd-dense"  # the library's default client (HOSLStrategy's zo_optimizer and directions)
 PAPER = {"memory": 3.7, "fo_gap": (0.20, 4.23), "zo_margin": 15.55}
 TARGET_FO_GAP, TARGET_ZO_MARGIN = 1.0, 10.0
 RSS_STEPS = 2
+
+
+def library_default_hosl() -> str:
+    """The convergence study's hosl option that trains with HOSLStrategy's own client defaults (read from its
+    signature, so the two cannot drift apart)."""
+    defaults = {k: p.default for k, p in inspect.signature(HOSLStrategy.__init__).parameters.items()}
+    wanted = (defaults["zo_optimizer"] or "zo_sgd", defaults["embedding_directions"], defaults["pair_probes"],
+              defaults["direction"], defaults["q"])
+    for method in METHODS:
+        if method.name in HOSL_OPTIONS and (method.zo_optimizer, method.embedding_directions, method.pair_probes,
+                                            method.direction, method.q) == wanted:
+            return method.name
+    raise LookupError(f"no hosl option of the convergence study trains with HOSLStrategy's defaults {wanted}")
+
+
+DEFAULT_HOSL = library_default_hosl()  # the library's default client (HOSLStrategy's zo_optimizer and directions)
 
 
 def lora_method(hosl: Method, rank: int) -> Method:
