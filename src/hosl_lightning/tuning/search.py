@@ -111,7 +111,7 @@ def tune(
     fit_config: str,
     space: str,
     n_trials: int = 20,
-    subset: Method = "gradmatch",
+    subset: Method = "milo",
     fraction: float = 0.1,
     select_every_n_steps: int | None = None,
     warm_start_steps: int = 0,
@@ -141,8 +141,10 @@ def tune(
             (ints give integer parameters) or ``{choices: [...]}``, e.g.
             ``trainer.strategy.init_args.zo_lr: {low: 1.0e-7, high: 1.0e-5, log: true}``.
         n_trials: trials this worker runs (several workers on one study add up).
-        subset: how trials choose their training batches: ``gradmatch``, ``random``, ``full`` or ``milo``
-            (``SubsetSelection``).
+        subset: how trials choose their training batches: ``milo`` (default), ``gradmatch``, ``random`` or
+            ``full`` (``SubsetSelection``). MILO is the default because in ``benchmarks/tuning_ranks.py`` (3 study
+            seeds) it alone picked the oracle configuration on every seed at a 5% subset, 13.9x faster than the
+            full-data search; per-batch GradMatch picked a configuration that wrecks the model.
         fraction: the share of training batches a trial trains on per epoch (``subset`` gradmatch, random or
             milo; ``full`` trains on all of them).
         select_every_n_steps: steps between re-selections; default once per subset epoch.
