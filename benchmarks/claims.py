@@ -147,9 +147,11 @@ def best_hosl(cache: dict[str, dict[str, Any]]) -> tuple[str | None, str]:
 
 def study_methods(hosl: str | None) -> tuple[Method, ...]:
     """fo, zo, and (when chosen) the hosl option and its LoRA clients, registered where the cache keys look."""
-    methods = [METHOD["fo"], METHOD["zo"]]
-    if hosl is not None:
+    methods = [METHOD["fo"]]
+    if hosl is not None:  # before zo, whose runs are the slowest: fo - hosl is the first target
         methods.append(METHOD[hosl])
+    methods.append(METHOD["zo"])
+    if hosl is not None:
         for variant in (frozen_embeddings_method(METHOD[hosl]), *(lora_method(METHOD[hosl], r) for r in LORA_RANKS)):
             METHOD[variant.name] = variant
             methods.append(variant)
@@ -157,14 +159,18 @@ def study_methods(hosl: str | None) -> tuple[Method, ...]:
 
 
 def plan(cache: dict[str, dict[str, Any]], hosl: str | None, methods: tuple[Method, ...]) -> list[RunConfig]:
-    """Every run still missing, most useful first: seed 0 of the accuracy runs on each task, the cut and d_c runs
-    at seed 0, then the other seeds. ``methods``: ``study_methods(hosl)``."""
-    best, todo = sweep_choices(cache, SWEEP_STEPS, N_VAL, methods)
+    """Every run still missing, most useful first: seed 0 of the accuracy runs on each task (fo, hosl, zo), the
+    d_c variants' learning-rate sweeps, the cut and d_c runs at seed 0, then the other seeds. ``methods``:
+    ``study_methods(hosl)``."""
+    best, sweeps = sweep_choices(cache, SWEEP_STEPS, N_VAL, methods)
     accuracy = [m.name for m in methods if m.client_adapter is None and m.client_frozen is None]
     variants = [m.name for m in methods if m.name not in accuracy]  # the d_c variants
+    todo: list[RunConfig] = []
     for seed in SEEDS:
         runs = [final_config(best[m], task, seed, STEPS, N_VAL, N_TEST) for task in TASKS for m in accuracy
                 if m in best]
+        if seed == SEEDS[0]:  # the d_c variants' sweeps wait for the first seed of the accuracy runs
+            runs += sweeps
         if hosl in best:
             runs += [final_config(best[hosl], CUT_TASK, seed, STEPS, N_VAL, N_TEST, cut=c) for c in CUTS if c != CUT]
         runs += [final_config(best[m], CUT_TASK, seed, STEPS, N_VAL, N_TEST) for m in variants if m in best]
