@@ -141,6 +141,11 @@ class RunConfig:
         fields = asdict(self) | {"options": METHOD[self.method].options()}
         return f"{self.method.replace('/', '_')}-{self.dataset}-s{self.seed}-{self.steps}steps-{digest(fields)}"
 
+    @property
+    def is_sweep(self) -> bool:
+        """A learning-rate sweep run: scored on validation alone (``sweep_configs``), never on the test split."""
+        return self.n_test == 0
+
 
 def digest(fields: dict[str, Any]) -> str:
     """A cache key's digest of everything that fixes a run."""
@@ -214,7 +219,7 @@ def run(config: RunConfig, base: Any, tokenizer: Any, data_dir: Path, code: str)
                               "curve": curve.points, "train_loss": curve.train_loss, "client_s": curve.client_s}
     if method.client_adapter is None:
         record["client_shift"] = client_shift(strategy.split_model, base, config.cut)
-    if diverged is None and config.n_test:  # sweep runs are judged on validation only
+    if diverged is None and not config.is_sweep:  # sweep runs are judged on validation only
         correct, loss = score_examples(module, test_batches)
         record["test"] = {"acc": statistics.mean(correct), "loss": loss, "correct": correct}
     return record
@@ -377,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
             cache = load_cache()
             todo = [c for c in plan(cache, steps, sweep_steps, n_val, n_test, seeds, datasets)
                     if (args.methods is None or c.method in args.methods)
-                    and (args.datasets is None or c.steps == sweep_steps or c.dataset in args.datasets)]
+                    and (args.datasets is None or c.is_sweep or c.dataset in args.datasets)]
             elapsed = (time.perf_counter() - started) / 60
             if not todo or elapsed > args.budget_min:
                 print(f"[{elapsed:5.1f} min] {len(todo)} runs left; stopping", flush=True)
