@@ -160,7 +160,7 @@ def study_methods(hosl: str | None) -> tuple[Method, ...]:
 
 def plan(cache: dict[str, dict[str, Any]], hosl: str | None, methods: tuple[Method, ...]) -> list[RunConfig]:
     """Every run still missing, most useful first: seed 0 of the accuracy runs on each task (fo, hosl, zo), the
-    d_c variants' learning-rate sweeps, the cut and d_c runs at seed 0, then the other seeds. ``methods``:
+    d_c variants' learning-rate sweeps, the d_c and then the cut runs at seed 0, then the other seeds. ``methods``:
     ``study_methods(hosl)``."""
     best, sweeps = sweep_choices(cache, SWEEP_STEPS, N_VAL, methods)
     accuracy = [m.name for m in methods if m.client_adapter is None and m.client_frozen is None]
@@ -171,9 +171,9 @@ def plan(cache: dict[str, dict[str, Any]], hosl: str | None, methods: tuple[Meth
                 if m in best]
         if seed == SEEDS[0]:  # the d_c variants' sweeps wait for the first seed of the accuracy runs
             runs += sweeps
-        if hosl in best:
-            runs += [final_config(best[hosl], CUT_TASK, seed, STEPS, N_VAL, N_TEST, cut=c) for c in CUTS if c != CUT]
         runs += [final_config(best[m], CUT_TASK, seed, STEPS, N_VAL, N_TEST) for m in variants if m in best]
+        if hosl in best:  # after the d_c variants, which train faster (a smaller or a LoRA client)
+            runs += [final_config(best[hosl], CUT_TASK, seed, STEPS, N_VAL, N_TEST, cut=c) for c in CUTS if c != CUT]
         todo += [r for r in runs if r.key() not in cache and r not in todo]
     return todo
 
