@@ -146,7 +146,8 @@ def best_hosl(cache: dict[str, dict[str, Any]]) -> tuple[str | None, str]:
 
 
 def study_methods(hosl: str | None) -> tuple[Method, ...]:
-    """fo, zo, and (when chosen) the hosl option and its LoRA clients, registered where the cache keys look."""
+    """fo, the hosl option (when chosen), zo, and the hosl option's d_c variants (frozen embeddings, LoRA),
+    registered where the cache keys look."""
     methods = [METHOD["fo"]]
     if hosl is not None:  # before zo, whose runs are the slowest: fo - hosl is the first target
         methods.append(METHOD[hosl])
