@@ -148,10 +148,8 @@ def best_hosl(cache: dict[str, dict[str, Any]]) -> tuple[str | None, str]:
 def study_methods(hosl: str | None) -> tuple[Method, ...]:
     """fo, the hosl option (when chosen), zo, and the hosl option's d_c variants (frozen embeddings, LoRA),
     registered where the cache keys look."""
-    methods = [METHOD["fo"]]
-    if hosl is not None:  # before zo, whose runs are the slowest: fo - hosl is the first target
-        methods.append(METHOD[hosl])
-    methods.append(METHOD["zo"])
+    # hosl before zo, whose runs are the slowest: fo - hosl is the first target
+    methods = [METHOD["fo"], *([METHOD[hosl]] if hosl is not None else []), METHOD["zo"]]
     if hosl is not None:
         for variant in (frozen_embeddings_method(METHOD[hosl]), *(lora_method(METHOD[hosl], r) for r in LORA_RANKS)):
             METHOD[variant.name] = variant
