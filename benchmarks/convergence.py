@@ -95,11 +95,14 @@ class Method:
     client_frozen: tuple[str, ...] | None = None  # client modules that do not train (the d_c study)
 
     def options(self) -> dict[str, Any]:
-        """What keys a run: every field, less those added later while at their defaults (old keys stay valid)."""
-        return {k: v for k, v in asdict(self).items() if not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
+        """What keys a run: every field but the sweep's grid (a run keeps its own lr, so a wider grid orphans
+        nothing), less those added later while at their defaults (old keys stay valid)."""
+        return {k: v for k, v in asdict(self).items()
+                if k not in SWEEP_GRID and not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
 
 
 LATER_FIELDS: dict[str, Any] = {"client_adapter": None, "client_frozen": None}  # fields added after runs were cached, and their defaults
+SWEEP_GRID = ("lrs", "zo_lrs")  # the learning rates a sweep tries: not part of any run's key
 
 
 METHODS = (
