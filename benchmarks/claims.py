@@ -309,7 +309,7 @@ def write_report(cache: dict[str, dict[str, Any]], hosl: str | None, why: str, b
         for method in [METHOD[hosl], *(METHOD.get(name) for name in variants), METHOD[REFERENCE]]:
             if method is None:
                 continue
-            runs = finals(cache, method.name, CUT_TASK)
+            runs = at_selected_rate(cache, method, finals(cache, method.name, CUT_TASK))
             curve = _mean_curve(runs, "val_acc") if runs else []
             curves[method.name] = curve
             at = {step: acc for step, acc in curve}
@@ -334,6 +334,13 @@ def write_report(cache: dict[str, dict[str, Any]], hosl: str | None, why: str, b
         writer.writeheader()
         writer.writerows(rows)
     plot(out / "claims.png", cache, hosl, curves)
+
+
+def at_selected_rate(cache: dict[str, dict[str, Any]], method: Method, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The runs at the zo_lr ``method``'s sweep selects now: a wider grid leaves the runs at an older pick in the cache."""
+    fo = selected(cache, sweep_configs(METHOD["fo"], None, SWEEP_STEPS, N_VAL))
+    pick = selected(cache, sweep_configs(method, fo.lr, SWEEP_STEPS, N_VAL)) if fo and method.name != REFERENCE else None
+    return runs if pick is None else [r for r in runs if r["config"]["zo_lr"] == pick.zo_lr]
 
 
 def sweep_cell(cache: dict[str, dict[str, Any]], method: Method) -> str:
