@@ -77,7 +77,6 @@ from convergence import (
     memory_key,
     run,
     save,
-    selected,
     sweep_choices,
     sweep_configs,
 )
@@ -306,10 +305,12 @@ def write_report(cache: dict[str, dict[str, Any]], hosl: str | None, why: str, b
     curves: dict[str, list[tuple[int, float]]] = {}
     if hosl:
         variants = [f"{hosl}+frozen-embeddings", *(f"{hosl}+lora{r}" for r in LORA_RANKS)]
-        for method in [METHOD[hosl], *(METHOD.get(name) for name in variants), METHOD[REFERENCE]]:
-            if method is None:
-                continue
-            runs = at_selected_rate(cache, method, finals(cache, method.name, CUT_TASK))
+        clients = [m for m in [METHOD[hosl], *(METHOD.get(name) for name in variants), METHOD[REFERENCE]] if m]
+        best, _ = sweep_choices(cache, SWEEP_STEPS, N_VAL, (METHOD["fo"], *clients))
+        for method in clients:
+            # at the rate the sweep selects now: a wider grid leaves the runs at an older pick in the cache
+            pick = best.get(method.name)
+            runs = [r for r in finals(cache, method.name, CUT_TASK) if pick is None or r["config"]["zo_lr"] == pick.zo_lr]
             curve = _mean_curve(runs, "val_acc") if runs else []
             curves[method.name] = curve
             at = {step: acc for step, acc in curve}
@@ -318,7 +319,7 @@ def write_report(cache: dict[str, dict[str, Any]], hosl: str | None, why: str, b
             d_c = 0 if method.name == REFERENCE else client_weights(base, CUT, method.client_adapter,
                                                                     method.client_frozen)
             lines.append(f"| {method.name} | {d_c:,} | {'-' if zo_lr is None else f'{zo_lr:g}'} | "
-                         f"{sweep_cell(cache, method)} | {points} | {accuracy_cell(runs)} |")
+                         f"{sweep_cell(cache, method, best.get('fo'))} | {points} | {accuracy_cell(runs)} |")
             rows += [{"study": "d_c", "task": CUT_TASK, "method": method.name, "cut": CUT, "seed": r["config"]["seed"],
                       "test_acc": r["test"]["acc"], "commit": r["commit"]} for r in runs]
     lines += ["", ("Validation accuracy is the mean over seeds on 100 examples; d_c counts the weights the client perturbs. "
@@ -336,16 +337,9 @@ def write_report(cache: dict[str, dict[str, Any]], hosl: str | None, why: str, b
     plot(out / "claims.png", cache, hosl, curves)
 
 
-def at_selected_rate(cache: dict[str, dict[str, Any]], method: Method, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The runs at the zo_lr ``method``'s sweep selects now: a wider grid leaves the runs at an older pick in the cache."""
-    fo = selected(cache, sweep_configs(METHOD["fo"], None, SWEEP_STEPS, N_VAL))
-    pick = selected(cache, sweep_configs(method, fo.lr, SWEEP_STEPS, N_VAL)) if fo and method.name != REFERENCE else None
-    return runs if pick is None else [r for r in runs if r["config"]["zo_lr"] == pick.zo_lr]
-
-
-def sweep_cell(cache: dict[str, dict[str, Any]], method: Method) -> str:
-    """Each zo_lr of ``method``'s sweep with its final validation loss ('diverged', or '...' while not run)."""
-    fo = selected(cache, sweep_configs(METHOD["fo"], None, SWEEP_STEPS, N_VAL))
+def sweep_cell(cache: dict[str, dict[str, Any]], method: Method, fo: RunConfig | None) -> str:
+    """Each zo_lr of ``method``'s sweep (its server at fo's selected lr) with its final validation loss
+    ('diverged', or '...' while not run)."""
     if fo is None or method.name == REFERENCE:
         return "-"
     cells = []
