@@ -164,17 +164,19 @@ def study_methods(hosl: str | None) -> tuple[Method, ...]:
 
 def plan(cache: dict[str, dict[str, Any]], hosl: str | None, methods: tuple[Method, ...]) -> list[RunConfig]:
     """Every run still missing, most useful first: seed 0 of the accuracy runs on each task (fo, hosl, zo), the
-    d_c variants' learning-rate sweeps, the d_c and then the cut runs at seed 0, then the other seeds. ``methods``:
-    ``study_methods(hosl)``."""
+    d_c variants' learning-rate sweeps, the d_c and then the cut runs at seed 0, then the other seeds, the
+    accuracy runs of every seed before any other seed-1 or seed-2 run (they carry the headline claims).
+    ``methods``: ``study_methods(hosl)``."""
     best, sweeps = sweep_choices(cache, SWEEP_STEPS, N_VAL, methods)
     accuracy = [m.name for m in methods if m.client_adapter is None and m.client_frozen is None]
     variants = [m.name for m in methods if m.name not in accuracy]  # the d_c variants
+    accuracy_runs = lambda seed: [final_config(best[m], task, seed, STEPS, N_VAL, N_TEST) for task in TASKS
+                                  for m in accuracy if m in best]
     todo: list[RunConfig] = []
     for seed in SEEDS:
-        runs = [final_config(best[m], task, seed, STEPS, N_VAL, N_TEST) for task in TASKS for m in accuracy
-                if m in best]
+        runs = accuracy_runs(seed)
         if seed == SEEDS[0]:  # the d_c variants' sweeps wait for the first seed of the accuracy runs
-            runs += sweeps
+            runs += sweeps + [r for later in SEEDS[1:] for r in accuracy_runs(later)]
         runs += [final_config(best[m], CUT_TASK, seed, STEPS, N_VAL, N_TEST) for m in variants if m in best]
         if hosl in best:  # after the d_c variants, which train faster (a smaller or a LoRA client)
             runs += [final_config(best[hosl], CUT_TASK, seed, STEPS, N_VAL, N_TEST, cut=c) for c in CUTS if c != CUT]
