@@ -237,6 +237,13 @@ def paired(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> tuple[float, flo
     return (*bootstrap_difference(pick(a), pick(b)), len(seeds))
 
 
+def difference_cell(difference: tuple[float, float, float, int] | None, seeds: bool = False) -> str:
+    """A paired difference from ``paired`` in points, with its 95% interval (and the seeds it pairs)."""
+    if difference is None:
+        return "-"
+    return f"{difference[0]:+.1f} [{difference[1]:+.1f}, {difference[2]:+.1f}]" + (f" ({difference[3]})" if seeds else "")
+
+
 def accuracy_cell(runs: list[dict[str, Any]]) -> str:
     if not runs:
         return "-"
@@ -266,10 +273,9 @@ def write_report(cache: dict[str, dict[str, Any]], hosl: str | None, why: str, b
         examples = next((len(r["test"]["correct"]) for r in fo + zo + ho), 0)
         gap, margin = paired(fo, ho), paired(ho, zo)
         gaps[task], margins[task] = gap, margin
-        cell = lambda x: "-" if x is None else f"{x[0]:+.1f} [{x[1]:+.1f}, {x[2]:+.1f}]"
         seeds = "/".join(str(x[3]) if x else "-" for x in (gap, margin))
-        lines.append(f"| {task} | {examples or '-'} | {accuracy_cell(fo)} | {accuracy_cell(ho)} | {accuracy_cell(zo)} | {cell(gap)} | "
-                     f"{cell(margin)} | {seeds} |")
+        lines.append(f"| {task} | {examples or '-'} | {accuracy_cell(fo)} | {accuracy_cell(ho)} | {accuracy_cell(zo)} | {difference_cell(gap)} | "
+                     f"{difference_cell(margin)} | {seeds} |")
         for method, runs in (("fo", fo), ("zo", zo), (hosl, ho)):
             rows += [{"study": "accuracy", "task": task, "method": method, "cut": CUT, "seed": r["config"]["seed"],
                       "test_acc": r["test"]["acc"], "commit": r["commit"]} for r in runs]
@@ -278,7 +284,9 @@ def write_report(cache: dict[str, dict[str, Any]], hosl: str | None, why: str, b
     hosl_method = METHOD.get(hosl) if hosl else None
     lines += ["## Client memory and accuracy by cut", "",
               ("| cut | d_c | fo peak MiB | hosl peak MiB | floor MiB | fo / hosl | fo client RSS MiB | hosl client RSS "
-               "MiB | hosl test acc (rotten_tomatoes) |"), "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+               "MiB | hosl test acc (rotten_tomatoes) | minus cut 2 [95% CI] (seeds) |"),
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    at_cut_2 = finals(cache, hosl, CUT_TASK, CUT) if hosl else []
     memory_ratios = []
     for cut in CUTS:
         fo_memory = cache.get(memory_key(METHOD["fo"], cut))
@@ -293,26 +301,31 @@ def write_report(cache: dict[str, dict[str, Any]], hosl: str | None, why: str, b
         lines.append(f"| {cut} | {client_weights(base, cut, None) / 1e6:.1f} M | {number(fo_memory, 'peak_mib')} | "
                      f"{number(ho_memory, 'peak_mib')} | {number(ho_memory or fo_memory, 'floor_mib')} | "
                      f"{'-' if ratio is None else f'{ratio:.2f}x'} | {number(fo_rss, 'client_rss_mib')} | "
-                     f"{number(ho_rss, 'client_rss_mib')} | {accuracy_cell(runs)} |")
+                     f"{number(ho_rss, 'client_rss_mib')} | {accuracy_cell(runs)} | "
+                     f"{'' if cut == CUT else difference_cell(paired(runs, at_cut_2), seeds=True)} |")
         rows += [{"study": "cut", "task": CUT_TASK, "method": hosl, "cut": cut, "seed": r["config"]["seed"],
                   "test_acc": r["test"]["acc"], "commit": r["commit"]} for r in runs]
     lines += ["", ("Peak MiB: the client's peak over a training step (torch's memory tracker, batch 8 x 64); the floor "
                    "is its weights plus one no-grad forward. RSS: the peak resident memory of the client process of "
                    f"a two-process run ({RSS_STEPS} steps, random tokens), which also counts Python and the libraries. "
-                   "Every cut trains at the learning rates selected at cut 2."), ""]
+                   "Every cut trains at the learning rates selected at cut 2. The last column: paired 95% interval "
+                   "(bootstrap over the seeds both cuts finished and the test examples)."), ""]
     # d_c
     lines += ["## Convergence against d_c (cut 2, rotten_tomatoes)", "",
-              "| client | d_c | zo_lr | sweep: zo_lr (val loss) | val acc at 50 / 150 / 300 steps | test acc |",
-              "|---|---:|---:|---|---:|---:|"]
+              ("| client | d_c | zo_lr | sweep: zo_lr (val loss) | val acc at 50 / 150 / 300 steps | test acc | "
+               "minus the full client [95% CI] (seeds) |"),
+              "|---|---:|---:|---|---:|---:|---:|"]
     curves: dict[str, list[tuple[int, float]]] = {}
     if hosl:
         variants = [f"{hosl}+frozen-embeddings", *(f"{hosl}+lora{r}" for r in LORA_RANKS)]
         clients = [m for m in [METHOD[hosl], *(METHOD.get(name) for name in variants), METHOD[REFERENCE]] if m]
         best, _ = sweep_choices(cache, SWEEP_STEPS, N_VAL, (METHOD["fo"], *clients))
+        full_client: list[dict[str, Any]] = []  # clients[0], the hosl option itself
         for method in clients:
             # at the rate the sweep selects now: a wider grid leaves the runs at an older pick in the cache
             pick = best.get(method.name)
             runs = [r for r in finals(cache, method.name, CUT_TASK) if pick is None or r["config"]["zo_lr"] == pick.zo_lr]
+            full_client = runs if method.name == hosl else full_client
             curve = _mean_curve(runs, "val_acc") if runs else []
             curves[method.name] = curve
             at = {step: acc for step, acc in curve}
@@ -321,7 +334,8 @@ def write_report(cache: dict[str, dict[str, Any]], hosl: str | None, why: str, b
             d_c = 0 if method.name == REFERENCE else client_weights(base, CUT, method.client_adapter,
                                                                     method.client_frozen)
             lines.append(f"| {method.name} | {d_c:,} | {'-' if zo_lr is None else f'{zo_lr:g}'} | "
-                         f"{sweep_cell(cache, method, best.get('fo'))} | {points} | {accuracy_cell(runs)} |")
+                         f"{sweep_cell(cache, method, best.get('fo'))} | {points} | {accuracy_cell(runs)} | "
+                         f"{'' if method.name == hosl else difference_cell(paired(runs, full_client), seeds=True)} |")
             rows += [{"study": "d_c", "task": CUT_TASK, "method": method.name, "cut": CUT, "seed": r["config"]["seed"],
                       "test_acc": r["test"]["acc"], "commit": r["commit"]} for r in runs]
     lines += ["", ("Validation accuracy is the mean over seeds on 100 examples; d_c counts the weights the client perturbs. "
