@@ -164,9 +164,8 @@ def study_methods(hosl: str | None) -> tuple[Method, ...]:
 
 def plan(cache: dict[str, dict[str, Any]], hosl: str | None, methods: tuple[Method, ...]) -> list[RunConfig]:
     """Every run still missing, most useful first: seed 0 of the accuracy runs on each task (fo, hosl, zo), the
-    d_c variants' learning-rate sweeps, the d_c and then the cut runs at seed 0, then the other seeds, the
-    accuracy runs of every seed before any other seed-1 or seed-2 run (they carry the headline claims).
-    ``methods``: ``study_methods(hosl)``."""
+    d_c variants' learning-rate sweeps, the accuracy runs' other seeds (they carry the headline claims), then the
+    d_c and cut runs, seed by seed. ``methods``: ``study_methods(hosl)``."""
     best, sweeps = sweep_choices(cache, SWEEP_STEPS, N_VAL, methods)
     accuracy = [m.name for m in methods if m.client_adapter is None and m.client_frozen is None]
     variants = [m.name for m in methods if m.name not in accuracy]  # the d_c variants
