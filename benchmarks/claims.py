@@ -324,7 +324,8 @@ def write_report(cache: dict[str, dict[str, Any]], hosl: str | None, why: str, b
             # at the rate the sweep selects now: a wider grid leaves the runs at an older pick in the cache
             pick = best.get(method.name)
             runs = [r for r in finals(cache, method.name, CUT_TASK) if pick is None or r["config"]["zo_lr"] == pick.zo_lr]
-            full_client = runs if method.name == hosl else full_client
+            if method.name == hosl:
+                full_client = runs
             curve = _mean_curve(runs, "val_acc") if runs else []
             curves[method.name] = curve
             at = {step: acc for step, acc in curve}
