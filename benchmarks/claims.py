@@ -296,7 +296,7 @@ def write_report(cache: dict[str, dict[str, Any]], hosl: str | None, why: str, b
         if ratio:
             memory_ratios.append((cut, ratio))
         number = lambda r, k: "-" if r is None else f"{r[k]:.0f}"
-        runs = finals(cache, hosl, CUT_TASK, cut) if hosl else []
+        runs = at_cut_2 if cut == CUT else finals(cache, hosl, CUT_TASK, cut) if hosl else []
         lines.append(f"| {cut} | {client_weights(base, cut, None) / 1e6:.1f} M | {number(fo_memory, 'peak_mib')} | "
                      f"{number(ho_memory, 'peak_mib')} | {number(ho_memory or fo_memory, 'floor_mib')} | "
                      f"{'-' if ratio is None else f'{ratio:.2f}x'} | {number(fo_rss, 'client_rss_mib')} | "
