@@ -80,7 +80,7 @@ from convergence import (
     sweep_choices,
     sweep_configs,
 )
-from convergence_report import REFERENCE, _mean_curve, bootstrap_difference
+from convergence_report import REFERENCE, _mean_curve, _paired, bootstrap_difference
 
 from hosl_lightning import HOSLStrategy, SplitCausalLM, load_causal_lm, resolve_tokenizer
 from hosl_lightning.lightning.cut import freeze_client_modules
@@ -144,7 +144,7 @@ def best_hosl(cache: dict[str, dict[str, Any]]) -> tuple[str | None, str]:
              for name in HOSL_OPTIONS if name != DEFAULT_HOSL}
     better = {name: lead for name, lead in leads.items() if lead[1] > 0}
     best = max(better, key=lambda name: better[name][0]) if better else DEFAULT_HOSL
-    listing = ", ".join(f"{name} {point:+.1f} [{low:+.1f}, {high:+.1f}]" for name, (point, low, high) in leads.items())
+    listing = ", ".join(f"{name} {difference_cell(lead)}" for name, lead in leads.items())
     verdict = f"{best} leads it significantly" if better else "no option leads it significantly"
     return best, (f"the default {DEFAULT_HOSL} unless an option beats it (paired 95% interval above 0) over the "
                   f"{len(common)} runs every option finished: {verdict} (minus the default: {listing})")
@@ -229,14 +229,11 @@ def finals(cache: dict[str, dict[str, Any]], method: str, task: str, cut: int = 
 
 
 def paired(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> tuple[float, float, float, int] | None:
-    seeds = sorted({r["config"]["seed"] for r in a} & {r["config"]["seed"] for r in b})
-    if not seeds:
-        return None
-    pick = lambda runs: [next(r["test"]["correct"] for r in runs if r["config"]["seed"] == s) for s in seeds]
-    return (*bootstrap_difference(pick(a), pick(b)), len(seeds))
+    x, y = _paired(a, b)
+    return (*bootstrap_difference(x, y), len(x)) if x else None
 
 
-def difference_cell(difference: tuple[float, float, float, int] | None, seeds: bool = False) -> str:
+def difference_cell(difference: tuple[float, ...] | None, seeds: bool = False) -> str:
     """A paired difference from ``paired`` in points, with its 95% interval (and the seeds it pairs)."""
     if difference is None:
         return "-"
@@ -296,7 +293,7 @@ def write_report(cache: dict[str, dict[str, Any]], hosl: str | None, why: str, b
         if ratio:
             memory_ratios.append((cut, ratio))
         number = lambda r, k: "-" if r is None else f"{r[k]:.0f}"
-        runs = at_cut_2 if cut == CUT else finals(cache, hosl, CUT_TASK, cut) if hosl else []
+        runs = at_cut_2 if cut == CUT else (finals(cache, hosl, CUT_TASK, cut) if hosl else [])
         lines.append(f"| {cut} | {client_weights(base, cut, None) / 1e6:.1f} M | {number(fo_memory, 'peak_mib')} | "
                      f"{number(ho_memory, 'peak_mib')} | {number(ho_memory or fo_memory, 'floor_mib')} | "
                      f"{'-' if ratio is None else f'{ratio:.2f}x'} | {number(fo_rss, 'client_rss_mib')} | "
@@ -370,7 +367,7 @@ def sweep_cell(cache: dict[str, dict[str, Any]], method: Method, fo: RunConfig |
 def claims_table(gaps: dict[str, Any], margins: dict[str, Any], memory_ratios: list[tuple[int, float]]) -> list[str]:
     """Each claim of the paper in its own terms, beside ours, with the issue's targets."""
     def per_task(values: dict[str, Any]) -> str:
-        parts = [f"{task} {v[0]:+.1f} [{v[1]:+.1f}, {v[2]:+.1f}]" for task, v in values.items() if v is not None]
+        parts = [f"{task} {difference_cell(v)}" for task, v in values.items() if v is not None]
         return "; ".join(parts) or "not yet measured"
 
     def verdict(values: dict[str, Any], ok: Any) -> str:
