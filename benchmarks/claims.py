@@ -33,7 +33,6 @@ import copy
 import csv
 import dataclasses
 import gc
-import inspect
 import statistics
 import sys
 import time
@@ -62,7 +61,6 @@ from convergence import (
     CUT,
     HOSL_OPTIONS,
     METHOD,
-    METHODS,
     N_TEST,
     N_VAL,
     SEEDS,
@@ -72,6 +70,7 @@ from convergence import (
     RunConfig,
     digest,
     final_config,
+    library_default_hosl,
     load_cache,
     measure_memory,
     memory_key,
@@ -80,9 +79,16 @@ from convergence import (
     sweep_choices,
     sweep_configs,
 )
-from convergence_report import REFERENCE, _mean_curve, _paired, bootstrap_difference
+from convergence_report import (
+    REFERENCE,
+    TARGET_FO_GAP,
+    TARGET_ZO_MARGIN,
+    _mean_curve,
+    _paired,
+    bootstrap_difference,
+)
 
-from hosl_lightning import HOSLStrategy, SplitCausalLM, load_causal_lm, resolve_tokenizer
+from hosl_lightning import SplitCausalLM, load_causal_lm, resolve_tokenizer
 from hosl_lightning.lightning.cut import freeze_client_modules
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,21 +101,7 @@ LORA_RANKS = (2, 16)
 # at 1e-3 (validation loss 2.37); LoRA's loss stayed flat up to 1e-2, so its grid goes on to 1e-1.
 LORA_ZO_LRS, FROZEN_ZO_LRS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1), (1e-5, 1e-4, 1e-3)
 PAPER = {"memory": 3.7, "fo_gap": (0.20, 4.23), "zo_margin": 15.55}
-TARGET_FO_GAP, TARGET_ZO_MARGIN = 1.0, 10.0
 RSS_STEPS = 2
-
-
-def library_default_hosl() -> str:
-    """The convergence study's hosl option that trains with HOSLStrategy's own client defaults (read from its
-    signature, so the two cannot drift apart)."""
-    defaults = {k: p.default for k, p in inspect.signature(HOSLStrategy.__init__).parameters.items()}
-    wanted = (defaults["zo_optimizer"] or "zo_sgd", defaults["embedding_directions"], defaults["pair_probes"],
-              defaults["direction"], defaults["q"])
-    for method in METHODS:
-        if method.name in HOSL_OPTIONS and (method.zo_optimizer, method.embedding_directions, method.pair_probes,
-                                            method.direction, method.q) == wanted:
-            return method.name
-    raise LookupError(f"no hosl option of the convergence study trains with HOSLStrategy's defaults {wanted}")
 
 
 DEFAULT_HOSL = library_default_hosl()  # the library's default client (HOSLStrategy's zo_optimizer and directions)

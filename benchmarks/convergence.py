@@ -34,6 +34,7 @@ import copy
 import functools
 import gc
 import hashlib
+import inspect
 import json
 import statistics
 import sys
@@ -118,6 +119,19 @@ METHODS = (
 )
 METHOD = {m.name: m for m in METHODS}
 HOSL_OPTIONS = tuple(m.name for m in METHODS if m.mode == "hosl" and m.name != REFERENCE)  # the client options
+
+
+def library_default_hosl() -> str:
+    """The convergence study's hosl option that trains with HOSLStrategy's own client defaults (read from its
+    signature, so the two cannot drift apart)."""
+    defaults = {k: p.default for k, p in inspect.signature(HOSLStrategy.__init__).parameters.items()}
+    wanted = (defaults["zo_optimizer"] or "zo_sgd", defaults["embedding_directions"], defaults["pair_probes"],
+              defaults["direction"], defaults["q"])
+    for method in METHODS:
+        if method.name in HOSL_OPTIONS and (method.zo_optimizer, method.embedding_directions, method.pair_probes,
+                                            method.direction, method.q) == wanted:
+            return method.name
+    raise LookupError(f"no hosl option of the convergence study trains with HOSLStrategy's defaults {wanted}")
 
 
 @dataclass(frozen=True)
@@ -411,7 +425,8 @@ def main(argv: list[str] | None = None) -> int:
             gc.collect()
     from convergence_report import write_report
 
-    write_report(own_records(load_cache()), args.out, steps, sweep_steps, seeds, n_test, machine(), MODEL_NAME)
+    write_report(own_records(load_cache()), args.out, steps, sweep_steps, seeds, n_test, machine(), MODEL_NAME,
+                 default=library_default_hosl())
     return 0
 
 
