@@ -250,17 +250,19 @@ def _plot(finals: dict[tuple[str, str], list[dict]], path: Path) -> None:
     if not datasets:
         return
     figure, axes = plt.subplots(len(datasets), 3, figsize=(15, 4 * len(datasets)), squeeze=False)
+    methods = sorted({m for _, m in finals})
+    color = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}  # one colour a method, in every panel
     for row, dataset in enumerate(datasets):
         for (d, method), runs in sorted(finals.items()):
             if d != dataset:
                 continue
             acc, loss = _mean_curve(runs, "val_acc"), _mean_curve(runs, "val_loss")
             client = _mean_curve(runs, "client_s")
-            axes[row][0].plot([s for s, _ in acc], [100 * v for _, v in acc], marker="o", label=method)
-            axes[row][1].plot([s for s, _ in loss], [v for _, v in loss], marker="o", label=method)
-            if method != "fo" and client:
-                axes[row][2].plot([c for _, c in client], [100 * v for _, v in acc[:len(client)]], marker="o",
-                                  label=method)
+            style = {"marker": "o", "label": method, "color": color[method]}
+            axes[row][0].plot([s for s, _ in acc], [100 * v for _, v in acc], **style)
+            axes[row][1].plot([s for s, _ in loss], [v for _, v in loss], **style)
+            if client:
+                axes[row][2].plot([c for _, c in client], [100 * v for _, v in acc[:len(client)]], **style)
         axes[row][0].set(title=f"{dataset}: validation accuracy", xlabel="step", ylabel="accuracy (%)")
         axes[row][1].set(title=f"{dataset}: validation loss", xlabel="step", ylabel="loss")
         axes[row][2].set(title=f"{dataset}: accuracy against client seconds", xlabel="client seconds (cumulative)",
