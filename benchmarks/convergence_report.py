@@ -217,7 +217,9 @@ def _targets(verdicts: list[tuple]) -> list[str]:
 def _gap_miss(dataset: str, method: str, runs: list[dict], fo: list[dict], fixed: list[dict], gap: float) -> str:
     """One missed accuracy target: the excess, the seeds beside fo's, and the option against the fixed client (the
     server alone), which tells a client that hurts from one that adds nothing."""
-    per_seed = lambda group: ", ".join(f"{100 * r['test']['acc']:.1f}" for r in sorted(group, key=lambda r: r["config"]["seed"]))
+    def per_seed(group: list[dict]) -> str:
+        return ", ".join(f"{100 * r['test']['acc']:.1f}" for r in sorted(group, key=lambda r: r["config"]["seed"]))
+
     vs_fixed = _interval(runs, fixed)
     return (f"- {dataset}, {method} (zo_lr {runs[0]['config']['zo_lr']:g}): fo - hosl is {gap:+.1f}, "
             f"{gap - TARGET_FO_GAP:.1f} over the {TARGET_FO_GAP:g}-point target; by seed it tests {per_seed(runs)} "
@@ -235,9 +237,9 @@ def _memory_target(memories: list[dict], default: str | None) -> list[str]:
     if record is None:
         return []
     ratio = record["peak_mib"] / record["floor_mib"]
+    verdict = _met(ratio <= TARGET_FLOOR_RATIO)
     return [(f"The default option ({default}, HOSLStrategy's own client defaults) peaks at {ratio:.2f}x the client's "
-             f"inference floor (target: at the floor, within {TARGET_FLOOR_RATIO:g}x): {_met(ratio <= TARGET_FLOOR_RATIO)}."),
-            ""]
+             f"inference floor (target: at the floor, within {TARGET_FLOOR_RATIO:g}x): {verdict}."), ""]
 
 
 def _plot(finals: dict[tuple[str, str], list[dict]], path: Path) -> None:
