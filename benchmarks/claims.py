@@ -84,8 +84,9 @@ from convergence_report import (
     TARGET_FO_GAP,
     TARGET_ZO_MARGIN,
     _mean_curve,
-    _paired,
     bootstrap_difference,
+    difference_cell,
+    paired,
 )
 
 from hosl_lightning import SplitCausalLM, load_causal_lm, resolve_tokenizer
@@ -218,18 +219,6 @@ def finals(cache: dict[str, dict[str, Any]], method: str, task: str, cut: int = 
             and r["config"].get("steps") == STEPS and r["config"].get("cut", CUT) == cut
             and r["config"].get("seed") in SEEDS and r["config"].get("n_test") == N_TEST and r.get("test")]
     return sorted(runs, key=lambda r: r["config"]["seed"])
-
-
-def paired(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> tuple[float, float, float, int] | None:
-    x, y = _paired(a, b)
-    return (*bootstrap_difference(x, y), len(x)) if x else None
-
-
-def difference_cell(difference: tuple[float, ...] | None, seeds: bool = False) -> str:
-    """A paired difference from ``paired`` in points, with its 95% interval (and the seeds it pairs)."""
-    if difference is None:
-        return "-"
-    return f"{difference[0]:+.1f} [{difference[1]:+.1f}, {difference[2]:+.1f}]" + (f" ({difference[3]})" if seeds else "")
 
 
 def accuracy_cell(runs: list[dict[str, Any]]) -> str:

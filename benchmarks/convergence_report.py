@@ -14,6 +14,11 @@ TARGET_FLOOR_RATIO = 1.25  # "at the memory floor": the client's peak within 1.2
 REFERENCE = "fixed-client"  # convergence.py's reference: hosl at zo_lr 0, the server learning alone
 
 
+def mean_difference(a: list[list[int]], b: list[list[int]]) -> float:
+    """Mean accuracy of ``a`` minus ``b`` in points: ``bootstrap_difference``'s point, without its draws."""
+    return 100 * (statistics.mean(map(statistics.mean, a)) - statistics.mean(map(statistics.mean, b)))
+
+
 def bootstrap_difference(a: list[list[int]], b: list[list[int]], draws: int = 2000,
                          seed: int = 0) -> tuple[float, float, float]:
     """Mean accuracy of ``a`` minus ``b`` in points, with a paired 95% bootstrap interval over seeds and examples.
@@ -23,7 +28,7 @@ def bootstrap_difference(a: list[list[int]], b: list[list[int]], draws: int = 20
     """
     rng = random.Random(seed)
     seeds, examples = len(a), len(a[0])
-    point = 100 * (statistics.mean(map(statistics.mean, a)) - statistics.mean(map(statistics.mean, b)))
+    point = mean_difference(a, b)
     differences = [[x - y for x, y in zip(a[s], b[s])] for s in range(seeds)]
     values = []
     for _ in range(draws):
@@ -175,14 +180,28 @@ def _paired(a: list[dict], b: list[dict]) -> tuple[list[list[int]], list[list[in
     return pick(a), pick(b)
 
 
-def _interval(a: list[dict], b: list[dict]) -> str:
-    if not a or not b or a is b:
-        return ""
+def paired(a: list[dict], b: list[dict]) -> tuple[float, float, float, int] | None:
+    """``a`` minus ``b`` over the seeds both finished: the bootstrap difference and how many seeds it pairs."""
     x, y = _paired(a, b)
-    if not x:
-        return ""
-    point, low, high = bootstrap_difference(x, y)
-    return f"{point:+.1f} [{low:+.1f}, {high:+.1f}]"
+    return (*bootstrap_difference(x, y), len(x)) if x else None
+
+
+def difference_cell(difference: tuple[float, ...] | None, seeds: bool = False, missing: str = "-") -> str:
+    """A paired difference from ``paired`` in points, with its 95% interval (and the seeds it pairs)."""
+    if difference is None:
+        return missing
+    cell = f"{difference[0]:+.1f} [{difference[1]:+.1f}, {difference[2]:+.1f}]"
+    return cell + (f" ({difference[3]})" if seeds else "")
+
+
+def _point(a: list[dict], b: list[dict]) -> float:
+    """``a`` minus ``b`` in points over the seeds both finished (no interval: the verdicts need only the point)."""
+    x, y = _paired(a, b)
+    return mean_difference(x, y) if x else float("nan")
+
+
+def _interval(a: list[dict], b: list[dict]) -> str:
+    return "" if a is b else difference_cell(paired(a, b), missing="")
 
 
 def _targets(verdicts: list[tuple]) -> list[str]:
@@ -193,10 +212,7 @@ def _targets(verdicts: list[tuple]) -> list[str]:
     best: dict[str, tuple[float, str, bool]] = {}  # dataset -> (mean test accuracy, method, every target met)
     misses = []
     for dataset, method, runs, fo, zo, fixed, fo_steps, reach in verdicts:
-        x, y = _paired(fo, runs)
-        gap = bootstrap_difference(x, y)[0] if x else float("nan")
-        x, y = _paired(runs, zo)
-        margin = bootstrap_difference(x, y)[0] if x else float("nan")
+        gap, margin = _point(fo, runs), _point(runs, zo)
         steps_ok = reach is not None and fo_steps is not None and reach <= TARGET_STEPS_RATIO * fo_steps
         met = (gap <= TARGET_FO_GAP, steps_ok, margin >= TARGET_ZO_MARGIN)
         lines.append(f"| {dataset} | {method} | {gap:+.1f}: {_met(met[0])} | {reach} vs {fo_steps}: {_met(met[1])} | "
@@ -220,11 +236,11 @@ def _gap_miss(dataset: str, method: str, runs: list[dict], fo: list[dict], fixed
     def per_seed(group: list[dict]) -> str:
         return ", ".join(f"{100 * r['test']['acc']:.1f}" for r in sorted(group, key=lambda r: r["config"]["seed"]))
 
-    vs_fixed = _interval(runs, fixed)
+    vs_fixed = paired(runs, fixed)
     return (f"- {dataset}, {method} (zo_lr {runs[0]['config']['zo_lr']:g}): fo - hosl is {gap:+.1f}, "
             f"{gap - TARGET_FO_GAP:.1f} over the {TARGET_FO_GAP:g}-point target; by seed it tests {per_seed(runs)} "
             f"against fo's {per_seed(fo)}"
-            + (f"; minus the fixed client {vs_fixed} ({len(_paired(runs, fixed)[0])} seeds)" if vs_fixed else "") + ".")
+            + (f"; minus the fixed client {difference_cell(vs_fixed)} ({vs_fixed[3]} seeds)" if vs_fixed else "") + ".")
 
 
 def _met(ok: bool) -> str:
