@@ -139,14 +139,14 @@ def test_without_dropout_the_gradient_costs_no_extra_server_forward() -> None:
 
 
 def test_a_mode_is_a_registry_entry() -> None:
-    assert set(MODES) == {"hosl", "fo", "zo"}
+    assert set(MODES) == {"hosl", "fo", "zo", "frozen"}
     hosl = get_mode("hosl")
     assert hosl.zo_halves == ("client",) and get_mode("zo").zo_halves == ("client", "server")
-    with pytest.raises(ValueError, match=r"mode='hsol' is not valid: choose one of 'hosl', 'fo', 'zo'"):
+    with pytest.raises(ValueError, match=r"mode='hsol' is not valid: choose one of 'hosl', 'fo', 'zo', 'frozen'"):
         get_mode("hsol")
     with pytest.raises(ValueError, match="registered already"):
         register_mode(Mode("hosl", (), hosl.client_step, hosl.server_step, "losses", hosl.probes))
-    with pytest.raises(ValueError, match="'losses' or 'grad'"):
+    with pytest.raises(ValueError, match="'losses', 'grad', 'loss', got 'scores'"):
         Mode("other", (), hosl.client_step, hosl.server_step, "scores", hosl.probes)
 
 

@@ -93,7 +93,7 @@ class InProcessBoundary:
 # what the server needs for a loss: "labels"; "class_labels"/"num_classes"; "loss_weight" (one number, or one per
 # example); "source_rows" (shared prompts: each labels row's source among the rows forwarded)
 Targets = dict[str, Any]
-Reply = dict[str, Tensor]  # what a server half sends down: {"losses", "loss"} or {"gradient", "loss"}
+Reply = dict[str, Tensor]  # what a server half sends down: {"losses", "loss"}, {"gradient", "loss"} or {"loss"}
 Fields = dict[str, Any]  # small JSON-able facts that travel with activations (a zo probe's query and sign)
 
 
@@ -114,6 +114,9 @@ class ClientLink(Protocol):
     def gradient(self, like: Tensor, then: Callable[[Tensor], None] | None = None) -> tuple[Tensor, Tensor]:
         """dL/dh at the cut, shaped like the activations sent, and the loss; ``then(gradient)`` runs as the
         client's work on its arrival (fo's backward)."""
+
+    def loss(self) -> Tensor:
+        """The step's training loss alone: all that a client which does not learn gets back (frozen)."""
 
 
 class Uplink(Protocol):
@@ -197,3 +200,8 @@ class InProcessLink:
             if then is not None:
                 then(gradient)
         return gradient, reply["loss"].detach()
+
+    def loss(self) -> Tensor:
+        reply = self._reply()
+        with self.client_side():
+            return self.boundary.send_down_losses(reply["loss"])

@@ -3,7 +3,7 @@
 The client process runs the Lightning Trainer (data, the loop, its half, logging, checkpoints) and each
 mode's client half (:mod:`hosl_lightning.modes`) over a :class:`RemoteServer`: activations, the padding mask,
 position ids and labels go up as messages (:mod:`hosl_lightning.distributed.wire`); losses (hosl, zo), dL/dh
-(fo) or evaluation scores come down. The server process runs the same mode's server half
+(fo), the loss alone (frozen) or evaluation scores come down. The server process runs the same mode's server half
 (:mod:`hosl_lightning.distributed.server`), so both runs compute the same numbers in the same order.
 
 A protocol session: ``hello`` (the client's settings, checked against the server's) -> ``ready``; then any
@@ -86,6 +86,11 @@ class RemoteServer:
         if then is not None:
             then(gradient)
         return gradient, loss
+
+    def loss(self) -> Tensor:
+        """The step's training loss alone (a frozen client)."""
+        message = self._recv("loss", "the training loss")
+        return check_shape(message, "loss", (), (torch.float32,), self.wire.peer_name)
 
     def scores(self, up: CutActivations, labels: Tensor, source_rows: Tensor | None = None) -> Tensor:
         """Each row's score; with ``source_rows``, ``up`` holds only the forwarded rows (shared prompts)."""

@@ -25,7 +25,7 @@ from hosl_lightning.modes import ZOSettings, get_mode
 
 def zo_parameter_count(client: nn.Module, mode: str) -> int:
     """How many of the client's tensors take ZO directions: the server's keys continue after them (zo mode)."""
-    if mode == "fo":
+    if not get_mode(mode).zo_halves:
         return 0
     return sum(1 for p in client.parameters() if p.requires_grad or getattr(p, "_hosl_zo", False))
 

@@ -33,6 +33,13 @@ def mark_zeroth_order(split: SplitCausalLM, zo_halves: tuple[str, ...]) -> None:
                 param._hosl_zo = True  # type: ignore[attr-defined]  # trained by ZO, never by backprop
 
 
+def freeze_halves(split: SplitCausalLM, halves: tuple[str, ...]) -> None:
+    """Take whole halves out of training (a mode whose client never learns): no gradient, no optimizer state."""
+    for half in [getattr(split, side) for side in halves]:
+        if half is not None:
+            half.requires_grad_(False)
+
+
 def freeze_client_modules(split: SplitCausalLM, names: list[str]) -> None:
     """Take the named modules of the client half out of training (before the ZO parameters are tagged)."""
     client = split.client
@@ -51,12 +58,13 @@ def freeze_client_modules(split: SplitCausalLM, names: list[str]) -> None:
 def cut_module(
     module: LightningModule, cut_layer: int, role: str, zo_halves: tuple[str, ...],
     client_split: Callable[[nn.Module], SplitCausalLM], adapters: tuple[Any, Any] = (None, None),
-    client_frozen: list[str] | None = None,
+    client_frozen: list[str] | None = None, frozen_halves: tuple[str, ...] = (),
 ) -> tuple[SplitCausalLM, Any, bool]:
     """Cut the module's model (once): returns (split model, the PeftModel if adapters were added, newly cut).
 
     ``client_split`` builds a client process's split model (its half only); in-process both halves stay here.
-    ``client_frozen``: modules of the client half that do not train (``freeze_client_modules``).
+    ``client_frozen``: modules of the client half that do not train (``freeze_client_modules``); ``frozen_halves``:
+    whole halves that do not (the mode's).
     """
     name, model = find_causal_lm(module)
     if isinstance(model, SplitCausalLM):
@@ -77,6 +85,7 @@ def cut_module(
         untied_head_trainable(peft_model, split.server.lm_head)
     install_split(module, name, split)
     freeze_client_modules(split, client_frozen or [])
+    freeze_halves(split, frozen_halves)
     mark_zeroth_order(split, zo_halves)
     return split, peft_model, True
 

@@ -99,6 +99,9 @@ class DropInLink:
     def gradient(self, like: Tensor, then: Callable[[Tensor], None] | None = None) -> tuple[Tensor, Tensor]:
         raise RuntimeError("a drop-in module trains fo by Lightning's own backward through the whole model")
 
+    def loss(self) -> Tensor:
+        raise RuntimeError("a drop-in module trains frozen by Lightning's own backward (its client has no gradient)")
+
 
 def dropin_step(
     module: LightningModule, split: SplitCausalLM, optimizer: ZOSGD, settings: ZOSettings, step: int,

@@ -32,7 +32,9 @@ class RunSettings:
     Args:
         cut_layer: the client runs the embeddings and decoder blocks ``[0, cut_layer)``; the server the rest.
         mode: ``"hosl"`` (ZO client, FO server), ``"fo"`` (first-order split learning baseline: the server
-            returns dL/dh) or ``"zo"`` (both halves zeroth-order with one shared seed, MeZO over the split model).
+            returns dL/dh), ``"zo"`` (both halves zeroth-order with one shared seed, MeZO over the split model) or
+            ``"frozen"`` (the client never learns: one forward a step, no probes; the server learns by backprop, and
+            only the loss comes back; the ZO options do not apply).
         q: number of random directions (queries) per step; each costs two client forwards.
         mu: smoothing radius of the two-point estimate.
         zo_lr: learning rate of the zeroth-order updates (the client in hosl mode, both halves in zo mode).
@@ -332,7 +334,7 @@ def check_precision(plugin: Precision, mode: str, transport: str) -> None:
             f"precision={plugin.precision!r}: a distributed run computes in float32 on both sides (the server "
             "has no precision plugin), so use precision '32-true' or transport='in_process'"
         )
-    if mode != "fo" and isinstance(plugin, HalfPrecision):
+    if MODES[mode].zo_halves and isinstance(plugin, HalfPrecision):
         raise ValueError(
             f"precision={plugin.precision!r} stores weights in half precision, but mode={mode!r} updates "
             "client weights by zeroth-order steps, which need float32: use precision '32-true' or 'bf16-mixed'"

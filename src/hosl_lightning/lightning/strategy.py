@@ -38,6 +38,7 @@ from hosl_lightning.lightning.settings import STRATEGY_NAME, RunSettings, check_
 from hosl_lightning.lightning.telemetry import StepTelemetry, prefixed
 from hosl_lightning.measurement import MemoryReport
 from hosl_lightning.modes import ClientContext, ModeName, ServerContext, ServerGrad, StepInputs, StepOutput, get_mode
+from hosl_lightning.modes.frozen import NoUpdate
 
 
 class HOSLStrategy(RunSettings, SingleDeviceStrategy):
@@ -147,9 +148,10 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
         return split
 
     def _cut(self, module: LightningModule) -> None:
-        split, peft_model, _ = cut_module(module, self.cut_layer, self.role, get_mode(self.mode).zo_halves,
+        mode = get_mode(self.mode)
+        split, peft_model, _ = cut_module(module, self.cut_layer, self.role, mode.zo_halves,
                                           self._client_split, (self.client_adapter, self.server_adapter),
-                                          self.client_frozen)
+                                          self.client_frozen, mode.frozen_halves)
         self.peft_model = peft_model or self.peft_model
         self._split = split
         self.telemetry.install(split)
@@ -157,7 +159,8 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
     def setup_optimizers(self, trainer: Trainer) -> None:
         module = self.lightning_module
         assert module is not None
-        split, zo_halves = self.split_model, get_mode(self.mode).zo_halves
+        split, mode = self.split_model, get_mode(self.mode)
+        zo_halves = mode.zo_halves
         if "server" in zo_halves and self.role != "client":
             if module.automatic_optimization:
                 raise ValueError(
@@ -174,6 +177,8 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
             # The client's only optimizer is its ZOSGD; registered with Lightning so each step counts once.
             self._zo_optimizers(trainer, self.zo_optimizer_over(split.client))
             self.client_optimizer = self.optimizers[0] if "server" not in zo_halves else None
+        elif "client" in mode.frozen_halves and self.role == "client":
+            self.optimizers, self.lr_scheduler_configs = [NoUpdate()], []  # so that each step counts once
         else:
             super().setup_optimizers(trainer)
             if "client" in zo_halves:
@@ -304,9 +309,11 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
         module = self.lightning_module
         if module is None or not module.automatic_optimization:
             return super().backward(closure_loss, optimizer, *args, **kwargs)  # the modes place it
-        # Lightning's own backward of a drop-in module's loss: only the server's graph in hosl (the client is
-        # frozen); in fo one backward runs through both halves at once, so it is shared.
-        with self.telemetry.sides.enter("server" if self.mode == "hosl" else "shared"):
+        # Lightning's own backward of a drop-in module's loss: only the server's graph in hosl and frozen (no client
+        # weight takes a gradient); in fo one backward runs through both halves at once, so it is shared.
+        mode = get_mode(self.mode)
+        client_learns_by_backprop = "client" not in (*mode.zo_halves, *mode.frozen_halves)
+        with self.telemetry.sides.enter("shared" if client_learns_by_backprop else "server"):
             return super().backward(closure_loss, optimizer, *args, **kwargs)
 
     def serve(self, module: LightningModule) -> int:
@@ -315,7 +322,7 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
         if self.role != "server":
             raise RuntimeError(f"serve() runs the server (rank {SERVER_RANK}); this process is the {self.role}")
         name, split, client_zo = load_server_half(module, self.cut_layer, self._server_device or torch.device("cpu"))
-        first_key = client_zo if self.mode != "fo" else 0  # load first, then connect: a slow load never times out
+        first_key = client_zo if get_mode(self.mode).zo_halves else 0  # load first, then connect: a slow load never times out
         install_split(module, name, split)
         self._split = split
         self.telemetry.install(split)

@@ -6,7 +6,7 @@ Adding a mode is one module that defines a :class:`~hosl_lightning.modes.base.Mo
 
 from __future__ import annotations
 
-from hosl_lightning.modes import fo, hosl, zo
+from hosl_lightning.modes import fo, frozen, hosl, zo
 from hosl_lightning.modes.base import (
     DIVERGENCE_HINT,
     READ_BY_THE_MODULE,
@@ -43,7 +43,7 @@ def get_mode(name: str) -> Mode:
     return MODES[name]
 
 
-for _module in (hosl, fo, zo):
+for _module in (hosl, fo, zo, frozen):
     register_mode(_module.MODE)
 
 __all__ = [

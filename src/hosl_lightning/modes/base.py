@@ -26,7 +26,7 @@ from hosl_lightning.core.boundary import ClientLink, Reply, Targets, Uplink
 from hosl_lightning.core.split_model import SplitCausalLM, forwarded_inputs, split_activations
 from hosl_lightning.core.zo import ZOSGD, ZOEstimate, probe_points
 
-ModeName = Literal["hosl", "fo", "zo"]  # the built-in modes, as a config type; registered ones add to MODES
+ModeName = Literal["hosl", "fo", "zo", "frozen"]  # the built-in modes, as a config type; registered ones add to MODES
 ServerGrad = Literal["perturbed", "mean", "clean"]
 SERVER_GRADS: tuple[str, ...] = ("perturbed", "mean", "clean")
 
@@ -74,6 +74,9 @@ class ServerContext:
     optimizer: ZOSGD | None = None  # zo: the ZOSGD whose directions perturb the server half
 
 
+REPLIES = ("losses", "grad", "loss")  # probe losses (hosl, zo), dL/dh (fo), the training loss alone (frozen)
+
+
 @dataclass(frozen=True)
 class Mode:
     """A registered training mode: which halves learn by ZO, and its two halves."""
@@ -82,12 +85,15 @@ class Mode:
     zo_halves: tuple[str, ...]  # "client" and/or "server": trained by zeroth-order updates, never by backprop
     client_step: Callable[[ClientContext, ClientLink, StepInputs], StepOutput]
     server_step: Callable[[ServerContext, Uplink, Targets, int], Reply]
-    reply: str  # the kind of message the server sends down: "losses" or "grad"
+    reply: str  # the kind of message the server sends down: "losses", "grad" or "loss"
     probes: Callable[[ZOSettings], int]  # activations the client sends per step
+    frozen_halves: tuple[str, ...] = ()  # halves that do not learn at all: no gradient, no optimizer, no directions
 
     def __post_init__(self) -> None:
-        if self.reply not in ("losses", "grad"):
-            raise ValueError(f"a mode's reply is 'losses' or 'grad', got {self.reply!r}")
+        if self.reply not in REPLIES:
+            raise ValueError(f"a mode's reply is one of {', '.join(map(repr, REPLIES))}, got {self.reply!r}")
+        if set(self.zo_halves) & set(self.frozen_halves):
+            raise ValueError(f"mode {self.name!r}: a half is trained by ZO or frozen, not both")
 
 
 class DivergenceError(FloatingPointError):
