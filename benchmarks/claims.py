@@ -105,6 +105,7 @@ PAPER = {"memory": 3.7, "fo_gap": (0.20, 4.23), "zo_margin": 15.55}
 RSS_STEPS = 2
 
 
+FROZEN = Method("frozen", "frozen")  # the client never learns (mode frozen): one forward a step, no probes
 DEFAULT_HOSL = library_default_hosl()  # the library's default client (HOSLStrategy's zo_optimizer and directions)
 
 
@@ -147,7 +148,8 @@ def study_methods(hosl: str | None) -> tuple[Method, ...]:
     """fo, the hosl option (when chosen), zo, and the hosl option's d_c variants (frozen embeddings, LoRA),
     registered where the cache keys look."""
     # hosl before zo, whose runs are the slowest: fo - hosl is the first target
-    methods = [METHOD["fo"], *([METHOD[hosl]] if hosl is not None else []), METHOD["zo"]]
+    METHOD[FROZEN.name] = FROZEN
+    methods = [METHOD["fo"], *([METHOD[hosl]] if hosl is not None else []), METHOD["zo"], FROZEN]
     if hosl is not None:
         for variant in (frozen_embeddings_method(METHOD[hosl]), *(lora_method(METHOD[hosl], r) for r in LORA_RANKS)):
             METHOD[variant.name] = variant

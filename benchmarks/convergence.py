@@ -339,7 +339,10 @@ def sweep_choices(cache: dict[str, dict[str, Any]], sweep_steps: int, n_val: int
     fo = selected(cache, fo_sweep)
     best: dict[str, RunConfig] = {}
     for method in methods:
-        if method.mode == "hosl" and fo is None:
+        if method.mode in ("hosl", "frozen") and fo is None:
+            continue
+        if method.mode == "frozen":  # nothing of its own to sweep: its server takes fo's selected lr, as hosl's does
+            best[method.name] = RunConfig(method.name, SWEEP_DATASET, 0, sweep_steps, fo.lr, None, n_val, 0, sweep_steps)
             continue
         configs = fo_sweep if method.mode == "fo" else sweep_configs(method, fo.lr if fo else None, sweep_steps, n_val)
         todo += [c for c in configs if c.key() not in cache and c not in todo]
