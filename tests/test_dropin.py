@@ -178,6 +178,31 @@ def test_zo_mode_rejects_automatic_optimization():
         fit(PlainFineTuner(tiny_llama()), mode="zo")
 
 
+class EvalModeFineTuner(PlainFineTuner):
+    """Turns its model's dropout off for good, as MeZO does, and records the model's flags before each step."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.flags_before_step: list[set[bool]] = []
+
+    def on_train_start(self) -> None:
+        self.model.eval()
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self.flags_before_step.append({sub.training for sub in self.model.modules()})
+
+
+def test_a_model_the_module_put_in_eval_mode_stays_there_after_the_probes():
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=32, attention_dropout=0.1,
+    ))
+    module = EvalModeFineTuner(model, lr=1e-3)
+    fit(module)
+    assert module.flags_before_step == [{False}] * STEPS  # dropout stayed off after every step's probes
+
+
 class NoLanguageModel(LightningModule):
     def __init__(self) -> None:
         super().__init__()

@@ -17,6 +17,7 @@ from hosl_lightning.modes import (
     Mode,
     ZOSettings,
     dropout_active,
+    eval_mode,
     get_mode,
     register_mode,
 )
@@ -185,3 +186,18 @@ def test_a_dropin_module_refuses_gradient_accumulation() -> None:
     with pytest.raises(ValueError, match=r"accumulate_grad_batches=4 is not valid with a drop-in module"):
         trainer.fit(example.PlainFineTuner(tiny()), datamodule=SyntheticLMDataModule(vocab_size=64, seq_len=8,
                                                                                       train_size=8, batch_size=4))
+
+
+def test_eval_mode_gives_every_submodule_its_own_flag_back() -> None:
+    """A mixed tree of train/eval flags comes back exactly, not as the root's flag recursed over the tree."""
+    model = tiny(attention_dropout=0.1)
+    model.train()
+    layers = model.model.layers
+    layers[0].eval()  # a whole subtree off
+    layers[1].self_attn.train()
+    layers[2].mlp.eval()  # one leaf branch off
+    before = {name: sub.training for name, sub in model.named_modules()}
+    assert len(set(before.values())) == 2  # the tree is mixed
+    with eval_mode(model):
+        assert not any(sub.training for sub in model.modules())
+    assert {name: sub.training for name, sub in model.named_modules()} == before

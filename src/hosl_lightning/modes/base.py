@@ -115,13 +115,18 @@ def ensure_finite(step: int, what: str, values: Tensor, hint: str = DIVERGENCE_H
 
 @contextmanager
 def eval_mode(module: nn.Module) -> Iterator[None]:
-    """Probe forwards run without dropout, or the two sides of a difference see different masks."""
-    was_training = module.training
+    """Probe forwards run without dropout, or the two sides of a difference see different masks.
+
+    Each submodule gets its own flag back (not ``module.train(flag)``, which recurses): a model whose owner
+    turned part of it to eval mode, as MeZO turns dropout off, keeps that after every probe.
+    """
+    flags = [(sub, sub.training) for sub in module.modules()]
     module.eval()
     try:
         yield
     finally:
-        module.train(was_training)
+        for sub, flag in flags:
+            sub.training = flag
 
 
 def _dropout_rates(module: nn.Module) -> Iterator[float]:
