@@ -234,6 +234,48 @@ def test_both_sides_resume_from_a_checkpoint_with_nothing_lost(model_dir: Path, 
 # ---- payload checks, without processes -------------------------------------------------------------------
 
 
+class _LoopbackDist:
+    """torch.distributed's send/irecv over an in-memory queue, for a wire tested without processes."""
+
+    def __init__(self, source: int) -> None:
+        self.source, self.queue = source, []
+
+    def send(self, tensor: torch.Tensor, dst: int) -> None:
+        self.queue.append(tensor.clone())
+
+    def irecv(self, tensor: torch.Tensor, src: int | None = None) -> Any:
+        tensor.copy_(self.queue.pop(0))  # the receive lands in the very tensor passed here
+        source = self.source
+
+        class Work:
+            def wait(self, timeout: Any = None) -> None:
+                pass
+
+            def _source_rank(self) -> int:
+                return source
+
+        return Work()
+
+
+def test_a_message_from_any_peer_is_read_from_the_buffer_it_was_received_into(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU wire, moving a tensor to the device copies it; a receive into that copy must read the copy."""
+    from hosl_lightning.distributed import wire as wire_module
+
+    loopback = _LoopbackDist(source=2)
+    monkeypatch.setattr(wire_module.dist, "send", loopback.send)
+    monkeypatch.setattr(wire_module.dist, "irecv", loopback.irecv)
+    to = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: to(self, *a, **k).clone())  # every move copies
+    wires = {rank: Wire(rank, f"client (rank {rank})", 1.0) for rank in (1, 2)}
+    hidden = torch.arange(12, dtype=torch.float32).view(1, 3, 4)
+    wires[2].send("act", {"hidden": hidden}, query=0)
+    rank, message = wire_module.recv_from_any(wires, "act", "a probe")
+    assert rank == 2 and message.kind == "act" and message.fields == {"query": 0}
+    assert torch.equal(message.tensors["hidden"], hidden)
+    wires[1].send("act", {"hidden": hidden + 1})
+    assert torch.equal(wires[1].recv("act", "a probe").tensors["hidden"], hidden + 1)
+
+
 def _server_for_checks() -> SplitServer:
     config = dict(TINY_LLAMA)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(config.pop("model_type"), **config))

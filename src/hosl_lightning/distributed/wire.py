@@ -115,12 +115,12 @@ class Wire:
         """
         expected = (expect,) if isinstance(expect, str) else expect
         size = header_size if header_size is not None else int(
-            self._recv(torch.empty(1, dtype=torch.int64), waiting_for, timeout_s).item())
+            self._recv(self._buffer([1], torch.int64), waiting_for, timeout_s).item())
         if not 0 < size <= MAX_HEADER_BYTES:
             raise MalformedPayload(f"{self.peer_name} announced a header of {size} bytes while we waited for {waiting_for}")
-        raw = self._recv(torch.empty(size, dtype=torch.uint8), waiting_for)
+        raw = self._recv(self._buffer([size], torch.uint8), waiting_for)
         try:
-            header = json.loads(bytes(raw.tolist()).decode())
+            header = json.loads(bytes(raw.cpu().tolist()).decode())
             kind, fields, specs = header["kind"], header["fields"], header["tensors"]
         except (ValueError, KeyError, TypeError) as error:
             raise MalformedPayload(f"{self.peer_name} sent an unreadable header while we waited for {waiting_for}: {error}") from None
@@ -137,7 +137,7 @@ class Wire:
             raise MalformedPayload(f"{self.peer_name} announced {total} elements in one message (at most {MAX_TENSOR_ELEMENTS})")
         tensors = {}
         for name, dtype, shape in specs:
-            tensors[name] = self._recv(torch.empty(shape, dtype=DTYPES[dtype], device=self.device), waiting_for)
+            tensors[name] = self._recv(self._buffer(shape, DTYPES[dtype]), waiting_for)
         message = Message(kind, fields, tensors)
         if kind == "error":
             raise RemoteError(f"{self.peer_name} failed: {fields.get('message', '(no message)')}")
@@ -146,6 +146,10 @@ class Wire:
                 f"{self.peer_name} sent a {kind!r} message while we waited for {waiting_for} (expected {' or '.join(expected)})"
             )
         return message
+
+    def _buffer(self, shape: list[int], dtype: torch.dtype) -> Tensor:
+        """An empty tensor on the wire's device: what arrives lands in it, and it is the tensor read afterwards."""
+        return torch.empty(shape, dtype=dtype, device=self.device)
 
     def _send(self, tensor: Tensor) -> None:
         try:
@@ -170,9 +174,9 @@ class Wire:
 def recv_from_any(wires: dict[int, Wire], expect: str | tuple[str, ...] | None, waiting_for: str) -> tuple[int, Message]:
     """The next message from whichever peer sends first, and its rank (a server with several clients)."""
     anyone = next(iter(wires.values()))
-    size = torch.empty(1, dtype=torch.int64)
+    size = anyone._buffer([1], torch.int64)  # received into and read from the same tensor, on the wire's device
     try:
-        work = dist.irecv(size.to(anyone.device), src=None)
+        work = dist.irecv(size, src=None)
         work.wait(timeout=timedelta(seconds=anyone.timeout_s))
         source = int(work._source_rank())
     except RuntimeError as error:
