@@ -303,3 +303,60 @@ def test_only_host_to_device_copies_across_the_cut_are_asynchronous(monkeypatch)
     boundary.send_down_losses(torch.ones(2))
     boundary.send_down_gradient(torch.ones(2, 3))
     assert seen == [False, False]
+
+
+@pytest.mark.parametrize("family", ["opt", "gpt2", "llama", "gpt_neox"])
+def test_custom_position_ids_give_the_unsplit_models_logits(models, family):
+    """Packed sequences restart their positions: the split forward must use the given ones, as the model does.
+
+    Compared without a KV cache (which the split never keeps): only then does transformers mask packed sequences
+    from one another."""
+    from hosl_lightning import SplitCausalLM
+
+    model = models[family, "sdpa"]
+    ids, _ = batches()["no_mask"]
+    packed = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1]])  # three sequences in one row
+    per_row = torch.stack([packed[0], torch.arange(9), packed[0].flip(0)])
+    split = SplitCausalLM(model, 1)
+    for positions in (packed, per_row):
+        with torch.no_grad():
+            expected = model(ids, position_ids=positions, use_cache=False).logits
+            default = model(ids, use_cache=False).logits
+            got = split(ids, position_ids=positions).logits
+        assert not torch.allclose(expected, default, atol=1e-3)  # the positions do change the result
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_logits_to_keep_and_return_dict_act_as_in_transformers(models):
+    from hosl_lightning import SplitCausalLM
+
+    model = models["llama", "eager"]
+    ids, mask = batches()["right_pad"]
+    split = SplitCausalLM(model, 1)
+    with torch.no_grad():
+        full = split(ids, attention_mask=mask).logits
+        torch.testing.assert_close(split(ids, attention_mask=mask, logits_to_keep=1).logits, full[:, -1:])
+        kept = split(ids, attention_mask=mask, logits_to_keep=torch.tensor([0, 4])).logits
+        torch.testing.assert_close(kept, full[:, [0, 4]])
+        torch.testing.assert_close(model(ids, attention_mask=mask, logits_to_keep=1).logits, full[:, -1:])
+        loss, logits = split(ids, attention_mask=mask, labels=ids, return_dict=False)
+        assert torch.equal(logits, full) and loss.dim() == 0
+        assert len(split(ids, return_dict=False)) == 1  # (logits,), as transformers leaves out a None loss
+    with pytest.raises(ValueError, match="logits_to_keep or labels, not both"):
+        split(ids, labels=ids, logits_to_keep=1)
+
+
+@pytest.mark.parametrize(("argument", "value", "why"), [
+    ("token_type_ids", torch.zeros(3, 9, dtype=torch.long), "embeds token ids only"),
+    ("inputs_embeds", torch.zeros(3, 9, 32), "embeds the tokens itself"),
+    ("output_hidden_states", True, "do not collect hidden states"),
+])
+def test_forward_arguments_it_cannot_honour_are_refused_by_name(models, argument, value, why):
+    from hosl_lightning import SplitCausalLM
+
+    split = SplitCausalLM(models["gpt2", "eager"], 1)
+    ids, _ = batches()["no_mask"]
+    with pytest.raises(ValueError, match=rf"does not support {argument}=\.\.\. \(the client half {why}|"
+                                         rf"does not support {argument}=\.\.\. \(the halves {why}"):
+        split(ids, **{argument: value})
+    split(ids, **{argument: None}, class_labels=torch.zeros(3))  # None, and keywords the model ignores, pass

@@ -217,13 +217,26 @@ class ClientHalf(nn.Module):
         self.embeddings = embeddings
         self.stack = stack
 
-    def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None) -> CutActivations:
+    def forward(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> CutActivations:
+        """``position_ids`` as the unsplit model takes them (packed sequences restart at 0); None: the family's."""
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise ValueError(
                 f"attention_mask must be a 2D padding mask shaped like input_ids {tuple(input_ids.shape)}, "
                 f"got {tuple(attention_mask.shape)}"
             )
-        position_ids = self.family.position_ids(input_ids, attention_mask)
+        if position_ids is None:
+            position_ids = self.family.position_ids(input_ids, attention_mask)
+        elif position_ids.dim() != 2 or position_ids.shape[1] != input_ids.shape[1] or (
+                position_ids.shape[0] not in (1, input_ids.shape[0])):
+            raise ValueError(
+                f"position_ids must be shaped like input_ids {tuple(input_ids.shape)} or [1, "
+                f"{input_ids.shape[1]}], got {tuple(position_ids.shape)}"
+            )
+        else:
+            position_ids = position_ids.to(input_ids.device, torch.long)
         hidden = self.family.embed(self.embeddings, input_ids, position_ids, attention_mask)
         hidden = self.stack(hidden, attention_mask, position_ids)
         return CutActivations(hidden=hidden, attention_mask=attention_mask, position_ids=position_ids)

@@ -179,11 +179,13 @@ class SplitCausalLM(nn.Module):
     def client_device(self) -> torch.device:
         return self.boundary.client_device
 
-    def client_forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> CutActivations:
+    def client_forward(
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, position_ids: Tensor | None = None
+    ) -> CutActivations:
         device = self.boundary.client_device
         with self.client_side():
             mask = None if attention_mask is None else attention_mask.to(device)
-            return self.client(input_ids.to(device), mask)
+            return self.client(input_ids.to(device), mask, position_ids)
 
     def _label_token_nll(
         self, final_hidden: Tensor, labels: Tensor, source_rows: Tensor | None = None
@@ -320,23 +322,53 @@ class SplitCausalLM(nn.Module):
         input_ids: Tensor,
         attention_mask: Tensor | None = None,
         labels: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        logits_to_keep: int | Tensor = 0,
+        return_dict: bool | None = None,
         **kwargs: Any,
-    ) -> CausalLMOutputWithPast:
-        """Same contract as ``AutoModelForCausalLM.forward`` for training and scoring (no KV cache)."""
-        for unsupported in ("past_key_values", "inputs_embeds"):
-            if kwargs.get(unsupported) is not None:
-                raise ValueError(f"SplitCausalLM does not support {unsupported}=...")
+    ) -> CausalLMOutputWithPast | tuple[Tensor, ...]:
+        """Same contract as ``AutoModelForCausalLM.forward`` for training and scoring (no KV cache).
+
+        ``position_ids`` (packed sequences), ``logits_to_keep`` and ``return_dict`` act as in transformers; the
+        arguments that would change the result but cannot be honoured here (:data:`REFUSED_FORWARD_ARGUMENTS`)
+        are refused by name. Other keywords are ignored, as the unsplit model ignores them (a classification
+        batch's ``class_labels``, ``use_cache``).
+        """
+        refused = [name for name in REFUSED_FORWARD_ARGUMENTS if kwargs.get(name) is not None and kwargs[name] is not False]
+        if refused:
+            raise ValueError(
+                f"SplitCausalLM.forward does not support {', '.join(f'{name}=...' for name in refused)} "
+                f"({'; '.join(REFUSED_FORWARD_ARGUMENTS[name] for name in refused)}); it honours input_ids, "
+                "attention_mask, labels, position_ids, logits_to_keep and return_dict"
+            )
+        if labels is not None and not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
+            raise ValueError("SplitCausalLM.forward takes logits_to_keep or labels, not both: the loss needs the "
+                             "logits of every position")
         targets = None if labels is None else {"labels": labels}
-        client_activations = self.client_forward(input_ids, attention_mask)
+        client_activations = self.client_forward(input_ids, attention_mask, position_ids)
         with self.server_side():  # labels live on the server: the loss is its work too
             activations, server_targets = self.boundary.send_up(client_activations, targets)
-            logits = self.server.logits(self.server(activations))
+            final_hidden = self.server(activations)
+            kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self.server.logits(final_hidden[:, kept])
             loss = None
             if server_targets is not None:
                 loss = F.cross_entropy(
                     logits[:, :-1].flatten(0, 1).float(), server_targets["labels"][:, 1:].flatten(), ignore_index=IGNORE_INDEX
                 )
-        return CausalLMOutputWithPast(loss=loss, logits=logits)
+        output = CausalLMOutputWithPast(loss=loss, logits=logits)
+        return output if return_dict is not False else output.to_tuple()
+
+
+# The unsplit model's arguments that change its result and that a split forward cannot honour, and why.
+REFUSED_FORWARD_ARGUMENTS: dict[str, str] = {
+    "past_key_values": "no KV cache crosses the cut",
+    "inputs_embeds": "the client half embeds the tokens itself",
+    "token_type_ids": "the client half embeds token ids only",
+    "cache_position": "no KV cache crosses the cut",
+    "output_attentions": "the halves do not collect attention weights",
+    "output_hidden_states": "the halves do not collect hidden states",
+}
 
 
 def find_causal_lm(module: nn.Module) -> tuple[str, nn.Module]:
