@@ -129,6 +129,57 @@ def test_a_sparse_rows_direction_does_not_depend_on_the_other_rows_read() -> Non
     assert torch.equal(together[1:2], alone) and not torch.equal(together[0], together[2])
 
 
+@pytest.mark.parametrize("kind", ["gaussian", "rademacher"])
+def test_sparse_rows_are_the_same_on_the_probe_the_update_and_the_replay(kind: str) -> None:
+    table = torch.nn.Embedding(300, 16)
+    before = table.weight.detach().clone()
+    optimizer = ZOSGD([("table", table.weight)], lr=0.1, seed=3, direction=kind, embedding_directions="sparse")
+    ids, step, mu = torch.tensor([[5, 17, 5, 250], [17, 40, 41, 0]]), 4, 1e-3
+    drawn = optimizer.sampler.sparse_rows(step, 0, 0, torch.tensor([0, 5, 17, 40, 41, 250]), table.weight)
+    with torch.no_grad(), optimizer.perturbed([table], step, 0, mu):  # the probe: u's rows added to the lookup
+        probe = table(ids)
+    by_row = dict(zip([0, 5, 17, 40, 41, 250], drawn))
+    for position, row in enumerate(ids.reshape(-1).tolist()):
+        assert torch.equal(probe.reshape(-1, 16)[position], before[row] + mu * by_row[row])
+    optimizer.step(estimate=optimizer.estimate(step, torch.tensor([2.0])))  # the update: -lr * c * u on those rows
+    read = torch.zeros(300, dtype=torch.bool)
+    read[ids.unique()] = True
+    assert torch.equal(table.weight[~read], before[~read])  # untouched rows untouched, bit for bit
+    torch.testing.assert_close(table.weight[read], before[read] - 0.1 * 2.0 * drawn, rtol=0, atol=1e-6)
+    replica = torch.nn.Embedding(300, 16)
+    replica.weight.data.copy_(before)
+    ZOSGD([("table", replica.weight)], lr=0.1, seed=3, direction=kind, embedding_directions="sparse").add_directions(
+        replica.weight, DirectionSampler(kind, 3), step, [2.0], 0.1, rows=ids.unique())  # the replay
+    assert torch.equal(replica.weight, table.weight)
+
+
+def test_sparse_rows_are_drawn_in_a_fixed_number_of_vectorised_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No generator per row: the calls a draw makes do not grow with the number of rows it draws."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from hosl_lightning.core import directions
+
+    class CountCalls(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    generators = []
+    monkeypatch.setattr(directions.torch, "Generator", lambda *a, **k: generators.append(1))
+    sampler, like = DirectionSampler("gaussian", 5), torch.empty(5000, 8)
+    sampler.sparse_rows(0, 0, 0, torch.tensor([1]), like)  # the gaussian levels, computed once per device
+    calls = []
+    for rows in (torch.tensor([7]), torch.arange(0, 5000, 3)):
+        with CountCalls() as counter:
+            sampler.sparse_rows(1, 0, 0, rows, like)
+        calls.append(counter.calls)
+    assert calls[0] == calls[1] < 100 and not generators, calls
+
+
 def test_the_sparse_support_is_every_row_the_steps_probes_read() -> None:
     """A module may look the table up twice in one probe (a drop-in module's chosen and rejected inputs)."""
     split = _split()

@@ -7,6 +7,7 @@ would, and a client update is fully described by a list of (seed, scalar) pairs.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,7 +18,7 @@ from hosl_lightning.core.options import check_choice, check_int
 
 DIRECTIONS = ("gaussian", "rademacher")
 _MASK64 = (1 << 64) - 1
-SPARSE_ROW = _MASK64  # mixed with a row id into the "chunk" index of a sparse direction's row
+SPARSE_ROW = _MASK64  # the "chunk" index of a sparse direction's seed (its rows are hashed in, see sparse_rows)
 
 
 def mix_seed(*parts: int) -> int:
@@ -31,6 +32,29 @@ def mix_seed(*parts: int) -> int:
         z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
         state = z ^ (z >> 31)
     return state >> 1
+
+
+_MASK32 = (1 << 32) - 1
+_LEVEL_BITS = 16
+
+
+def _hash32(x: Tensor) -> Tensor:
+    """A 32-bit integer hash of each entry of an int64 tensor of values in [0, 2**32), in place.
+
+    Its multipliers are below 2**31, so no product leaves int64: the same integers on any device, in any
+    position of a tensor (a float function such as ``log`` may round differently in a vectorised loop's tail).
+    """
+    x.bitwise_xor_(x >> 16).mul_(0x21F0AAAD).bitwise_and_(_MASK32)
+    x.bitwise_xor_(x >> 15).mul_(0x735A2D97).bitwise_and_(_MASK32)
+    return x.bitwise_xor_(x >> 15)
+
+
+@functools.lru_cache(maxsize=8)
+def _gaussian_levels(device: torch.device, dtype: torch.dtype) -> Tensor:
+    """The 2**16 quantiles of N(0, 1) at (i + 1/2) / 2**16, scaled to unit variance: a 16-bit index picks a
+    gaussian value by lookup, which is exact wherever it runs."""
+    levels = torch.special.ndtri((torch.arange(1 << _LEVEL_BITS, dtype=torch.float64) + 0.5) / (1 << _LEVEL_BITS))
+    return (levels / levels.square().mean().sqrt()).to(device=device, dtype=dtype)
 
 
 DIRECTION_CHUNK = 1 << 14  # elements per generator call (64 KiB in fp32): ~5% call overhead, few wasted rows
@@ -96,11 +120,25 @@ class DirectionSampler:
         return out.reshape(*index.shape, *like.shape[1:])
 
     def sparse_rows(self, step: int, query: int, key: int, rows: Tensor, like: Tensor) -> Tensor:
-        """A sparse direction's rows ``rows`` (row ids of ``like``), each drawn from its own seed: a row's
-        direction does not depend on which other rows the step reads. Every other row of the direction is zero."""
-        shape = (1, *like.shape[1:])
-        parts = [self._draw(step, query, key, mix_seed(SPARSE_ROW, row), shape, like) for row in rows.tolist()]
-        return torch.cat(parts) if parts else torch.empty((0, *like.shape[1:]), dtype=like.dtype, device=like.device)
+        """A sparse direction's rows ``rows`` (row ids of ``like``); every other row of the direction is zero.
+
+        Each entry is a function of (seed, step, query, key, row, column) alone, so a row's direction does not
+        depend on which other rows the step reads, and probes, updates and replays draw the same values. All rows
+        are drawn at once, by integer hashing (:func:`_hash32`) over a tensor of counters: a fixed handful of
+        vectorised calls whatever the number of rows, where a generator per row cost two launches a row.
+        """
+        seed = self.seed_for(step, query, key, SPARSE_ROW)
+        low, high = seed & _MASK32, (seed >> 32) & _MASK32
+        ids = rows.to(like.device, torch.int64).reshape(-1, 1)
+        first, second = _hash32(_hash32(ids ^ low) ^ high), _hash32(_hash32(ids ^ high) ^ low)  # 64 bits a row
+        width = like[0].numel() if like.ndim > 1 else 1
+        counters = first + torch.arange(width, device=like.device)
+        bits = _hash32(_hash32(counters.bitwise_and_(_MASK32)).bitwise_xor_(second))
+        if self.kind == "gaussian":
+            values = _gaussian_levels(like.device, like.dtype)[bits >> (32 - _LEVEL_BITS)]
+        else:
+            values = (bits >> 31).to(like.dtype).mul_(2).sub_(1)
+        return values.reshape(ids.shape[0], *like.shape[1:])
 
     def _draw(self, step: int, query: int, key: int, chunk: int, shape: tuple[int, ...] | torch.Size,
               like: Tensor) -> Tensor:
