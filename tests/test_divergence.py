@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from conftest import TINY_LLAMA, quiet_trainer, tiny_data
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.precision import MixedPrecision
 
 from hosl_lightning import HOSLModule, HOSLStrategy
 from hosl_lightning.modes import DivergenceError, ensure_finite
@@ -94,3 +96,51 @@ def test_an_unreadable_checkpoint_is_named(tmp_path: Path, content: bytes) -> No
     path.write_bytes(content)
     with pytest.raises(ValueError, match=r"ckpt_path='.*broken.ckpt' is not valid: it cannot be read as a checkpoint"):
         quiet_trainer(HOSLStrategy(cut_layer=1, memory_every_n_steps=0)).fit(_module(), tiny_data(), ckpt_path=str(path))
+
+
+def _fo_16_mixed(init_scale: float, max_steps: int = 3) -> tuple[L.Trainer, torch.amp.GradScaler]:
+    """fo under 16-mixed with a real GradScaler: CPU's own 16-mixed has none, so the test passes one."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    strategy = HOSLStrategy(cut_layer=1, mode="fo", memory_every_n_steps=0)
+    return quiet_trainer(strategy, plugins=[MixedPrecision("16-mixed", "cpu", scaler)], max_steps=max_steps), scaler
+
+
+def test_fo_under_16_mixed_lets_the_grad_scaler_skip_an_fp16_overflow() -> None:
+    """A scale of 2^40 overflows fp16 at the cut on every step: each step is skipped and the scale halves."""
+    module = _module()
+    model = module.model  # the split model the strategy swaps in holds these very tensors
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    trainer, scaler = _fo_16_mixed(2.0**40)
+    trainer.fit(module, datamodule=tiny_data())  # raised DivergenceError at step 0 (dL/dh) before
+    assert trainer.global_step == 3 and scaler.get_scale() == 2.0**37
+    assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())
+
+
+def test_fo_under_16_mixed_still_stops_on_what_the_grad_scaler_cannot_skip() -> None:
+    module = _module()
+    with torch.no_grad():
+        module.model.model.norm.weight.fill_(float("nan"))  # a non-finite loss: skipping it would skip forever
+    trainer, _ = _fo_16_mixed(2.0**40)
+    with pytest.raises(DivergenceError, match=r"step 0: the training loss is not finite"):
+        trainer.fit(module, datamodule=tiny_data())
+
+
+@pytest.mark.parametrize(("scale", "raises"), [(2.0**16, False), (1.0, True)])
+def test_a_non_finite_gradient_at_the_cut_is_a_divergence_once_the_scale_cannot_back_off(
+        scale: float, raises: bool) -> None:
+    from hosl_lightning import SplitCausalLM
+    from hosl_lightning.modes import ZOSettings
+    from hosl_lightning.modes.in_process import in_process_step
+
+    split = SplitCausalLM(HOSLModule(model_config=dict(TINY_LLAMA)).model, 1)
+    ids = torch.randint(0, 64, (2, 8))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    overflowing = lambda loss: (loss * float("inf")).backward()  # noqa: E731  # what fp16 does to a scaled loss
+    step = lambda: in_process_step(split, "fo", batch, ZOSettings(), 0, overflowing,  # noqa: E731
+                                   grad_scaler=torch.amp.GradScaler("cpu", init_scale=scale))
+    if raises:
+        with pytest.raises(DivergenceError, match=r"step 0: the gradient at the cut \(dL/dh\) is not finite"):
+            step()
+    else:
+        step()
+        assert not all(bool(torch.isfinite(p.grad).all()) for p in split.client.parameters())  # the scaler skips it

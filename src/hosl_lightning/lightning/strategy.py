@@ -225,7 +225,8 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
             return get_mode(name).server_step(server, uplink, targets, at_step)
 
         link = InProcessLink(split.boundary, server_step, split.client_side, split.server_side)
-        output = mode.client_step(ClientContext(split, self.settings, step, zo), link, StepInputs.of(batch))
+        client = ClientContext(split, self.settings, step, zo, grad_scaler=getattr(self.precision_plugin, "scaler", None))
+        output = mode.client_step(client, link, StepInputs.of(batch))
         if both_zo:
             optimizer.step(estimate=output.estimate)
         else:

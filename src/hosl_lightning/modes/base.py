@@ -62,6 +62,7 @@ class ClientContext:
     step: int  # index of this step's direction seeds
     optimizer: ZOSGD | None = None  # the client's ZO optimizer (hosl, zo): its directions perturb the probes
     backward: Callable[[Tensor, Tensor], None] = field(default=lambda tensor, gradient: tensor.backward(gradient))
+    grad_scaler: Any = None  # 16-mixed's torch GradScaler: the gradients are scaled, and it skips a non-finite step
 
 
 @dataclass

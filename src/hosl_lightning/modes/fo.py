@@ -7,7 +7,9 @@ received activations (a fresh leaf, so the gradient at the cut is the server's t
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
+import torch
 from torch import Tensor
 
 from hosl_lightning.core.boundary import ClientLink, Reply, Targets, Uplink
@@ -34,9 +36,22 @@ def client_step(ctx: ClientContext, link: ClientLink, inputs: StepInputs) -> Ste
 
 
 def _backward(ctx: ClientContext, activations: CutActivations, gradient: Tensor) -> None:
-    ensure_finite(ctx.step, "the gradient at the cut (dL/dh)", gradient)
+    if not _skipped_by_the_scaler(ctx.grad_scaler, gradient):
+        ensure_finite(ctx.step, "the gradient at the cut (dL/dh)", gradient)
     if activations.hidden.requires_grad:  # cut_layer=0 on a model whose embeddings are frozen has nothing to train
         ctx.backward(activations.hidden, gradient)
+
+
+def _skipped_by_the_scaler(scaler: Any, gradient: Tensor) -> bool:
+    """Whether a non-finite dL/dh is an fp16 overflow of the scaled gradient that ``scaler`` will skip.
+
+    The client backpropagates it anyway, so its gradients are non-finite too and the scaler skips the step of
+    both halves and lowers its scale: not a divergence. It is one when the scale has nothing left to back off
+    (at most 1: the unscaled gradient overflows); a non-finite loss is checked apart (:func:`client_step`).
+    """
+    if scaler is None or not scaler.is_enabled() or bool(torch.isfinite(gradient).all()):
+        return False
+    return scaler.get_scale() > 1.0
 
 
 def server_step(ctx: ServerContext, uplink: Uplink, targets: Targets, step: int) -> Reply:

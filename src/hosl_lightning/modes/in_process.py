@@ -26,8 +26,11 @@ def in_process_step(
     backward: Callable[[Tensor], None],
     client_optimizer: ZOSGD | None = None,
     server_optimizer: ZOSGD | None = None,
+    grad_scaler: Any = None,
 ) -> StepOutput:
-    """One step of ``mode``: the server's gradients go through ``backward``; no optimizer is stepped here."""
+    """One step of ``mode``: the server's gradients go through ``backward``; no optimizer is stepped here.
+
+    ``grad_scaler``: the GradScaler that ``backward`` scales the loss with (16-mixed), if any."""
     chosen = get_mode(mode)
     server = ServerContext(model, settings, backward, server_optimizer)
 
@@ -35,7 +38,8 @@ def in_process_step(
         return get_mode(name).server_step(server, uplink, targets, at_step)
 
     link = InProcessLink(model.boundary, server_step, model.client_side, model.server_side)
-    return chosen.client_step(ClientContext(model, settings, step, client_optimizer), link, StepInputs.of(batch))
+    client = ClientContext(model, settings, step, client_optimizer, grad_scaler=grad_scaler)
+    return chosen.client_step(client, link, StepInputs.of(batch))
 
 
 def hosl_step(
