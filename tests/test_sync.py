@@ -65,3 +65,59 @@ def test_update_round_trips_through_json_exactly() -> None:
 def test_each_of_several_clients_draws_its_own_directions() -> None:
     assert client_seed(5, 1, 1) == 5  # one client: the run's seed, as in-process
     assert len({client_seed(5, rank, 3) for rank in (1, 2, 3)}) == 3
+
+
+def test_parallel_clients_hold_the_same_weights_after_every_round() -> None:
+    """Two clients in split-federated rounds of seed sync, through the server's real bookkeeping: after each of
+    300 rounds their halves have the same weights digest (undoing their own updates at scale -1 drifted)."""
+    import queue
+    import threading
+
+    from hosl_lightning.distributed.clients import ClientSync, TurnKeeper
+    from hosl_lightning.distributed.sync import weights_digest
+    from hosl_lightning.distributed.wire import Message
+
+    ranks, rounds, steps_per_round = [1, 2], 300, 2
+    inboxes: dict[int, queue.Queue] = {rank: queue.Queue() for rank in ranks}
+    lock = threading.Lock()
+    keeper = TurnKeeper(ranks, "parallel", lambda rank, kind, tensors, fields: inboxes[rank].put(
+        Message(kind, fields, tensors or {})))
+
+    class LoopbackWire:  # the client's end of the wire, its far end the server's TurnKeeper
+        def __init__(self, rank: int) -> None:
+            self.rank, self.peer_name = rank, "server (rank 0)"
+
+        def send(self, kind: str, tensors: dict | None = None, **fields: object) -> None:
+            assert kind == "sync"
+            with lock:
+                keeper.sync(self.rank, Message(kind, fields, tensors or {}))
+
+        def recv(self, kind: str, waiting_for: str, timeout_s: float) -> Message:
+            message = inboxes[self.rank].get(timeout=timeout_s)
+            assert message.kind == kind
+            return message
+
+    digests: dict[int, list[str]] = {rank: [] for rank in ranks}
+
+    def client(rank: int) -> None:
+        half = _module()
+        optimizer = ZOSGD(list(half.named_parameters()), lr=0.05, seed=client_seed(7, rank, len(ranks)))
+        sync = ClientSync(LoopbackWire(rank), half, optimizer, "parallel", "seeds", 1, steps_per_round)
+        coefficients = torch.Generator().manual_seed(rank)
+        for step in range(rounds * steps_per_round):
+            sync.before_step(10.0)
+            estimate = ZOEstimate(step, torch.randn(2, generator=coefficients))
+            optimizer.step(estimate=estimate)
+            sync.after_step(ZOUpdate.of(optimizer, estimate), 10.0)
+            if sync.steps == 0:  # a round just closed
+                digests[rank].append(weights_digest(half))
+
+    threads = [threading.Thread(target=client, args=(rank,)) for rank in ranks]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert all(len(d) == rounds for d in digests.values()), {rank: len(d) for rank, d in digests.items()}
+    differ = [index for index, (a, b) in enumerate(zip(digests[1], digests[2])) if a != b]
+    assert not differ, f"the clients' weights differ after {len(differ)} of {rounds} rounds, first after round {differ[0]}"
+    assert len(set(digests[1])) == rounds  # and they did move every round

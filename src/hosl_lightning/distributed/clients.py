@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from hosl_lightning.core.zo import ZOSGD
@@ -122,9 +123,17 @@ class ClientSync:
         self.schedule, self.client_sync = schedule, client_sync
         self.steps_per_turn, self.sync_every_n_steps = steps_per_turn, sync_every_n_steps
         self.pending: list[ZOUpdate] = []  # own updates not yet handed on / synced
+        # parallel seed sync: the ZO weights at the round's start, which every client holds bit for bit; each
+        # round ends by going back to them and replaying everyone's updates in one order, so that the clients
+        # stay identical (undoing our own updates by replaying them at scale -1 would leave rounding behind)
+        self.anchor: list[Tensor] | None = None  # taken before the first step (after a checkpoint has loaded)
         self.holds_turn = False
         self.steps = 0  # steps in this turn (sequential) or since the last sync (parallel)
         self.bytes_up = self.bytes_down = 0  # what synchronisation cost, all told
+
+    def _zo_params(self) -> list[Tensor]:
+        assert self.optimizer is not None
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def _payload(self) -> tuple[dict[str, Tensor] | None, dict[str, Any]]:
         if self.client_sync == "weights":
@@ -139,8 +148,9 @@ class ClientSync:
         check_finite(message, waiting_for, self.wire.peer_name)
         return message
 
-    def _apply(self, message: Message, own_scale: float | None = None) -> None:
-        """Load handed-on or averaged weights, or replay the updates of the others (and, averaging, undo ours)."""
+    def _apply(self, message: Message, averaged: bool = False) -> None:
+        """Load handed-on or averaged weights, or replay the updates of the others (averaged: everyone's, from the
+        round's start)."""
         if message.tensors:
             self.bytes_down += weight_bytes(message.tensors)
             self.half.load_state_dict(message.tensors, strict=False)
@@ -148,16 +158,25 @@ class ClientSync:
         raw = message.fields.get("updates", [])
         if not raw:
             return  # nothing new (the first turn, or nothing happened since ours)
-        self.bytes_down += encoded_size([ZOUpdate.from_json(u[1] if own_scale is not None else u) for u in raw])
+        self.bytes_down += encoded_size([ZOUpdate.from_json(u[1] if averaged else u) for u in raw])
         assert self.optimizer is not None
-        if own_scale is None:  # sequential: the others' updates, in order, exactly as they were applied
+        if not averaged:  # sequential: the others' updates, in order, exactly as they were applied
             replay(self.optimizer, [ZOUpdate.from_json(u) for u in raw])
             return
         clients = int(message.fields["clients"])
-        replay(self.optimizer, self.pending, scale=-1.0)  # back to the round's start (to rounding)
-        replay(self.optimizer, [ZOUpdate.from_json(u) for _, u in raw], scale=1.0 / clients)
+        params = self._zo_params()
+        assert self.anchor is not None, "a parallel round starts in before_step"
+        with torch.no_grad():
+            for param, start in zip(params, self.anchor):
+                param.copy_(start)  # back to the round's start, exactly
+            replay(self.optimizer, [ZOUpdate.from_json(u) for _, u in raw], scale=1.0 / clients)
+            for param, start in zip(params, self.anchor):
+                start.copy_(param)  # the next round's start
 
     def before_step(self, wait_s: float) -> None:
+        if self.anchor is None and self.schedule == "parallel" and self.client_sync == "seeds" \
+                and self.optimizer is not None:
+            self.anchor = [p.detach().clone() for p in self._zo_params()]
         if self.schedule == "sequential" and not self.holds_turn:
             self.wire.send("await_turn")
             self._apply(self._receive("turn", "our turn", wait_s))
@@ -177,7 +196,7 @@ class ClientSync:
     def _sync(self, wait_s: float) -> None:
         tensors, fields = self._payload()
         self.wire.send("sync", tensors, **fields)
-        self._apply(self._receive("synced", "the other clients' updates", wait_s), own_scale=1.0)
+        self._apply(self._receive("synced", "the other clients' updates", wait_s), averaged=True)
         self.pending, self.steps = [], 0
 
     def finish(self, wait_s: float) -> None:

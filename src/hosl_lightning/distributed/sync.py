@@ -7,8 +7,10 @@ decay would make the update depend on the weights themselves, so seed synchronis
 
 - Sequential split learning: the client whose turn ends hands its updates on; the next replays them.
 - Split-federated learning: every k steps each client sends its updates, and every client moves to the
-  average ``theta_0 + (1/N) sum_i Delta_i`` by undoing its own updates and replaying everyone's, scaled by
-  1/N. Undoing in floating point is not exact, so clients agree to rounding (about 1e-7 relative), not bitwise.
+  average ``theta_0 + (1/N) sum_i Delta_i`` by going back to the round's start ``theta_0`` (a copy it keeps) and
+  replaying everyone's updates, scaled by 1/N, in the one order the server sends: the same operations on the
+  same numbers, so the clients agree bit for bit (undoing its own updates by replaying them at scale -1 would
+  leave each client its own rounding).
 """
 
 from __future__ import annotations
