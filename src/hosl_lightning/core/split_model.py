@@ -198,8 +198,19 @@ class SplitCausalLM(nn.Module):
         targets = labels[:, 1:]
         row, position = (targets != IGNORE_INDEX).nonzero(as_tuple=True)
         hidden = final_hidden[row if source_rows is None else source_rows[row], position]
-        logits = self.server.logits(hidden)
+        logits = self.head(hidden)
         return F.cross_entropy(logits.float(), targets[row, position], reduction="none"), row
+
+    def head(self, final_hidden: Tensor) -> Tensor:
+        """The LM head's logits, computed at the head's own precision even under autocast (bf16-mixed).
+
+        The probe losses' difference L+ - L- is of order 2 mu g.u: on logits of size ~10 bf16 rounds by ~1e-2,
+        as much as the signal at mu = 1e-3, and c_q became mostly rounding (a correlation of 0.5 with float32's
+        over 64 directions of a tiny model whose logits are ~8; above 0.99 with the head in float32).
+        """
+        dtype = getattr(self.server.lm_head, "weight", final_hidden).dtype
+        with torch.autocast(final_hidden.device.type, enabled=False):
+            return self.server.logits(final_hidden.to(dtype))
 
     def server_losses(self, activations: CutActivations, targets: Targets, groups: int = 1) -> Tensor:
         """The training loss of each of ``groups`` equal slices of the batch (one slice per probe).
@@ -350,7 +361,7 @@ class SplitCausalLM(nn.Module):
             activations, server_targets = self.boundary.send_up(client_activations, targets)
             final_hidden = self.server(activations)
             kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-            logits = self.server.logits(final_hidden[:, kept])
+            logits = self.head(final_hidden[:, kept])
             loss = None
             if server_targets is not None:
                 loss = F.cross_entropy(
