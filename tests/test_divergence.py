@@ -135,9 +135,14 @@ def test_a_non_finite_gradient_at_the_cut_is_a_divergence_once_the_scale_cannot_
     split = SplitCausalLM(HOSLModule(model_config=dict(TINY_LLAMA)).model, 1)
     ids = torch.randint(0, 64, (2, 8))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-    overflowing = lambda loss: (loss * float("inf")).backward()  # noqa: E731  # what fp16 does to a scaled loss
-    step = lambda: in_process_step(split, "fo", batch, ZOSettings(), 0, overflowing,  # noqa: E731
-                                   grad_scaler=torch.amp.GradScaler("cpu", init_scale=scale))
+
+    def overflowing(loss: torch.Tensor) -> None:  # what fp16 does to a scaled loss
+        (loss * float("inf")).backward()
+
+    def step() -> None:
+        in_process_step(split, "fo", batch, ZOSettings(), 0, overflowing,
+                        grad_scaler=torch.amp.GradScaler("cpu", init_scale=scale))
+
     if raises:
         with pytest.raises(DivergenceError, match=r"step 0: the gradient at the cut \(dL/dh\) is not finite"):
             step()
