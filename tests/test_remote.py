@@ -60,10 +60,11 @@ def _classification_loader() -> Any:
     return DataLoader(batches, batch_size=None)
 
 
-def _in_process(model_dir: Path, mode: str, steps: int, classification: bool = False) -> dict[str, torch.Tensor]:
+def _in_process(model_dir: Path, mode: str, steps: int, classification: bool = False,
+                **options: Any) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     module = _module(model_dir, mode)
-    trainer = quiet_trainer(_strategy(mode), max_steps=steps)
+    trainer = quiet_trainer(_strategy(mode, **options), max_steps=steps)
     if classification:
         trainer.fit(module, train_dataloaders=_classification_loader())
     else:
@@ -189,6 +190,23 @@ def test_two_processes_end_with_the_in_process_weights(model_dir: Path, tmp_path
     assert not changed, f"{mode}: {len(changed)} tensors differ from the in-process run, e.g. {changed[:3]}"
     initial = AutoModelForCausalLM.from_pretrained(model_dir)
     assert not torch.equal(got["client.embeddings.embed_tokens.weight"], initial.model.embed_tokens.weight), "client did not train"
+
+
+@pytest.mark.parametrize("mode", ["hosl", "zo"])
+def test_a_frozen_client_module_trains_over_two_processes_as_in_one(model_dir: Path, tmp_path: Path, mode: str) -> None:
+    """The server counts the client's ZO tensors with the same modules frozen (the handshake failed before)."""
+    frozen = {"client_frozen": ["embeddings.embed_tokens"]}
+    expected = _in_process(model_dir, mode, 3, **frozen)
+    server, client = _run_pair(model_dir, tmp_path, mode, 3, **frozen)
+    assert isinstance(server, dict), server
+    assert isinstance(client, dict), client
+    got = {**client, **server}
+    assert got.keys() == expected.keys()
+    changed = [k for k in expected if not torch.equal(got[k], expected[k])]
+    assert not changed, f"{mode}: {len(changed)} tensors differ from the in-process run, e.g. {changed[:3]}"
+    initial = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert torch.equal(got["client.embeddings.embed_tokens.weight"], initial.model.embed_tokens.weight)  # frozen
+    assert not torch.equal(got["client.stack.blocks.0.mlp.up_proj.weight"], initial.model.layers[0].mlp.up_proj.weight)
 
 
 def test_a_client_that_dies_fails_the_server_naming_it(model_dir: Path, tmp_path: Path) -> None:
@@ -396,7 +414,8 @@ def test_parallel_clients_average_their_halves_by_seeds_as_by_weights(model_dir:
     for key in first:
         if key == "sync_bytes" or not first[key].is_floating_point():
             continue
-        for client in runs["seeds"]:  # undoing one's own updates is exact only to rounding
+        assert torch.equal(runs["seeds"][0][key], runs["seeds"][1][key]), key  # the clients agree bit for bit
+        for client in runs["seeds"]:  # a replayed average and an averaged one agree to rounding
             torch.testing.assert_close(client[key], first[key], rtol=1e-6, atol=1e-7)
     initial = AutoModelForCausalLM.from_pretrained(model_dir)
     assert not torch.equal(first["client.embeddings.embed_tokens.weight"], initial.model.embed_tokens.weight)

@@ -19,6 +19,7 @@ from hosl_lightning.core.split_model import SplitCausalLM, find_causal_lm
 from hosl_lightning.core.zo import ZOSGD
 from hosl_lightning.distributed.peers import Peers
 from hosl_lightning.distributed.server import SplitServer
+from hosl_lightning.lightning.cut import freeze_client_modules
 from hosl_lightning.models import materialize_half
 from hosl_lightning.modes import ZOSettings, get_mode
 
@@ -30,11 +31,13 @@ def zo_parameter_count(client: nn.Module, mode: str) -> int:
     return sum(1 for p in client.parameters() if p.requires_grad or getattr(p, "_hosl_zo", False))
 
 
-def load_server_half(module: LightningModule, cut_layer: int, device: torch.device) -> tuple[str, SplitCausalLM, int]:
+def load_server_half(module: LightningModule, cut_layer: int, device: torch.device,
+                     client_frozen: list[str] | None = None) -> tuple[str, SplitCausalLM, int]:
     """The module's model cut, with only the server half materialised on ``device``; (attribute name, split,
-    the client's ZO tensor count)."""
+    the client's ZO tensor count, less the modules in ``client_frozen``, as the client counts them)."""
     name, model = find_causal_lm(module)
     client, server = split_causal_lm(model, cut_layer)  # type: ignore[arg-type]
+    freeze_client_modules(client, client_frozen or [])
     if any(p.is_meta for p in server.parameters()):
         materialize_half(model, server, device)  # type: ignore[arg-type]
     server.to(device)

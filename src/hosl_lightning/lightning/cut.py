@@ -40,9 +40,11 @@ def freeze_halves(split: SplitCausalLM, halves: tuple[str, ...]) -> None:
             half.requires_grad_(False)
 
 
-def freeze_client_modules(split: SplitCausalLM, names: list[str]) -> None:
-    """Take the named modules of the client half out of training (before the ZO parameters are tagged)."""
-    client = split.client
+def freeze_client_modules(client: nn.Module | None, names: list[str]) -> None:
+    """Take the named modules of the client half out of training (before the ZO parameters are tagged).
+
+    A distributed run's server does the same to its unused copy of the client half, so that both count the
+    client's ZO tensors alike (the server's keys continue after them)."""
     if client is None:
         return
     known = [name for name, _ in client.named_modules() if name and name.count(".") < 3]
@@ -84,7 +86,7 @@ def cut_module(
     if peft_model is not None:
         untied_head_trainable(peft_model, split.server.lm_head)
     install_split(module, name, split)
-    freeze_client_modules(split, client_frozen or [])
+    freeze_client_modules(split.client, client_frozen or [])
     freeze_halves(split, frozen_halves)
     mark_zeroth_order(split, zo_halves)
     return split, peft_model, True

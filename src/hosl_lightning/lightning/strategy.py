@@ -322,7 +322,8 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
         is the clients' module: the server keeps its half, trains it with the module's optimizer, saves it."""
         if self.role != "server":
             raise RuntimeError(f"serve() runs the server (rank {SERVER_RANK}); this process is the {self.role}")
-        name, split, client_zo = load_server_half(module, self.cut_layer, self._server_device or torch.device("cpu"))
+        name, split, client_zo = load_server_half(module, self.cut_layer, self._server_device or torch.device("cpu"),
+                                                  self.client_frozen)
         first_key = client_zo if get_mode(self.mode).zo_halves else 0  # load first, then connect: a slow load never times out
         install_split(module, name, split)
         self._split = split
