@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
 
 from hosl_lightning import HOSLModule, HOSLStrategy
+from hosl_lightning.core.options import UserError
 from hosl_lightning.data import PromptClassificationDataModule, TextLMDataModule, resolve_tokenizer
 from hosl_lightning.models import add_adapters, deferred_weights, load_causal_lm, resolve_source
 
@@ -273,3 +275,87 @@ def test_an_adapter_that_fails_when_injected_names_its_side() -> None:
     model = tiny(TINY_LLAMA)
     with pytest.raises(ValueError, match=r"server_adapter is not valid for this model: "):
         add_adapters(model, 1, None, {"r": 2, "lora_alpha": "eight", "target_modules": ["q_proj"]})
+
+
+# --- 8. from the bad-input probe: label words, classes, files, vocabularies, predict --------------------------
+
+POLARITY = [{"text": "a great movie", "label": "positive"}, {"text": "a bad film", "label": "negative"}] * 2
+
+
+def prompt_dm(tmp_path: Path, words: dict[str, str], **kwargs: Any) -> PromptClassificationDataModule:
+    train = write_lines(tmp_path / "train.jsonl", [json.dumps(row) for row in POLARITY])
+    kwargs.setdefault("validation_file", str(train))
+    kwargs.setdefault("num_validation", 2)
+    return PromptClassificationDataModule(tokenizer(), train_file=str(train), label_words=words,
+                                          cache_dir=str(tmp_path / "cache"), **kwargs)
+
+
+def test_a_label_word_the_tokenizer_does_not_know_is_refused(tmp_path: Path) -> None:
+    """It became <unk>; with two such words both classes scored alike and val_loss stayed ln 2."""
+    with pytest.raises(UserError, match=r"label_words \{'positive': ' superb'\} is not valid: the tokenizer does not "
+                                        r"know ' superb' \(it becomes the unknown token '<unk>'\)"):
+        prompt_dm(tmp_path, {"positive": " superb", "negative": " awful"}).setup("fit")
+
+
+def test_label_words_with_the_same_token_ids_are_refused(tmp_path: Path) -> None:
+    """' great' and 'great ' differ as strings, so the string check passed them; the model sees one token."""
+    with pytest.raises(UserError, match=r"label_words \{'positive': ' great', 'negative': 'great '\} is not valid: both "
+                                        r"words tokenise to the same ids \[12\]"):
+        prompt_dm(tmp_path, {"positive": " great", "negative": "great "}).setup("fit")
+
+
+def test_a_label_word_for_a_class_no_split_contains_warns(tmp_path: Path) -> None:
+    words = {"positive": " great", "negative": " bad", "neutral": " movie"}
+    with pytest.warns(UserWarning, match=r"label_words names class\(es\) \['neutral'\] that no split read \(train, "
+                                         r"validation\) contains: the task is scored as 3 classes"):
+        prompt_dm(tmp_path, words).setup("fit")
+    (tmp_path / "two").mkdir()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every class present: no warning
+        prompt_dm(tmp_path / "two", {"positive": " great", "negative": " bad"}).setup("fit")
+
+
+def test_a_data_dir_without_a_validation_file_fails_at_setup_naming_it(tmp_path: Path) -> None:
+    folder = tmp_path / "data"
+    folder.mkdir()
+    write_lines(folder / "train.jsonl", [json.dumps({"text": "the cat sat on the mat"})] * 4)
+    dm = TextLMDataModule(tokenizer(), data_dir=str(folder), cache_dir=str(tmp_path / "cache"), batch_size=2)
+    trainer = quiet_trainer(HOSLStrategy(cut_layer=1, q=1), limit_val_batches=1)
+    with pytest.raises(UserError, match=rf"data_dir='{folder}' holds no validation file \(validation.jsonl, .json, .csv "
+                                        r"or .parquet\), but the fit validates \(trainer.limit_val_batches=1\): add a "
+                                        r"validation file, .* or set trainer.limit_val_batches=0"):
+        trainer.fit(HOSLModule(model_config=TINY_LLAMA), datamodule=dm)
+    assert trainer.global_step == 0
+
+
+def test_a_model_vocabulary_smaller_than_the_tokenizers_is_refused_before_training(tmp_path: Path) -> None:
+    """Without the check, the first batch with an id >= vocab_size raised an IndexError inside torch.embedding."""
+    path = write_lines(tmp_path / "train.jsonl", [json.dumps({"text": "the dog ran on the mat"})] * 4)
+    trainer = quiet_trainer(HOSLStrategy(cut_layer=1, q=1))
+    with pytest.raises(UserError, match=rf"tokenizer=.* is not valid for this model: it has {len(WORDS)} tokens, but the "
+                                        r"model \(llama\) has 8 rows in its embedding table \(vocab_size\)"):
+        trainer.fit(HOSLModule(model_config=dict(TINY_LLAMA, vocab_size=8)), datamodule=text_dm(path, batch_size=2))
+    assert trainer.global_step == 0
+
+
+def test_predict_gives_the_label_word_predictions_that_test_scores(tmp_path: Path) -> None:
+    rows = [json.dumps(row) for row in POLARITY]
+    test = write_lines(tmp_path / "test.jsonl", rows + [json.dumps({"text": "the dog ran", "label": "positive"})])
+    dm = prompt_dm(tmp_path, {"positive": " great", "negative": " bad"}, test_file=str(test), eval_batch_size=2)
+    module = HOSLModule(model_config=dict(TINY_LLAMA, vocab_size=len(WORDS)))
+    trainer = quiet_trainer(HOSLStrategy(cut_layer=1, q=1), limit_test_batches=None, limit_predict_batches=None)
+    (scores,) = trainer.test(module, dm, verbose=False)
+    batches = trainer.predict(module, dm)
+    predicted = torch.cat([batch["prediction"] for batch in batches])
+    assert predicted.shape == (5,) and torch.cat([b["scores"] for b in batches]).shape == (5, 2)
+    assert torch.equal(predicted, torch.cat([b["scores"] for b in batches]).argmax(-1))
+    gold = torch.tensor([0, 1, 0, 1, 0])  # positive = class 0
+    assert scores["test_acc"] == pytest.approx(float((predicted == gold).float().mean()))
+
+
+def test_predict_on_a_language_model_dataset_says_what_to_use_instead(tmp_path: Path) -> None:
+    path = write_lines(tmp_path / "test.jsonl", [json.dumps({"text": "the cat sat"})] * 2)
+    dm = text_dm(path, train_file=None, test_file=str(path))
+    with pytest.raises(UserError, match=r"predict is not valid for this data: it predicts label words of a "
+                                        r"classification DataModule .* use validate or test"):
+        quiet_trainer(HOSLStrategy(cut_layer=1, q=1)).predict(HOSLModule(model_config=TINY_LLAMA), dm)

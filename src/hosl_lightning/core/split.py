@@ -23,6 +23,8 @@ import transformers
 from torch import nn
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+from hosl_lightning.core.options import UserError
+
 __all__ = [
     "SUPPORTED_FAMILIES",
     "ClientHalf",
@@ -306,7 +308,7 @@ def _check_cut(cut_layer: object, model_type: str, n: int) -> int:
         raise TypeError(f"cut_layer={cut_layer!r} must be an int, not {type(cut_layer).__name__}: {valid}")
     cut = int(cut_layer)
     if not 0 <= cut <= n:
-        raise ValueError(
+        raise UserError(
             f"cut_layer={cut} is out of range for this {model_type} model with {n} decoder blocks: {valid}"
         )
     return cut
@@ -339,7 +341,7 @@ def split_causal_lm(model: transformers.PreTrainedModel, cut_layer: int) -> tupl
     base = _base_of(model, family)
     model_type = model.config.model_type
     if getattr(base.config, "layerdrop", 0.0) > 0:
-        raise ValueError(
+        raise UserError(
             f"layerdrop={base.config.layerdrop} is not supported by the split forward: set config.layerdrop = 0"
         )
     blocks = list(getattr(base, family.blocks))

@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from hosl_lightning.core.options import check_choice, check_int
+from hosl_lightning.core.options import UserError, check_choice, check_int
 from hosl_lightning.data.collation import PromptCollator
 from hosl_lightning.data.encoding import PromptEncoder
 from hosl_lightning.data.sampling import sample_train, seeded_order
@@ -96,7 +96,7 @@ class PromptClassificationDataModule(_TokenizedDataModule):
         for name, value in (("num_train", num_train), ("num_validation", num_validation), ("num_test", num_test)):
             check_int(name, value, 1, none="the whole split")
         if k_shot is not None and num_train is not None:
-            raise ValueError(f"k_shot={k_shot} and num_train={num_train} both choose the training sample; set one")
+            raise UserError(f"k_shot={k_shot} and num_train={num_train} both choose the training sample; set one")
         self.save_hyperparameters(ignore=[] if isinstance(tokenizer, (str, type(None))) else ["tokenizer"])
         self.task: ClassificationTask = get_task(
             task, template=template, label_words=label_words, text_column=text_column, label_column=label_column
@@ -107,7 +107,7 @@ class PromptClassificationDataModule(_TokenizedDataModule):
         files = {"train": train_file, "validation": validation_file, "test": test_file}
         self.sources = self._resolve_sources(data_dir, files)
         if "validation" in self.sources and self.sources["validation"].carved and num_validation is None:
-            raise ValueError(
+            raise UserError(
                 f"task {self.task.name!r} carves its validation examples out of the train split "
                 f"({self.sources['train'].describe()}); set num_validation (MeZO used 500)"
             )
@@ -127,6 +127,23 @@ class PromptClassificationDataModule(_TokenizedDataModule):
     @property
     def num_classes(self) -> int:
         return self.task.num_classes
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        self._warn_absent_classes()
+
+    def _warn_absent_classes(self) -> None:
+        """Warn about a label word whose class no split read contains: it silently adds a class (a 2-class task
+        scored as 3), usually a label-word map copied from another dataset or a misspelt label value."""
+        if not self._splits:
+            return
+        present = {example.label for dataset in self._splits.values() for example in dataset.items}
+        absent = [value for index, value in enumerate(self.class_names) if index not in present]
+        if absent:
+            read = ", ".join(sorted(self._splits))
+            rank_zero_warn(f"label_words names class(es) {absent} that no split read ({read}) contains: the task is "
+                           f"scored as {self.num_classes} classes, {len(absent)} of them absent from the data; drop "
+                           "them from label_words if the data has no such class")
 
     def train_dataloader(self) -> DataLoader:
         collate = PromptCollator(self.tokenizer.pad_token_id, self.padding_side, self.loss == "classification")
@@ -148,7 +165,7 @@ class PromptClassificationDataModule(_TokenizedDataModule):
             if "train" in sources and hub.splits.get("validation") is None:
                 sources["validation"] = SplitSource("validation", hub=hub, carved=True)
             return sources
-        raise ValueError(
+        raise UserError(
             f"task {self.task.name!r} has no data: set data_dir, or train_file / validation_file / test_file"
         )
 
@@ -176,7 +193,7 @@ class PromptClassificationDataModule(_TokenizedDataModule):
             try:
                 classes.append(self.task.class_index(value))
             except ValueError as error:
-                raise ValueError(f"example {row} of the {source.split} split ({source.describe()}): {error}") from None
+                raise UserError(f"example {row} of the {source.split} split ({source.describe()}): {error}") from None
         return classes
 
     def _sample(self, split: str) -> list[int]:
@@ -213,7 +230,7 @@ class PromptClassificationDataModule(_TokenizedDataModule):
     def _check_sample(self, split: str) -> None:
         wanted, got = self.limits[split], len(self._indices[split])
         if got == 0:
-            raise ValueError(f"{split} split is empty after sampling ({self.sources[split].describe()})")
+            raise UserError(f"{split} split is empty after sampling ({self.sources[split].describe()})")
         if wanted is not None and got < wanted:
             rank_zero_warn(f"num_{split}={wanted} but the {split} split ({self.sources[split].describe()}) gives {got}")
 
@@ -236,7 +253,7 @@ class PromptClassificationDataModule(_TokenizedDataModule):
             place = f"example {row_index} of the {split} split ({source.describe()})"
             for column in self.task.fields:
                 if row[column] is None:
-                    raise ValueError(f"{place} has no value in column {column!r}")
+                    raise UserError(f"{place} has no value in column {column!r}")
             prompts.append(self.task.render(row))
             labels.append(self.task.class_index(row[self.task.label_column]))
             where.append(place)

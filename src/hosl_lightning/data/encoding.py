@@ -20,6 +20,7 @@ from typing import Any
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from hosl_lightning.core.options import UserError
 from hosl_lightning.data.tasks import ClassificationTask, Prompt
 from hosl_lightning.models import resolve_source
 
@@ -39,7 +40,7 @@ def resolve_tokenizer(tokenizer: str | PreTrainedTokenizerBase, **kwargs: Any) -
         raise TypeError(f"tokenizer must be a name, a path or a PreTrainedTokenizerBase, got {kind}")
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token is None:
-            raise ValueError(
+            raise UserError(
                 "the tokenizer has neither a pad token nor an EOS token to pad with; set tokenizer.pad_token"
             )
         tokenizer.pad_token = tokenizer.eos_token
@@ -72,12 +73,33 @@ class PromptEncoder:
         self.tokenizer, self.task, self.max_length = tokenizer, task, max_length
         self.prefix = special_prefix(tokenizer)
         self.word_ids = [self._word_ids(value, word) for value, word in task.label_words.items()]
+        self._check_distinct()
         self.truncated = 0
+
+    def _check_distinct(self) -> None:
+        """Refuse label words the model could not tell apart: a word the tokenizer does not know (it becomes the
+        unknown token) or two words with the same token ids. Both score identical classes; the run would exit 0
+        with a loss stuck at ln(classes). Strings that differ are no proof: tokens are what the model sees."""
+        unknown = self.tokenizer.unk_token_id
+        words = list(self.task.label_words.items())
+        for (value, word), ids in zip(words, self.word_ids, strict=True):
+            if unknown is not None and unknown in ids:
+                raise UserError(f"label_words {{{value!r}: {word!r}}} is not valid: the tokenizer does not know "
+                                f"{word!r} (it becomes the unknown token {self.tokenizer.unk_token!r}); choose a word "
+                                f"the tokenizer has (task {self.task.name!r})")
+        seen: dict[tuple[int, ...], tuple[Hashable, str]] = {}
+        for (value, word), ids in zip(words, self.word_ids, strict=True):
+            if tuple(ids) in seen:
+                other, other_word = seen[tuple(ids)]
+                raise UserError(f"label_words {{{other!r}: {other_word!r}, {value!r}: {word!r}}} is not valid: both "
+                                f"words tokenise to the same ids {list(ids)}, so the two classes cannot be told apart; "
+                                f"choose words with different tokens (task {self.task.name!r})")
+            seen[tuple(ids)] = (value, word)
 
     def _word_ids(self, value: Hashable, word: str) -> list[int]:
         ids = self.tokenizer(word, add_special_tokens=False)["input_ids"]
         if not ids:
-            raise ValueError(
+            raise UserError(
                 f"label word {word!r} of label {value!r} (task {self.task.name!r}) tokenises to nothing with this "
                 "tokenizer; choose another label word"
             )
@@ -113,7 +135,7 @@ class PromptEncoder:
         start, count = self._field_tokens(prompt)
         if excess > count:
             rest = len(ids) - count
-            raise ValueError(
+            raise UserError(
                 f"{where} does not fit max_length={self.max_length} even with column {self.task.truncate_column!r} "
                 f"cut away entirely: the rest of the prompt (template text and other columns) takes {rest} tokens, "
                 f"the longest label word {answer_len} and special tokens {len(self.prefix)}. Raise max_length or "
@@ -125,7 +147,7 @@ class PromptEncoder:
     def _field_tokens(self, prompt: Prompt) -> tuple[int, int]:
         """(first index, count) of the run of prompt tokens lying wholly inside the truncatable field."""
         if not getattr(self.tokenizer, "is_fast", False):
-            raise ValueError("truncating a prompt needs character offsets, which only fast tokenizers give; "
+            raise UserError("truncating a prompt needs character offsets, which only fast tokenizers give; "
                              "use a fast tokenizer or raise max_length")
         offsets = self.tokenizer(prompt.text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
         lo, hi = prompt.span

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from hosl_lightning.core.options import UserError
+
 
 def seeded_order(size: int, seed: int) -> list[int]:
     """A permutation of ``range(size)`` drawn from ``seed`` alone.
@@ -32,7 +34,7 @@ def k_per_class(
             picked[classes[i]].append(i)
     short = {names[c]: len(found) for c, found in picked.items() if len(found) < k}
     if short:
-        raise ValueError(f"k_shot={k} examples per class, but {where} has fewer for labels {short} (label: available)")
+        raise UserError(f"k_shot={k} examples per class, but {where} has fewer for labels {short} (label: available)")
     chosen = {i for found in picked.values() for i in found}
     return [i for i in order if i in chosen]
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from hosl_lightning.core.options import MissingFileError, UserError
+
 if TYPE_CHECKING:
     import datasets
 
@@ -57,7 +59,7 @@ class HubSource:
 
         hub_split = self.splits.get(split)
         if hub_split is None:
-            raise ValueError(f"{self.path} has no hub split for {split!r}; hub splits: {dict(self.splits)}")
+            raise UserError(f"{self.path} has no hub split for {split!r}; hub splits: {dict(self.splits)}")
         return datasets.load_dataset(
             self.path, self.config, split=hub_split, revision=self.revision, cache_dir=cache_dir
         )
@@ -70,17 +72,17 @@ def find_split_files(data_dir: str | Path) -> dict[str, Path]:
     """``{split: file}`` for the ``train``/``validation``/``test`` files in ``data_dir`` (any known extension)."""
     folder = Path(data_dir)
     if not folder.is_dir():
-        raise FileNotFoundError(f"data_dir {str(folder)!r} is not a directory")
+        raise MissingFileError(f"data_dir {str(folder)!r} is not a directory")
     found: dict[str, Path] = {}
     for split in SPLITS:
         matches = [folder / f"{split}{ext}" for ext in FILE_BUILDERS if (folder / f"{split}{ext}").is_file()]
         if len(matches) > 1:
             names = [match.name for match in matches]
-            raise ValueError(f"data_dir {str(folder)!r} has several {split} files, keep one: {names}")
+            raise UserError(f"data_dir {str(folder)!r} has several {split} files, keep one: {names}")
         if matches:
             found[split] = matches[0]
     if not found:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"data_dir {str(folder)!r} holds no train/validation/test file with extension {list(FILE_BUILDERS)}"
         )
     return found
@@ -96,23 +98,23 @@ def load_local_split(path: str | Path, split: str, cache_dir: str | None = None)
     file = Path(path)
     builder = FILE_BUILDERS.get(file.suffix.lower())
     if builder is None:
-        raise ValueError(
+        raise UserError(
             f"{split} file {str(file)!r} has an unknown extension {file.suffix!r}; valid: {list(FILE_BUILDERS)}"
         )
     if not file.is_file():
-        raise FileNotFoundError(f"{split} file {str(file)!r} does not exist")
+        raise MissingFileError(f"{split} file {str(file)!r} does not exist")
     if builder != "parquet":
         _check_utf8(file, split)  # readers may load bad bytes and fail only when a row is read, naming no file
         if not _has_rows(file, header=builder == "csv"):
-            raise ValueError(f"{split} split is empty: file {str(file)!r} holds no examples")
+            raise UserError(f"{split} split is empty: file {str(file)!r} holds no examples")
     try:
         dataset = datasets.load_dataset(builder, data_files=str(file), split="train", cache_dir=cache_dir)
     except Exception as error:  # the readers' own errors do not say which file or split
         if builder == "json":
             _raise_json_fault(file, split)
-        raise ValueError(f"could not read {split} file {str(file)!r} as {builder}: {error!r}") from error
+        raise UserError(f"could not read {split} file {str(file)!r} as {builder}: {error!r}") from error
     if len(dataset) == 0:
-        raise ValueError(f"{split} split is empty: file {str(file)!r} holds no examples")
+        raise UserError(f"{split} split is empty: file {str(file)!r} holds no examples")
     return dataset
 
 
@@ -134,7 +136,7 @@ def _check_utf8(file: Path, split: str, chunk_size: int = 1 << 20) -> None:
             try:
                 raw.decode("utf-8")
             except UnicodeDecodeError as error:
-                raise ValueError(f"{split}_file={str(file)!r} is not valid: line {number} is not UTF-8 text (byte "
+                raise UserError(f"{split}_file={str(file)!r} is not valid: line {number} is not UTF-8 text (byte "
                                  f"{raw[error.start]:#04x} at column {error.start + 1}); save the file as UTF-8") from None
 
 
@@ -148,7 +150,7 @@ def _raise_json_fault(file: Path, split: str) -> None:
         try:
             json.loads(file.read_text(encoding="utf-8"))
         except json.JSONDecodeError as error:
-            raise ValueError(f"{option}: not valid JSON at line {error.lineno}, column {error.colno} ({error.msg}); "
+            raise UserError(f"{option}: not valid JSON at line {error.lineno}, column {error.colno} ({error.msg}); "
                              "the file must hold one JSON array of objects, or one JSON object per line") from None
         return
     example = 'each line must be one JSON object, e.g. {"text": "...", "label": 0}'
@@ -159,11 +161,11 @@ def _raise_json_fault(file: Path, split: str) -> None:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{option}: line {number} is not valid JSON ({error.msg} at column {error.colno}); "
+                raise UserError(f"{option}: line {number} is not valid JSON ({error.msg} at column {error.colno}); "
                                  f"{example}") from None
             if isinstance(row, dict):
                 continue
-            raise ValueError(f"{option}: line {number} holds a JSON {type(row).__name__}, not an object; {example}")
+            raise UserError(f"{option}: line {number} holds a JSON {type(row).__name__}, not an object; {example}")
 
 
 def _has_rows(file: Path, header: bool) -> bool:
@@ -202,7 +204,7 @@ class SplitSource:
             return load_local_split(self.file, self.split, cache_dir)
         dataset = self.hub.load(self.split, cache_dir)  # type: ignore[union-attr]
         if len(dataset) == 0:
-            raise ValueError(f"{self.split} split is empty: {self.describe()} holds no examples")
+            raise UserError(f"{self.split} split is empty: {self.describe()} holds no examples")
         return dataset
 
 
@@ -223,7 +225,7 @@ def check_columns(dataset: datasets.Dataset, needed: Sequence[str], what: str, s
     """Refuses a dataset that lacks a column the task reads, naming the split, its source and what it has."""
     missing = [column for column in needed if column not in dataset.column_names]
     if missing:
-        raise ValueError(
+        raise UserError(
             f"{what} names column(s) {missing} missing from the {source.split} split ({source.describe()}); "
             f"available columns: {dataset.column_names}"
         )
@@ -233,7 +235,7 @@ def check_has_text(values: Sequence[object], option: str, column: str, source: S
     """Refuses a text column with no text in any example (CSV readers give None for an empty cell): the run
     would train on the template alone, or find no row to train on, and say neither which column nor where."""
     if values and all(value is None or (isinstance(value, str) and not value.strip()) for value in values):
-        raise ValueError(
+        raise UserError(
             f"{option} is not valid: column {column!r} is empty in all {len(values)} examples of the {source.split} "
             f"split ({source.describe()}); name a column that holds the text"
         )

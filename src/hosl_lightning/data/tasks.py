@@ -22,6 +22,7 @@ from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from hosl_lightning.core.options import UserError
 from hosl_lightning.data.sources import ASSETS_DIR, HubSource
 
 _FORMATTER = string.Formatter()
@@ -71,7 +72,7 @@ class ClassificationTask:
         if self.truncate_column is None:
             object.__setattr__(self, "truncate_column", fields[0])
         elif self.truncate_column not in fields:
-            raise ValueError(
+            raise UserError(
                 f"truncate_column={self.truncate_column!r} is not a field of the template {self.template!r}; "
                 f"fields: {fields}"
             )
@@ -85,7 +86,7 @@ class ClassificationTask:
             if name is not None and name not in names:
                 names.append(name)
         if not names:
-            raise ValueError(f"template {self.template!r} names no column; write e.g. '{{text}} It was'")
+            raise UserError(f"template {self.template!r} names no column; write e.g. '{{text}} It was'")
         return names
 
     @property
@@ -117,7 +118,7 @@ class ClassificationTask:
             by_str = {str(known): index for index, known in enumerate(values)}
             if str(value) in by_str:
                 return by_str[str(value)]
-        raise ValueError(f"label {value!r} is not in the label-word map of task {self.name!r}; valid labels: {values}")
+        raise UserError(f"label {value!r} is not in the label-word map of task {self.name!r}; valid labels: {values}")
 
     def render(self, example: Mapping[str, Any]) -> Prompt:
         """The prompt of one example (the answer is not part of it) and its truncatable span."""
@@ -150,27 +151,27 @@ def _parse(template: str) -> list[tuple[str, str | None, str | None, str | None]
     try:
         pieces = list(_FORMATTER.parse(template))
     except ValueError as error:
-        raise ValueError(f"template {template!r} is not a valid format string: {error}") from None
+        raise UserError(f"template {template!r} is not a valid format string: {error}") from None
     for _, name, _, _ in pieces:
         if name is not None and name.strip() == "":
-            raise ValueError(f"template {template!r} has an empty field '{{}}': name a column, e.g. '{{text}}'")
+            raise UserError(f"template {template!r} has an empty field '{{}}': name a column, e.g. '{{text}}'")
     return pieces
 
 
 def _check_label_words(task: str, label_words: Mapping[Hashable, str]) -> None:
     if not isinstance(label_words, Mapping) or len(label_words) < 2:
-        raise ValueError(
+        raise UserError(
             f"task {task!r} needs label_words mapping at least 2 label values to words, "
             f"e.g. {{'negative': ' terrible', 'positive': ' great'}}; got {label_words!r}"
         )
     for value, word in label_words.items():
         if not isinstance(word, str) or word == "":
-            raise ValueError(f"label word of label {value!r} in task {task!r} must be a non-empty string, got {word!r}")
+            raise UserError(f"label word of label {value!r} in task {task!r} must be a non-empty string, got {word!r}")
     as_str = [str(value) for value in label_words]
     if len(set(as_str)) != len(as_str):
-        raise ValueError(f"label values of task {task!r} collide when compared as strings: {list(label_words)}")
+        raise UserError(f"label values of task {task!r} collide when compared as strings: {list(label_words)}")
     if len(set(label_words.values())) != len(label_words):
-        raise ValueError(f"task {task!r} gives two classes the same label word: {dict(label_words)}")
+        raise UserError(f"task {task!r} gives two classes the same label word: {dict(label_words)}")
 
 
 # --- field edits used by the built-in templates -------------------------------------------------------
@@ -295,7 +296,7 @@ def generic_task(
     ``"<text> It was"`` (MeZO's SST-2 template), the text stripped of surrounding whitespace.
     """
     if label_words is None:
-        raise ValueError(
+        raise UserError(
             "task 'generic' needs label_words: a mapping from each label value of your data to its word, "
             "e.g. {'negative': ' terrible', 'positive': ' great'}"
         )
@@ -332,9 +333,9 @@ def get_task(
     if name == "generic":
         return generic_task(label_words, template, text_column or "text", label_column or "label")
     if name not in TASKS:
-        raise ValueError(f"unknown task {name!r}; valid tasks: {list(TASK_NAMES)}")
+        raise UserError(f"unknown task {name!r}; valid tasks: {list(TASK_NAMES)}")
     if text_column is not None:
-        raise ValueError(
+        raise UserError(
             f"text_column={text_column!r} only applies to task 'generic'; task {name!r} reads the columns "
             f"{TASKS[name].fields} of its template (pass template=... to change them)"
         )

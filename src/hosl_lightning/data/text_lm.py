@@ -8,7 +8,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from hosl_lightning.core.options import check_int
+from hosl_lightning.core.options import UserError, check_int
 from hosl_lightning.data.collation import LMCollator
 from hosl_lightning.data.sampling import seeded_order
 from hosl_lightning.data.sources import check_columns, check_has_text, local_sources
@@ -56,10 +56,10 @@ class TextLMDataModule(_TokenizedDataModule):
         self.limits = {"train": num_train, "validation": num_validation, "test": num_test}
         files = {"train": train_file, "validation": validation_file, "test": test_file}
         if data_dir is None and not any(files.values()):
-            raise ValueError("TextLMDataModule has no data: set data_dir, or train_file / validation_file / test_file")
+            raise UserError("TextLMDataModule has no data: set data_dir, or train_file / validation_file / test_file")
         self.sources = local_sources(data_dir, files)
         if "validation" in self.sources and self.sources["validation"].carved:
-            raise ValueError(f"validation_file and train_file are the same file ({self.sources['train'].describe()})")
+            raise UserError(f"validation_file and train_file are the same file ({self.sources['train'].describe()})")
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", LMCollator(self.tokenizer.pad_token_id, self.padding_side))
@@ -83,7 +83,7 @@ class TextLMDataModule(_TokenizedDataModule):
         check_has_text(texts, f"text_column={self.text_column!r}", self.text_column, source)
         for row, text in zip(indices, texts, strict=True):
             if not isinstance(text, str):
-                raise ValueError(f"example {row} of the {split} split ({source.describe()}): column "
+                raise UserError(f"example {row} of the {split} split ({source.describe()}): column "
                                  f"{self.text_column!r} holds {text!r}, not a string")
         max_length = self.max_length
         encoded = self.tokenizer(texts, truncation=max_length is not None, max_length=max_length)["input_ids"]
@@ -92,7 +92,7 @@ class TextLMDataModule(_TokenizedDataModule):
             dropped = len(encoded) - len(rows)
             rank_zero_warn(f"{split}: dropped {dropped} texts of fewer than 2 tokens ({source.describe()})")
         if not rows:
-            raise ValueError(
+            raise UserError(
                 f"{split} split is empty after dropping texts of fewer than 2 tokens ({source.describe()})"
             )
         return ListDataset(rows)

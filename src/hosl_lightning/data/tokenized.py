@@ -17,7 +17,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
-from hosl_lightning.core.options import check_choice, check_int
+from hosl_lightning.core.options import UserError, check_choice, check_int
 from hosl_lightning.core.split_model import find_causal_lm
 from hosl_lightning.data.encoding import resolve_tokenizer
 from hosl_lightning.data.sampling import EpochShuffle
@@ -101,7 +101,7 @@ class _TokenizedDataModule(LightningDataModule):
         """The tokenizer (loaded on first use when given by name), with a pad token."""
         if self._tokenizer is None:
             if self._tokenizer_arg is None:
-                raise ValueError("no tokenizer: pass tokenizer=<hub id, path or instance>, or set datamodule.tokenizer")
+                raise UserError("no tokenizer: pass tokenizer=<hub id, path or instance>, or set datamodule.tokenizer")
             self._tokenizer = resolve_tokenizer(self._tokenizer_arg, **self.tokenizer_kwargs)
         return self._tokenizer
 
@@ -122,8 +122,34 @@ class _TokenizedDataModule(LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         splits = self._splits_for(stage)
         self.check_max_length()  # every time: splits built before a Trainer was attached were not checked
+        self.check_vocabulary()
         for split in splits:
             self.dataset(split)
+
+    def _attached_model(self) -> Any:
+        """The attached Trainer's causal LM (split or not), or None."""
+        module = getattr(getattr(self, "trainer", None), "lightning_module", None)
+        if module is None:
+            return None
+        try:
+            _, model = find_causal_lm(module)
+        except ValueError:
+            return None
+        return model if hasattr(model, "config") else None
+
+    def check_vocabulary(self) -> None:
+        """Refuses a tokenizer with more tokens than the model has embedding rows, before a batch reaches the model:
+        an id past the table fails as a bare ``IndexError`` inside ``torch.embedding``, mid-training."""
+        model = self._attached_model()
+        rows = getattr(getattr(model, "config", None), "vocab_size", None)
+        if not isinstance(rows, int):
+            return
+        size = len(self.tokenizer)
+        if size > rows:
+            name = getattr(self.tokenizer, "name_or_path", "") or type(self.tokenizer).__name__
+            raise UserError(f"tokenizer={name!r} is not valid for this model: it has {size} tokens, but the model "
+                            f"({model.config.model_type}) has {rows} rows in its embedding table (vocab_size), so ids "
+                            f"from {rows} on cannot be embedded; use the model's own tokenizer")
 
     def check_max_length(self) -> None:
         """Refuses a ``max_length`` past the positions the model takes, before a batch reaches the model.
@@ -137,20 +163,15 @@ class _TokenizedDataModule(LightningDataModule):
         limit, whose = self._position_limit()
         if limit is not None and max_length > limit:
             given = "" if self._max_length is not None else " (the tokenizer's model_max_length)"
-            raise ValueError(f"max_length={max_length}{given} is not valid: {whose} takes at most {limit} positions; "
+            raise UserError(f"max_length={max_length}{given} is not valid: {whose} takes at most {limit} positions; "
                              f"set max_length <= {limit}")
 
     def _position_limit(self) -> tuple[int | None, str]:
         """(most positions, whose limit it is), from the best source at hand (see :meth:`check_max_length`)."""
-        module = getattr(getattr(self, "trainer", None), "lightning_module", None)
-        if module is not None:
-            try:
-                _, model = find_causal_lm(module)
-            except ValueError:
-                model = None
-            limit = position_limit(model.config) if model is not None and hasattr(model, "config") else None
-            if limit is not None:
-                return limit, f"the model ({model.config.model_type})"
+        model = self._attached_model()
+        limit = position_limit(model.config) if model is not None else None
+        if limit is not None:
+            return limit, f"the model ({model.config.model_type})"
         name = str(getattr(self.tokenizer, "name_or_path", "") or "")
         folder = Path(name).expanduser()
         if name and (folder / "config.json").is_file():
@@ -169,21 +190,33 @@ class _TokenizedDataModule(LightningDataModule):
 
     def _splits_for(self, stage: str | None) -> list[str]:
         available = [split for split in SPLITS if self._has(split)]
-        needed = {"fit": ["train"], "validate": ["validation"], "test": ["test"]}
+        needed = {"fit": ["train"], "validate": ["validation"], "test": ["test"], "predict": ["test"]}
         if stage is None:
             return available
         if stage not in needed:
-            raise ValueError(f"stage {stage!r} is not supported; this DataModule supports {list(needed)}")
+            raise UserError(f"stage {stage!r} is not supported; this DataModule supports {list(needed)}")
         for split in needed[stage]:
             if not self._has(split):
-                raise ValueError(f"stage {stage!r} needs a {split} split, but none was given ({self._where_hint()})")
+                raise UserError(f"stage {stage!r} needs a {split} split, but none was given ({self._where_hint()})")
+        if stage == "fit" and not self._has("validation") and self._validates():
+            data_dir = self.hparams.get("data_dir")
+            where = (f"data_dir={data_dir!r} holds no validation file (validation.jsonl, .json, .csv or .parquet)"
+                     if data_dir is not None else f"no validation split was given ({self._where_hint()})")
+            raise UserError(f"{where}, but the fit validates (trainer.limit_val_batches="
+                            f"{self.trainer.limit_val_batches}): add a validation file, set validation_file, or set "
+                            "trainer.limit_val_batches=0 to fit without validation")
         return needed[stage] + (["validation"] if stage == "fit" and self._has("validation") else [])
+
+    def _validates(self) -> bool:
+        """Whether an attached Trainer will run validation (a DataModule alone cannot tell: then no)."""
+        trainer = getattr(self, "trainer", None)
+        return trainer is not None and trainer.limit_val_batches != 0
 
     def dataset(self, split: str) -> ListDataset:
         """The tokenised examples of ``split`` (built once)."""
         if split not in self._splits:
             if not self._has(split):
-                raise ValueError(f"no {split} split was given ({self._where_hint()})")
+                raise UserError(f"no {split} split was given ({self._where_hint()})")
             self.check_max_length()
             key = self._built_key(split)
             if key is not None and key in _built:  # type: ignore[operator]
@@ -206,13 +239,18 @@ class _TokenizedDataModule(LightningDataModule):
         if split == "train":
             sampler = EpochShuffle(len(dataset), self.shuffle_seed)
             return DataLoader(dataset, self.batch_size, sampler=sampler, collate_fn=collate, num_workers=workers)
-        return DataLoader(dataset, self.eval_batch_size, shuffle=False, collate_fn=collate, num_workers=workers)
+        # keywords only: Lightning rebuilds a predict DataLoader from its arguments, and a positional batch_size clashes
+        return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False, collate_fn=collate, num_workers=workers)
 
     def val_dataloader(self) -> DataLoader | list:
         """Validation batches; an empty list (Lightning then skips validation) when no validation split exists."""
         return self._loader("validation", self._eval_collate()) if self._has("validation") else []
 
     def test_dataloader(self) -> DataLoader:
+        return self._loader("test", self._eval_collate())
+
+    def predict_dataloader(self) -> DataLoader:
+        """The test split's examples (those ``test`` scores), batched as for evaluation: ``predict`` runs on them."""
         return self._loader("test", self._eval_collate())
 
     def _has(self, split: str) -> bool:

@@ -33,29 +33,38 @@ class LossSummary(Callback):
 
 
 class ZeroShotReport(Callback):
-    """Scores the validation set before the first step (zero-shot) and prints it beside the final scores.
+    """Scores the validation set before the first step and prints it beside the final scores.
 
-    Needs a module with ``evaluate(batches, stage)`` (HOSLModule) and a validation dataloader; the final
-    scores are the last ``val_*`` metrics Lightning's validation loop logged.
+    Before the first step of a fresh run the scores are zero-shot; a run resumed from a checkpoint starts from
+    trained weights, so its first scores are labelled with the step it resumed at, never "zero-shot". Needs a
+    module with ``evaluate(batches, stage)`` (HOSLModule) and validation batches; the final scores are the last
+    ``val_*`` metrics Lightning's validation loop logged.
     """
 
     def __init__(self) -> None:
         self.zero_shot: dict[str, float] = {}
+        self.label = "zero-shot"
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         evaluate = getattr(pl_module, "evaluate", None)
         datamodule = trainer.datamodule
         if evaluate is None or datamodule is None or not hasattr(datamodule, "val_dataloader"):
             return
-        scores = evaluate(datamodule.val_dataloader(), stage="val")
+        if trainer.limit_val_batches == 0:  # the fit validates nothing: neither does this report
+            return
+        batches = datamodule.val_dataloader()
+        if isinstance(batches, list) and not batches:  # no validation split
+            return
+        self.label = "zero-shot" if trainer.global_step == 0 else f"resumed at step {trainer.global_step}"
+        scores = evaluate(batches, stage="val")
         self.zero_shot = scores
-        rank_zero_info("zero-shot validation: " + _format(scores))
+        rank_zero_info(f"{self.label + ' validation:':<21} " + _format(scores))
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         final = {k: float(v) for k, v in trainer.callback_metrics.items() if k in self.zero_shot}
         if final:
             rank_zero_info("final validation:     " + _format(final))
-            rank_zero_info("zero-shot -> final:   " + ", ".join(
+            rank_zero_info(f"{self.label + ' -> final:':<21} " + ", ".join(
                 f"{k} {self.zero_shot[k]:.4f} -> {final[k]:.4f}" for k in final))
 
 

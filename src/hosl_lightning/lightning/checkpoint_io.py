@@ -12,12 +12,57 @@ import pickle
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from hosl_lightning.core.options import UserError
+from hosl_lightning.models.sources import looks_like_path
 from hosl_lightning.modes import DIVERGENCE_HINT, DivergenceError
+
+_UNREADABLE = (RuntimeError, EOFError, OSError, IndexError, pickle.UnpicklingError, zipfile.BadZipFile)
+
+
+def unreadable_checkpoint(option: str, path: Any, error: BaseException) -> UserError:
+    """The error for a file that torch cannot read as a checkpoint: what was given, and which of the usual causes."""
+    text = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+    if isinstance(error, pickle.UnpicklingError) and "weights only" in str(error).lower():
+        why = ("it holds objects other than tensors and plain values, and checkpoints are read with weights_only=True, "
+               "which refuses to run the code such objects could carry; load only checkpoints you trust")
+    else:
+        why = "it cannot be read as a checkpoint (truncated, empty or not a torch file)"
+    return UserError(f"{option}={str(path)!r} is not valid: {why} ({text})")
+
+
+def read_checkpoint(path: str | os.PathLike, option: str = "ckpt_path") -> dict[str, Any]:
+    """A checkpoint file read on the CPU with ``weights_only=True``, or a :class:`UserError` naming ``option``.
+
+    Checked before anything else loads, so a missing, empty, truncated or garbage file is named at once, not after
+    the model has loaded with a raw ``PytorchStreamReader``, ``EOFError`` or ``IndexError``.
+    """
+    file = Path(path).expanduser()
+    if not file.exists():
+        raise UserError(f"{option}={str(path)!r} is not valid: no such file")
+    if not file.is_file():
+        raise UserError(f"{option}={str(path)!r} is not valid: a directory, not a checkpoint file")
+    try:
+        checkpoint = torch.load(file, map_location="cpu", weights_only=True)
+    except _UNREADABLE as error:
+        raise unreadable_checkpoint(option, path, error) from error
+    if not isinstance(checkpoint, dict):
+        raise UserError(f"{option}={str(path)!r} is not valid: it holds a {type(checkpoint).__name__}, not a "
+                        "checkpoint's dict")
+    return checkpoint
+
+
+def check_saved_model(ckpt_path: Any, saved: Any, flag: str) -> None:
+    """A checkpoint saved with a model directory that is not there any more (moved, or another machine): name the
+    path the checkpoint holds, which the user never typed, and the option that points at the model's new place."""
+    if isinstance(saved, str) and looks_like_path(saved) and not Path(saved).expanduser().exists():
+        raise UserError(f"ckpt_path={str(ckpt_path)!r} was saved with model={saved!r}, which does not exist here: "
+                        f"pass {flag}=<where the model is now>")
 
 
 class SplitCheckpointIO(TorchCheckpointIO):
@@ -37,15 +82,15 @@ class SplitCheckpointIO(TorchCheckpointIO):
         super().save_checkpoint(checkpoint, path, storage_options)
 
     def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> Any:
-        """Lightning's load, with a truncated, empty or garbage file named instead of a bare unpickling error."""
+        """Lightning's load, weights-only unless the caller asks otherwise, with a truncated, empty or garbage file
+        named instead of a bare unpickling error."""
         try:
             where = {} if map_location is None else {"map_location": map_location}
-            return super().load_checkpoint(path, weights_only=weights_only, **where)
+            return super().load_checkpoint(path, weights_only=True if weights_only is None else weights_only, **where)
         except FileNotFoundError:
             raise
-        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
-            raise ValueError(f"ckpt_path={str(path)!r} is not valid: it cannot be read as a checkpoint (truncated, "
-                             f"empty or not a torch file): {type(error).__name__}: {error}") from error
+        except _UNREADABLE as error:
+            raise unreadable_checkpoint("ckpt_path", path, error) from error
 
     def load_server_half(self, path: Any) -> None:
         """Asked once the client's file has been read and checked against this run."""
@@ -62,7 +107,7 @@ def check_resumable(state: dict[str, Any], current: dict[str, Any], path: Any) -
     for key in RESUME_KEYS:
         saved = state.get(key, RESUME_DEFAULTS.get(key))
         if saved != current[key]:
-            raise ValueError(
+            raise UserError(
                 f"checkpoint {path} was saved with {key}={saved!r}, this run has "
                 f"{key}={current[key]!r}: resume with the same {key}"
             )
@@ -84,7 +129,7 @@ def restore_zo_state(state: dict[str, Any], drawing: Any, optimizer: Any, schedu
     if saved is not None and saved != current:
         differ = ", ".join(f"{k}={saved.get(k)!r} there, {current.get(k)!r} here" for k in sorted(saved.keys() | current.keys())
                            if saved.get(k) != current.get(k))
-        raise ValueError(
+        raise UserError(
             f"the checkpoint drew its directions with {saved}, this run draws them with {current} ({differ}): the "
             "same seeds would give other directions; resume with the same setting (direction_device: the same device "
             "type, client_device)"
@@ -104,6 +149,6 @@ def weights_must_fit(checkpoint: dict[str, Any], module: Any) -> Iterator[None]:
         saved, current = checkpoint.get("hyper_parameters", {}), dict(getattr(module, "hparams", {}))
         described = [", ".join(f"{k}={h.get(k)!r}" for k in ("model", "model_config") if h.get(k) is not None)
                      for h in (saved, current)]
-        raise ValueError(f"the checkpoint's weights do not fit this run's model: the checkpoint was saved with "
+        raise UserError(f"the checkpoint's weights do not fit this run's model: the checkpoint was saved with "
                          f"{described[0] or 'another model'}, this run has {described[1] or 'its own'}; name the "
                          f"checkpoint's model, or another checkpoint ({str(error).splitlines()[0]})") from error

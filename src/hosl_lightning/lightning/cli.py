@@ -7,42 +7,102 @@ process serves and which trains is the strategy's launcher's business (:mod:`.la
 
 from __future__ import annotations
 
-from pathlib import Path
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
-import torch
 from lightning.pytorch.cli import LightningCLI
 
+from hosl_lightning.core.options import UserError, check_int, check_number
 from hosl_lightning.lightning.callbacks import LossSummary, ZeroShotReport
+from hosl_lightning.lightning.checkpoint_io import check_saved_model, read_checkpoint
 from hosl_lightning.lightning.module import HOSLModule
 from hosl_lightning.lightning.strategy import HOSLStrategy  # noqa: F401  (registers the "hosl" strategy)
 from hosl_lightning.models import deferred_weights
-from hosl_lightning.models.sources import looks_like_path
+
+#: ``ckpt_path`` values that Lightning resolves itself rather than naming a file.
+LIGHTNING_CKPT_NAMES = ("last", "best", "hpc", "registry")
+_NON_FINITE = re.compile(r"^[-+]?(?:inf|Inf|INF|infinity|Infinity|INFINITY|nan|NaN|NAN)$")
+
+
+@contextmanager
+def reading_non_finite() -> Iterator[None]:
+    """Inside, jsonargparse reads ``inf``, ``-Infinity`` and ``nan`` (as Python spells them) as numbers, so that
+    ``--mu=inf`` meets the option's own check ("must be ... finite", as ``--mu=1e999`` does) instead of "Expected a
+    float. Got value: inf": YAML spells them ``.inf`` only. jsonargparse's YAML loader is one class for the whole
+    process, so the rule is added for the parse alone, and a quoted ``"inf"`` stays a string."""
+    try:
+        from jsonargparse._loaders_dumpers import get_yaml_default_loader
+    except ImportError:  # another jsonargparse layout: ``inf`` is refused by type, as before
+        yield
+        return
+    loader = get_yaml_default_loader()
+    saved = loader.__dict__.get("yaml_implicit_resolvers")
+    loader.yaml_implicit_resolvers = {key: list(rules) for key, rules in loader.yaml_implicit_resolvers.items()}
+    loader.add_implicit_resolver("tag:yaml.org,2002:float", _NON_FINITE, list("-+iInN"))
+    try:
+        yield
+    finally:
+        if saved is None:
+            del loader.yaml_implicit_resolvers
+        else:
+            loader.yaml_implicit_resolvers = saved
 
 
 class HOSLCLI(LightningCLI):
     """LightningCLI with HOSLStrategy as the default strategy; reports the loss trend and zero-shot vs final scores."""
 
+    def init_parser(self, **kwargs: Any) -> Any:
+        """Every parser (the main one and each subcommand's) raises its errors, for ``main`` to report in one style."""
+        kwargs.setdefault("exit_on_error", False)
+        return super().init_parser(**kwargs)
+
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        with reading_non_finite():
+            super().parse_arguments(parser, args)
+
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.set_defaults({"trainer.strategy": "hosl"})
+
+    def before_instantiate_classes(self) -> None:
+        """Trainer options that Lightning itself would refuse only once the model has loaded, refused now."""
+        subcommand = self.config.get("subcommand")
+        if subcommand is None:
+            return
+        config = self.config[subcommand]
+        trainer = config.get("trainer") or {}
+        accumulate = trainer.get("accumulate_grad_batches", 1)
+        if accumulate != 1:  # HOSLModule optimizes manually: Lightning cannot accumulate for it
+            raise UserError(f"trainer.accumulate_grad_batches={accumulate!r} is not valid: HOSLModule steps its "
+                            "optimizers itself (manual optimization), which Lightning cannot accumulate; use 1, and a "
+                            "larger data batch_size instead")
+        max_steps = trainer.get("max_steps", -1)
+        if max_steps != -1:
+            try:
+                check_int("trainer.max_steps", max_steps, 0)
+            except UserError as error:
+                raise UserError(f"{error}, or -1 for no limit") from None
+        optimizer = (config.get("model") or {}).get("optimizer")
+        init_args = getattr(optimizer, "init_args", None) or {}
+        lr = init_args.get("lr")
+        if isinstance(lr, (int, float)):  # torch would refuse a negative one only when the fit starts
+            check_number("model.optimizer.init_args.lr", lr, 0)
 
     def _parse_ckpt_path(self) -> None:
         """The model the user names is the model that runs: a checkpoint's hyperparameters fill in only the
         module options that the command line and config leave unset (Lightning's own CLI lets them win)."""
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if not ckpt_path or not Path(ckpt_path).is_file():
+        if not ckpt_path or ckpt_path in LIGHTNING_CKPT_NAMES:
             return
-        hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        hparams = read_checkpoint(ckpt_path).get("hyper_parameters", {})  # a bad file is named before anything loads
         hparams.pop("_instantiator", None)
         if "_class_path" in hparams:  # a module other than HOSLModule: Lightning's own way
             return super()._parse_ckpt_path()
         given = self.config[subcommand].get("model") or {}
         unset = {key: value for key, value in hparams.items() if given.get(key) is None}
-        saved = unset.get("model")
-        if isinstance(saved, str) and looks_like_path(saved) and not Path(saved).expanduser().exists():
-            raise OptionError(f"ckpt_path={ckpt_path!r} was saved with model={saved!r}, which does not exist here: "
-                              "pass --model.model=<where the model is now>", self.parser)
+        check_saved_model(ckpt_path, unset.get("model"), "--model.model")
         if unset:
             self.config = self.parser.parse_object({subcommand: {"model": unset}}, self.config)
 
@@ -54,24 +114,18 @@ class HOSLCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         """In a distributed run the model is built on the meta device; each process then loads only its half.
 
-        A bad option refused by a constructor (``q=0 is not valid: ...``) becomes an :class:`OptionError`, which
-        the command line reports as jsonargparse reports its own: usage and the message, exit status 2.
+        A bad option refused by a constructor (``q=0 is not valid: ...``) becomes a :class:`UserError`, which the
+        command line reports as it reports jsonargparse's own: one line, exit status 2.
         """
         try:
             if not self._distributed():
                 return super().instantiate_classes()
             with deferred_weights():
                 super().instantiate_classes()
+        except UserError:
+            raise
         except (ValueError, TypeError, FileNotFoundError, ModuleNotFoundError) as error:
-            raise OptionError(f"{type(error).__name__}: {error}", self.parser) from error
-
-
-class OptionError(ValueError):
-    """An option a constructor refused while the CLI built its classes, before anything trained."""
-
-    def __init__(self, message: str, parser: Any) -> None:
-        super().__init__(message)
-        self.parser = parser
+            raise UserError(f"{type(error).__name__}: {error}") from error
 
 
 def build_cli(args: list[str] | None = None) -> HOSLCLI:

@@ -10,6 +10,7 @@ from typing import Any
 from lightning.pytorch import LightningModule
 from torch import nn
 
+from hosl_lightning.core.options import UserError
 from hosl_lightning.core.split import split_causal_lm
 from hosl_lightning.core.split_model import SplitCausalLM, find_causal_lm
 from hosl_lightning.distributed.client import ClientSplitCausalLM
@@ -52,7 +53,7 @@ def freeze_client_modules(client: nn.Module | None, names: list[str]) -> None:
         try:
             frozen = client.get_submodule(name)
         except AttributeError:
-            raise ValueError(f"client_frozen names {name!r}, which the client half does not have; its modules: "
+            raise UserError(f"client_frozen names {name!r}, which the client half does not have; its modules: "
                              f"{known}") from None
         frozen.requires_grad_(False)
 

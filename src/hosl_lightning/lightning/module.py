@@ -20,6 +20,7 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from transformers import PreTrainedModel
 
+from hosl_lightning.core.options import UserError
 from hosl_lightning.models import load_causal_lm
 from hosl_lightning.modes import DIVERGENCE_HINT, ensure_finite, eval_mode
 
@@ -150,6 +151,17 @@ class HOSLModule(LightningModule):
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate_batch(batch, "test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
+        """Label-word predictions of a classification batch: each example's class index (``prediction``) and the
+        log-likelihood of every class's label word (``scores``, examples x classes), as evaluation scores them."""
+        if "class_labels" not in batch:
+            raise UserError("predict is not valid for this data: it predicts label words of a classification "
+                            "DataModule (PromptClassificationDataModule); for a language model use validate or test "
+                            "(val_loss, val_ppl), or hosl-lightning export and transformers' generate")
+        scores = self.model.sequence_log_likelihood(batch["input_ids"], batch.get("attention_mask"), batch["labels"])
+        class_scores = scores.view(-1, int(batch["num_classes"])).float()
+        return {"prediction": class_scores.argmax(dim=-1), "scores": class_scores}
 
     def on_validation_epoch_end(self) -> None:
         self.log_dict(self._compute_and_reset("val"), prog_bar=True)

@@ -13,7 +13,7 @@ from typing import Any
 
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from hosl_lightning.core.options import check_choice
+from hosl_lightning.core.options import UserError, check_choice
 from hosl_lightning.models.configs import check_model_type
 from hosl_lightning.models.partial import ModelSource, meta_causal_lm, weights_deferred
 from hosl_lightning.models.sources import DTYPES, check_model_directory, resolve_source
@@ -47,13 +47,13 @@ def load_causal_lm(
     """A causal LM from a hub id, local path, GGUF file or alias; an instance; or a config dict (random weights)."""
     check_choice("dtype", dtype, DTYPES)
     if (model is None) == (model_config is None):
-        raise ValueError("give exactly one of model= (hub id, local path, alias or PreTrainedModel) or model_config=")
+        raise UserError("give exactly one of model= (hub id, local path, alias or PreTrainedModel) or model_config=")
     if isinstance(model, PreTrainedModel):
         check_model_type(model.config.model_type, f"of the {type(model).__name__} given as model=")
         return model
     if model_config is not None:
         if "model_type" not in model_config:
-            raise ValueError("model_config needs a 'model_type' key (e.g. 'llama', 'gpt2', 'opt', 'gpt_neox')")
+            raise UserError("model_config needs a 'model_type' key (e.g. 'llama', 'gpt2', 'opt', 'gpt_neox')")
         check_model_type(model_config["model_type"], "in model_config")
     if weights_deferred():
         return meta_causal_lm(ModelSource(model, model_config, dtype, gguf_file))

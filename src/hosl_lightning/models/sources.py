@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from hosl_lightning.core.options import MissingFileError, UserError
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
@@ -68,19 +70,19 @@ def _local_or_hub(model: str, gguf_file: str | None, option: str) -> tuple[str, 
         if looks_like_path(model):
             hub = "; a GGUF file on the hub is model='owner/name' with gguf_file='file.gguf'" if (
                 model.lower().endswith(".gguf")) else ""
-            raise FileNotFoundError(f"{option}={model!r} is not valid: no such file or directory; {valid}{hub}")
+            raise MissingFileError(f"{option}={model!r} is not valid: no such file or directory; {valid}{hub}")
         return model, gguf_file
     if path.is_file():
         if path.suffix.lower() != ".gguf":
-            raise ValueError(f"{option}={model!r} is not valid: a file, but not a .gguf file; {valid}")
+            raise UserError(f"{option}={model!r} is not valid: a file, but not a .gguf file; {valid}")
         if gguf_file is not None:
-            raise ValueError(f"gguf_file={gguf_file!r} is not valid: {option}={model!r} already names a .gguf file")
+            raise UserError(f"gguf_file={gguf_file!r} is not valid: {option}={model!r} already names a .gguf file")
         return str(path.parent), path.name
     if not any(path.iterdir()):
-        raise FileNotFoundError(f"{option}={model!r} is not valid: an empty directory; {valid}")
+        raise MissingFileError(f"{option}={model!r} is not valid: an empty directory; {valid}")
     if gguf_file is not None and not (path / gguf_file).is_file():
         found = sorted(p.name for p in path.glob("*.gguf"))
-        raise FileNotFoundError(f"gguf_file={gguf_file!r} is not valid: no such file in {str(path)!r}; .gguf files there: {found}")
+        raise MissingFileError(f"gguf_file={gguf_file!r} is not valid: no such file in {str(path)!r}; .gguf files there: {found}")
     return str(path), gguf_file
 
 
@@ -91,12 +93,12 @@ def check_model_directory(directory: str, gguf_file: str | None, option: str = "
     if gguf_file is not None or not path.is_dir():
         return  # a GGUF file, or a hub id
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{option}={directory!r} is not valid: the directory holds no config.json; a model directory holds "
             "config.json and *.safetensors or *.bin weights (what save_pretrained or export_model writes)"
         )
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{option}={directory!r} is not valid: the directory holds config.json but no *.safetensors or *.bin "
             "weights; for random weights from a config, pass model_config= instead"
         )

@@ -13,6 +13,8 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from hosl_lightning.core.options import UserError
+from hosl_lightning.tuning.batches import subset_length
 from hosl_lightning.tuning.space import Parameter
 
 CUT_LAYER_KEY = "trainer.strategy.init_args.cut_layer"
@@ -56,7 +58,7 @@ def check_space(parameters: list[Parameter], parse: Callable[[dict[str, Any]], A
             strategy(**options)  # the strategy's own checks: they name the option, the value and the valid ones
         except (TypeError, ValueError) as error:
             shown = ", ".join(f"{key}={value!r}" for key, value in point.items())
-            raise ValueError(f"the search space's point ({shown}) is refused by {strategy.__name__}: {error}") from None
+            raise UserError(f"the search space's point ({shown}) is refused by {strategy.__name__}: {error}") from None
         model = {name: getattr(config.model, name, None) for name in MODEL_KEYS}
         if str(model) not in blocks:
             blocks[str(model)] = _decoder_blocks(model)
@@ -65,8 +67,37 @@ def check_space(parameters: list[Parameter], parse: Callable[[dict[str, Any]], A
         if isinstance(cut, int) and not 0 <= cut <= n:
             where = (f"search space entry {CUT_LAYER_KEY!r}: the value {cut}" if CUT_LAYER_KEY in searched
                      else f"{CUT_LAYER_KEY}={cut} (from the fit config or the overrides)")
-            raise ValueError(f"{where} is out of range for this {model_type} model with {n} decoder blocks: "
+            raise UserError(f"{where} is out of range for this {model_type} model with {n} decoder blocks: "
                              f"cut_layer must be an integer in [0, {n}]")
+
+
+def check_subset_epochs(config: Any, method: str, fraction: float) -> None:
+    """Fail before any trial when the trials' subset makes a trainer option invalid: a trial's epoch is ``fraction``
+    of the training batches, and an integer ``val_check_interval`` above that many fails every trial in Lightning
+    (it validates within an epoch unless ``check_val_every_n_epoch`` is None). Builds the config's DataModule."""
+    trainer = config.trainer
+    interval = getattr(trainer, "val_check_interval", None)
+    if not isinstance(interval, int) or isinstance(interval, bool) or getattr(trainer, "check_val_every_n_epoch", 1) is None:
+        return
+    data = getattr(config, "data", None)
+    if getattr(data, "class_path", None) is None:
+        return
+    module, _, name = data.class_path.rpartition(".")
+    init_args = data.init_args.as_dict() if getattr(data, "init_args", None) is not None else {}
+    datamodule = getattr(importlib.import_module(module), name)(**init_args)
+    datamodule.setup("fit")
+    loader = datamodule.train_dataloader()
+    batch_size = getattr(loader, "batch_size", None)
+    if not batch_size:
+        return
+    candidates = math.ceil(len(loader.dataset) / batch_size)
+    batches = candidates if method == "full" else subset_length(fraction, candidates)
+    if interval > batches:
+        raise UserError(
+            f"trainer.val_check_interval={interval} is not valid for tune: a trial trains on the subset "
+            f"(subset={method!r}, fraction={fraction}) of {batches} batches an epoch, of {candidates} training batches "
+            f"of {batch_size}, and Lightning validates within an epoch; set val_check_interval <= {batches} (or a "
+            "float: 1.0 validates once an epoch), or trainer.check_val_every_n_epoch=null to count steps across epochs")
 
 
 def _strategy_class(config: Any) -> type | None:

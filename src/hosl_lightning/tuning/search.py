@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from hosl_lightning.core.options import check_choice, check_int, check_number
+from hosl_lightning.core.options import MissingFileError, UserError, check_choice, check_int, check_number
 from hosl_lightning.data.tokenized import tokenized_once
 from hosl_lightning.models.loading import loaded_once
-from hosl_lightning.tuning.limits import check_space
+from hosl_lightning.tuning.limits import check_space, check_subset_epochs
 from hosl_lightning.tuning.results import TrialRecord, TuneResult, write_results
 from hosl_lightning.tuning.selection import (
     METHODS,
@@ -67,7 +67,7 @@ def build_trial_cli(args: list[str], callbacks: list[Any], parse_only: bool = Fa
         return _ParseOnly(HOSLModule, subclass_mode_data=True, run=False, save_config_callback=None, args=args,
                           parser_kwargs={"exit_on_error": False})
     except Exception as error:  # jsonargparse's ArgumentError: the key or value the config does not accept
-        raise ValueError(f"the search space or overrides do not fit the config: {error}") from None
+        raise UserError(f"the search space or overrides do not fit the config: {error}") from None
 
 
 def _metric(trainer: Any, name: str) -> float | None:
@@ -79,7 +79,7 @@ def _fit(args: list[str], callbacks: list[Any], metric: str) -> tuple[Any, Any, 
     """Fit once; the monitored metric after the last validation (one more validation if the fit ran none)."""
     cli = build_trial_cli(args, callbacks)
     if cli.trainer.strategy.__class__.__name__ == "HOSLStrategy" and cli.trainer.strategy.transport != "in_process":
-        raise ValueError("tune runs trials in this process: drop transport=distributed from the config")
+        raise UserError("tune runs trials in this process: drop transport=distributed from the config")
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     value = _metric(cli.trainer, metric)
     if value is None:
@@ -192,7 +192,7 @@ def tune(
     if timeout_s is not None:
         check_number("timeout_s", timeout_s, 0, strict=True)
     if not Path(fit_config).is_file():
-        raise FileNotFoundError(f"fit_config file {fit_config!r} does not exist")
+        raise MissingFileError(f"fit_config file {fit_config!r} does not exist")
     selection_seed = sampler_seed if selection_seed is None else selection_seed
     SubsetSelection(subset, fraction, select_every_n_steps, seed=selection_seed, warm_start_steps=warm_start_steps,
                     feature=feature, granularity=granularity)  # checks these now, not in a trial
@@ -202,6 +202,10 @@ def tune(
     # Every choice and both ends of every range are checked before the study starts, without building a model:
     # keys and types against the config, the strategy's options, and cut_layer against the model's blocks.
     check_space(parameters, lambda point: build_trial_cli(base[1:] + override_args(point), [], parse_only=True).config)
+    # A trainer option that the subset's size makes invalid (val_check_interval above a subset epoch) fails here,
+    # naming the subset, not in every trial. It reads the training data once more (the DataModule alone, no model).
+    with tokenized_once():
+        check_subset_epochs(build_trial_cli(base[1:] + trial_overrides, [], parse_only=True).config, subset, fraction)
 
     from hosl_lightning.tuning.pruning import StartupCompletes  # subclasses optuna's HyperbandPruner
 
@@ -303,8 +307,12 @@ def _retrain(result: TuneResult, args: list[str], metric: str, test: bool) -> No
 def main(args: list[str] | None = None) -> TuneResult:
     """``hosl-lightning tune --fit_config fit.yaml --space space.yaml [--n_trials 20 ...]`` (see :func:`tune`).
 
-    ``--config tune.yaml`` reads these options from a file; ``--print_config`` writes one.
+    ``--config tune.yaml`` reads these options from a file; ``--print_config`` writes one. A bad option raises
+    (``hosl-lightning`` reports it in its one style), and ``inf`` reads as a number, as in ``fit``.
     """
     from jsonargparse import auto_cli
 
-    return auto_cli(tune, args=args, as_positional=False)
+    from hosl_lightning.lightning.cli import reading_non_finite
+
+    with reading_non_finite():
+        return auto_cli(tune, args=args, as_positional=False, exit_on_error=False)

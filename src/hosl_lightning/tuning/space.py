@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from hosl_lightning.core.options import MissingFileError, UserError
+
 SPEC_KEYS = ("low", "high", "log", "step", "choices")
 
 
@@ -40,38 +42,38 @@ def load_space(path: str | Path) -> list[Parameter]:
     """Read a search space: a YAML mapping of config keys to ``{low, high[, log, step]}`` or ``{choices: [...]}``."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"search space file {str(path)!r} does not exist")
+        raise MissingFileError(f"search space file {str(path)!r} does not exist")
     raw = yaml.safe_load(path.read_text())
     if not isinstance(raw, dict) or not raw:
-        raise ValueError(f"search space {str(path)!r} must be a non-empty mapping of config keys to distributions")
+        raise UserError(f"search space {str(path)!r} must be a non-empty mapping of config keys to distributions")
     return [parse_parameter(str(key), spec) for key, spec in raw.items()]
 
 
 def parse_parameter(key: str, spec: Any) -> Parameter:
     where = f"search space entry {key!r}"
     if not isinstance(spec, dict):
-        raise ValueError(f"{where} must be a mapping such as {{low: 1.0e-6, high: 1.0e-4, log: true}} or {{choices: [1, 2]}}")
+        raise UserError(f"{where} must be a mapping such as {{low: 1.0e-6, high: 1.0e-4, log: true}} or {{choices: [1, 2]}}")
     unknown = sorted(set(spec) - set(SPEC_KEYS))
     if unknown:
-        raise ValueError(f"{where} has unknown field(s) {unknown}: valid fields are {', '.join(SPEC_KEYS)}")
+        raise UserError(f"{where} has unknown field(s) {unknown}: valid fields are {', '.join(SPEC_KEYS)}")
     if "choices" in spec:
         choices = spec["choices"]
         if set(spec) != {"choices"} or not isinstance(choices, list) or not choices:
-            raise ValueError(f"{where}: 'choices' must be a non-empty list and stand alone, got {spec}")
+            raise UserError(f"{where}: 'choices' must be a non-empty list and stand alone, got {spec}")
         return Parameter(key, choices=tuple(choices))
     if "low" not in spec or "high" not in spec:
-        raise ValueError(f"{where} needs 'low' and 'high' (or 'choices'), got {spec}")
+        raise UserError(f"{where} needs 'low' and 'high' (or 'choices'), got {spec}")
     low, high = spec["low"], spec["high"]
     for name, value in (("low", low), ("high", high)):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{where}: {name}={value!r} is not a number")
+            raise UserError(f"{where}: {name}={value!r} is not a number")
     if not low < high:
-        raise ValueError(f"{where}: low={low} must be below high={high}")
+        raise UserError(f"{where}: low={low} must be below high={high}")
     log_scale = spec.get("log", False)
     if not isinstance(log_scale, bool):
-        raise ValueError(f"{where}: log={log_scale!r} must be true or false")
+        raise UserError(f"{where}: log={log_scale!r} must be true or false")
     if log_scale and low <= 0:
-        raise ValueError(f"{where}: a log scale needs low > 0, got low={low}")
+        raise UserError(f"{where}: a log scale needs low > 0, got low={low}")
     return Parameter(key, low=low, high=high, log=log_scale, step=spec.get("step"))
 
 
