@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from hosl_lightning.cli import build_cli, main
@@ -73,16 +74,100 @@ def test_the_command_line_runs_without_lightnings_args_warning() -> None:
 
 
 @pytest.mark.parametrize("override", ["--trainer.strategy.init_args.mode=hsol", "--trainer.strategy.init_args.q=0",
-                                      "--model.model=./no/such/dir"])
+                                      "--model.model=./no/such/dir", "--trainer.strategy.init_args.cut_layer=9"])
 def test_every_refused_option_reports_in_one_style(override: str, tmp_path: Path) -> None:
-    """A value jsonargparse refuses and one a constructor refuses both print usage and the message, exit 2."""
+    """A value jsonargparse refuses, one a constructor refuses and one found once the model is there (cut_layer=9
+    of 4 blocks, a traceback before) all print one line, exit 2."""
     result = subprocess.run(
         [sys.executable, "-m", "hosl_lightning.cli", "fit", "--config", str(CONFIGS / "synthetic.yaml"), override],
         capture_output=True, text=True, cwd=tmp_path, timeout=300,
     )
     assert result.returncode == 2, result.stderr[-1500:]
-    assert "usage:" in result.stderr and "error:" in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("hosl-lightning fit: error: "), result.stderr[-1500:]
     assert "Traceback" not in result.stderr
+
+
+def _refusal(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """Run the command line in this process; the one line it printed for a user error (exit status 2)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("hosl-lightning ")]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+FIT = ["fit", "--config", str(CONFIGS / "synthetic.yaml"), "--trainer.enable_progress_bar=false"]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("--trainer.strategy.init_args.cut_layer=-1", "cut_layer=-1 is not valid: it must be an integer >= 0"),
+        ("--trainer.strategy.init_args.cut_layer=9",
+         "cut_layer=9 is out of range for this llama model with 4 decoder blocks: choose an integer in [0, 4]"),
+        ("--trainer.strategy.init_args.mu=inf", "mu=inf is not valid: it must be a number > 0 and finite"),
+        ("--trainer.strategy.init_args.mu=1e999", "mu=inf is not valid: it must be a number > 0 and finite"),
+        ("--trainer.strategy.init_args.zo_lr=-Infinity", "zo_lr=-inf is not valid: it must be a number >= 0 and finite"),
+        ("--trainer.accumulate_grad_batches=2", "trainer.accumulate_grad_batches=2 is not valid: HOSLModule steps its "
+                                                "optimizers itself (manual optimization), which Lightning cannot accumulate; use 1, "
+                                                "and a larger data batch_size instead"),
+        ("--trainer.max_steps=-3", "trainer.max_steps=-3 is not valid: it must be an integer >= 0, or -1 for no limit"),
+        ("--model.optimizer.init_args.lr=-0.1", "model.optimizer.init_args.lr=-0.1 is not valid: it must be a number >= 0"),
+    ],
+)
+def test_user_errors_found_early_or_late_read_alike(override: str, message: str, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
+    """cut_layer=-1 and cut_layer=9 one way; inf as 1e999; Lightning's own refusals before the model loads."""
+    monkeypatch.chdir(tmp_path)
+    assert _refusal([*FIT, override], capsys) == f"hosl-lightning fit: error: {message}"
+
+
+def test_a_quoted_inf_stays_text_and_the_loader_is_left_as_it_was() -> None:
+    from jsonargparse._loaders_dumpers import yaml_load
+
+    from hosl_lightning.lightning.cli import reading_non_finite
+
+    with reading_non_finite():
+        assert yaml_load("{a: inf, b: '-inf', c: nan, d: Infinity}")["a"] == float("inf")
+        assert yaml_load("'inf'") == "inf"
+    assert yaml_load("inf") == "inf"  # outside a parse, jsonargparse's YAML is unchanged
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    import hosl_lightning.cli as cli
+
+    def broken(args: object) -> None:
+        raise KeyError("a bug, not a user error")
+
+    monkeypatch.setattr(cli, "build_cli", broken)
+    with pytest.raises(KeyError, match="a bug"):
+        cli.main(["fit"])
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "garbage", "truncated", "directory"])
+@pytest.mark.parametrize("command", ["fit", "validate"])
+def test_a_bad_checkpoint_file_is_named_before_anything_loads(kind: str, command: str, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
+    import hosl_lightning.lightning.module as module
+
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "bad.ckpt"
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "garbage":
+        path.write_bytes(b"not a checkpoint at all\n" * 10)
+    elif kind == "truncated":
+        torch.save({"state_dict": {"w": torch.zeros(1000)}, "hyper_parameters": {}}, path)
+        path.write_bytes(path.read_bytes()[:2000])
+    elif kind == "directory":
+        path.mkdir()
+    monkeypatch.setattr(module, "load_causal_lm", lambda *a: pytest.fail("the model loaded before the file was checked"))
+    line = _refusal([command, "--config", str(CONFIGS / "synthetic.yaml"), f"--ckpt_path={path}"], capsys)
+    why = {"missing": "no such file", "directory": "a directory, not a checkpoint file"}.get(
+        kind, "it cannot be read as a checkpoint (truncated, empty or not a torch file)")
+    assert line.startswith(f"hosl-lightning {command}: error: ckpt_path='{path}' is not valid: {why}")
 
 
 def _fit_checkpoint(tmp_path: Path, *model_args: str) -> Path:

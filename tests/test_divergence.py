@@ -38,7 +38,7 @@ def test_a_diverged_run_stops_naming_the_step_and_writes_no_nan_checkpoint(
     with pytest.raises(DivergenceError, match=rf"step \d+: {quantity} .*not finite.*learning rate"):
         trainer.fit(_module(server_lr), datamodule=tiny_data(train_size=256))
     for path in tmp_path.glob("*.ckpt"):  # what was written before the divergence is all finite
-        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+        state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
         assert all(bool(torch.isfinite(t).all()) for t in state.values() if t.is_floating_point()), path
 
 

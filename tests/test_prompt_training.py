@@ -89,3 +89,23 @@ def test_one_token_answers_forward_each_prompt_once_and_train_the_same(
     assert all(torch.allclose(shared_weights[k], plain_weights[k], atol=1e-6) for k in plain_weights)
     moved = [k for k in plain_weights if not torch.equal(plain_weights[k], _split().state_dict()[k])]
     assert moved  # the step trained something, the same way in both
+
+
+def test_a_resumed_run_never_calls_its_first_scores_zero_shot(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from conftest import tiny_data
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def fit(max_steps: int, ckpt_path: str | None = None) -> str:
+        checkpoint = ModelCheckpoint(tmp_path, every_n_train_steps=2, filename="last")
+        trainer = quiet_trainer(HOSLStrategy(cut_layer=1), max_steps=max_steps, limit_val_batches=1, val_check_interval=2,
+                                enable_checkpointing=True, callbacks=[ZeroShotReport(), checkpoint])
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            trainer.fit(HOSLModule(model_config=TINY_LLAMA), tiny_data(), ckpt_path=ckpt_path)
+        return caplog.text
+
+    fresh = fit(2)
+    assert "zero-shot validation: " in fresh and "zero-shot -> final: " in fresh
+    resumed = fit(4, str(tmp_path / "last.ckpt"))
+    assert "zero-shot" not in resumed
+    assert "resumed at step 2 validation: " in resumed and "resumed at step 2 -> final: " in resumed

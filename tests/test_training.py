@@ -202,7 +202,7 @@ def test_resume_where_the_directions_would_be_drawn_differently_is_refused(mode:
     checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, filename="last")
     quiet_trainer(HOSLStrategy(cut_layer=1, mode=mode), max_steps=1, enable_checkpointing=True,
                   callbacks=[checkpoint]).fit(_module(), tiny_data())
-    state = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    state = torch.load(tmp_path / "last.ckpt", weights_only=True)
     assert state["hosl"]["directions"] == {"direction_device": "cpu", "direction_chunk": 1 << 14,
                                            "embedding_directions": "dense"}
     state["hosl"]["directions"]["direction_device"] = "cuda"  # as if saved by a client on a GPU

@@ -313,6 +313,20 @@ def test_values_the_model_or_strategy_cannot_take_fail_before_any_trial(
     assert not (tmp_path / "out").exists()  # refused before a study was created
 
 
+def test_a_trainer_option_the_subset_makes_invalid_fails_before_the_study(tmp_path: Path, capsys) -> None:
+    """64 examples / 16 = 4 batches, a subset of 0.5 trains 2 an epoch: val_check_interval=3 failed every trial."""
+    message = (r"trainer.val_check_interval=3 is not valid for tune: a trial trains on the subset \(subset='random', "
+               r"fraction=0.5\) of 2 batches an epoch, of 4 training batches of 16, .* set val_check_interval <= 2")
+    with pytest.raises(ValueError, match=message):
+        _tune(tmp_path, subset="random", overrides=[*SMALL, "--trainer.val_check_interval=3"])
+    assert not (tmp_path / "out").exists()  # refused before a study was created
+    with pytest.raises(SystemExit):
+        main(["tune", "--fit_config", str(CONFIGS / "synthetic.yaml"), "--space", _space(tmp_path), "--subset", "random",
+              "--fraction", "0.5", "--overrides", str([*SMALL, "--trainer.val_check_interval=3"]).replace("'", '"')])
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("hosl-lightning ")]
+    assert line.startswith("hosl-lightning tune: error: trainer.val_check_interval=3 is not valid for tune")
+
+
 def test_override_args_keep_strings_bare_and_encode_numbers() -> None:
     assert override_args({"a.lr": 1e-05, "a.q": 2, "a.dir": "rademacher", "a.flag": True}) == [
         "--a.lr=1e-05", "--a.q=2", "--a.dir=rademacher", "--a.flag=true"]

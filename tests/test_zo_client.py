@@ -341,7 +341,7 @@ def test_a_checkpoint_saved_before_the_client_options_existed_still_resumes(tmp_
     checkpoint = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=1, filename="last")
     trainer = quiet_trainer(HOSLStrategy(cut_layer=1), max_steps=1, enable_checkpointing=True, callbacks=[checkpoint])
     trainer.fit(HOSLModule(model_config=TINY_LLAMA), tiny_data())
-    state = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    state = torch.load(tmp_path / "last.ckpt", weights_only=True)
     del state["hosl"]["zo_optimizer"], state["hosl"]["directions"]["embedding_directions"]  # as an older release saved
     torch.save(state, tmp_path / "old.ckpt")
     resumed = quiet_trainer(HOSLStrategy(cut_layer=1), max_steps=2)

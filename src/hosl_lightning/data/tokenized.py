@@ -198,11 +198,10 @@ class _TokenizedDataModule(LightningDataModule):
         for split in needed[stage]:
             if not self._has(split):
                 raise UserError(f"stage {stage!r} needs a {split} split, but none was given ({self._where_hint()})")
-        if stage == "fit" and not self._has("validation") and self._validates():
-            data_dir = self.hparams.get("data_dir")
-            where = (f"data_dir={data_dir!r} holds no validation file (validation.jsonl, .json, .csv or .parquet)"
-                     if data_dir is not None else f"no validation split was given ({self._where_hint()})")
-            raise UserError(f"{where}, but the fit validates (trainer.limit_val_batches="
+        data_dir = self.hparams.get("data_dir")  # a folder promises its splits; train_file alone asks for no validation
+        if stage == "fit" and data_dir is not None and not self._has("validation") and self._validates():
+            raise UserError(f"data_dir={data_dir!r} holds no validation file (validation.jsonl, .json, .csv or "
+                            f".parquet), but the fit validates (trainer.limit_val_batches="
                             f"{self.trainer.limit_val_batches}): add a validation file, set validation_file, or set "
                             "trainer.limit_val_batches=0 to fit without validation")
         return needed[stage] + (["validation"] if stage == "fit" and self._has("validation") else [])

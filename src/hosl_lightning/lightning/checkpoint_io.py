@@ -27,13 +27,17 @@ _UNREADABLE = (RuntimeError, EOFError, OSError, IndexError, pickle.UnpicklingErr
 
 def unreadable_checkpoint(option: str, path: Any, error: BaseException) -> UserError:
     """The error for a file that torch cannot read as a checkpoint: what was given, and which of the usual causes."""
-    text = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
-    if isinstance(error, pickle.UnpicklingError) and "weights only" in str(error).lower():
+    message = str(error)
+    if "WeightsUnpickler error:" in message:  # torch's long advice first; its finding after this marker
+        message = message.split("WeightsUnpickler error:", 1)[1]
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    detail = f"{type(error).__name__}: {lines[0].split('. ')[0] if lines else ''}".rstrip(": ")
+    if "Unsupported global" in str(error):
         why = ("it holds objects other than tensors and plain values, and checkpoints are read with weights_only=True, "
-               "which refuses to run the code such objects could carry; load only checkpoints you trust")
+               "which refuses to unpickle them (they could run code); load only checkpoints you trust")
     else:
         why = "it cannot be read as a checkpoint (truncated, empty or not a torch file)"
-    return UserError(f"{option}={str(path)!r} is not valid: {why} ({text})")
+    return UserError(f"{option}={str(path)!r} is not valid: {why} ({detail})")
 
 
 def read_checkpoint(path: str | os.PathLike, option: str = "ckpt_path") -> dict[str, Any]:
