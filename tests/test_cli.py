@@ -110,9 +110,9 @@ FIT = ["fit", "--config", str(CONFIGS / "synthetic.yaml"), "--trainer.enable_pro
         ("--trainer.strategy.init_args.mu=inf", "mu=inf is not valid: it must be a number > 0 and finite"),
         ("--trainer.strategy.init_args.mu=1e999", "mu=inf is not valid: it must be a number > 0 and finite"),
         ("--trainer.strategy.init_args.zo_lr=-Infinity", "zo_lr=-inf is not valid: it must be a number >= 0 and finite"),
-        ("--trainer.accumulate_grad_batches=2", "trainer.accumulate_grad_batches=2 is not valid: HOSLModule steps its "
-                                                "optimizers itself (manual optimization), which Lightning cannot accumulate; use 1, "
-                                                "and a larger data batch_size instead"),
+        ("--trainer.accumulate_grad_batches=2", ("trainer.accumulate_grad_batches=2 is not valid: HOSLModule steps its "
+                                                 "optimizers itself (manual optimization), which Lightning cannot "
+                                                 "accumulate; use 1, and a larger data batch_size instead")),
         ("--trainer.max_steps=-3", "trainer.max_steps=-3 is not valid: it must be an integer >= 0, or -1 for no limit"),
         ("--model.optimizer.init_args.lr=-0.1", "model.optimizer.init_args.lr=-0.1 is not valid: it must be a number >= 0"),
     ],
@@ -136,7 +136,7 @@ def test_a_quoted_inf_stays_text_and_the_loader_is_left_as_it_was() -> None:
 
 
 def test_a_bug_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
-    import hosl_lightning.cli as cli
+    from hosl_lightning import cli
 
     def broken(args: object) -> None:
         raise KeyError("a bug, not a user error")
@@ -150,7 +150,7 @@ def test_a_bug_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize("command", ["fit", "validate"])
 def test_a_bad_checkpoint_file_is_named_before_anything_loads(kind: str, command: str, tmp_path: Path,
                                                                 capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
-    import hosl_lightning.lightning.module as module
+    from hosl_lightning.lightning import module
 
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "bad.ckpt"
