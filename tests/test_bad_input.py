@@ -17,13 +17,14 @@ import datasets
 import lightning as L
 import pytest
 import torch
-from conftest import TINY_LLAMA, quiet_trainer
+from conftest import TINY_LLAMA, quiet_trainer, tiny_data
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
 
 from hosl_lightning import HOSLModule, HOSLStrategy
 from hosl_lightning.core.options import UserError
 from hosl_lightning.data import PromptClassificationDataModule, TextLMDataModule, resolve_tokenizer
+from hosl_lightning.lightning.callbacks import PredictionWriter
 from hosl_lightning.models import add_adapters, deferred_weights, load_causal_lm, resolve_source
 
 datasets.disable_progress_bars()
@@ -343,7 +344,9 @@ def test_predict_gives_the_label_word_predictions_that_test_scores(tmp_path: Pat
     test = write_lines(tmp_path / "test.jsonl", rows + [json.dumps({"text": "the dog ran", "label": "positive"})])
     dm = prompt_dm(tmp_path, {"positive": " great", "negative": " bad"}, test_file=str(test), eval_batch_size=2)
     module = HOSLModule(model_config=dict(TINY_LLAMA, vocab_size=len(WORDS)))
-    trainer = quiet_trainer(HOSLStrategy(cut_layer=1, q=1), limit_test_batches=None, limit_predict_batches=None)
+    writer = PredictionWriter()
+    trainer = quiet_trainer(HOSLStrategy(cut_layer=1, q=1), limit_test_batches=None, limit_predict_batches=None,
+                            default_root_dir=str(tmp_path / "run"), callbacks=[writer])
     (scores,) = trainer.test(module, dm, verbose=False)
     batches = trainer.predict(module, dm)
     predicted = torch.cat([batch["prediction"] for batch in batches])
@@ -351,11 +354,16 @@ def test_predict_gives_the_label_word_predictions_that_test_scores(tmp_path: Pat
     assert torch.equal(predicted, torch.cat([b["scores"] for b in batches]).argmax(-1))
     gold = torch.tensor([0, 1, 0, 1, 0])  # positive = class 0
     assert scores["test_acc"] == pytest.approx(float((predicted == gold).float().mean()))
+    written = [json.loads(line) for line in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
+    assert [row["prediction"] for row in written] == predicted.tolist()
+    assert [row["label"] for row in written] == [["positive", "negative"][i] for i in predicted.tolist()]
 
 
 def test_predict_on_a_language_model_dataset_says_what_to_use_instead(tmp_path: Path) -> None:
     path = write_lines(tmp_path / "test.jsonl", [json.dumps({"text": "the cat sat"})] * 2)
     dm = text_dm(path, train_file=None, test_file=str(path))
-    with pytest.raises(UserError, match=r"predict is not valid for this data: it predicts label words of a "
-                                        r"classification DataModule .* use validate or test"):
+    hint = r"predict is not valid for this data: it predicts label words of a classification DataModule .* use validate or test"
+    with pytest.raises(UserError, match=hint):
         quiet_trainer(HOSLStrategy(cut_layer=1, q=1)).predict(HOSLModule(model_config=TINY_LLAMA), dm)
+    with pytest.raises(UserError, match=hint):  # a DataModule without predict batches: before Lightning's own refusal
+        quiet_trainer(HOSLStrategy(cut_layer=1, q=1)).predict(HOSLModule(model_config=TINY_LLAMA), tiny_data())

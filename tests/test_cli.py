@@ -210,3 +210,12 @@ def test_a_moved_model_directory_is_named_by_the_user_and_works(tmp_path: Path, 
         build_cli(validate)
     cli = build_cli([*validate, f"--model.model={moved}"])
     assert cli.trainer.state.finished and cli.model.hparams["model"] == str(moved)
+
+
+def test_predict_on_language_model_data_says_what_to_use_instead(tmp_path: Path, capsys, monkeypatch) -> None:
+    """It said "Trainer.predict requires forward method to run"; on classification data it predicts (test_bad_input)."""
+    monkeypatch.chdir(tmp_path)
+    line = _refusal(["predict", "--config", str(CONFIGS / "synthetic.yaml")], capsys)
+    assert line.startswith("hosl-lightning predict: error: predict is not valid for this data: it predicts label words "
+                           "of a classification DataModule (PromptClassificationDataModule); for a language model use "
+                           "validate or test")

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 
 
@@ -70,3 +74,30 @@ class ZeroShotReport(Callback):
 
 def _format(scores: dict[str, float]) -> str:
     return ", ".join(f"{k}={v:.4f}" for k, v in sorted(scores.items()))
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Writes ``predict``'s label-word predictions to ``predictions.jsonl`` in the trainer's ``default_root_dir``.
+
+    One line per example, in the order of the predict DataLoader: ``prediction`` (the class index), ``label``
+    (its label value in the data, when the DataModule names its classes) and ``scores`` (every class's
+    log-likelihood). Without it, ``hosl-lightning predict`` would compute the predictions and show none.
+    """
+
+    def __init__(self, filename: str = "predictions.jsonl") -> None:
+        super().__init__(write_interval="epoch")
+        self.filename = filename
+        self.path: Path | None = None
+
+    def write_on_epoch_end(self, trainer: Trainer, pl_module: LightningModule, predictions: Sequence[Any],
+                           batch_indices: Sequence[Any]) -> None:
+        names = getattr(trainer.datamodule, "class_names", None)
+        batches = predictions[0] if predictions and isinstance(predictions[0], list) else predictions  # one loader
+        self.path = Path(trainer.default_root_dir) / self.filename
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("w") as out:
+            for batch in batches:
+                for index, scores in zip(batch["prediction"].tolist(), batch["scores"].tolist(), strict=True):
+                    row = {"prediction": index, **({"label": names[index]} if names else {}), "scores": scores}
+                    out.write(json.dumps(row) + "\n")
+        rank_zero_info(f"predictions: {sum(len(b['prediction']) for b in batches)} examples written to {self.path}")

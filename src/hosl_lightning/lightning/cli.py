@@ -15,7 +15,7 @@ from typing import Any
 from lightning.pytorch.cli import LightningCLI
 
 from hosl_lightning.core.options import UserError, check_int, check_number
-from hosl_lightning.lightning.callbacks import LossSummary, ZeroShotReport
+from hosl_lightning.lightning.callbacks import LossSummary, PredictionWriter, ZeroShotReport
 from hosl_lightning.lightning.checkpoint_io import check_saved_model, read_checkpoint
 from hosl_lightning.lightning.module import HOSLModule
 from hosl_lightning.lightning.strategy import HOSLStrategy  # noqa: F401  (registers the "hosl" strategy)
@@ -133,7 +133,7 @@ def build_cli(args: list[str] | None = None) -> HOSLCLI:
     return HOSLCLI(
         HOSLModule,
         subclass_mode_data=True,
-        trainer_defaults={"callbacks": [LossSummary(), ZeroShotReport()]},
+        trainer_defaults={"callbacks": [LossSummary(), ZeroShotReport(), PredictionWriter()]},
         save_config_kwargs={"overwrite": True},
         args=args,  # None: LightningCLI reads the command line itself (passing sys.argv too makes it warn)
     )

@@ -24,6 +24,10 @@ from hosl_lightning.core.options import UserError
 from hosl_lightning.models import load_causal_lm
 from hosl_lightning.modes import DIVERGENCE_HINT, ensure_finite, eval_mode
 
+_PREDICT_HINT = ("predict is not valid for this data: it predicts label words of a classification DataModule "
+                 "(PromptClassificationDataModule); for a language model use validate or test (val_loss, val_ppl), "
+                 "or hosl-lightning export and transformers' generate")
+
 
 class HOSLModule(LightningModule):
     """Fine-tune a causal LM on batches with ``labels`` (-100 = ignored), split by HOSLStrategy.
@@ -152,13 +156,19 @@ class HOSLModule(LightningModule):
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate_batch(batch, "test")
 
+    def setup(self, stage: str) -> None:
+        if stage == "predict":  # before Lightning asks a DataModule without predict batches for them
+            from lightning.pytorch.utilities.model_helpers import is_overridden
+
+            datamodule = self._trainer.datamodule if self._trainer is not None else None
+            if datamodule is not None and not is_overridden("predict_dataloader", datamodule):
+                raise UserError(_PREDICT_HINT)
+
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Tensor]:
         """Label-word predictions of a classification batch: each example's class index (``prediction``) and the
         log-likelihood of every class's label word (``scores``, examples x classes), as evaluation scores them."""
         if "class_labels" not in batch:
-            raise UserError("predict is not valid for this data: it predicts label words of a classification "
-                            "DataModule (PromptClassificationDataModule); for a language model use validate or test "
-                            "(val_loss, val_ppl), or hosl-lightning export and transformers' generate")
+            raise UserError(_PREDICT_HINT)
         scores = self.model.sequence_log_likelihood(batch["input_ids"], batch.get("attention_mask"), batch["labels"])
         class_scores = scores.view(-1, int(batch["num_classes"])).float()
         return {"prediction": class_scores.argmax(dim=-1), "scores": class_scores}
