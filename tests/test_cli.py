@@ -40,7 +40,7 @@ def test_print_config_round_trips(tmp_path: Path, capsys: pytest.CaptureFixture[
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("--trainer.strategy.init_args.mode=hsol", "Expected a typing.Literal['hosl', 'fo', 'zo']. Got value: hsol"),
+        ("--trainer.strategy.init_args.mode=hsol", "Expected a typing.Literal['hosl', 'fo', 'zo', 'frozen']. Got value: hsol"),
         ("--trainer.strategy.init_args.q=0", "q=0 is not valid"),
         ("--trainer.strategy.init_args.mu=0", "mu=0"),
         ("--trainer.strategy.init_args.direction=uniform", "direction='uniform' is not valid"),
