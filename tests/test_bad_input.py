@@ -367,3 +367,22 @@ def test_predict_on_a_language_model_dataset_says_what_to_use_instead(tmp_path: 
         quiet_trainer(HOSLStrategy(cut_layer=1, q=1)).predict(HOSLModule(model_config=TINY_LLAMA), dm)
     with pytest.raises(UserError, match=hint):  # a DataModule without predict batches: before Lightning's own refusal
         quiet_trainer(HOSLStrategy(cut_layer=1, q=1)).predict(HOSLModule(model_config=TINY_LLAMA), tiny_data())
+
+
+def test_the_command_line_writes_label_word_predictions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hosl_lightning.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    tokenizer().save_pretrained(tmp_path / "tok")
+    train = write_lines(tmp_path / "train.jsonl", [json.dumps(row) for row in POLARITY])
+    test = write_lines(tmp_path / "test.jsonl", [json.dumps(row) for row in POLARITY[:3]])
+    main(["predict", f"--model.model_config={json.dumps(dict(TINY_LLAMA, vocab_size=len(WORDS)))}",
+          "--data=hosl_lightning.PromptClassificationDataModule", f"--data.init_args.tokenizer={tmp_path / 'tok'}",
+          f"--data.init_args.train_file={train}", f"--data.init_args.test_file={test}",
+          '--data.init_args.label_words={"positive": " great", "negative": " bad"}', "--trainer.logger=false",
+          "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path / 'run'}"])
+    rows = [json.loads(line) for line in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 3
+    for row in rows:
+        assert row["label"] == ["positive", "negative"][row["prediction"]]
+        assert row["prediction"] == max(range(2), key=lambda c: row["scores"][c])
