@@ -1,14 +1,15 @@
 """The paper's three claims beside ours: client memory by cut, accuracy gap to fo, margin over zo, and the d_c effect.
 
-    python benchmarks/claims.py                         # run what is missing (resumes from the cache), then report
-    python benchmarks/claims.py --budget-min 150        # start no new run after 150 minutes
-    python benchmarks/claims.py --hosl hosl/zo_sgd-sparse   # the hosl option to study (default: see below)
-    python benchmarks/claims.py --report-only           # rebuild claims.md / .csv / .png from the caches
+    python -m benchmarks.claims                         # run what is missing (resumes from the cache), then report
+    python -m benchmarks.claims --budget-min 150        # start no new run after 150 minutes
+    python -m benchmarks.claims --hosl hosl/zo_sgd-sparse   # the hosl option to study (default: see below)
+    python -m benchmarks.claims --report-only           # rebuild claims.md / .csv / .png from the caches
 
-Issue 21. Everything trains as ``benchmarks/convergence.py`` trains (SmolLM2-135M-Instruct, batch 8,
+Issue 21. Everything trains as ``benchmarks.convergence`` trains (SmolLM2-135M-Instruct, batch 8,
 max_length 64, 300 steps, validated every 50 steps, 500 test examples or the whole test split, seeds 0-2, the
-learning rates its sweep selected) and every run lives in its cache, ``results/convergence/``: a run one
-script finished is never redone by the other.
+learning rates its sweep selected), through the same harness (``benchmarks.common.training``), and every run
+lives in its cache, ``results/convergence/``: a run one
+study finished is never redone by the other.
 
 - **Accuracy** (the paper: within 0.20-4.23 points of FO-SL, up to 15.55 above ZO-SL): fo, zo and hosl with
   one client option (``--hosl``; by default the library's default, the paper's dense ZO-SGD, unless another
@@ -18,7 +19,7 @@ script finished is never redone by the other.
   and examples) for fo - hosl and hosl - zo.
 - **Memory by cut** (the paper: up to 3.7x less client memory than FO-SL): the client's peak over a training
   step (the tracker, ``measure_client_step``) for fo and hosl at cut 1, 2, 4 and 8 with the inference floor,
-  and the peak resident memory of a client process of a two-process run (``processes.py``'s runner). hosl's
+  and the peak resident memory of a client process of a two-process run (``benchmarks.processes``' runner). hosl's
   accuracy at each cut on rotten_tomatoes, 3 seeds, at the learning rates selected at cut 2.
 - **d_c** (the paper's bound: convergence improves as d_c, the weights the client perturbs, shrinks): at cut
   2 on rotten_tomatoes, the full client (d_c = embeddings + 2 blocks), the client with frozen token embeddings
@@ -42,24 +43,16 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import (
-    ALL_DATASETS,
-    BATCH,
-    DATASETS,
-    MAX_LENGTH,
-    MODEL,
-    MODEL_NAME,
-    code_state,
-    command_line,
-    machine,
-    pyplot,
-    quiet_lightning,
-)
-from convergence import (
+from hosl_lightning import SplitCausalLM, load_causal_lm, resolve_tokenizer
+from hosl_lightning.lightning.cut import freeze_client_modules
+
+from .common.cache import digest, load_cache, save
+from .common.environment import RESULTS, code_state, command_line, machine, quiet_lightning
+from .common.plotting import pyplot
+from .common.stats import bootstrap_difference, difference_cell, paired
+from .common.tasks import ALL_DATASETS, BATCH, CUT, DATASETS, DEFAULT_DATA, MAX_LENGTH, MODEL, MODEL_NAME
+from .common.training import (
     CACHE,
-    CUT,
-    HOSL_OPTIONS,
     METHOD,
     N_TEST,
     N_VAL,
@@ -68,32 +61,17 @@ from convergence import (
     SWEEP_STEPS,
     Method,
     RunConfig,
-    digest,
     final_config,
-    library_default_hosl,
-    load_cache,
     measure_memory,
     memory_key,
+    register,
     run,
-    save,
     sweep_choices,
     sweep_configs,
 )
-from convergence_report import (
-    REFERENCE,
-    TARGET_FO_GAP,
-    TARGET_ZO_MARGIN,
-    _mean_curve,
-    bootstrap_difference,
-    difference_cell,
-    paired,
-)
+from .convergence import HOSL_OPTIONS, library_default_hosl
+from .convergence_report import REFERENCE, TARGET_FO_GAP, TARGET_ZO_MARGIN, mean_curve
 
-from hosl_lightning import SplitCausalLM, load_causal_lm, resolve_tokenizer
-from hosl_lightning.lightning.cut import freeze_client_modules
-
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
 TASKS = tuple(d.name for d in ALL_DATASETS)  # rotten_tomatoes, sms_spam, bbc_news
 CUTS, CUT_TASK = (1, 2, 4, 8), "rotten_tomatoes"
 LORA_RANKS = (2, 16)
@@ -148,11 +126,11 @@ def study_methods(hosl: str | None) -> tuple[Method, ...]:
     """fo, the hosl option (when chosen), zo, and the hosl option's d_c variants (frozen embeddings, LoRA),
     registered where the cache keys look."""
     # hosl before zo, whose runs are the slowest: fo - hosl is the first target
-    METHOD[FROZEN.name] = FROZEN
+    register(FROZEN)
     methods = [METHOD["fo"], *([METHOD[hosl]] if hosl is not None else []), METHOD["zo"], FROZEN]
     if hosl is not None:
         for variant in (frozen_embeddings_method(METHOD[hosl]), *(lora_method(METHOD[hosl], r) for r in LORA_RANKS)):
-            METHOD[variant.name] = variant
+            register(variant)
             methods.append(variant)
     return tuple(methods)
 
@@ -180,13 +158,13 @@ def plan(cache: dict[str, dict[str, Any]], hosl: str | None, methods: tuple[Meth
 
 def measure_rss(method: Method, cut: int, model_dir: Path, code: str) -> dict[str, Any]:
     """The peak resident memory of a client process (and its server) over two steps of a two-process run."""
-    from processes import _spawn
+    from .processes import spawn
 
     extra = {"mode": method.mode, "q": method.q, "zo_optimizer": method.zo_optimizer,
              "embedding_directions": method.embedding_directions, "pair_probes": method.pair_probes,
              "direction": method.direction}
     tmp = model_dir.parent
-    server, client = _spawn(["server", "client"], str(model_dir), {"steps": RSS_STEPS, "batch": BATCH,
+    server, client = spawn(["server", "client"], str(model_dir), {"steps": RSS_STEPS, "batch": BATCH,
                                                                    "length": MAX_LENGTH, "cut": cut}, tmp, extra)
     return {"config": {"method": method.name, "kind": "rss", "cut": cut, "steps": RSS_STEPS}, "commit": code,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "client_rss_mib": client["peak_rss_mib"],
@@ -306,7 +284,7 @@ def write_report(cache: dict[str, dict[str, Any]], hosl: str | None, why: str, b
             runs = [r for r in finals(cache, method.name, CUT_TASK) if pick is None or r["config"]["zo_lr"] == pick.zo_lr]
             if method.name == hosl:
                 full_client = runs
-            curve = _mean_curve(runs, "val_acc") if runs else []
+            curve = mean_curve(runs, "val_acc") if runs else []
             curves[method.name] = curve
             at = {step: acc for step, acc in curve}
             points = " / ".join("-" if s not in at else f"{100 * at[s]:.1f}" for s in (50, 150, 300))
@@ -415,18 +393,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--hosl", choices=HOSL_OPTIONS, default=None,
                         help="the hosl client option to study (default: the library's default unless an option beats it)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
-    command = command_line("claims.py", argv)
+    command = command_line("claims", argv)
     started, code = time.perf_counter(), code_state()
-    hosl, why = (args.hosl, "chosen on the command line") if args.hosl else best_hosl(load_cache())
+    hosl, why = (args.hosl, "chosen on the command line") if args.hosl else best_hosl(load_cache(CACHE))
     study = study_methods(hosl)  # registers the d_c variants where the cache keys and the report look
     base, tokenizer = load_causal_lm(MODEL), None
     if not args.report_only:
         quiet_lightning()
         while True:
-            cache = load_cache()
+            cache = load_cache(CACHE)
             elapsed = (time.perf_counter() - started) / 60
             methods = [METHOD["fo"]] + ([METHOD[hosl]] if hosl else [])
             missing_memory = [(m, c) for m in methods for c in CUTS if memory_key(m, c) not in cache]
@@ -440,10 +418,10 @@ def main(argv: list[str] | None = None) -> int:
             if missing_memory:
                 method, cut = missing_memory[0]
                 print(f"[{elapsed:5.1f} min] client memory of {method.name} at cut {cut}", flush=True)
-                save(memory_key(method, cut), measure_memory(method, base, tokenizer, DATA, code, cut), CACHE)
+                save(memory_key(method, cut), measure_memory(method, base, tokenizer, DEFAULT_DATA, code, cut), CACHE)
             elif missing_rss:
                 method, cut = missing_rss[0]
-                model_dir = ROOT / "benchmarks" / "results" / "_processes_tmp" / "smollm2-135m"
+                model_dir = RESULTS / "_processes_tmp" / "smollm2-135m"
                 if not (model_dir / "model.safetensors").exists():
                     from hosl_lightning.models import export_model
 
@@ -455,13 +433,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{elapsed:5.1f} min] {config.method} on {config.dataset}, seed {config.seed}, cut "
                       f"{config.cut}, {config.steps} steps, lr {config.lr}, zo_lr {config.zo_lr} ({len(todo)} runs "
                       "left)", flush=True)
-                record = run(config, base, tokenizer, DATA, code)
+                record = run(config, base, tokenizer, DEFAULT_DATA, code)
                 save(config.key(), record, CACHE)
                 test = record.get("test", {})
                 print(f"    {'diverged' if record['diverged'] else 'done'} in {record['train_s']:.0f} s"
                       + (f", test acc {test['acc']:.4f}" if test else ""), flush=True)
             gc.collect()
-    write_report(load_cache(), hosl, why, base, args.out, command)
+    write_report(load_cache(CACHE), hosl, why, base, args.out, command)
     print((args.out / "claims.md").read_text())
     return 0
 

@@ -1,14 +1,15 @@
-"""Peak memory of the client and server processes of a two-process hosl run, beside the one-process run.
+"""Processes: peak memory of the client and server processes of a two-process hosl run, beside the one-process
+run, and the bytes that cross the wire.
 
-    python benchmarks/processes.py            # SmolLM2-135M, cut 2, 4 steps of batch 8 x 64
-    python benchmarks/processes.py --steps 2  # quicker
+    python -m benchmarks.processes            # SmolLM2-135M, cut 2, 4 steps of batch 8 x 64
+    python -m benchmarks.processes --steps 2  # quicker
 
 The GGUF model is first saved as a safetensors directory (each process of a split run loads only its half),
 then runs of the same steps follow, each in fresh processes: in-process; server (rank 0) + client (rank 1)
 over gloo on loopback; and server + two clients taking turns, keeping their halves in step by seeds and by
 weights. Each process reports its own peak resident memory (VmHWM), which counts
 everything the process ever held: Python, torch, the libraries, the model half, the work. Writes
-``results/processes.md``.
+``results/processes.md``. ``spawn`` is the runner the claims study measures its client processes with.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from .common.environment import RESULTS
+from .common.models import SMOLLM2, SMOLLM2_SHAPE, random_batch
 
 
 def _batches(steps: int, batch: int, length: int):
@@ -29,14 +31,11 @@ def _batches(steps: int, batch: int, length: int):
 
     generator = torch.Generator().manual_seed(0)
     for _ in range(steps):
-        ids = torch.randint(0, 49152, (batch, length), generator=generator)
-        labels = torch.full_like(ids, -100)
-        labels[:, -1] = ids[:, -1]
-        yield {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+        yield random_batch(SMOLLM2_SHAPE["vocab_size"], batch, length, generator=generator)
 
 
-def _run(role: str, model_dir: str, port: int, args: dict, out: str, rank: int = 0, world_size: int = 2,
-         extra: dict | None = None) -> None:
+def run_process(role: str, model_dir: str, port: int, args: dict, out: str, rank: int = 0, world_size: int = 2,
+                extra: dict | None = None) -> None:
     import lightning as L
     import torch
     from torch.utils.data import DataLoader
@@ -65,7 +64,7 @@ def _run(role: str, model_dir: str, port: int, args: dict, out: str, rank: int =
     fit(trainer, module, train_dataloaders=DataLoader(data, batch_size=None))
     seconds = time.perf_counter() - started
     traffic = None if role == "server" else module.model.boundary.traffic
-    sync = strategy._client_sync
+    sync = strategy._client_sync  # all it cost, its final hand-off included (the logged metric misses that)
     Path(out).write_text(json.dumps({
         "sync_bytes_up": None if sync is None else sync.bytes_up,
         "sync_bytes_down": None if sync is None else sync.bytes_down,
@@ -75,13 +74,14 @@ def _run(role: str, model_dir: str, port: int, args: dict, out: str, rank: int =
     }))
 
 
-def _spawn(roles: list[str], model_dir: str, args: dict, tmp: Path, extra: dict | None = None) -> list[dict]:
+def spawn(roles: list[str], model_dir: str, args: dict, tmp: Path, extra: dict | None = None) -> list[dict]:
+    """Run one process per role (rank = position) on a free loopback port; each one's report, in rank order."""
     context = mp.get_context("spawn")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     outs = [str(tmp / f"{role}{rank}.json") for rank, role in enumerate(roles)]
-    processes = [context.Process(target=_run, args=(role, model_dir, port, args, out, rank, len(roles), extra))
+    processes = [context.Process(target=run_process, args=(role, model_dir, port, args, out, rank, len(roles), extra))
                  for rank, (role, out) in enumerate(zip(roles, outs))]
     for process in processes:
         process.start()
@@ -98,28 +98,28 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=64)
     parser.add_argument("--cut", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     options = parser.parse_args()
     args = {"steps": options.steps, "batch": options.batch, "length": options.length, "cut": options.cut}
     tmp = Path(options.out) / "_processes_tmp"
     tmp.mkdir(parents=True, exist_ok=True)
-    model_dir = tmp / "smollm2-135m"
+    model_dir = tmp / SMOLLM2
     if not (model_dir / "model.safetensors").exists():
         from hosl_lightning.models import export_model, load_causal_lm
 
-        export_model(load_causal_lm("smollm2-135m"), model_dir)
+        export_model(load_causal_lm(SMOLLM2), model_dir)
     started = time.perf_counter()
-    (alone,) = _spawn(["in_process"], str(model_dir), args, tmp)
-    server, client = _spawn(["server", "client"], str(model_dir), args, tmp)
+    (alone,) = spawn(["in_process"], str(model_dir), args, tmp)
+    server, client = spawn(["server", "client"], str(model_dir), args, tmp)
     clients = {}
     for sync in ("seeds", "weights"):  # two clients taking turns of 2 steps
-        clients[sync] = _spawn(["server", "client", "client"], str(model_dir), args, tmp,
+        clients[sync] = spawn(["server", "client", "client"], str(model_dir), args, tmp,
                                {"schedule": "sequential", "client_sync": sync, "steps_per_turn": 2})[1:]
     minutes = (time.perf_counter() - started) / 60
     lines = [
         "# Process memory: a two-process hosl run beside the one-process run",
         "",
-        f"Command: `python benchmarks/processes.py --steps {options.steps}` ({minutes:.1f} min). SmolLM2-135M "
+        f"Command: `python -m benchmarks.processes --steps {options.steps}` ({minutes:.1f} min). SmolLM2-135M "
         f"(safetensors, fp32), cut after block {options.cut}, {options.steps} hosl steps of batch {options.batch} x "
         f"{options.length}, Q=1, AdamW on the server. Peak resident memory of each process (VmHWM), which "
         "includes Python, torch and the libraries.",

@@ -1,9 +1,9 @@
 """Do subset trials rank configurations? Subset methods against full-data training on a fixed set of configurations.
 
-    python benchmarks/tuning_ranks.py                    # run what is missing (resumes from the cache), then report
-    python benchmarks/tuning_ranks.py --budget-min 150   # start no new trial after 150 minutes
-    python benchmarks/tuning_ranks.py --report-only      # rebuild tuning_ranks.md / .csv / .png from the cache
-    python benchmarks/tuning_ranks.py --quick            # a smoke run: 2 blocks, 3 configurations, tiny sizes
+    python -m benchmarks.tuning_ranks                    # run what is missing (resumes from the cache), then report
+    python -m benchmarks.tuning_ranks --budget-min 150   # start no new trial after 150 minutes
+    python -m benchmarks.tuning_ranks --report-only      # rebuild tuning_ranks.md / .csv / .png from the cache
+    python -m benchmarks.tuning_ranks --quick            # a smoke run: 2 blocks, 3 configurations, tiny sizes
 
 Issue 22. The model is SmolLM2-135M-Instruct cut down to its first ``layers`` decoder blocks, loaded once per
 process, with a fresh deep copy per trial; the task is rotten_tomatoes (``../shared/data``) with the
@@ -48,19 +48,19 @@ import lightning as L
 import torch
 from torchmetrics.functional import kendall_rank_corrcoef, spearman_corrcoef
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import code_state, command_line, machine, pyplot, quiet_lightning
-from convergence import digest, load_cache, save
-from tuning import keep_blocks
-
 from hosl_lightning import HOSLModule, HOSLStrategy, PromptClassificationDataModule, load_causal_lm, resolve_tokenizer
 from hosl_lightning.modes import DivergenceError
 from hosl_lightning.tuning import SelectionCache, SubsetSelection
 from hosl_lightning.tuning.batches import subset_length
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data" / "rotten_tomatoes"
-CACHE = ROOT / "benchmarks" / "results" / "tuning_ranks"
+from .common.cache import digest, load_cache, save
+from .common.environment import RESULTS, code_state, command_line, machine, quiet_lightning
+from .common.models import SMOLLM2, keep_blocks
+from .common.plotting import pyplot
+from .common.tasks import DEFAULT_DATA
+
+DATA = DEFAULT_DATA / "rotten_tomatoes"
+CACHE = RESULTS / "tuning_ranks"
 FULL = {"layers": 4, "num_train": 800, "num_validation": 200, "num_test": 1000, "epochs": 3, "batch": 16,
         "eval_batch": 50, "max_length": 48, "subset_val_batches": 2, "cut": 2}
 QUICK = {"layers": 2, "num_train": 64, "num_validation": 16, "num_test": 16, "epochs": 2, "batch": 8,
@@ -138,8 +138,8 @@ class Study:
 
     def __init__(self, sizes: dict[str, Any]) -> None:
         self.sizes = sizes
-        self.base = keep_blocks(load_causal_lm("smollm2-135m"), sizes["layers"])
-        tokenizer = resolve_tokenizer("smollm2-135m")
+        self.base = keep_blocks(load_causal_lm(SMOLLM2), sizes["layers"])
+        tokenizer = resolve_tokenizer(SMOLLM2)
         self.data = PromptClassificationDataModule(
             tokenizer=tokenizer, task="rotten_tomatoes", data_dir=str(DATA), loss="classification",
             max_length=sizes["max_length"], batch_size=sizes["batch"], eval_batch_size=sizes["eval_batch"], seed=0,
@@ -414,14 +414,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-min", type=float, default=150.0, help="start no new trial after this many minutes")
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--quick", action="store_true", help="a smoke run into a scratch folder")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     sizes, configs, seeds, cache_dir, out = FULL, CONFIGS, STUDY_SEEDS, CACHE, args.out
     if args.quick:
         sizes, configs, seeds, cache_dir = QUICK, QUICK_CONFIGS, (0,), Path("/tmp/tuning-ranks-quick")
         out = cache_dir
-    command = command_line("tuning_ranks.py", argv)
+    command = command_line("tuning_ranks", argv)
     started, code = time.perf_counter(), code_state()
     if not args.report_only:
         quiet_lightning()
