@@ -29,8 +29,6 @@ study finished is never redone by the other.
 
 from __future__ import annotations
 
-import argparse
-import copy
 import csv
 import dataclasses
 import gc
@@ -43,12 +41,12 @@ from typing import Any
 
 import torch
 
-from hosl_lightning import SplitCausalLM, load_causal_lm, resolve_tokenizer
-from hosl_lightning.lightning.cut import freeze_client_modules
+from hosl_lightning import load_causal_lm, resolve_tokenizer
 
-from .common.cache import digest, load_cache, save
+from .common.cache import digest, load_cache, save, sitting_parser
 from .common.environment import RESULTS, code_state, command_line, machine, quiet_lightning
-from .common.plotting import pyplot
+from .common.models import client_weights
+from .common.plotting import pyplot, save_figure
 from .common.stats import bootstrap_difference, difference_cell, paired
 from .common.tasks import ALL_DATASETS, BATCH, CUT, DATASETS, DEFAULT_DATA, MAX_LENGTH, MODEL, MODEL_NAME
 from .common.training import (
@@ -81,6 +79,9 @@ LORA_RANKS = (2, 16)
 LORA_ZO_LRS, FROZEN_ZO_LRS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1), (1e-5, 1e-4, 1e-3)
 PAPER = {"memory": 3.7, "fo_gap": (0.20, 4.23), "zo_margin": 15.55}
 RSS_STEPS = 2
+TIED = ("Tied embeddings are untied at the cut: SmolLM2's LM head shares its token embeddings, and the split gives "
+        "the server its own copy of the head, so the server holds an extra vocab x hidden matrix and fo here is "
+        "first-order fine-tuning of the untied split model, not of the original tied model.")
 
 
 FROZEN = Method("frozen", "frozen")  # the client never learns (mode frozen): one forward a step, no probes
@@ -176,21 +177,6 @@ def rss_key(method: Method, cut: int) -> str:
     return f"rss-{method.name.replace('/', '_')}-cut{cut}-{RSS_STEPS}steps-{digest(fields)}"
 
 
-def client_weights(base: Any, cut: int, adapter: dict[str, Any] | None, frozen: tuple[str, ...] | None = None) -> int:
-    """d_c: the weights the client perturbs, counted on the cut model (less ``frozen``); with LoRA, the adapters'
-    A and B alone (r x (in + out) per adapted linear layer)."""
-    if adapter is None:
-        split = SplitCausalLM(copy.deepcopy(base), cut)
-        freeze_client_modules(split, list(frozen or ()))
-        return sum(p.numel() for p in split.client.parameters() if p.requires_grad)
-    total = 0
-    for layer in base.model.layers[:cut]:
-        for name in adapter["target_modules"]:
-            linear = getattr(layer.self_attn, name)
-            total += adapter["r"] * (linear.in_features + linear.out_features)
-    return total
-
-
 # --- the report -------------------------------------------------------------------------------------------------
 
 
@@ -216,7 +202,7 @@ def write_report(cache: dict[str, dict[str, Any]], hosl: str | None, why: str, b
     code = ", ".join(f"{commit} ({count})" for commit, count in sorted(commits.items()))
     header = ["# The paper's claims beside ours", "", f"Command: `{command}`  ", f"Machine: {machine()}  ",
               f"Model: {MODEL_NAME}  ", f"Code: each run records its commit (runs or measurements per commit: {code})",
-              "", (f"hosl option: `{hosl}`, {why}." if hosl else f"hosl option: not chosen yet ({why})."), ""]
+              "", TIED, "", (f"hosl option: `{hosl}`, {why}." if hosl else f"hosl option: not chosen yet ({why})."), ""]
     lines: list[str] = []
     rows: list[dict[str, Any]] = []
     # accuracy, per task
@@ -382,18 +368,13 @@ def plot(path: Path, cache: dict[str, dict[str, Any]], hosl: str | None, curves:
     curve_ax.set_xlabel("step")
     curve_ax.set_ylabel("val acc (%), mean over seeds")
     curve_ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--budget-min", type=float, default=150.0, help="start no new run after this many minutes")
-    parser.add_argument("--report-only", action="store_true")
+    parser = sitting_parser(__doc__)
     parser.add_argument("--hosl", choices=HOSL_OPTIONS, default=None,
                         help="the hosl client option to study (default: the library's default unless an option beats it)")
-    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     command = command_line("claims", argv)

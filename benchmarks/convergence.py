@@ -32,7 +32,6 @@ so every cached run keeps its key.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import inspect
 import sys
@@ -44,25 +43,11 @@ import torch
 
 from hosl_lightning import HOSLStrategy, load_causal_lm, resolve_tokenizer
 
-from .common.cache import load_cache, save
-from .common.environment import RESULTS, code_state, machine, quiet_lightning
+from .common import training
+from .common.cache import load_cache, save, sitting_parser
+from .common.environment import code_state, machine, quiet_lightning
 from .common.tasks import CUT, DATASETS, DEFAULT_DATA, MODEL, MODEL_NAME
-from .common.training import (
-    CACHE,
-    N_TEST,
-    N_VAL,
-    SEEDS,
-    STEPS,
-    SWEEP_STEPS,
-    Method,
-    RunConfig,
-    final_config,
-    measure_memory,
-    memory_key,
-    register,
-    run,
-    sweep_choices,
-)
+from .common.training import CACHE, N_TEST, N_VAL, SEEDS, STEPS, SWEEP_STEPS, Method, RunConfig
 from .convergence_report import REFERENCE, write_report
 
 METHODS = (
@@ -76,7 +61,7 @@ METHODS = (
     Method("zo", "zo", zo_lrs=(1e-6, 1e-5)),
     Method(REFERENCE, "hosl", zo_lrs=(0.0,)),  # the reference: the server learns, the client never moves
 )
-register(*METHODS)
+training.register(*METHODS)
 HOSL_OPTIONS = tuple(m.name for m in METHODS if m.mode == "hosl" and m.name != REFERENCE)  # the client options
 
 
@@ -111,12 +96,12 @@ def plan(cache: dict[str, dict[str, Any]], steps: int, sweep_steps: int, n_val: 
     """Every run still missing, in the order that makes the results useful soonest: the sweep (fo first, whose
     lr the hosl servers use), then seed 0 of every method on each dataset, then the other seeds, one dataset at a
     time (the first, where the methods differ most, before the next)."""
-    best, todo = sweep_choices(cache, sweep_steps, n_val, METHODS)
+    best, todo = training.sweep_choices(cache, sweep_steps, n_val, METHODS)
     order = [(seeds[0], d) for d in datasets] + [(s, d) for d in datasets for s in seeds[1:]]
     for seed, dataset in order:
         for method in METHODS:
             if method.name in best:
-                final = final_config(best[method.name], dataset, seed, steps, n_val, n_test)
+                final = training.final_config(best[method.name], dataset, seed, steps, n_val, n_test)
                 if final.key() not in cache:
                     todo.append(final)
     return todo
@@ -130,12 +115,9 @@ def write(out: Path, cache_dir: Path = CACHE, steps: int = STEPS, seeds: tuple[i
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--budget-min", type=float, default=150.0, help="start no new run after this many minutes")
-    parser.add_argument("--report-only", action="store_true")
+    parser = sitting_parser(__doc__)
     parser.add_argument("--quick", action="store_true", help="a smoke run into a scratch folder")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--methods", nargs="+", choices=[m.name for m in METHODS], default=None,
                         help="run only these methods' missing runs (sweeps included); the report covers all")
     parser.add_argument("--datasets", nargs="+", choices=[d.name for d in DATASETS], default=None,
@@ -163,17 +145,18 @@ def main(argv: list[str] | None = None) -> int:
                 break
             if base is None:
                 base, tokenizer = load_causal_lm(MODEL), resolve_tokenizer(MODEL)
-            missing_memory = [m for m in METHODS if memory_key(m) not in cache
+            missing_memory = [m for m in METHODS if training.memory_key(m) not in cache
                               and (args.methods is None or m.name in args.methods)]
             if missing_memory and not args.quick:
                 method = missing_memory[0]
                 print(f"[{elapsed:5.1f} min] client memory of {method.name}", flush=True)
-                save(memory_key(method), measure_memory(method, base, tokenizer, args.data_dir, code), cache_dir)
+                record = training.measure_memory(method, base, tokenizer, args.data_dir, code)
+                save(training.memory_key(method), record, cache_dir)
                 continue
             config = todo[0]
             print(f"[{elapsed:5.1f} min] {config.method} on {config.dataset}, seed {config.seed}, {config.steps} "
                   f"steps, lr {config.lr}, zo_lr {config.zo_lr} ({len(todo)} runs left)", flush=True)
-            record = run(config, base, tokenizer, args.data_dir, code)
+            record = training.run(config, base, tokenizer, args.data_dir, code)
             save(config.key(), record, cache_dir)
             test = record.get("test", {})
             print(f"    {'diverged' if record['diverged'] else 'done'} in {record['train_s']:.0f} s; val loss "

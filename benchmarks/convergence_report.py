@@ -8,7 +8,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-from .common.plotting import pyplot
+from .common.plotting import pyplot, save_figure
 from .common.stats import difference_cell, paired, paired_point
 
 TARGET_FO_GAP, TARGET_ZO_MARGIN, TARGET_STEPS_RATIO = 1.0, 10.0, 1.5
@@ -235,5 +235,4 @@ def _plot(finals: dict[tuple[str, str], list[dict]], path: Path) -> None:
         axes[row][2].set(title=f"{dataset}: accuracy against client seconds", xlabel="client seconds (cumulative)",
                          ylabel="accuracy (%)")
         axes[row][0].legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=90)
+    save_figure(figure, path, dpi=90)

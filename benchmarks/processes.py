@@ -8,8 +8,10 @@ The GGUF model is first saved as a safetensors directory (each process of a spli
 then runs of the same steps follow, each in fresh processes: in-process; server (rank 0) + client (rank 1)
 over gloo on loopback; and server + two clients taking turns, keeping their halves in step by seeds and by
 weights. Each process reports its own peak resident memory (VmHWM), which counts
-everything the process ever held: Python, torch, the libraries, the model half, the work. Writes
-``results/processes.md``. ``spawn`` is the runner the claims study measures its client processes with.
+everything the process ever held: Python, torch, the libraries, the model half, the work. Last, the bytes one
+weight hand-off between clients moves (``client_sync: weights`` sends the client's trainable weights), for the
+full client and for LoRA clients (``HANDOFF_CLIENTS``; adapters run in-process only, so these are counted on the
+cut model, not sent). Writes ``results/processes.md``. ``spawn`` is the runner the claims study measures its client processes with.
 """
 
 from __future__ import annotations
@@ -23,7 +25,12 @@ import time
 from pathlib import Path
 
 from .common.environment import RESULTS
-from .common.models import SMOLLM2, SMOLLM2_SHAPE, random_batch
+from .common.models import SMOLLM2, SMOLLM2_SHAPE, client_weights, random_batch
+
+HANDOFF_CLIENTS = {  # a client's name and its peft adapter (None: the full client), as the retired adapters study
+    "full client": None,
+    "LoRA r=8 on q_proj, v_proj": {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]},
+}
 
 
 def _batches(steps: int, batch: int, length: int):
@@ -92,6 +99,19 @@ def spawn(roles: list[str], model_dir: str, args: dict, tmp: Path, extra: dict |
     return [json.loads(Path(out).read_text()) for out in outs]
 
 
+def handoff_lines(model_dir: Path, cut: int) -> list[str]:
+    """The bytes one weight hand-off moves per client kind: its trainable weights, in float32."""
+    from hosl_lightning import load_causal_lm
+
+    model = load_causal_lm(str(model_dir))
+    counts = {name: client_weights(model, cut, adapter) for name, adapter in HANDOFF_CLIENTS.items()}
+    full = counts["full client"]
+    return ["", "## Weight hand-off between clients (`client_sync: weights`)", "",
+            "| client | trainable weights | bytes per hand-off (float32) | smaller than the full client |",
+            "|---|---:|---:|---:|",
+            *[f"| {name} | {n:,} | {4 * n:,} | {full / n:.0f}x |" for name, n in counts.items()]]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=4)
@@ -147,6 +167,7 @@ def main() -> None:
         "- `of which imports`: the peak after importing Python, torch, Lightning and transformers, before the model.",
         "- The client's one message down per step is 4 bytes larger than in-process: the step's loss, for its log.",
         f"- Python {sys.version.split()[0]}.",
+        *handoff_lines(model_dir, options.cut),
     ]
     (Path(options.out) / "processes.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

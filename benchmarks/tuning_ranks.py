@@ -31,7 +31,6 @@ configuration and holding the commit that produced it, so a later sitting adds t
 
 from __future__ import annotations
 
-import argparse
 import copy
 import csv
 import functools
@@ -53,10 +52,10 @@ from hosl_lightning.modes import DivergenceError
 from hosl_lightning.tuning import SelectionCache, SubsetSelection
 from hosl_lightning.tuning.batches import subset_length
 
-from .common.cache import digest, load_cache, save
+from .common.cache import digest, load_cache, save, sitting_parser
 from .common.environment import RESULTS, code_state, command_line, machine, quiet_lightning
 from .common.models import SMOLLM2, keep_blocks
-from .common.plotting import pyplot
+from .common.plotting import pyplot, save_figure
 from .common.tasks import DEFAULT_DATA
 
 DATA = DEFAULT_DATA / "rotten_tomatoes"
@@ -404,17 +403,12 @@ def plot(path: Path, rows: list[dict[str, Any]], cache: dict[str, dict[str, Any]
         ax.set_ylabel("subset trial: val loss (study seed 0)")
         ax.set_title(f"fraction {fraction:.0%}")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--budget-min", type=float, default=150.0, help="start no new trial after this many minutes")
-    parser.add_argument("--report-only", action="store_true")
+    parser = sitting_parser(__doc__, unit="trial")
     parser.add_argument("--quick", action="store_true", help="a smoke run into a scratch folder")
-    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     sizes, configs, seeds, cache_dir, out = FULL, CONFIGS, STUDY_SEEDS, CACHE, args.out

@@ -3,10 +3,13 @@ later sitting adds runs instead of redoing them."""
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 from pathlib import Path
 from typing import Any
+
+from .environment import RESULTS
 
 
 def digest(fields: dict[str, Any]) -> str:
@@ -26,3 +29,13 @@ def save(key: str, record: dict[str, Any], cache_dir: Path) -> None:
     temporary = path.with_suffix(".tmp")
     temporary.write_text(json.dumps(record, indent=1))
     temporary.replace(path)
+
+
+def sitting_parser(doc: str, unit: str = "run") -> argparse.ArgumentParser:
+    """The options every study that runs in sittings from its cache takes: a time budget per sitting, rebuilding the
+    report alone, and where the report goes; the study adds its own."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--budget-min", type=float, default=150.0, help=f"start no new {unit} after this many minutes")
+    parser.add_argument("--report-only", action="store_true", help="rebuild the report from the cache, run nothing")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where the report goes")
+    return parser

@@ -53,3 +53,18 @@ def measure_client(split: SplitCausalLM, batch: dict[str, torch.Tensor], option:
 def measure_client_peak(split: SplitCausalLM, batch: dict[str, torch.Tensor], option: ClientOption | None) -> int:
     """``measure_client``'s peak in bytes."""
     return measure_client(split, batch, option).peak
+
+
+CLIENT_OPTIONS = (  # hosl's client options, the first the paper's: rows of the memory and speed studies
+    ClientOption("zo_sgd, dense, one at a time (the paper's)"),
+    ClientOption("zo_sgd, dense, paired", pair_probes=True),
+    ClientOption("zo_sgd, sparse, one at a time", embedding_directions="sparse"),
+    ClientOption("zo_sgd, sparse, paired", embedding_directions="sparse", pair_probes=True),
+    ClientOption("zo_sgd, sparse, one at a time, rademacher", embedding_directions="sparse", direction="rademacher"),
+    ClientOption("zo_sgd, sparse, paired, rademacher", embedding_directions="sparse", pair_probes=True,
+                 direction="rademacher"),
+    ClientOption("fzoo (Q=2), sparse, rademacher", zo_optimizer="fzoo", embedding_directions="sparse", queries=2,
+                 direction="rademacher"),
+    ClientOption("zo_momentum, sparse, paired", zo_optimizer="zo_momentum", embedding_directions="sparse",
+                 pair_probes=True),
+)

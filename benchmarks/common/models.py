@@ -10,8 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from hosl_lightning import load_causal_lm
+from hosl_lightning import SplitCausalLM, load_causal_lm
 from hosl_lightning.core.split import num_blocks
+from hosl_lightning.lightning.cut import freeze_client_modules
 
 SMOLLM2 = "smollm2-135m"
 SMOLLM2_SHAPE = {"model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
@@ -83,3 +84,18 @@ def random_batch(vocab: int, batch: int, length: int, labels: str = "last",
         target = torch.full_like(ids, -100)
         target[:, -1] = ids[:, -1]
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": target}
+
+
+def client_weights(base: Any, cut: int, adapter: dict[str, Any] | None, frozen: tuple[str, ...] | None = None) -> int:
+    """d_c: the weights the client perturbs, counted on the cut model (less ``frozen``); with LoRA, the adapters'
+    A and B alone (r x (in + out) per adapted linear layer)."""
+    if adapter is None:
+        split = SplitCausalLM(copy.deepcopy(base), cut)
+        freeze_client_modules(split, list(frozen or ()))
+        return sum(p.numel() for p in split.client.parameters() if p.requires_grad)
+    total = 0
+    for layer in base.model.layers[:cut]:
+        for name in adapter["target_modules"]:
+            linear = getattr(layer.self_attn, name)
+            total += adapter["r"] * (linear.in_features + linear.out_features)
+    return total

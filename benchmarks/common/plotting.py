@@ -16,3 +16,12 @@ def pyplot() -> Any:
         print("matplotlib is not installed: no plot")
         return None
     return plt
+
+
+def save_figure(figure: Any, path: Any, dpi: int = 120) -> None:
+    """Lay ``figure`` out, write it to ``path`` and free it."""
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    figure.savefig(path, dpi=dpi)
+    plt.close(figure)

@@ -1,10 +1,10 @@
 """Why GradMatch subsets trained worse than random ones, and what stratified candidate batches change.
 
-    python benchmarks/subset_choice.py           # about 25 minutes on 2 CPU cores
-    python benchmarks/subset_choice.py --quick   # a 2-minute smoke run (2 blocks, 64 examples, 1 seed)
-    python benchmarks/subset_choice.py --feature head --methods gradmatch --candidates stratified --tag head
+    python -m benchmarks.diagnostics.subset_choice           # about 25 minutes on 2 CPU cores
+    python -m benchmarks.diagnostics.subset_choice --quick   # a 2-minute smoke run (2 blocks, 64 examples, 1 seed)
+    python -m benchmarks.diagnostics.subset_choice --feature head --methods gradmatch --candidates stratified --tag head
 
-Issue 6. Same model, data and sizes as ``benchmarks/tuning.py``: SmolLM2-135M-Instruct cut to 4 blocks,
+Issue 6. Same model, data and sizes as the retired tuning study (``tuning_setup``): SmolLM2-135M-Instruct cut to 4 blocks,
 rotten_tomatoes with 480 training reviews in 30 candidate batches of 16, subsets of 10% (3 batches).
 
 1. **What the feature sees.** At the pretrained weights: each candidate batch's GradMatch feature
@@ -23,19 +23,13 @@ from __future__ import annotations
 
 import argparse
 import csv
-import shlex
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import code_state, machine
-from tuning import FULL, QUICK, fit_config, prepare_model
 
 from hosl_lightning import SplitCausalLM, load_causal_lm
 from hosl_lightning.tuning import (
@@ -50,9 +44,11 @@ from hosl_lightning.tuning import (
     subset_length,
     vocabulary_projection,
 )
-from hosl_lightning.tuning.search import _fit
 
-ROOT = Path(__file__).resolve().parents[1]
+from ..common.environment import RESULTS, code_state, command_line, machine
+from ..common.models import prepare_model
+from .tuning_setup import FULL, QUICK, WORK, fit_config
+
 CONFIGURATION = {  # the second start-up trial of every search in tuning.md (TPE seed 0)
     "model.optimizer.init_args.lr": 0.0006074996073425694,
     "trainer.strategy.init_args.cut_layer": 1,
@@ -112,12 +108,14 @@ def train(config: Path, size: dict[str, Any], method: str, seed: int, stratify: 
                                 stratify=stratify, feature=feature, progress=False)
     args = ["--config", str(config), *override_args(CONFIGURATION), f"--trainer.max_epochs={subset_epochs}",
             f"--trainer.check_val_every_n_epoch={subset_epochs}"]
-    _, _, value = _fit(args, [selection], "val_acc")
-    assert selection._loader is not None and selection._sampler is not None
-    labels = class_labels(selection._loader.dataset)
+    cli = build_trial_cli(args, [selection])
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)  # validates after its last step
+    value = float(cli.trainer.callback_metrics["val_acc"])
+    labels = class_labels(cli.trainer.train_dataloader.dataset)
     assert labels is not None
-    shares = positive_shares([[i for i, _ in batch] for batch in selection._sampler.batches], labels)
-    weights = [batch[0][1] for batch in selection._sampler.batches]
+    picked = selection.state_dict()["batches"]  # the chosen batches, as (example, weight) pairs
+    shares = positive_shares([[i for i, _ in batch] for batch in picked], labels)
+    weights = [batch[0][1] for batch in picked]
     return {"method": method, "feature": feature if method == "gradmatch" else "-",
             "candidates": "stratified" if stratify else "plain", "seed": seed, "val_acc": value,
             "positive_shares": " ".join(f"{s:.2f}" for s in shares),
@@ -128,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--seeds", type=int, default=4, help="seeds per method and candidate kind (default 4)")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--feature", choices=("hidden", "head"), default="hidden", help="GradMatch's feature")
     parser.add_argument("--methods", nargs="+", choices=("gradmatch", "random"), default=["gradmatch", "random"])
     parser.add_argument("--candidates", nargs="+", choices=("plain", "stratified"), default=["plain", "stratified"])
@@ -137,11 +135,10 @@ def main(argv: list[str] | None = None) -> None:
     size = dict(QUICK if args.quick else FULL)
     seeds = 1 if args.quick else args.seeds
     subset_epochs = 2 if args.quick else SUBSET_EPOCHS
-    command = "python benchmarks/subset_choice.py" + (" " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "")
+    command = command_line("diagnostics.subset_choice", argv)
     started, code = time.perf_counter(), code_state()
-    work = ROOT / "benchmarks" / "results" / "_tuning_tmp"
-    model_dir = prepare_model(size["layers"], work / f"smollm2-135m-{size['layers']}-blocks")
-    config = work / ("choice-quick.yaml" if args.quick else "choice.yaml")
+    model_dir = prepare_model(size["layers"], WORK / f"smollm2-135m-{size['layers']}-blocks")
+    config = WORK / ("choice-quick.yaml" if args.quick else "choice.yaml")
     config.write_text(yaml.safe_dump(fit_config(model_dir, size)))
     lines = feature_report(config, model_dir, size, seed=0, feature=args.feature)
     rows = []

@@ -1,8 +1,8 @@
 """A tuning trial's two passes besides training, each timed the old way and the new way, side by side.
 
-    python benchmarks/passes.py            # the tuning benchmark's model and data (about 3 minutes)
-    python benchmarks/passes.py --quick    # 2 blocks, 64 examples: a smoke run
-    python benchmarks/passes.py --out DIR  # where passes.md goes (default benchmarks/results)
+    python -m benchmarks.diagnostics.passes            # the tuning diagnostics' model and data (about 3 minutes)
+    python -m benchmarks.diagnostics.passes --quick    # 2 blocks, 64 examples: a smoke run
+    python -m benchmarks.diagnostics.passes --out DIR  # where passes.md goes (default benchmarks/results)
 
 1. GradMatch's feature pass: one forward per candidate batch (``batch_feature`` stacked) against every example
    forwarded once, sorted by length into chunks of ``feature_batch_size`` (``candidate_features``, what
@@ -10,24 +10,19 @@
 2. Validation scoring: every class's row forwarded (``share_prompts=False``) against one forward per prompt when
    every label word is one token (``SplitCausalLM.sequence_log_likelihood``'s default).
 
-Same model (SmolLM2-135M-Instruct's first 4 blocks, cut after block 2) and data as
-benchmarks/tuning.py. The two ways alternate for ``--repeats`` rounds after one warm-up each, and the table
+Same model (SmolLM2-135M-Instruct's first 4 blocks, cut after block 2) and data as the retired tuning study
+(``tuning_setup``). The two ways alternate for ``--repeats`` rounds after one warm-up each, and the table
 gives every round's time: the machine's noise shows. The outputs of the two ways are compared too.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from accuracy import code_state, machine
-from tuning import DATA, prepare_model
 
 from hosl_lightning import PromptClassificationDataModule, SplitCausalLM, load_causal_lm
 from hosl_lightning.tuning import (
@@ -38,7 +33,10 @@ from hosl_lightning.tuning import (
     partition,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+from ..common.environment import RESULTS, code_state, command_line, machine
+from ..common.models import prepare_model
+from .tuning_setup import DATA
+
 FULL = {"layers": 4, "num_train": 480, "num_validation": 200}
 QUICK = {"layers": 2, "num_train": 64, "num_validation": 32}
 
@@ -66,17 +64,17 @@ def side_by_side(old: Callable[[], torch.Tensor], new: Callable[[], torch.Tensor
     return old_seconds, new_seconds, old_out, new_out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a smoke run: 2 blocks, 64 training examples")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds of each way (default 3)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats {args.repeats} is not valid: it must be at least 1")
     size = QUICK if args.quick else FULL
     torch.set_num_threads(min(torch.get_num_threads(), 2))
-    work = ROOT / "benchmarks" / "results" / ("_tuning_quick" if args.quick else "_tuning_tmp")
+    work = RESULTS / ("_tuning_quick" if args.quick else "_tuning_tmp")
     model_dir = prepare_model(size["layers"], work / f"smollm2-135m-{size['layers']}-blocks")
     data = PromptClassificationDataModule(
         tokenizer=str(model_dir), task="rotten_tomatoes", data_dir=str(DATA), max_length=48, batch_size=16,
@@ -116,11 +114,11 @@ def main() -> None:
                  (f"largest score difference {float((new_v - old_v).abs().max()):.1e}; accuracy "
                   f"{accuracy[0]:.3f} vs {accuracy[1]:.3f}")))
 
-    command = "python benchmarks/passes.py" + (" --quick" if args.quick else "")
+    command = command_line("diagnostics.passes", argv)
     lines = ["# A tuning trial's passes besides training: old way vs new way", "",
              f"Command: `{command}`  ", f"Machine: {machine()}  ", f"Code: {code_state()}", "",
              (f"Model: SmolLM2-135M-Instruct's first {size['layers']} blocks, cut after block {cut}. Data: "
-              "rotten_tomatoes as in benchmarks/tuning.py. Each way ran once to warm up, then the two alternated for "
+              "rotten_tomatoes as in the tuning diagnostics. Each way ran once to warm up, then the two alternated for "
               f"{args.repeats} timed rounds."), "",
              "| pass | work | old way | new way | old (s, per round) | new (s, per round) | speedup (mean) | outputs |",
              "|---|---|---|---|---:|---:|---:|---|"]

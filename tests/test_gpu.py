@@ -1,9 +1,10 @@
-"""The prepared GPU check: what CI (no GPU) never exercises, in one short run on one CUDA device.
+"""The GPU check: what CI (no GPU) never exercises, in one short run on one CUDA device.
 
-    python benchmarks/gpu_check.py                 # on a machine with a GPU: writes results/gpu_check.md
-    python benchmarks/gpu_check.py --device cpu    # a dry run of the same checks on CPU (no file written)
+    pytest -m gpu tests/test_gpu.py     # on a machine with a GPU: also writes benchmarks/results/gpu_check.md
+    HOSL_GPU_CHECK_DEVICE=cpu pytest -m gpu tests/test_gpu.py   # a dry run of the same checks on CPU (no file)
 
-Each check prints one line, PASS or FAIL with its numbers:
+Without CUDA (and without the dry-run variable) every test here is skipped. Each check is one test, and its line,
+PASS or FAIL with its numbers, goes into ``gpu_check.md``:
 
 1. memory: per-side peaks from the CUDA allocator counters equal the CPU tracker's, for hosl and fo
    (the same step measured both ways on the same model);
@@ -19,19 +20,24 @@ Sized to finish in well under 8 minutes on an H100/H200: a 4-block model of hidd
 
 from __future__ import annotations
 
-import argparse
 import copy
 import multiprocessing as mp
+import os
 import socket
-import sys
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import torch
+from conftest import quiet_trainer, tiny_data
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+REPORT = ROOT / "benchmarks" / "results" / "gpu_check.md"
+DEVICE = os.environ.get("HOSL_GPU_CHECK_DEVICE", "cuda")  # "cpu": a dry run of the checks' logic
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(),
+                                                  reason="needs a CUDA device (HOSL_GPU_CHECK_DEVICE=cpu: a dry run)")]
 CONFIG = dict(model_type="llama", vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
               num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=128)
 BATCH, LENGTH, STEPS = 16, 64, 3
@@ -115,8 +121,6 @@ def _free_port() -> int:
 
 def _nccl_process(rank: int, port: int, model_dir: str, backend: str, out: str) -> None:
     try:
-        from conftest import quiet_trainer, tiny_data
-
         from hosl_lightning import HOSLModule, HOSLStrategy
         from hosl_lightning.models import deferred_weights
 
@@ -137,8 +141,6 @@ def _nccl_process(rank: int, port: int, model_dir: str, backend: str, out: str) 
 
 
 def check_nccl(device: str, work: Path) -> str:
-    from conftest import quiet_trainer, tiny_data
-
     from hosl_lightning import HOSLModule, HOSLStrategy
     from hosl_lightning.models import export_model
 
@@ -173,8 +175,6 @@ def check_nccl(device: str, work: Path) -> str:
 
 
 def check_bf16_mixed(device: str) -> str:
-    from conftest import quiet_trainer, tiny_data
-
     from hosl_lightning import HOSLModule, HOSLStrategy
 
     module = HOSLModule(model_config=dict(CONFIG))
@@ -218,32 +218,47 @@ def check_batched_probes(device: str) -> str:
             f"(one at a time / batched = {looped_s / batched_s:.2f}x)")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: a dry run of the logic")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "gpu_check.md"))
-    args = parser.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("no CUDA device: run this on a machine with a GPU, or pass --device cpu for a dry run")
-    import tempfile
-
-    lines = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for check in (check_memory, check_cpu_client_cuda_server, lambda d: check_nccl(d, Path(tmp)), check_bf16_mixed,
-                      check_batched_probes):
-            start = time.perf_counter()
-            try:
-                line = check(args.device)
-            except Exception as error:  # noqa: BLE001 - one failing check must not hide the others
-                line = f"FAIL {getattr(check, '__name__', 'check')}: {type(error).__name__}: {error}"
-            lines.append(f"- {line} ({time.perf_counter() - start:.1f} s)")
-            print(lines[-1], flush=True)
-    if args.device == "cuda":
-        name = torch.cuda.get_device_name(0)
-        header = f"# GPU check\n\n`python benchmarks/gpu_check.py` on {name}, torch {torch.__version__}.\n\n"
-        Path(args.out).write_text(header + "\n".join(lines) + "\n")
-        print(f"wrote {args.out}")
+LINES: list[str] = []  # each check's line, in order, for the report
 
 
-if __name__ == "__main__":
-    main()
+@pytest.fixture(scope="module", autouse=True)
+def report() -> Iterator[None]:
+    """After the module's checks on a GPU, write their lines to ``benchmarks/results/gpu_check.md``."""
+    LINES.clear()
+    yield
+    if DEVICE == "cuda" and LINES:
+        header = (f"# GPU check\n\n`pytest -m gpu tests/test_gpu.py` on {torch.cuda.get_device_name(0)}, "
+                  f"torch {torch.__version__}.\n\n")
+        REPORT.write_text(header + "\n".join(LINES) + "\n")
+
+
+def _checked(check: object, *args: object) -> None:
+    """Run one check, keep its line for the report (a raised error becomes a FAIL line), assert it passed."""
+    start = time.perf_counter()
+    try:
+        line = check(*args)  # type: ignore[operator]
+    except Exception as error:  # noqa: BLE001 - the report keeps what failed
+        line = f"FAIL {getattr(check, '__name__', 'check')}: {type(error).__name__}: {error}"
+    LINES.append(f"- {line} ({time.perf_counter() - start:.1f} s)")
+    print(LINES[-1], flush=True)
+    assert line.startswith("PASS"), line
+
+
+def test_memory() -> None:
+    _checked(check_memory, DEVICE)
+
+
+def test_cpu_client_cuda_server() -> None:
+    _checked(check_cpu_client_cuda_server, DEVICE)
+
+
+def test_nccl(tmp_path: Path) -> None:
+    _checked(check_nccl, DEVICE, tmp_path)
+
+
+def test_bf16_mixed() -> None:
+    _checked(check_bf16_mixed, DEVICE)
+
+
+def test_batched_probes() -> None:
+    _checked(check_batched_probes, DEVICE)

@@ -1,0 +1,82 @@
+"""The benchmarks package: every study imports as a module, every committed cached run is found under today's keys,
+and the shared helpers the studies lean on do what they say. Rebuilding the reports from the cache takes minutes
+(claims loads SmolLM2; tuning_ranks bootstraps rank correlations), so it is not done here."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from hosl_lightning import SplitCausalLM, load_causal_lm
+from hosl_lightning.core.split import num_blocks
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDIES = sorted(".".join(p.relative_to(ROOT).with_suffix("").parts) for p in (ROOT / "benchmarks").rglob("*.py")
+                 if p.name != "__init__.py")
+
+
+def test_the_studies_are_the_expected_ones() -> None:
+    assert {"benchmarks.claims", "benchmarks.convergence", "benchmarks.memory", "benchmarks.speed",
+            "benchmarks.processes", "benchmarks.tuning_ranks", "benchmarks.diagnostics.passes",
+            "benchmarks.diagnostics.subset_choice"} <= set(STUDIES)
+
+
+@pytest.mark.parametrize("name", STUDIES)
+def test_every_module_imports_without_path_tricks(name: str) -> None:
+    module = importlib.import_module(name)
+    source = Path(module.__file__).read_text()
+    assert "sys.path" not in source
+    assert "import _" not in source and "._fit" not in source  # no private library name
+
+
+def test_every_cached_run_is_found_by_its_key() -> None:
+    from benchmarks import claims
+    from benchmarks.common.cache import load_cache
+    from benchmarks.common.training import CACHE, METHOD, RunConfig, memory_key
+    from benchmarks.convergence import HOSL_OPTIONS
+
+    for hosl in HOSL_OPTIONS:  # the d_c variants of every option ever studied have runs in the cache
+        claims.study_methods(hosl)
+    cache = load_cache(CACHE)
+    assert len(cache) >= 125
+    for stem, record in cache.items():
+        config = record["config"]
+        if config.get("kind") == "memory":
+            key = memory_key(METHOD[config["method"]], config.get("cut", 2))
+        elif config.get("kind") == "rss":
+            key = claims.rss_key(METHOD[config["method"]], config["cut"])
+        else:
+            key = RunConfig(**config).key()
+        assert key == stem
+
+
+@pytest.mark.parametrize("model_type", ["llama", "opt"])
+def test_first_blocks_copy_keeps_the_client_and_leaves_the_model(model_type: str) -> None:
+    from benchmarks.common.models import first_blocks_copy, keep_blocks
+
+    config = dict(model_type=model_type, vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                  intermediate_size=64, ffn_dim=64, max_position_embeddings=32, word_embed_proj_dim=32)
+    torch.manual_seed(0)
+    model = load_causal_lm(model_config=config).eval()
+    trimmed = first_blocks_copy(model, 2)
+    assert num_blocks(trimmed) == 2 and num_blocks(model) == 4
+    ids = torch.randint(0, 64, (2, 8))
+    with torch.no_grad():
+        full, cut = SplitCausalLM(model, 2), SplitCausalLM(trimmed, 2)
+        assert torch.equal(full.client_forward(ids, None).hidden, cut.client_forward(ids, None).hidden)
+    assert num_blocks(keep_blocks(model, 1)) == 1
+
+
+def test_paired_difference_pairs_common_seeds_only() -> None:
+    from benchmarks.common.stats import difference_cell, paired, paired_point
+
+    run = lambda seed, correct: {"config": {"seed": seed}, "test": {"correct": correct}}  # noqa: E731
+    a = [run(0, [1, 1, 0, 1]), run(1, [1, 1, 1, 1])]
+    b = [run(0, [1, 0, 0, 1]), run(2, [0, 0, 0, 0])]
+    assert paired_point(a, b) == pytest.approx(25.0)
+    point, low, high, seeds = paired(a, b)
+    assert (point, seeds) == (pytest.approx(25.0), 1) and low <= point <= high
+    assert difference_cell(None) == "-" and difference_cell((25.0, 0.0, 50.0, 1), seeds=True) == "+25.0 [+0.0, +50.0] (1)"
