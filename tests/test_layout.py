@@ -89,7 +89,10 @@ def test_each_mode_has_one_client_half_and_one_server_half() -> None:
         names = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
         if {"client_step", "server_step"} & names:
             defining[module] = sorted(names & {"client_step", "server_step"})
-    assert defining == {f"hosl_lightning.modes.{m}": ["client_step", "server_step"] for m in ("hosl", "fo", "zo")}
+    from hosl_lightning.modes import MODES
+
+    assert set(MODES) == {"hosl", "fo", "zo", "frozen"}  # a new built-in mode is added here on purpose
+    assert defining == {f"hosl_lightning.modes.{m}": ["client_step", "server_step"] for m in MODES}
 
 
 @pytest.mark.parametrize("heavy", ["datasets", "pandas", "pyarrow", "optuna", "peft"])
