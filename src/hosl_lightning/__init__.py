@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from hosl_lightning.lightning.strategy import HOSLStrategy
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # the single source: pyproject reads it (tool.setuptools.dynamic)
 
 _LAZY = {
     "CutActivations": "hosl_lightning.core.split",
