@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent / "_ext"))
 
-import hosl_lightning  # noqa: E402
+import hosl_lightning
 
 project = "hosl-lightning"
 release = version = hosl_lightning.__version__

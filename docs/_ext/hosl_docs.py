@@ -102,7 +102,7 @@ class CliHelpDirective(SphinxDirective):
     def run(self) -> list[nodes.Node]:
         command = [sys.executable, "-m", "hosl_lightning.cli", self.arguments[0], "--help"]
         env = {**os.environ, "COLUMNS": "110"}
-        done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+        done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300, env=env)
         if done.returncode != 0:
             raise self.error(f"`hosl-lightning {self.arguments[0]} --help` exited {done.returncode}: {done.stderr}")
         block = nodes.literal_block(done.stdout, done.stdout)
