@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 import torch
 import transformers
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from hosl_lightning.core.options import UserError
@@ -166,6 +167,10 @@ class DecoderStack(nn.Module):
 
     Masks and rotary embeddings are rebuilt from (hidden, attention_mask, position_ids) alone, so the
     server side can run from a received :class:`CutActivations` without anything from the client.
+
+    With ``checkpointing`` on, a forward that records a graph keeps only each block's input and runs the block
+    again in the backward pass (``torch.utils.checkpoint``, non-reentrant, dropout masks replayed): the same
+    gradients, for the activations of one block instead of all of them.
     """
 
     def __init__(
@@ -185,6 +190,7 @@ class DecoderStack(nn.Module):
         self.rotary = rotary if blocks else None
         # Mask kind per block, chosen by its *global* layer index.
         self.layer_types = family.layer_types(config, num_layers)[first_layer : first_layer + len(blocks)]
+        self.checkpointing = False
 
     def forward(
         self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor
@@ -205,8 +211,13 @@ class DecoderStack(nn.Module):
         extra = {}
         if self.rotary is not None:
             extra["position_embeddings"] = self.rotary(hidden, position_ids)
+        recompute = self.checkpointing and torch.is_grad_enabled()
         for block, kind in zip(self.blocks, self.layer_types):
-            hidden = block(hidden, attention_mask=masks[kind], position_ids=position_ids, **extra)
+            if recompute:
+                hidden = checkpoint(block, hidden, use_reentrant=False, attention_mask=masks[kind],
+                                    position_ids=position_ids, **extra)
+            else:
+                hidden = block(hidden, attention_mask=masks[kind], position_ids=position_ids, **extra)
         return hidden
 
 

@@ -105,6 +105,20 @@ class RunSettings:
             ``[embeddings.embed_tokens]``: ZO then perturbs the client's blocks only, a smaller d_c). A tied LM
             head is the server's own copy and still trains. A name the client does not have fails, listing those
             it has.
+        client_checkpointing: activation checkpointing of the client's decoder blocks (``torch.utils.checkpoint``,
+            non-reentrant): only each block's input is kept between the forward and the backward pass, and the
+            block runs again in the backward pass. The same gradients, for about one block's activations instead
+            of all of them. Modes whose client learns by backprop only (``"fo"``).
+        fused_client_update: step each client parameter inside the backward pass, as soon as its gradient is
+            ready, and free that gradient at once (``Tensor.register_post_accumulate_grad_hook``), so the client
+            never holds a full gradient. The step is the module's optimizer's, with the hyperparameters (and lr
+            schedule) of each parameter's group and its state in that optimizer (checkpointed as usual); the
+            weights are the unfused run's. Optimizers ``torch.optim.SGD``, ``Adam`` and ``AdamW``. With plain SGD
+            (no momentum, no weight decay) the token-embedding table's gradient is row-sparse (only the rows the
+            batch reads). Modes whose client learns by backprop only (``"fo"``), with ``HOSLModule`` (not a
+            drop-in module: Lightning's automatic step clips and accumulates gradients that are gone by then),
+            and without a GradScaler (``"16-mixed"``: it unscales gradients after the backward pass). Gradient
+            clipping and accumulation are refused by Lightning for manual optimization already.
     """
 
     def _init_settings(self, options: dict[str, Any]) -> None:
@@ -153,6 +167,13 @@ class RunSettings:
             raise ValueError(f"client_frozen={o.client_frozen!r} is not valid: give a list of module names inside the "
                              "client half, e.g. ['embeddings.embed_tokens']")
         self.client_frozen = None if o.client_frozen is None else list(o.client_frozen)
+        for name in ("client_checkpointing", "fused_client_update"):
+            check_bool(name, getattr(o, name))
+            if getattr(o, name) and not MODES[o.mode].client_backprop:
+                learning = [repr(m.name) for m in MODES.values() if m.client_backprop]
+                raise ValueError(f"{name}=True is not valid with mode={o.mode!r}: its client half does not learn by "
+                                 f"backprop; it applies in mode {' or '.join(learning)}, or set {name}=False")
+        self.client_checkpointing, self.fused_client_update = o.client_checkpointing, o.fused_client_update
         self.cut_layer, self.mode = o.cut_layer, o.mode
         # None: the path's own choice (a drop-in module takes its gradient from the clean call it makes anyway).
         self._given = {"server_grad": o.server_grad, "batch_probes": o.batch_probes}
@@ -301,6 +322,12 @@ class RunSettings:
                 "'hosl': the client would take a ZO step on every batch while the server steps every "
                 f"{accumulate_grad_batches}; use accumulate_grad_batches=1 (and a larger batch, or q)"
             )
+        if automatic_optimization and self.fused_client_update:
+            raise ValueError(
+                "fused_client_update=True is not valid with a drop-in module (automatic optimization): Lightning's "
+                "optimizer step would clip or accumulate client gradients that the fused update has already applied "
+                "and freed; train with hosl_lightning.HOSLModule, or set fused_client_update=False"
+            )
         if automatic_optimization:
             self.check_dropin()
 
@@ -327,8 +354,15 @@ class RunSettings:
                           estimator=self.settings.estimator, pair_probes=False)
 
 
-def check_precision(plugin: Precision, mode: str, transport: str) -> None:
-    """Refuse precisions that would break zeroth-order updates or a distributed run, before anything loads."""
+def check_precision(plugin: Precision, mode: str, transport: str, fused_client_update: bool = False) -> None:
+    """Refuse precisions that would break zeroth-order updates, a fused update or a distributed run, before
+    anything loads."""
+    if fused_client_update and isinstance(plugin, MixedPrecision) and plugin.scaler is not None:
+        raise ValueError(
+            f"precision={plugin.precision!r} uses a GradScaler, which unscales and checks the gradients after the "
+            "backward pass, but fused_client_update=True has stepped and freed the client's by then: use precision "
+            "'32-true' or 'bf16-mixed', or fused_client_update=False"
+        )
     if transport == "distributed" and plugin.precision != "32-true":
         raise ValueError(
             f"precision={plugin.precision!r}: a distributed run computes in float32 on both sides (the server "

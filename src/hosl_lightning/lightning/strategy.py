@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from hosl_lightning.core.boundary import InProcessLink, Reply, Targets, Uplink
+from hosl_lightning.core.fused_update import FusedUpdate
 from hosl_lightning.core.split_model import SplitCausalLM
 from hosl_lightning.core.zo import ZOSGD, ZOEstimate, zo_lr_scheduler
 from hosl_lightning.distributed.client import ClientSplitCausalLM, RemoteServer
@@ -81,6 +82,8 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
         client_adapter: dict[str, Any] | None = None,
         server_adapter: dict[str, Any] | None = None,
         client_frozen: list[str] | None = None,
+        client_checkpointing: bool = False,
+        fused_client_update: bool = False,
         **kwargs: Any,
     ) -> None:
         self._init_settings({k: v for k, v in locals().items() if k not in ("self", "kwargs", "__class__")})
@@ -93,6 +96,7 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
         self.telemetry = StepTelemetry(self.memory_every_n_steps)
         self._split: SplitCausalLM | None = None
         self._failure: BaseException | None = None
+        self.fused_update: FusedUpdate | None = None  # the client's optimizer steps inside backward, once attached
 
     # ---- plug-ins ----------------------------------------------------------------------------------------
     def _configure_launcher(self) -> None:
@@ -127,7 +131,7 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
     # ---- setup ---------------------------------------------------------------------------------------------
     def setup(self, trainer: Trainer) -> None:
         assert self.lightning_module is not None
-        check_precision(self.precision_plugin, self.mode, self.transport)
+        check_precision(self.precision_plugin, self.mode, self.transport, self.fused_client_update)
         self._cut(self.lightning_module)
         self.telemetry.steps_seen = 0
         super().setup(trainer)
@@ -154,6 +158,8 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
                                           self.client_frozen, mode.frozen_halves)
         self.peft_model = peft_model or self.peft_model
         self._split = split
+        if split.client is not None:
+            split.client.stack.checkpointing = self.client_checkpointing
         self.telemetry.install(split)
 
     def setup_optimizers(self, trainer: Trainer) -> None:
@@ -181,6 +187,7 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
             self.optimizers, self.lr_scheduler_configs = [NoUpdate()], []  # so that each step counts once
         else:
             super().setup_optimizers(trainer)
+            self._fuse_client_update(module)
             if "client" in zo_halves:
                 self.client_optimizer = self.zo_optimizer_over(split.client)
                 self.client_scheduler = zo_lr_scheduler(self.client_optimizer, self.zo_lr_schedule,
@@ -189,6 +196,21 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
         if self.role == "client":
             self._start_client_sync()
         self.check_trainer(len(self.parallel_devices or [None]), trainer.accumulate_grad_batches, module.automatic_optimization)
+
+    def _fuse_client_update(self, module: LightningModule) -> None:
+        """With ``fused_client_update``: the client's parameters step inside the backward pass (``core.fused_update``)."""
+        if self.fused_update is not None:
+            self.fused_update.detach()
+            self.fused_update = None
+        client = self.split_model.client
+        if not self.fused_client_update or client is None:
+            return
+        self.check_trainer(len(self.parallel_devices or [None]), 1, module.automatic_optimization)  # before any hook
+        if len(self.optimizers) != 1:
+            raise ValueError(f"fused_client_update=True steps the client with the module's one optimizer, but it "
+                             f"configures {len(self.optimizers)}: configure one, or set fused_client_update=False")
+        self.fused_update = FusedUpdate(self.optimizers[0], client.parameters(),
+                                        [m for m in client.modules() if isinstance(m, nn.Embedding)]).attach()
 
     def _zo_optimizers(self, trainer: Trainer, optimizer: ZOSGD) -> None:
         """A ZOSGD as the one optimizer Lightning counts, with its zo_lr schedule (the module steps it)."""
@@ -347,6 +369,9 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
         super().on_exception(exception)
 
     def teardown(self) -> None:
+        if self.fused_update is not None:  # the module's parameters step only inside this strategy's fits
+            self.fused_update.detach()
+            self.fused_update = None
         remote = getattr(self._split, "remote", None)  # a client process's link to its server
         self.close_peers(self._failure, remote.close if remote is not None else None)
         module = self._lightning_module  # on the meta device after a failed start: moving it would hide the error

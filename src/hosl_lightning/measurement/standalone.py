@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from hosl_lightning.core.fused_update import FusedUpdate
 from hosl_lightning.core.zo import ZOSGD
 from hosl_lightning.measurement.meter import StepMemoryMeter
 from hosl_lightning.measurement.reports import ClientMemory
@@ -25,15 +26,18 @@ def measure_client_step(
     batch: dict[str, Tensor],
     mode: ModeName,
     settings: ZOSettings | None = None,
-    client_optimizer: type[torch.optim.Optimizer] = torch.optim.AdamW,
+    client_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer] = torch.optim.AdamW,
     zo_optimizer: Callable[[list[tuple[str, nn.Parameter]]], ZOSGD] | None = None,
+    client_checkpointing: bool = False,
+    fused_client_update: bool = False,
 ) -> ClientMemory:
     """Run two steps of ``mode`` and return the client's peak memory during them, by category at the peak (the
     second runs with the optimizer's state, if it keeps any, as every step after the first does).
     Measured with the tracker on any device. It changes the weights: use a throwaway model.
 
-    ``client_optimizer``: fo's client optimizer; ``zo_optimizer``: builds hosl's or zo's from the client's named
-    parameters (ZO-SGD with lr 0 by default).
+    ``client_optimizer``: builds fo's client optimizer from the client's parameters (a class will do);
+    ``zo_optimizer``: builds hosl's or zo's from the client's named parameters (ZO-SGD with lr 0 by default).
+    ``client_checkpointing`` and ``fused_client_update``: fo's memory options, as ``HOSLStrategy``'s.
     """
     client_params = [p for p in model.client.parameters()]
     switch = SideSwitch()
@@ -43,14 +47,22 @@ def measure_client_step(
         for p in client_params:
             p.requires_grad_(mode == "fo")
         meter = StepMemoryMeter(model, switch, sides=("client",), method="tracker")
+        if (client_checkpointing or fused_client_update) and mode != "fo":
+            raise ValueError(f"client_checkpointing and fused_client_update apply to mode 'fo', not {mode!r}")
+        model.client.stack.checkpointing = client_checkpointing
         if mode == "fo":
             optimizer = client_optimizer(client_params)
+            fused = (FusedUpdate(optimizer, client_params, [m for m in model.client.modules()
+                                                           if isinstance(m, nn.Embedding)]).attach()
+                     if fused_client_update else None)
             with meter:
                 for _ in range(2):
                     fo_step(model, batch, backward=lambda loss: loss.backward())
                     with model.client_side():
-                        optimizer.step()
+                        optimizer.step()  # fused: nothing left to step here (every gradient is gone)
                         optimizer.zero_grad(set_to_none=False)  # gradients stay allocated between steps, as in training
+            if fused is not None:
+                fused.detach()
         else:
             named = list(model.client.named_parameters())
             zo = ZOSGD(named, lr=0.0) if zo_optimizer is None else zo_optimizer(named)
@@ -63,6 +75,7 @@ def measure_client_step(
                         zo_step(model, batch, zo, settings, step, apply=partial(_client_step, model, zo))
     finally:
         model.client_side, model.server_side = saved
+        model.client.stack.checkpointing = False
     return meter.peak_breakdown("client")
 
 

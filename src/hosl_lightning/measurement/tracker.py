@@ -77,6 +77,14 @@ class SideTracker(MemTracker):
                 handle.remove()
             self._grad_handles.clear()
 
+    def _track(self, reftype: Any, t: Tensor) -> None:
+        for part in _stored(t):
+            super()._track(reftype, part)
+
+    def _update_and_maybe_create_winfos(self, t: Tensor, reftype: Any, update_existing: bool = False) -> set[Any]:
+        return set().union(*(super(SideTracker, self)._update_and_maybe_create_winfos(part, reftype, update_existing)
+                             for part in _stored(t)))
+
     def _grad_accumulated(self, param: Tensor) -> None:
         if param.grad is not None:
             self._update_and_maybe_create_winfos(param.grad, _MemRefType.GRAD)
@@ -142,6 +150,14 @@ class SideTracker(MemTracker):
                 tree_map_only(Tensor, partial(self._track, reftype), result)
             self._update_peak()
         return result
+
+
+def _stored(tensor: Tensor) -> list[Tensor]:
+    """The dense tensors that hold ``tensor``'s memory: a sparse COO tensor (a row-sparse embedding gradient, see
+    ``core.fused_update``) has no storage of its own, MemTracker would fail on it: its indices and values."""
+    if tensor.layout == torch.sparse_coo:
+        return [tensor._indices(), tensor._values()]
+    return [tensor]
 
 
 def _device_snapshot(snapshot: dict[torch.device, dict[Any, int]], device: torch.device) -> dict[Any, int]:

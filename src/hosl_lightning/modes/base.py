@@ -90,6 +90,11 @@ class Mode:
     probes: Callable[[ZOSettings], int]  # activations the client sends per step
     frozen_halves: tuple[str, ...] = ()  # halves that do not learn at all: no gradient, no optimizer, no directions
 
+    @property
+    def client_backprop(self) -> bool:
+        """The client half learns by backprop (fo): where client_checkpointing and fused_client_update apply."""
+        return "client" not in self.zo_halves and "client" not in self.frozen_halves
+
     def __post_init__(self) -> None:
         if self.reply not in REPLIES:
             raise ValueError(f"a mode's reply is one of {', '.join(map(repr, REPLIES))}, got {self.reply!r}")
