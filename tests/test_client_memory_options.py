@@ -222,3 +222,18 @@ def test_fused_update_refuses_parameters_its_optimizer_does_not_hold() -> None:
     model = nn.Linear(2, 2)
     with pytest.raises(ValueError, match="the fused update steps parameters its optimizer does not hold"):
         FusedUpdate(torch.optim.SGD([model.weight], lr=0.1), model.parameters())
+
+
+def test_a_frozen_client_is_measured_at_its_floor() -> None:
+    batch = _batch(rows=8, seq=32)
+    floor = measure_client_inference(_small_split(), batch)
+    model = _small_split()
+    frozen = measure_client_step(model, batch, "frozen")
+    assert frozen.grads == frozen.optimizer_state == 0
+    assert all(p.grad is None for p in model.client.parameters())
+    assert floor.peak <= frozen.peak <= 1.05 * floor.peak
+
+
+def _small_split() -> SplitCausalLM:
+    torch.manual_seed(0)
+    return SplitCausalLM(load_causal_lm(model_config=TINY_LLAMA), 2)

@@ -15,7 +15,7 @@ from hosl_lightning.measurement.meter import StepMemoryMeter
 from hosl_lightning.measurement.reports import ClientMemory
 from hosl_lightning.measurement.sides import SideSwitch
 from hosl_lightning.modes import ModeName, ZOSettings, batch_tensors, eval_mode
-from hosl_lightning.modes.in_process import fo_step, hosl_step, zo_step
+from hosl_lightning.modes.in_process import fo_step, hosl_step, in_process_step, zo_step
 
 if TYPE_CHECKING:
     from hosl_lightning.core.split_model import SplitCausalLM
@@ -31,7 +31,7 @@ def measure_client_step(
     client_checkpointing: bool = False,
     fused_client_update: bool = False,
 ) -> ClientMemory:
-    """Run two steps of ``mode`` and return the client's peak memory during them, by category at the peak (the
+    """Run two steps of ``mode`` (``fo``, ``hosl``, ``zo`` or ``frozen``) and return the client's peak memory during them, by category at the peak (the
     second runs with the optimizer's state, if it keeps any, as every step after the first does).
     Measured with the tracker on any device. It changes the weights: use a throwaway model.
 
@@ -63,6 +63,10 @@ def measure_client_step(
                         optimizer.zero_grad(set_to_none=False)  # gradients stay allocated between steps, as in training
             if fused is not None:
                 fused.detach()
+        elif mode == "frozen":
+            with meter:
+                for step in range(2):
+                    in_process_step(model, "frozen", batch, ZOSettings(), step, backward=lambda loss: loss.backward())
         else:
             named = list(model.client.named_parameters())
             zo = ZOSGD(named, lr=0.0) if zo_optimizer is None else zo_optimizer(named)
