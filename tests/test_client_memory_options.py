@@ -12,6 +12,7 @@ import torch
 from conftest import TINY_LLAMA, quiet_trainer, tiny_data
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.precision import MixedPrecision
+from test_remote import _in_process, _run_pair, model_dir  # noqa: F401 - model_dir is a fixture
 from torch import nn
 
 from hosl_lightning import HOSLModule, HOSLStrategy, SplitCausalLM, load_causal_lm
@@ -237,3 +238,13 @@ def test_a_frozen_client_is_measured_at_its_floor() -> None:
 def _small_split() -> SplitCausalLM:
     torch.manual_seed(0)
     return SplitCausalLM(load_causal_lm(model_config=TINY_LLAMA), 2)
+
+
+def test_a_client_process_with_both_options_ends_with_fos_weights(model_dir: Path, tmp_path: Path) -> None:  # noqa: F811
+    expected = _in_process(model_dir, "fo", 3)  # AdamW, unfused, not checkpointed
+    server, client = _run_pair(model_dir, tmp_path, "fo", 3, fused_client_update=True, client_checkpointing=True)
+    assert isinstance(server, dict), server
+    assert isinstance(client, dict), client
+    got = {**client, **server}
+    assert got.keys() == expected.keys()
+    assert [k for k in expected if not torch.equal(got[k], expected[k])] == []
