@@ -311,6 +311,7 @@ def report(command: str, out: Path) -> None:
     if not table:
         print("nothing measured yet")
         return
+    out.mkdir(parents=True, exist_ok=True)
     with (out / "frontier.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(table[0]))
         writer.writeheader()
