@@ -208,21 +208,25 @@ def write_report(cache: dict[str, dict[str, Any]], hosl: str | None, why: str, b
     # accuracy, per task
     gaps, margins = {}, {}
     lines += ["## Accuracy (300 steps, 3 seeds)", "",
-              "| task | test examples | fo | hosl | zo | fo - hosl [95% CI] | hosl - zo [95% CI] | seeds paired |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+              ("| task | test examples | fo | hosl | zo | frozen | fo - hosl [95% CI] | hosl - zo [95% CI] | "
+               "hosl - frozen [95% CI] | seeds paired |"),
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for task in TASKS:
-        fo, zo = finals(cache, "fo", task), finals(cache, "zo", task)
+        fo, zo, frozen = finals(cache, "fo", task), finals(cache, "zo", task), finals(cache, FROZEN.name, task)
         ho = finals(cache, hosl, task) if hosl else []
         examples = next((len(r["test"]["correct"]) for r in fo + zo + ho), 0)
-        gap, margin = paired(fo, ho), paired(ho, zo)
+        gap, margin, learned = paired(fo, ho), paired(ho, zo), paired(ho, frozen)
         gaps[task], margins[task] = gap, margin
-        seeds = "/".join(str(x[3]) if x else "-" for x in (gap, margin))
-        lines.append(f"| {task} | {examples or '-'} | {accuracy_cell(fo)} | {accuracy_cell(ho)} | {accuracy_cell(zo)} | {difference_cell(gap)} | "
-                     f"{difference_cell(margin)} | {seeds} |")
-        for method, runs in (("fo", fo), ("zo", zo), (hosl, ho)):
+        seeds = "/".join(str(x[3]) if x else "-" for x in (gap, margin, learned))
+        lines.append(f"| {task} | {examples or '-'} | {accuracy_cell(fo)} | {accuracy_cell(ho)} | {accuracy_cell(zo)} | "
+                     f"{accuracy_cell(frozen)} | {difference_cell(gap)} | {difference_cell(margin)} | "
+                     f"{difference_cell(learned)} | {seeds} |")
+        for method, runs in (("fo", fo), ("zo", zo), (hosl, ho), (FROZEN.name, frozen)):
             rows += [{"study": "accuracy", "task": task, "method": method, "cut": CUT, "seed": r["config"]["seed"],
                       "test_acc": r["test"]["acc"], "commit": r["commit"]} for r in runs]
-    lines += ["", "Accuracy in % (range over seeds); a test split smaller than 500 is scored whole.", ""]
+    lines += ["", ("Accuracy in % (range over seeds); a test split smaller than 500 is scored whole. frozen: the client "
+                   "never learns (`mode: frozen`, one client forward a step, no probes) and the server learns as fo's "
+                   "does, at fo's selected lr; hosl - frozen is what the zeroth-order client adds."), ""]
     # memory and accuracy by cut
     hosl_method = METHOD.get(hosl) if hosl else None
     lines += ["## Client memory and accuracy by cut", "",
