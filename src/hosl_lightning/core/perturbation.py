@@ -43,20 +43,20 @@ def is_plain_embedding(module: nn.Module) -> bool:
     return type(module).forward is nn.Embedding.forward and isinstance(module, nn.Embedding) and module.max_norm is None
 
 
-def _owners(optimizer: ZOSGD, modules: Sequence[nn.Module]) -> Iterator[nn.Module]:
+def owners(optimizer: ZOSGD, modules: Sequence[nn.Module]) -> Iterator[nn.Module]:
     for root in modules:
         for module in root.modules():
             if any(p is not None and id(p) in optimizer.keys for p in module._parameters.values()):
                 yield module
 
 
-def _check_reached(optimizer: ZOSGD, modules: Sequence[nn.Module], reached: set[int], half: bool) -> None:
+def check_reached(optimizer: ZOSGD, modules: Sequence[nn.Module], reached: set[int], half: bool) -> None:
     in_scope = {id(p) for root in modules for p in root.parameters()} if half else optimizer.keys
     missing = [optimizer.names[key] for key in optimizer.keys if key in in_scope and key not in reached]
     if missing:
         raise RuntimeError(
-            f"{len(missing)} zeroth-order parameter(s) were not used by any module's forward during a probe, "
-            f"so perturbing them is impossible: {missing[:5]}. Parameters must be read by the module that "
+            f"{len(missing)} zeroth-order parameter(s) were not used by any module's forward during a probe (or a "
+            f"tangent forward), so perturbing them is impossible: {missing[:5]}. Parameters must be read by the module that "
             "owns them (a module reading another module's .weight directly escapes the perturbation)."
         )
 
@@ -102,7 +102,7 @@ def perturbed(optimizer: ZOSGD, modules: Sequence[nn.Module], step: int, query: 
         return optimizer.row_directions(module.weight, step, query, args[0]).mul_(scale).add_(output)
 
     handles = []
-    for module in _owners(optimizer, modules):
+    for module in owners(optimizer, modules):
         if is_plain_embedding(module) and id(module.weight) in optimizer.keys:
             handles.append(module.register_forward_hook(perturb_rows))
         else:
@@ -116,7 +116,7 @@ def perturbed(optimizer: ZOSGD, modules: Sequence[nn.Module], step: int, query: 
         for owner, name, param in swapped.values():
             owner._parameters[name] = param
         temps.clear()
-    _check_reached(optimizer, modules, reached, half)
+    check_reached(optimizer, modules, reached, half)
 
 
 def _halves(value: Any, rows: int, index: int) -> Any:
@@ -203,7 +203,7 @@ def paired(optimizer: ZOSGD, modules: Sequence[nn.Module], step: int, query: int
         return offset.add_(output)
 
     handles = []
-    for module in _owners(optimizer, modules):
+    for module in owners(optimizer, modules):
         if is_plain_embedding(module) and id(module.weight) in optimizer.keys:
             handles.append(module.register_forward_hook(perturb_rows))
         else:
@@ -219,4 +219,4 @@ def paired(optimizer: ZOSGD, modules: Sequence[nn.Module], step: int, query: int
                 del module.forward
             else:
                 module.forward = own  # type: ignore[method-assign]
-    _check_reached(optimizer, modules, reached, half)
+    check_reached(optimizer, modules, reached, half)

@@ -9,6 +9,10 @@ Two estimators turn probe losses into projected gradients ``c_q``, so that the u
 - ``two_point`` (the paper's SPSA): probes at ``+mu u_q`` and ``-mu u_q``; ``c_q = (L+ - L-) / (2 mu)``;
 - ``one_sided`` (FZOO's): the unperturbed point and ``+mu u_q``; ``c_q = (L_q - L_0) / mu``, Q + 1 forwards.
 
+A third, ``forward``, takes no probe losses at all: the client sends its unperturbed activations, the server
+returns dL/dh, and ``c_q = <dL/dh, J u_q>`` exactly, from client forwards that carry the tangent ``u_q``
+(:mod:`hosl_lightning.core.tangents`, :mod:`hosl_lightning.zo_optimizers.forward_gradient`).
+
 A token embedding's direction is either dense (the paper's: every row of the table) or sparse: only the
 rows the step's batch reads. The gradient is exactly zero on every other row, so the sparse estimate is
 unbiased, drops the table's share of ``d_c`` from the variance, and its update costs the rows, not the table.
@@ -30,7 +34,7 @@ from hosl_lightning.core.options import check_choice, check_number
 from hosl_lightning.core.perturbation import paired, perturbed
 
 __all__ = ["DIRECTIONS", "DirectionSampler", "mix_seed"]  # re-exported: where callers have always found them
-ESTIMATORS = ("two_point", "one_sided")
+ESTIMATORS = ("two_point", "one_sided", "forward")
 EMBEDDING_DIRECTIONS = ("dense", "sparse")
 ZO_LR_SCHEDULES = ("constant", "linear", "cosine")
 T = TypeVar("T")
@@ -52,6 +56,8 @@ class ZOEstimate:
 def probe_points(estimator: str, queries: int) -> list[tuple[int, float]]:
     """The (query, sign) of each probe in the order they are sent: sign 0 is the unperturbed point."""
     check_choice("estimator", estimator, ESTIMATORS)
+    if estimator == "forward":  # the clean activations; the server's dL/dh gives every query's coefficient
+        return [(0, 0.0)]
     if estimator == "one_sided":
         return [(0, 0.0), *((q, 1.0) for q in range(queries))]
     return [(q, sign) for q in range(queries) for sign in (1.0, -1.0)]
@@ -59,6 +65,9 @@ def probe_points(estimator: str, queries: int) -> list[tuple[int, float]]:
 
 def estimate_coefficients(losses: Tensor, mu: float, estimator: str = "two_point") -> Tensor:
     """The Q projected gradients from the probe losses, in :func:`probe_points` order."""
+    if estimator == "forward":
+        raise ValueError("the 'forward' estimator takes its coefficients from dL/dh and the client's tangents "
+                         "(hosl_lightning.core.tangents.projected_gradient), not from probe losses")
     if estimator == "one_sided":
         return (losses[1:] - losses[0]) / mu
     return projected_gradients(losses, mu)
@@ -108,6 +117,7 @@ class ZOSGD(Optimizer):
     min_queries: ClassVar[int] = 1
     extra_memory: ClassVar[str] = "none"  # client memory beyond the weights, documented per optimizer
     options: ClassVar[dict[str, Any]] = {}  # its own options (beyond lr, weight decay, directions) and defaults
+    unread_options: ClassVar[tuple[str, ...]] = ()  # run options (HOSLStrategy's) that it never reads
 
     def __init__(
         self,
@@ -143,6 +153,7 @@ class ZOSGD(Optimizer):
         # exactly the directions that one optimizer over both halves would.
         self.keys = {id(p): first_key + index for index, (_, p) in enumerate(named)}
         self.embedding_directions = embedding_directions
+        self.predicted_decrease: float | None = None  # of the last step (first_order_decrease), for the diagnostic
         self._support: dict[int, Tensor] = {}  # key -> the sorted rows a sparse direction covers this step
         self._support_step: int | None = None
 
@@ -191,10 +202,25 @@ class ZOSGD(Optimizer):
         if estimate is None:
             raise ValueError(f"{type(self).__name__}.step needs estimate=ZOEstimate(step, coefficients)")
         coefficients = estimate.coefficients.detach().float().cpu().tolist()
+        self.predicted_decrease = self.first_order_decrease(coefficients)
         for group in self.param_groups:
             for param in group["params"]:
                 self.update(param, group, estimate, coefficients)
         return loss
+
+    def first_order_decrease(self, coefficients: list[float]) -> float | None:
+        """The loss decrease this step's update predicts to first order, ``-<grad L, delta theta>``.
+
+        With ``c_q`` the projected gradient ``<grad L, u_q>`` (exact for the forward estimator, to O(mu^2) for the
+        two-point one), the update ``-lr (1/Q) sum_q c_q u_q`` lowers the loss by ``lr (1/Q) sum_q c_q^2``. None
+        where that cannot be said from the coefficients alone: weight decay (its share needs ``grad L . theta``),
+        or groups at different learning rates. Subclasses whose coefficients are no projected gradients, or whose
+        update is not their estimate, return None.
+        """
+        rates = {group["lr"] for group in self.param_groups}
+        if len(rates) != 1 or any(group["weight_decay"] for group in self.param_groups):
+            return None
+        return rates.pop() * sum(c * c for c in coefficients) / len(coefficients)
 
     def update(self, param: Tensor, group: dict[str, Any], estimate: ZOEstimate, coefficients: list[float]) -> None:
         """One tensor's share of :meth:`step` (decoupled weight decay, then the ZO update); subclasses replace it."""

@@ -225,7 +225,7 @@ class SplitServer:
         reply = self._mode.server_step(context, WireUplink(self, rows, length), targets, step)
         for key, value in reply.items():  # a diverged step stops here, before the server's weights take it
             ensure_finite(step, f"the server's {key}", value)
-        self.wire.send(self._mode.reply, reply)
+        self.wire.send(self._mode.reply_to(self.settings), reply)
         if zo is not None:  # the server half's share of the all-ZO update: the client's estimate, from the same losses
             if "zo_lr" in request.fields:  # at the client's scheduled zo_lr
                 for group in zo.param_groups:

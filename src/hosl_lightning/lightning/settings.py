@@ -43,8 +43,10 @@ class RunSettings:
             fit's steps (``trainer.estimated_stepping_batches``); checkpointed and resumed with the run.
         zo_optimizer: the zeroth-order optimizer (the client's in hosl, both halves' in zo): a name or
             ``{name: ..., <option>: ...}``. ``"zo_sgd"`` (the default: the paper's ZO-SGD, two-point), ``"fzoo"``
-            (one-sided, Q + 1 forwards, step divided by the spread of the losses; needs q >= 2) or
-            ``{name: zo_momentum, momentum: 0.9}`` (one buffer of d_c floats; no seed sync). See
+            (one-sided, Q + 1 forwards, step divided by the spread of the losses; needs q >= 2),
+            ``{name: zo_momentum, momentum: 0.9}`` (one buffer of d_c floats; no seed sync) or
+            ``"forward_gradient"`` (hosl only: exact projected gradients <dL/dh, J u_q> from Q forward-mode client
+            forwards and one server forward and backward; no ``mu``; not with a drop-in module). See
             :mod:`hosl_lightning.zo_optimizers` and README, "Choosing the client optimizer".
         embedding_directions: ``"dense"`` (the paper's: a direction over the whole token-embedding table) or
             ``"sparse"`` (only the rows the step's probes read; unbiased, since the gradient is zero on every other
@@ -140,6 +142,8 @@ class RunSettings:
         if o.q < optimizer_class.min_queries:
             raise ValueError(f"q={o.q} is not valid with zo_optimizer {optimizer_class.name!r}: it needs "
                              f"q >= {optimizer_class.min_queries}")
+        check_unread(optimizer_class, o.mode, {"server_grad": o.server_grad, "batch_probes": o.batch_probes,
+                                               "pair_probes": o.pair_probes or None})
         check_int("seed", o.seed, 0)
         if o.server_grad is not None:
             check_choice("server_grad", o.server_grad, SERVER_GRADS)
@@ -335,6 +339,13 @@ class RunSettings:
         """A drop-in module's step is opaque: refuse the options it cannot honour, naming why."""
         if self.mode != "hosl":
             return
+        if self.settings.estimator == "forward":
+            raise ValueError(
+                f"zo_optimizer {self.zo_optimizer['name']!r} is not valid with a drop-in module (automatic "
+                "optimization): it needs dL/dh at the cut and the client's own forward, and a training_step that runs "
+                "the whole model gives neither; train with hosl_lightning.HOSLModule, or choose zo_sgd, fzoo or "
+                "zo_momentum"
+            )
         server_grad, batch_probes = self._given["server_grad"], self._given["batch_probes"]
         if server_grad not in (None, "clean"):
             raise ValueError(
@@ -352,6 +363,19 @@ class RunSettings:
     def dropin_settings(self) -> ZOSettings:
         return ZOSettings(self.settings.queries, self.settings.mu, "clean", batch_probes=False,
                           estimator=self.settings.estimator, pair_probes=False)
+
+
+def check_unread(optimizer_class: type[ZOSGD], mode: str, given: dict[str, Any]) -> None:
+    """Refuse a client optimizer in a mode it cannot run in, and options given that it never reads (``given``: the
+    value of each option, None where it was left unset)."""
+    if optimizer_class.estimator == "forward" and mode == "zo":
+        raise ValueError(f"zo_optimizer {optimizer_class.name!r} is not valid with mode='zo': it needs dL/dh from a "
+                         "first-order server, and mode 'zo' trains the server by zeroth-order probes too; use mode "
+                         "'hosl', or another zo_optimizer")
+    for name, value in given.items():
+        if value is not None and name in optimizer_class.unread_options:
+            raise ValueError(f"{name}={value!r} is not valid with zo_optimizer {optimizer_class.name!r}, which never "
+                             f"reads it (it reads no {', '.join(optimizer_class.unread_options)}): leave it unset")
 
 
 def check_precision(plugin: Precision, mode: str, transport: str, fused_client_update: bool = False) -> None:

@@ -89,6 +89,7 @@ class Mode:
     reply: str  # the kind of message the server sends down: "losses", "grad" or "loss"
     probes: Callable[[ZOSettings], int]  # activations the client sends per step
     frozen_halves: tuple[str, ...] = ()  # halves that do not learn at all: no gradient, no optimizer, no directions
+    reply_for: Callable[[ZOSettings], str] | None = None  # where the reply depends on the settings (hosl's estimator)
 
     @property
     def client_backprop(self) -> bool:
@@ -100,6 +101,10 @@ class Mode:
             raise ValueError(f"a mode's reply is one of {', '.join(map(repr, REPLIES))}, got {self.reply!r}")
         if set(self.zo_halves) & set(self.frozen_halves):
             raise ValueError(f"mode {self.name!r}: a half is trained by ZO or frozen, not both")
+
+    def reply_to(self, settings: ZOSettings) -> str:
+        """The kind of message the server sends down in a step run with ``settings``."""
+        return self.reply if self.reply_for is None else self.reply_for(settings)
 
 
 class DivergenceError(FloatingPointError):

@@ -4,6 +4,7 @@ Client half: for each probe of the client optimizer's estimator (two-point: +-mu
 and +mu u_q), perturb the client (never writing its weights), run the client forward without autograd and send
 the activations up at once; then read back the losses and let the optimizer turn them into Q coefficients. Server half: the 2Q losses without dropout (in
 one batched forward when ``batch_probes``), and the server's gradient from the points ``server_grad`` names.
+A forward-gradient client (estimator ``forward``) takes dL/dh instead (:mod:`hosl_lightning.modes.forward_gradient`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from torch import Tensor
 from hosl_lightning.core.boundary import ClientLink, Reply, Targets, Uplink
 from hosl_lightning.core.split import CutActivations
 from hosl_lightning.core.split_model import SplitCausalLM, concat_activations
+from hosl_lightning.modes import forward_gradient
 from hosl_lightning.modes.base import (
     ClientContext,
     Mode,
@@ -29,12 +31,22 @@ from hosl_lightning.modes.base import (
 
 
 def probes(settings: ZOSettings) -> int:
-    """Activations per step: the estimator's probes, and the clean point when the server's gradient comes from it."""
+    """Activations per step: the estimator's probes, and the clean point when the server's gradient comes from it
+    (a forward-gradient client sends its clean point only)."""
+    if settings.estimator == "forward":
+        return 1
     return len(settings.points()) + int(settings.server_grad == "clean")
+
+
+def reply(settings: ZOSettings) -> str:
+    """The probes' losses, or dL/dh for a forward-gradient client."""
+    return "grad" if settings.estimator == "forward" else "losses"
 
 
 def client_step(ctx: ClientContext, link: ClientLink, inputs: StepInputs) -> StepOutput:
     model, settings, optimizer = ctx.model, ctx.settings, ctx.optimizer
+    if settings.estimator == "forward":
+        return forward_gradient.client_step(ctx, link, inputs)
     assert optimizer is not None, "a hosl client needs its ZO optimizer"
     link.start("hosl", ctx.step, inputs.targets, probes(settings))
     send_probes(ctx, link, inputs)  # each sent at once: the client keeps nothing
@@ -50,6 +62,8 @@ def client_step(ctx: ClientContext, link: ClientLink, inputs: StepInputs) -> Ste
 
 def server_step(ctx: ServerContext, uplink: Uplink, targets: Targets, step: int) -> Reply:
     model, settings, backward = ctx.model, ctx.settings, ctx.backward
+    if settings.estimator == "forward":
+        return forward_gradient.server_step(ctx, uplink, targets, step)
     count = len(settings.points())
     ups = [uplink.receive(f"probe {index + 1} of {count}")[0] for index in range(count)]
     clean = uplink.receive("the clean activations")[0] if settings.server_grad == "clean" else None
@@ -88,4 +102,4 @@ def _losses(model: SplitCausalLM, ups: list[CutActivations], targets: Targets, b
 
 
 MODE = Mode(name="hosl", zo_halves=("client",), client_step=client_step, server_step=server_step, reply="losses",
-            probes=probes)
+            probes=probes, reply_for=reply)

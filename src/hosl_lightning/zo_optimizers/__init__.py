@@ -10,6 +10,7 @@ own options. Add one with :func:`register_zo_optimizer`.
 | ``zo_sgd`` (the paper's) | two-point | 2Q | none | yes |
 | ``fzoo`` | one-sided, normalised: (L_q - L_0) / std(L) | Q + 1 (Q >= 2) | none | yes |
 | ``zo_momentum`` | two-point, heavy-ball momentum | 2Q | d_c floats | no |
+| ``forward_gradient`` | exact: <dL/dh, J u_q> from forward-mode tangents | Q tangent forwards, 1 server fwd+bwd | none | yes |
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 from torch import nn
 
 from hosl_lightning.core.zo import ZOSGD
+from hosl_lightning.zo_optimizers.forward_gradient import ForwardGradient
 from hosl_lightning.zo_optimizers.fzoo import FZOO
 from hosl_lightning.zo_optimizers.momentum import ZOMomentum
 
@@ -39,7 +41,7 @@ def register_zo_optimizer(cls: type[ZOSGD]) -> type[ZOSGD]:
     return cls
 
 
-for _cls in (ZOSGD, FZOO, ZOMomentum):
+for _cls in (ZOSGD, FZOO, ZOMomentum, ForwardGradient):
     register_zo_optimizer(_cls)
 
 
@@ -72,5 +74,5 @@ def build_zo_optimizer(spec: str | dict[str, Any] | None, named: Iterable[tuple[
     return cls(named, **common, **options)
 
 
-__all__ = ["FZOO", "ZOSGD", "ZO_OPTIMIZERS", "ZOMomentum", "build_zo_optimizer", "register_zo_optimizer",
-           "zo_optimizer_spec"]
+__all__ = ["FZOO", "ZOSGD", "ZO_OPTIMIZERS", "ForwardGradient", "ZOMomentum", "build_zo_optimizer",
+           "register_zo_optimizer", "zo_optimizer_spec"]

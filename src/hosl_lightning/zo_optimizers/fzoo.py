@@ -33,3 +33,7 @@ class FZOO(ZOSGD):
         if not bool(sigma > 0):  # every perturbed loss equal: no direction is better than another
             return torch.zeros_like(differences)
         return differences / sigma
+
+    def first_order_decrease(self, coefficients: list[float]) -> float | None:
+        """None: a coefficient ``(L_q - L_0) / sigma`` is no projected gradient (its scale is gone with sigma)."""
+        return None

@@ -34,6 +34,10 @@ class ZOMomentum(ZOSGD):
         self.check_options(momentum)
         super().__init__(*args, defaults={"momentum": float(momentum)}, **kwargs)
 
+    def first_order_decrease(self, coefficients: list[float]) -> float | None:
+        """None: the update follows the buffer, whose product with the gradient this step's numbers do not give."""
+        return None
+
     def update(self, param: Tensor, group: dict[str, Any], estimate: ZOEstimate, coefficients: list[float]) -> None:
         state = self.state[param]
         if "momentum_buffer" not in state:
