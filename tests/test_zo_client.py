@@ -244,7 +244,7 @@ class _ClientAtStart(L.Callback):
 
 
 def test_every_registered_optimizer_is_selectable_and_trains_the_client() -> None:
-    assert {"zo_sgd", "fzoo", "zo_momentum"} <= set(ZO_OPTIMIZERS)
+    assert {"zo_sgd", "fzoo", "zo_momentum", "forward_gradient"} <= set(ZO_OPTIMIZERS)
     for name in ZO_OPTIMIZERS:
         L.seed_everything(0)
         strategy = HOSLStrategy(cut_layer=1, q=2, zo_lr=1e-3, zo_optimizer={"name": name})
@@ -287,7 +287,8 @@ def test_momentum_follows_its_buffer_and_resumes_from_its_state() -> None:
     assert torch.equal(again.detach(), param.detach())
 
 
-@pytest.mark.parametrize("spec", [{"name": "fzoo"}, {"name": "zo_momentum", "momentum": 0.8}])
+@pytest.mark.parametrize("spec", [{"name": "fzoo"}, {"name": "zo_momentum", "momentum": 0.8},
+                                  {"name": "forward_gradient"}])
 def test_a_run_with_a_stateful_or_one_sided_optimizer_resumes_bitwise(spec: dict[str, Any], tmp_path: Path) -> None:
     def run(max_steps: int, ckpt_path: str | None = None, callbacks=()):
         L.seed_everything(0)
