@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.types import STEP_OUTPUT, LRSchedulerConfig
 from lightning_utilities.core.rank_zero import rank_zero_only
 from torch import Tensor, nn
@@ -33,6 +34,7 @@ from hosl_lightning.lightning.checkpoint_io import (
     weights_must_fit,
 )
 from hosl_lightning.lightning.cut import client_process_split, cut_module, install_split
+from hosl_lightning.lightning.decrease import PredictedDecrease
 from hosl_lightning.lightning.dropin import dropin_step, pop_loss_weight, scaled
 from hosl_lightning.lightning.launcher import ServerLauncher
 from hosl_lightning.lightning.settings import STRATEGY_NAME, RunSettings, check_precision
@@ -94,6 +96,7 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
         self.zo_steps = 0  # ZO steps taken: the step index of the next direction seeds
         self._pending_state: dict[str, Any] | None = None
         self.telemetry = StepTelemetry(self.memory_every_n_steps)
+        self.predicted_decrease = PredictedDecrease()  # hosl: what each half's update is worth, per step and per fit
         self._split: SplitCausalLM | None = None
         self._failure: BaseException | None = None
         self.fused_update: FusedUpdate | None = None  # the client's optimizer steps inside backward, once attached
@@ -193,6 +196,9 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
                 self.client_scheduler = zo_lr_scheduler(self.client_optimizer, self.zo_lr_schedule,
                                                         trainer.estimated_stepping_batches)
         self._apply_pending_state()
+        if self.mode == "hosl" and self.role == "both" and not module.automatic_optimization:
+            # a drop-in module's server steps after the step is logged, and a client process has no server here
+            self.predicted_decrease.watch_server(self.optimizers[0])
         if self.role == "client":
             self._start_client_sync()
         self.check_trainer(len(self.parallel_devices or [None]), trainer.accumulate_grad_batches, module.automatic_optimization)
@@ -305,6 +311,8 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
         assert self.lightning_module is not None
         sync = self._client_sync  # with several clients: all that keeping them in step has cost so far
         extra = {} if sync is None else {"sync_bytes_up": float(sync.bytes_up), "sync_bytes_down": float(sync.bytes_down)}
+        if self.mode == "hosl":
+            extra.update(self.predicted_decrease.step_metrics(self.client_optimizer))
         metrics = self.telemetry.step_metrics(self.split_model, estimate, self.optimizers[0] if self.optimizers else None,
                                               self._drawing_optimizer(), self.role, extra)
         self.lightning_module.log_dict(prefixed(metrics), on_step=True, on_epoch=False, prog_bar=False)
@@ -361,6 +369,17 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
             # torchrun gives the client RANK=1, which would mute Lightning's rank-zero logging and checkpoints;
             # the client runs the only Trainer, so it is rank zero for them. (It connects at the cut, once loaded.)
             rank_zero_only.rank = 0  # type: ignore[attr-defined]
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        self.predicted_decrease.reset()
+
+    def on_train_end(self) -> None:
+        """Says what share of the loss decrease predicted over the fit came from the client's updates."""
+        super().on_train_end()
+        summary = self.predicted_decrease.summary()
+        if summary is not None:
+            rank_zero_info(f"hosl: {summary}")
 
     def on_exception(self, exception: BaseException) -> None:
         """A failing client tells the server why (instead of vanishing mid-protocol) and waits for no one."""
