@@ -86,3 +86,18 @@ def test_a_client_whose_coefficients_are_no_projected_gradients_logs_no_predicti
     assert "hosl/predicted_decrease_server" in trainer.logged_metrics
     assert "hosl/predicted_decrease_client" not in trainer.logged_metrics
     assert "contributed" not in caplog.text
+
+
+def test_in_float32_the_server_prediction_equals_the_float64_product_of_its_gradient_and_update() -> None:
+    torch.manual_seed(0)
+    weights = [torch.nn.Parameter(torch.randn(3000, 100) * 0.05), torch.nn.Parameter(torch.randn(700))]
+    for w in weights:
+        w.grad = torch.randn_like(w) * 1e-3
+    optimizer = torch.optim.AdamW(weights, lr=1e-6)  # an update of about 1e-6 on weights of about 5e-2
+    predicted = PredictedDecrease()
+    predicted.watch_server(optimizer)
+    before = [w.detach().double().clone() for w in weights]
+    optimizer.step()
+    exact = -sum(float((w.grad.double() * (w.detach().double() - b)).sum()) for w, b in zip(weights, before))
+    metrics = predicted.step_metrics(None)
+    assert metrics == {"predicted_decrease_server": pytest.approx(exact, rel=1e-3)}

@@ -3,8 +3,8 @@
 To first order an update ``delta`` lowers the loss by ``-<grad L, delta>``. Each half knows both factors of its own:
 
 - the server, after its optimizer's step, has its gradient and its update, whatever the optimizer (momentum, Adam,
-  weight decay): ``<g, theta_before> - <g, theta_after>``, each summed in float64 chunk by chunk, so no copy of its
-  weights is ever kept;
+  weight decay): ``<g, theta_before> - <g, theta_after>``, summed chunk by chunk (:func:`gradient_dot_weights`),
+  so no copy of its weights is ever kept;
 - the client's ZO optimizer predicts its own from its coefficients
   (:meth:`~hosl_lightning.core.zo.ZOSGD.first_order_decrease`: ``lr (1/Q) sum_q c_q^2``, exact with
   ``forward_gradient``, to O(mu^2) with the two-point estimate). ``fzoo`` and ``zo_momentum``, and any client
@@ -25,20 +25,25 @@ from torch.optim import Optimizer
 
 from hosl_lightning.core.zo import ZOSGD
 
-CHUNK = 1 << 20  # elements per product: bounds the temporary on a large LM head
+CHUNK = 1 << 16  # elements per dot product in the weights' dtype; the chunks' sums are added in float64
 
 
 def gradient_dot_weights(params: Iterable[Tensor]) -> float:
-    """``sum <p.grad, p>`` over ``params`` that have a gradient, accumulated in float64."""
-    total: Tensor | None = None
+    """``sum <p.grad, p>`` over ``params`` that have a gradient.
+
+    Each chunk's dot product runs in the weights' own dtype (a BLAS call, no temporary), and the chunks' results
+    are added in float64. The rounding of a chunk is nearly the same before and after a step (the weights barely
+    move), so it cancels in the difference that the prediction takes; a float64 product per element instead cost
+    ~50x more time on CPU (seconds a step on a 135M model).
+    """
+    parts: list[Tensor] = []
     for param in params:
         if param.grad is None:
             continue
         gradient, weight = param.grad.detach().reshape(-1), param.detach().reshape(-1)
-        for start in range(0, weight.numel(), CHUNK):
-            part = torch.mul(gradient[start:start + CHUNK], weight[start:start + CHUNK]).sum(dtype=torch.float64)
-            total = part if total is None else total + part
-    return 0.0 if total is None else float(total)
+        parts += [torch.dot(gradient[start:start + CHUNK], weight[start:start + CHUNK])
+                  for start in range(0, weight.numel(), CHUNK)]
+    return float(torch.stack(parts).double().sum()) if parts else 0.0
 
 
 class ServerDecrease:

@@ -1,0 +1,152 @@
+"""The forward-gradient client side by side with fo and hosl: seconds per step (server seconds apart) and client peak.
+
+    python benchmarks/forward_gradient.py [--steps 3] [--quick] [--out benchmarks/results]
+
+One process, one model (SmolLM2-135M through ``load_causal_lm("smollm2-135m")``; ``--quick``: its shape with 4
+blocks and random weights), cut after block 2, a batch of 8 x 64 tokens with one answer token per row, AdamW on
+the first-order side. Timed: fo, hosl with ZO-SGD at Q=1, and ``forward_gradient`` at Q=1 and Q=8, each the
+median of ``--steps`` steps after a warm-up step. Server seconds are its forward, its backward and its
+optimizer's step. Then each client's peak memory during a step (``measure_client_step``, torch's MemTracker)
+against the inference floor (``measure_client_inference``), and the cost of the predicted-decrease diagnostic's
+two passes over the server's gradients and weights. On a shared machine the timings are contended: compare them
+within one run only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from speed import SMOLLM2_SHAPE, PhaseClock, _commit
+
+from hosl_lightning import SplitCausalLM, load_causal_lm
+from hosl_lightning.core.zo import ZOSGD
+from hosl_lightning.lightning.decrease import gradient_dot_weights
+from hosl_lightning.measurement import MIB, measure_client_inference, measure_client_step
+from hosl_lightning.modes import ZOSettings
+from hosl_lightning.modes.in_process import fo_step, hosl_step
+from hosl_lightning.zo_optimizers import ForwardGradient
+
+SETTINGS = {  # name -> (mode, client optimizer class, settings)
+    "fo": ("fo", None, ZOSettings()),
+    "hosl zo_sgd Q=1": ("hosl", ZOSGD, ZOSettings(queries=1)),
+    "hosl forward_gradient Q=1": ("hosl", ForwardGradient, ZOSettings(queries=1, estimator="forward")),
+    "hosl forward_gradient Q=8": ("hosl", ForwardGradient, ZOSettings(queries=8, estimator="forward")),
+}
+
+
+def time_steps(model: SplitCausalLM, name: str, batch: dict, steps: int) -> tuple[float, float]:
+    """Median seconds per step and mean server seconds per step of setting ``name`` over ``steps`` steps."""
+    mode, zo_class, settings = SETTINGS[name]
+    split = copy.deepcopy(model)
+    for p in split.client.parameters():
+        p.requires_grad_(mode == "fo")
+    zo = None if zo_class is None else zo_class(split.client.named_parameters(), lr=1e-6)
+    optimizer = torch.optim.AdamW([p for p in split.parameters() if p.requires_grad], lr=1e-5)
+    clock = PhaseClock()
+    clock.wrap(split.server, "forward", "server forward")
+    clock.wrap(optimizer, "step", "first-order update")  # fo's covers the client's weights too: charged to the server
+
+    def backward(loss: torch.Tensor) -> None:  # the server's backward (fo's client backward runs in fo_step)
+        started = time.perf_counter()
+        loss.backward()
+        clock.seconds["backward"] += time.perf_counter() - started
+
+    seconds, server = [], []
+    for step in range(steps + 1):
+        clock.seconds = dict.fromkeys(clock.seconds, 0.0)
+        started = time.perf_counter()
+        if zo is None:
+            fo_step(split, batch, backward)
+        else:
+            hosl_step(split, batch, zo, settings, step, backward)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step:  # the first step warms up allocators and kernels
+            seconds.append(time.perf_counter() - started)
+            server.append(sum(clock.seconds[p] for p in ("server forward", "backward", "first-order update")))
+    return statistics.median(seconds), statistics.mean(server)
+
+
+def client_peak_mib(model: SplitCausalLM, name: str, batch: dict) -> float:
+    mode, zo_class, settings = SETTINGS[name]
+    factory = None if zo_class is None else (lambda named: zo_class(named, lr=0.0))
+    return measure_client_step(copy.deepcopy(model), batch, mode, settings, zo_optimizer=factory).peak / MIB
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="SmolLM2's shape with 4 blocks, random weights")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--cut", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    started = time.perf_counter()
+    torch.manual_seed(0)
+    causal_lm = (load_causal_lm(model_config=dict(SMOLLM2_SHAPE, num_hidden_layers=4)) if args.quick
+                 else load_causal_lm("smollm2-135m"))
+    model = SplitCausalLM(causal_lm, args.cut).eval()
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+    labels = torch.full_like(ids, -100)
+    labels[:, -1] = ids[:, -1]  # a classification prompt: one answer token per row
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+    rows = []
+    for name in SETTINGS:
+        step_s, server_s = time_steps(model, name, batch, args.steps)
+        rows.append((name, step_s, server_s))
+        print(f"{name}: {step_s:.3f} s/step, server {server_s:.3f} s", flush=True)
+    floor = measure_client_inference(copy.deepcopy(model), batch).peak / MIB
+    peaks = {name: client_peak_mib(model, name, batch) for name in SETTINGS}
+    server_params = [p for p in model.server.parameters()]
+    for p in server_params:
+        p.grad = torch.randn_like(p)
+    diagnostic_started = time.perf_counter()
+    gradient_dot_weights(server_params)
+    diagnostic_s = 2 * (time.perf_counter() - diagnostic_started)  # before and after the server's step
+
+    seconds = {name: step_s for name, step_s, _ in rows}
+    server = {name: server_s for name, _, server_s in rows}
+    fg1, fg8 = "hosl forward_gradient Q=1", "hosl forward_gradient Q=8"
+    lines = [
+        "# forward_gradient beside fo and hosl (one process; timings contended on a shared machine)",
+        "",
+        (f"Command: `python benchmarks/forward_gradient.py{' --quick' if args.quick else ''} --steps {args.steps}` "
+         f"({(time.perf_counter() - started) / 60:.1f} min). Machine: {platform.processor() or platform.machine()}, "
+         f"{torch.get_num_threads()} torch threads, torch {torch.__version__}. Code: commit {_commit()}. Model: "
+         f"{'SmolLM2 shape, 4 blocks, random weights' if args.quick else 'SmolLM2-135M'}, cut {args.cut}, batch "
+         f"{args.batch} x {args.seq} tokens, one answer token per row; median of {args.steps} steps after a warm-up."),
+        "",
+        "| setting | s/step | server s/step | client peak MiB | peak / floor |",
+        "|---|---:|---:|---:|---:|",
+        *[f"| {name} | {step_s:.3f} | {server_s:.3f} | {peaks[name]:.1f} | {peaks[name] / floor:.2f} |"
+          for name, step_s, server_s in rows],
+        f"| inference floor | | | {floor:.1f} | 1.00 |",
+        "",
+        f"- forward_gradient Q=1 / fo step time: {seconds[fg1] / seconds['fo']:.2f} (target <= 1).",
+        (f"- forward_gradient Q=1 / hosl zo_sgd Q=1 step time: {seconds[fg1] / seconds['hosl zo_sgd Q=1']:.2f} "
+         "(target <= 0.75)."),
+        f"- forward_gradient server seconds Q=8 / Q=1: {server[fg8] / server[fg1]:.2f} (target within 10%).",
+        (f"- forward_gradient client peak / floor: Q=1 {peaks[fg1] / floor:.2f}, Q=8 {peaks[fg8] / floor:.2f} "
+         "(target <= 1.25)."),
+        (f"- The predicted-decrease diagnostic's two passes over the server's gradients and weights: "
+         f"{diagnostic_s:.3f} s a step."),
+    ]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "forward_gradient.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
