@@ -73,7 +73,7 @@ def test_a_fit_logs_both_predictions_each_step_and_says_the_clients_share_at_the
     assert all(m["hosl/predicted_decrease_client"] > 0 for m in steps)  # lr (1/Q) sum c_q^2
     totals = {half: sum(m[f"hosl/predicted_decrease_{half}"] for m in steps) for half in ("server", "client")}
     share = 100 * totals["client"] / (totals["server"] + totals["client"])
-    assert f"the client contributed {share:.1f}% of the predicted decrease" in caplog.text
+    assert f"the client contributed {share:.3g}% of the predicted decrease" in caplog.text
     assert "over 3 steps" in caplog.text
 
 

@@ -105,6 +105,6 @@ class PredictedDecrease:
         if not self.steps:
             return None
         server, client = self.totals["server"], self.totals["client"]
-        share = f"{100 * client / (server + client):.1f}%" if server + client > 0 else "n/a (no decrease predicted)"
+        share = f"{100 * client / (server + client):.3g}%" if server + client > 0 else "n/a (no decrease predicted)"
         return (f"predicted loss decrease over {self.steps} steps (first order): server {server:.4g}, client "
                 f"{client:.4g}; the client contributed {share} of the predicted decrease")
