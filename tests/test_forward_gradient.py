@@ -197,3 +197,16 @@ def test_it_trains_from_a_config_in_process() -> None:
     assert type(strategy.client_optimizer) is ForwardGradient
     assert strategy.settings.estimator == "forward"
     assert float(trainer.logged_metrics["hosl/bytes_down"]) == 8 * 16 * TINY_LLAMA["hidden_size"] * 4  # dL/dh
+
+
+def test_it_is_chosen_from_the_command_line_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import yaml
+    from test_cli import CONFIGS, FAST
+
+    from hosl_lightning.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--config", str(CONFIGS / "synthetic.yaml"), *FAST,
+          "--trainer.strategy.init_args.zo_optimizer={name: forward_gradient}"])
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved["trainer"]["strategy"]["init_args"]["zo_optimizer"] == {"name": "forward_gradient"}
