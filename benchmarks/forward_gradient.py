@@ -4,12 +4,12 @@
 
 One process, one model (SmolLM2-135M through ``load_causal_lm("smollm2-135m")``; ``--quick``: its shape with 4
 blocks and random weights), cut after block 2, a batch of 8 x 64 tokens with one answer token per row, AdamW on
-the first-order side. Timed: fo, hosl with ZO-SGD at Q=1, and ``forward_gradient`` at Q=1 and Q=8, each the
-median of ``--steps`` steps after a warm-up step. Server seconds are its forward, its backward and its
-optimizer's step. Then each client's peak memory during a step (``measure_client_step``, torch's MemTracker)
+the first-order side. Timed in CPU seconds (this process's, all threads): fo, hosl with ZO-SGD at Q=1, and
+``forward_gradient`` at Q=1 and Q=8, each the median of ``--steps`` steps after a warm-up step. Server seconds are
+its forward, its backward and its optimizer's step. Then each client's peak memory during a step (``measure_client_step``, torch's MemTracker)
 against the inference floor (``measure_client_inference``), and the cost of the predicted-decrease diagnostic's
-two passes over the server's gradients and weights. On a shared machine the timings are contended: compare them
-within one run only.
+two passes over the server's gradients and weights. On a shared machine even CPU seconds are contended (caches,
+memory bandwidth): compare them within one run only.
 """
 
 from __future__ import annotations
@@ -20,12 +20,14 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import SMOLLM2_SHAPE, PhaseClock, _commit
+from speed import SMOLLM2_SHAPE, _commit
 
 from hosl_lightning import SplitCausalLM, load_causal_lm
 from hosl_lightning.core.zo import ZOSGD
@@ -43,36 +45,47 @@ SETTINGS = {  # name -> (mode, client optimizer class, settings)
 }
 
 
+def timed(seconds: list[float], call: Callable[..., Any]) -> Callable[..., Any]:
+    """``call``, adding the CPU seconds each call takes to ``seconds[0]``."""
+    def run(*args: Any, **kwargs: Any) -> Any:
+        started = time.process_time()
+        try:
+            return call(*args, **kwargs)
+        finally:
+            seconds[0] += time.process_time() - started
+    return run
+
+
 def time_steps(model: SplitCausalLM, name: str, batch: dict, steps: int) -> tuple[float, float]:
-    """Median seconds per step and mean server seconds per step of setting ``name`` over ``steps`` steps."""
+    """Median CPU seconds per step and mean server CPU seconds per step of setting ``name`` over ``steps`` steps.
+
+    CPU seconds (``time.process_time``: every thread of this process), not wall time: on a machine shared with
+    other jobs the wall time of one step varied 2x from one setting to the next, the CPU time it takes much less.
+    """
     mode, zo_class, settings = SETTINGS[name]
     split = copy.deepcopy(model)
     for p in split.client.parameters():
         p.requires_grad_(mode == "fo")
     zo = None if zo_class is None else zo_class(split.client.named_parameters(), lr=1e-6)
     optimizer = torch.optim.AdamW([p for p in split.parameters() if p.requires_grad], lr=1e-5)
-    clock = PhaseClock()
-    clock.wrap(split.server, "forward", "server forward")
-    clock.wrap(optimizer, "step", "first-order update")  # fo's covers the client's weights too: charged to the server
-
-    def backward(loss: torch.Tensor) -> None:  # the server's backward (fo's client backward runs in fo_step)
-        started = time.perf_counter()
-        loss.backward()
-        clock.seconds["backward"] += time.perf_counter() - started
+    server_s = [0.0]
+    split.server.forward = timed(server_s, split.server.forward)  # type: ignore[method-assign]
+    step_optimizer = timed(server_s, optimizer.step)  # fo's covers the client's weights too: charged to the server
+    backward = timed(server_s, lambda loss: loss.backward())  # the server's (fo's client backward runs in fo_step)
 
     seconds, server = [], []
     for step in range(steps + 1):
-        clock.seconds = dict.fromkeys(clock.seconds, 0.0)
-        started = time.perf_counter()
+        server_s[0] = 0.0
+        started = time.process_time()
         if zo is None:
             fo_step(split, batch, backward)
         else:
             hosl_step(split, batch, zo, settings, step, backward)
-        optimizer.step()
+        step_optimizer()
         optimizer.zero_grad(set_to_none=True)
         if step:  # the first step warms up allocators and kernels
-            seconds.append(time.perf_counter() - started)
-            server.append(sum(clock.seconds[p] for p in ("server forward", "backward", "first-order update")))
+            seconds.append(time.process_time() - started)
+            server.append(server_s[0])
     return statistics.median(seconds), statistics.mean(server)
 
 
@@ -95,6 +108,7 @@ def main() -> None:
                              "target; each measured step runs under the tracker, which a busy machine pays for)")
     args = parser.parse_args()
     started = time.perf_counter()
+    torch.set_num_threads(1)  # CPU seconds then count work, not the spinning of a second thread waiting for it
     torch.manual_seed(0)
     causal_lm = (load_causal_lm(model_config=dict(SMOLLM2_SHAPE, num_hidden_layers=4)) if args.quick
                  else load_causal_lm("smollm2-135m"))
@@ -109,22 +123,22 @@ def main() -> None:
     for name in SETTINGS:
         step_s, server_s = time_steps(model, name, batch, args.steps)
         rows.append((name, step_s, server_s))
-        print(f"{name}: {step_s:.3f} s/step, server {server_s:.3f} s", flush=True)
+        print(f"{name}: {step_s:.3f} CPU s/step, server {server_s:.3f} CPU s", flush=True)
     floor = measure_client_inference(copy.deepcopy(model), batch).peak / MIB
     measured = list(SETTINGS) if args.peaks == "all" else ["hosl forward_gradient Q=1"]
     peaks = {name: client_peak_mib(model, name, batch) for name in measured}
     server_params = [p for p in model.server.parameters()]
     for p in server_params:
         p.grad = torch.randn_like(p)
-    diagnostic_started = time.perf_counter()
+    diagnostic_started = time.process_time()
     gradient_dot_weights(server_params)
-    diagnostic_s = 2 * (time.perf_counter() - diagnostic_started)  # before and after the server's step
+    diagnostic_s = 2 * (time.process_time() - diagnostic_started)  # before and after the server's step
 
     seconds = {name: step_s for name, step_s, _ in rows}
     server = {name: server_s for name, _, server_s in rows}
     fg1, fg8 = "hosl forward_gradient Q=1", "hosl forward_gradient Q=8"
     lines = [
-        "# forward_gradient beside fo and hosl (one process; timings contended on a shared machine)",
+        "# forward_gradient beside fo and hosl (one process; CPU seconds, contended on a shared machine)",
         "",
         (f"Command: `python benchmarks/forward_gradient.py{' --quick' if args.quick else ''} --steps {args.steps} "
          f"--peaks {args.peaks}` "
@@ -133,22 +147,22 @@ def main() -> None:
          f"{'SmolLM2 shape, 4 blocks, random weights' if args.quick else 'SmolLM2-135M'}, cut {args.cut}, batch "
          f"{args.batch} x {args.seq} tokens, one answer token per row; median of {args.steps} steps after a warm-up."),
         "",
-        "| setting | s/step | server s/step | client peak MiB | peak / floor |",
+        "| setting | CPU s/step | server CPU s/step | client peak MiB | peak / floor |",
         "|---|---:|---:|---:|---:|",
         *[f"| {name} | {step_s:.3f} | {server_s:.3f} | " + (f"{peaks[name]:.1f} | {peaks[name] / floor:.2f} |"
                                                              if name in peaks else "not measured | |")
           for name, step_s, server_s in rows],
         f"| inference floor | | | {floor:.1f} | 1.00 |",
         "",
-        f"- forward_gradient Q=1 / fo step time: {seconds[fg1] / seconds['fo']:.2f} (target <= 1).",
-        (f"- forward_gradient Q=1 / hosl zo_sgd Q=1 step time: {seconds[fg1] / seconds['hosl zo_sgd Q=1']:.2f} "
+        f"- forward_gradient Q=1 / fo CPU seconds a step: {seconds[fg1] / seconds['fo']:.2f} (target <= 1).",
+        (f"- forward_gradient Q=1 / hosl zo_sgd Q=1 CPU seconds a step: {seconds[fg1] / seconds['hosl zo_sgd Q=1']:.2f} "
          "(target <= 0.75)."),
-        f"- forward_gradient server seconds Q=8 / Q=1: {server[fg8] / server[fg1]:.2f} (target within 10%).",
+        f"- forward_gradient server CPU seconds Q=8 / Q=1: {server[fg8] / server[fg1]:.2f} (target within 10%).",
         ("- forward_gradient client peak / floor: "
          + ", ".join(f"{name.split()[-1]} {peaks[name] / floor:.2f}" for name in (fg1, fg8) if name in peaks)
          + " (target <= 1.25)."),
         (f"- The predicted-decrease diagnostic's two passes over the server's gradients and weights: "
-         f"{diagnostic_s:.3f} s a step."),
+         f"{diagnostic_s:.3f} CPU s a step."),
     ]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "forward_gradient.md").write_text("\n".join(lines) + "\n")
