@@ -182,6 +182,17 @@ def test_options_it_cannot_honour_are_refused_naming_them(options: dict[str, Any
         HOSLStrategy(zo_optimizer="forward_gradient", **options)
 
 
+def test_a_scaled_loss_is_refused() -> None:
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from hosl_lightning.lightning.settings import check_precision
+
+    scaled = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))  # as 16-mixed on a GPU
+    with pytest.raises(ValueError, match="precision='16-mixed' scales the server's loss by its GradScaler"):
+        check_precision(scaled, "hosl", "in_process", estimator="forward")
+    check_precision(scaled, "hosl", "in_process", estimator="two_point")  # probe losses are never scaled
+
+
 def test_a_drop_in_module_is_refused_before_training() -> None:
     from test_dropin import PlainFineTuner, fit, tiny_llama
 

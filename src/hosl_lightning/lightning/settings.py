@@ -378,7 +378,8 @@ def check_unread(optimizer_class: type[ZOSGD], mode: str, given: dict[str, Any])
                              f"reads it (it reads no {', '.join(optimizer_class.unread_options)}): leave it unset")
 
 
-def check_precision(plugin: Precision, mode: str, transport: str, fused_client_update: bool = False) -> None:
+def check_precision(plugin: Precision, mode: str, transport: str, fused_client_update: bool = False,
+                    estimator: str = "two_point") -> None:
     """Refuse precisions that would break zeroth-order updates, a fused update or a distributed run, before
     anything loads."""
     if fused_client_update and isinstance(plugin, MixedPrecision) and plugin.scaler is not None:
@@ -401,6 +402,12 @@ def check_precision(plugin: Precision, mode: str, transport: str, fused_client_u
         raise ValueError(
             "precision='16-mixed' uses a GradScaler, which must never touch zeroth-order updates, and "
             "mode='zo' trains only by them: use precision '32-true' or 'bf16-mixed'"
+        )
+    if estimator == "forward" and isinstance(plugin, MixedPrecision) and plugin.scaler is not None:
+        raise ValueError(
+            "precision='16-mixed' scales the server's loss by its GradScaler, so the dL/dh that zo_optimizer "
+            "'forward_gradient' turns into the client's coefficients would be scaled too: use precision '32-true' or "
+            "'bf16-mixed'"
         )
 
 

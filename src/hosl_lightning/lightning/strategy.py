@@ -134,7 +134,8 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
     # ---- setup ---------------------------------------------------------------------------------------------
     def setup(self, trainer: Trainer) -> None:
         assert self.lightning_module is not None
-        check_precision(self.precision_plugin, self.mode, self.transport, self.fused_client_update)
+        check_precision(self.precision_plugin, self.mode, self.transport, self.fused_client_update,
+                        self.settings.estimator)
         self._cut(self.lightning_module)
         self.telemetry.steps_seen = 0
         super().setup(trainer)
