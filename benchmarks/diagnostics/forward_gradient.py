@@ -1,6 +1,6 @@
 """The forward-gradient client side by side with fo and hosl: seconds per step (server seconds apart) and client peak.
 
-    python benchmarks/forward_gradient.py [--steps 3] [--quick] [--out benchmarks/results]
+    python -m benchmarks.diagnostics.forward_gradient [--steps 3] [--quick] [--out benchmarks/results]
 
 One process, one model (SmolLM2-135M through ``load_causal_lm("smollm2-135m")``; ``--quick``: its shape with 4
 blocks and random weights), cut after block 2, a batch of 8 x 64 tokens with one answer token per row, AdamW on
@@ -18,16 +18,12 @@ import argparse
 import copy
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed import SMOLLM2_SHAPE, _commit
 
 from hosl_lightning import SplitCausalLM, load_causal_lm
 from hosl_lightning.core.zo import ZOSGD
@@ -36,6 +32,9 @@ from hosl_lightning.measurement import MIB, measure_client_inference, measure_cl
 from hosl_lightning.modes import ZOSettings
 from hosl_lightning.modes.in_process import fo_step, hosl_step
 from hosl_lightning.zo_optimizers import ForwardGradient
+
+from ..common.environment import code_state
+from ..common.models import SMOLLM2_SHAPE
 
 SETTINGS = {  # name -> (mode, client optimizer class, settings)
     "fo": ("fo", None, ZOSettings()),
@@ -140,10 +139,10 @@ def main() -> None:
     lines = [
         "# forward_gradient beside fo and hosl (one process; CPU seconds, contended on a shared machine)",
         "",
-        (f"Command: `python benchmarks/forward_gradient.py{' --quick' if args.quick else ''} --steps {args.steps} "
+        (f"Command: `python -m benchmarks.diagnostics.forward_gradient{' --quick' if args.quick else ''} --steps {args.steps} "
          f"--peaks {args.peaks}` "
          f"({(time.perf_counter() - started) / 60:.1f} min). Machine: {platform.processor() or platform.machine()}, "
-         f"{torch.get_num_threads()} torch threads, torch {torch.__version__}. Code: commit {_commit()}. Model: "
+         f"{torch.get_num_threads()} torch threads, torch {torch.__version__}. Code: {code_state()}. Model: "
          f"{'SmolLM2 shape, 4 blocks, random weights' if args.quick else 'SmolLM2-135M'}, cut {args.cut}, batch "
          f"{args.batch} x {args.seq} tokens, one answer token per row; median of {args.steps} steps after a warm-up."),
         "",
