@@ -33,7 +33,6 @@ so every cached run keeps its key.
 from __future__ import annotations
 
 import gc
-import inspect
 import sys
 import time
 from pathlib import Path
@@ -41,7 +40,8 @@ from typing import Any
 
 import torch
 
-from hosl_lightning import HOSLStrategy, load_causal_lm, resolve_tokenizer
+from hosl_lightning import load_causal_lm, resolve_tokenizer
+from hosl_lightning.lightning.settings import UNSET
 
 from .common import training
 from .common.cache import load_cache, save, sitting_parser
@@ -66,10 +66,10 @@ HOSL_OPTIONS = tuple(m.name for m in METHODS if m.mode == "hosl" and m.name != R
 
 
 def library_default_hosl() -> str:
-    """The convergence study's hosl option that trains with HOSLStrategy's own client defaults (read from its
-    signature, so the two cannot drift apart)."""
-    defaults = {k: p.default for k, p in inspect.signature(HOSLStrategy.__init__).parameters.items()}
-    wanted = (defaults["zo_optimizer"] or "zo_sgd", defaults["embedding_directions"], defaults["pair_probes"],
+    """The convergence study's hosl option that trains with HOSLStrategy's own client defaults (what it takes for its
+    unset options, so the two cannot drift apart)."""
+    defaults = UNSET
+    wanted = (defaults["zo_optimizer"], defaults["embedding_directions"], defaults["pair_probes"],
               defaults["direction"], defaults["q"])
     for method in METHODS:
         if method.name in HOSL_OPTIONS and (method.zo_optimizer, method.embedding_directions, method.pair_probes,

@@ -7,7 +7,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import TINY_LLAMA, quiet_trainer, tiny_data
+from conftest import TINY_LLAMA, for_mode, quiet_trainer, tiny_data
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from transformers import LlamaForCausalLM
 
@@ -32,7 +32,7 @@ class Snapshot(Callback):
 
 def _fit(mode: str = "hosl", steps: int = 3, client=LORA, server=None, **kwargs):
     L.seed_everything(0)
-    strategy = HOSLStrategy(cut_layer=kwargs.pop("cut_layer", 2), mode=mode, q=2, zo_lr=1e-2, client_adapter=client,
+    strategy = HOSLStrategy(cut_layer=kwargs.pop("cut_layer", 2), **for_mode(mode, q=2, zo_lr=1e-2), client_adapter=client,
                             server_adapter=server)
     snapshot = Snapshot()
     ckpt_path = kwargs.pop("ckpt_path", None)

@@ -8,7 +8,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import TINY_LLAMA, quiet_trainer, tiny_data
+from conftest import TINY_LLAMA, for_mode, quiet_trainer, tiny_data
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.precision import MixedPrecision
 
@@ -33,7 +33,7 @@ def _checkpoints(tmp_path: Path) -> ModelCheckpoint:
 def test_a_diverged_run_stops_naming_the_step_and_writes_no_nan_checkpoint(
     tmp_path: Path, mode: str, strategy_options: dict, server_lr: float, quantity: str
 ) -> None:
-    strategy = HOSLStrategy(cut_layer=1, mode=mode, q=2, memory_every_n_steps=0, **strategy_options)
+    strategy = HOSLStrategy(cut_layer=1, **for_mode(mode, q=2), memory_every_n_steps=0, **strategy_options)
     trainer = quiet_trainer(strategy, max_steps=30, enable_checkpointing=True, callbacks=[_checkpoints(tmp_path)])
     with pytest.raises(DivergenceError, match=rf"step \d+: {quantity} .*not finite.*learning rate"):
         trainer.fit(_module(server_lr), datamodule=tiny_data(train_size=256))

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TINY_LLAMA, quiet_trainer, tiny_data
+from conftest import TINY_LLAMA, for_mode, quiet_trainer, tiny_data
 from lightning.pytorch import LightningModule
 from lightning.pytorch.loggers import Logger
 
@@ -51,7 +51,7 @@ class _Collect(Logger):
 def _fit(mode: str, every: int, steps: int = 3, **kwargs: Any) -> tuple[Any, HOSLStrategy, _Collect]:
     torch.manual_seed(0)
     module = HOSLModule(model_config=TINY_LLAMA)
-    strategy = HOSLStrategy(cut_layer=1, mode=mode, q=2, zo_lr=1e-3, memory_every_n_steps=every, **kwargs)
+    strategy = HOSLStrategy(cut_layer=1, **for_mode(mode, q=2, zo_lr=1e-3), memory_every_n_steps=every, **kwargs)
     logger = _Collect()
     trainer = quiet_trainer(strategy, max_steps=steps, logger=logger, log_every_n_steps=1)
     trainer.fit(module, tiny_data())
@@ -165,7 +165,7 @@ class _PlainFineTuner(LightningModule):
 
 @pytest.mark.parametrize("mode", ["hosl", "fo"])
 def test_dropin_module_is_measured_per_side(mode: str) -> None:
-    strategy = HOSLStrategy(cut_layer=1, mode=mode, q=2, memory_every_n_steps=1)
+    strategy = HOSLStrategy(cut_layer=1, **for_mode(mode, q=2), memory_every_n_steps=1)
     trainer = quiet_trainer(strategy, max_steps=3)
     trainer.fit(_PlainFineTuner(), tiny_data())
     report = strategy.memory_report

@@ -156,6 +156,7 @@ def test_a_mode_is_a_registry_entry() -> None:
     ({"server_grad": "perturbed"}, r"server_grad='perturbed' is not valid with a drop-in module"),
     ({"server_grad": "mean"}, r"server_grad='mean' is not valid with a drop-in module"),
     ({"batch_probes": True}, r"batch_probes=True is not valid with a drop-in module"),
+    ({"pair_probes": True}, r"pair_probes=True is not valid with a drop-in module"),
 ])
 def test_a_dropin_module_refuses_what_it_cannot_honour(option: dict, message: str) -> None:
     import importlib.util

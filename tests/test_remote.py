@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import TINY_LLAMA, quiet_trainer, tiny_data
+from conftest import TINY_LLAMA, for_mode, quiet_trainer, tiny_data
 from lightning.pytorch.callbacks import ModelCheckpoint
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -44,7 +44,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _strategy(mode: str, **kwargs: Any) -> HOSLStrategy:
-    return HOSLStrategy(cut_layer=1, mode=mode, q=2, zo_lr=1e-2, seed=3, memory_every_n_steps=0, **kwargs)
+    return HOSLStrategy(cut_layer=1, **for_mode(mode, q=2, zo_lr=1e-2, seed=3), memory_every_n_steps=0, **kwargs)
 
 
 def _module(model_dir: Path, mode: str, lr: float = 1e-2) -> HOSLModule:

@@ -9,7 +9,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from conftest import TINY_LLAMA, quiet_trainer, tiny_data
+from conftest import TINY_LLAMA, for_mode, quiet_trainer, tiny_data
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import StrategyRegistry
 
@@ -36,7 +36,7 @@ class _SnapshotAtStart(L.Callback):
 
 def _fit(mode: str = "hosl", steps: int = 3, lr: float = 1e-2, zo_lr: float = 1e-3, **strategy: Any):
     start = _SnapshotAtStart()
-    trainer = quiet_trainer(HOSLStrategy(cut_layer=1, mode=mode, q=2, zo_lr=zo_lr, **strategy), max_steps=steps,
+    trainer = quiet_trainer(HOSLStrategy(cut_layer=1, **for_mode(mode, q=2, zo_lr=zo_lr), **strategy), max_steps=steps,
                             callbacks=[start])
     trainer.fit(_module(lr), tiny_data())
     return trainer, start
@@ -114,7 +114,7 @@ def test_resume_from_checkpoint_reproduces_uninterrupted_run_bitwise(mode: str, 
     # 4 batches per epoch; the checkpoint is taken after step 4 (the end of the first epoch), resumed to step 8.
     def run(max_steps: int, ckpt_path: str | None = None, callbacks=()):
         L.seed_everything(0)
-        trainer = quiet_trainer(HOSLStrategy(cut_layer=1, mode=mode, q=2, zo_lr=1e-3, seed=7), max_steps=max_steps,
+        trainer = quiet_trainer(HOSLStrategy(cut_layer=1, **for_mode(mode, q=2, zo_lr=1e-3, seed=7)), max_steps=max_steps,
                                 enable_checkpointing=bool(callbacks), callbacks=list(callbacks))
         module = _module()
         trainer.fit(module, tiny_data(), ckpt_path=ckpt_path)

@@ -19,6 +19,7 @@ import lightning as L
 import torch
 
 from hosl_lightning import HOSLModule, HOSLStrategy, SplitCausalLM
+from hosl_lightning.lightning.settings import options_for
 from hosl_lightning.modes import DivergenceError
 
 from .cache import digest
@@ -142,10 +143,10 @@ def run(config: RunConfig, base: Any, tokenizer: Any, data_dir: Path, code: str)
     L.seed_everything(config.seed, verbose=False)
     optimizer = functools.partial(torch.optim.AdamW, lr=config.lr) if config.lr is not None else torch.optim.AdamW
     module = HOSLModule(model=copy.deepcopy(base), optimizer=optimizer)
-    strategy = HOSLStrategy(cut_layer=config.cut, mode=method.mode, q=method.q, mu=config.mu,
-                            zo_lr=config.zo_lr or 0.0, seed=config.seed, zo_optimizer=method.zo_optimizer,
-                            embedding_directions=method.embedding_directions, pair_probes=method.pair_probes,
-                            direction=method.direction, client_adapter=method.client_adapter,
+    zo = options_for(method.mode, q=method.q, mu=config.mu, zo_lr=config.zo_lr or 0.0, seed=config.seed,
+                     zo_optimizer=method.zo_optimizer, embedding_directions=method.embedding_directions,
+                     pair_probes=method.pair_probes, direction=method.direction)
+    strategy = HOSLStrategy(cut_layer=config.cut, **zo, client_adapter=method.client_adapter,
                             client_frozen=None if method.client_frozen is None else list(method.client_frozen),
                             memory_every_n_steps=0)
     curve = Curve(config.eval_every, val_batches)

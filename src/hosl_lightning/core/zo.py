@@ -118,6 +118,8 @@ class ZOSGD(Optimizer):
     extra_memory: ClassVar[str] = "none"  # client memory beyond the weights, documented per optimizer
     options: ClassVar[dict[str, Any]] = {}  # its own options (beyond lr, weight decay, directions) and defaults
     unread_options: ClassVar[tuple[str, ...]] = ()  # run options (HOSLStrategy's) that it never reads
+    # The strategy options it reads among those some zo_optimizer ignores; one it does not list is refused when set.
+    strategy_options: ClassVar[tuple[str, ...]] = ("pair_probes",)  # a two-point estimate's +mu/-mu pair
 
     def __init__(
         self,

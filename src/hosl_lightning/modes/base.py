@@ -29,6 +29,9 @@ from hosl_lightning.core.zo import ZOSGD, ZOEstimate, probe_points
 ModeName = Literal["hosl", "fo", "zo", "frozen"]  # the built-in modes, as a config type; registered ones add to MODES
 ServerGrad = Literal["perturbed", "mean", "clean"]
 SERVER_GRADS: tuple[str, ...] = ("perturbed", "mean", "clean")
+# The strategy options that only a zeroth-order side reads: a mode that probes declares them (Mode.options).
+ZO_OPTIONS: tuple[str, ...] = ("q", "mu", "zo_lr", "zo_weight_decay", "zo_lr_schedule", "zo_optimizer",
+                               "embedding_directions", "pair_probes", "direction", "seed")
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,9 @@ class Mode:
     reply: str  # the kind of message the server sends down: "losses", "grad" or "loss"
     probes: Callable[[ZOSettings], int]  # activations the client sends per step
     frozen_halves: tuple[str, ...] = ()  # halves that do not learn at all: no gradient, no optimizer, no directions
+    # The strategy options this mode reads among those that some mode ignores (ZO_OPTIONS, server_grad, ...):
+    # one it does not list is refused when a user sets it, instead of being silently ignored.
+    options: tuple[str, ...] = ()
     reply_for: Callable[[ZOSettings], str] | None = None  # where the reply depends on the settings (hosl's estimator)
 
     @property

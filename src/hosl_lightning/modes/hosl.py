@@ -17,6 +17,7 @@ from hosl_lightning.core.split import CutActivations
 from hosl_lightning.core.split_model import SplitCausalLM, concat_activations
 from hosl_lightning.modes import forward_gradient
 from hosl_lightning.modes.base import (
+    ZO_OPTIONS,
     ClientContext,
     Mode,
     ServerContext,
@@ -102,4 +103,4 @@ def _losses(model: SplitCausalLM, ups: list[CutActivations], targets: Targets, b
 
 
 MODE = Mode(name="hosl", zo_halves=("client",), client_step=client_step, server_step=server_step, reply="losses",
-            probes=probes, reply_for=reply)
+            probes=probes, reply_for=reply, options=(*ZO_OPTIONS, "server_grad", "batch_probes"))

@@ -13,6 +13,7 @@ import torch
 
 from hosl_lightning.core.boundary import ClientLink, Reply, Targets, Uplink
 from hosl_lightning.modes.base import (
+    ZO_OPTIONS,
     ClientContext,
     Mode,
     ServerContext,
@@ -58,4 +59,4 @@ def server_step(ctx: ServerContext, uplink: Uplink, targets: Targets, step: int)
 
 
 MODE = Mode(name="zo", zo_halves=("client", "server"), client_step=client_step, server_step=server_step,
-            reply="losses", probes=probes)
+            reply="losses", probes=probes, options=ZO_OPTIONS)
