@@ -1,7 +1,8 @@
 """Checkpoints of a split run: the client process writes its file, and the server its half beside it.
 
 Lightning's CheckpointIO plug-in is where a checkpoint meets storage, so this is where the server is asked to
-save (first: a client checkpoint on disk always has its server half) and to load its half. The server keeps
+save (first: a client checkpoint on disk always has its server half) and to load its half. It wraps the user's own
+CheckpointIO (``HOSLStrategy(checkpoint_io=...)`` or ``Trainer(plugins=[...])``), which still does the storing. The server keeps
 its half on its own disk (``HOSLStrategy(server_checkpoint_dir=...)``); the client names the file only.
 """
 
@@ -16,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 
 from hosl_lightning.core.options import UserError
 from hosl_lightning.models.sources import looks_like_path
@@ -69,12 +72,29 @@ def check_saved_model(ckpt_path: Any, saved: Any, flag: str) -> None:
                         f"pass {flag}=<where the model is now>")
 
 
-class SplitCheckpointIO(TorchCheckpointIO):
-    """TorchCheckpointIO that keeps the server's half in step with each client checkpoint."""
+class SplitCheckpointIO(CheckpointIO):
+    """The run's CheckpointIO (the user's own, or torch's), wrapped to keep the server's half in step with it.
 
-    def __init__(self) -> None:
+    Every save, load and removal goes to ``checkpoint_io``; a client process first asks its server to save, and
+    after a load to load, its half of the same file.
+    """
+
+    def __init__(self, checkpoint_io: CheckpointIO | None = None) -> None:
         super().__init__()
+        self.checkpoint_io = checkpoint_io  # the user's; None: torch's (TorchCheckpointIO)
         self.remote: Any = None  # the client's RemoteServer, once connected; None in-process
+        self._default: CheckpointIO | None = None
+
+    @property
+    def inner(self) -> CheckpointIO:
+        """Where checkpoints meet storage: the user's CheckpointIO, or torch's."""
+        io = self.checkpoint_io
+        if io is None:
+            self._default = self._default or TorchCheckpointIO()
+            return self._default
+        if isinstance(io, _WrappingCheckpointIO) and io.checkpoint_io is None:  # e.g. AsyncCheckpointIO(), as Lightning
+            io.checkpoint_io = TorchCheckpointIO()
+        return io
 
     @staticmethod
     def name_of(path: Any) -> str:
@@ -83,18 +103,24 @@ class SplitCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if self.remote is not None:
             self.remote.save(self.name_of(path))
-        super().save_checkpoint(checkpoint, path, storage_options)
+        self.inner.save_checkpoint(checkpoint, path, storage_options=storage_options)
 
     def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> Any:
-        """Lightning's load, weights-only unless the caller asks otherwise, with a truncated, empty or garbage file
-        named instead of a bare unpickling error."""
+        """The CheckpointIO's load, weights-only unless the caller asks otherwise, with a truncated, empty or garbage
+        file named instead of a bare unpickling error."""
         try:
             where = {} if map_location is None else {"map_location": map_location}
-            return super().load_checkpoint(path, weights_only=True if weights_only is None else weights_only, **where)
+            return self.inner.load_checkpoint(path, weights_only=True if weights_only is None else weights_only, **where)
         except FileNotFoundError:
             raise
         except _UNREADABLE as error:
             raise unreadable_checkpoint("ckpt_path", path, error) from error
+
+    def remove_checkpoint(self, path: Any) -> None:
+        self.inner.remove_checkpoint(path)
+
+    def teardown(self) -> None:
+        self.inner.teardown()
 
     def load_server_half(self, path: Any) -> None:
         """Asked once the client's file has been read and checked against this run."""

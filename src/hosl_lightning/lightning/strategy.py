@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
 from lightning.pytorch.utilities import rank_zero_info
@@ -86,10 +87,13 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
         client_frozen: list[str] | None = None,
         client_checkpointing: bool = False,
         fused_client_update: bool = False,
+        checkpoint_io: CheckpointIO | None = None,
         **kwargs: Any,
     ) -> None:
-        self._init_settings({k: v for k, v in locals().items() if k not in ("self", "kwargs", "__class__")})
-        super().__init__(device="cpu", checkpoint_io=SplitCheckpointIO(), **kwargs)
+        self._init_settings({k: v for k, v in locals().items() if k not in ("self", "kwargs", "__class__",
+                                                                             "checkpoint_io")})
+        self._split_io = SplitCheckpointIO()  # before Lightning's __init__, which sets checkpoint_io
+        super().__init__(device="cpu", checkpoint_io=checkpoint_io, **kwargs)
         self.peft_model: Any = None  # the PeftModel around the adapted model, once adapters are injected
         self.parallel_devices: list[torch.device] | None = None  # filled in by the Trainer from `devices`
         self.client_scheduler: Any = None  # the zo_lr schedule of a client ZOSGD that Lightning does not count
@@ -104,6 +108,17 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
     # ---- plug-ins ----------------------------------------------------------------------------------------
     def _configure_launcher(self) -> None:
         self._launcher = ServerLauncher(self)
+
+    @property  # type: ignore[override]
+    def checkpoint_io(self) -> SplitCheckpointIO:
+        """The user's CheckpointIO (``checkpoint_io=`` or a Trainer plugin; torch's by default), wrapped so that a
+        distributed run's server saves and loads its half of every checkpoint with it."""
+        self._split_io.checkpoint_io = self._checkpoint_io
+        return self._split_io
+
+    @checkpoint_io.setter
+    def checkpoint_io(self, io: CheckpointIO | None) -> None:
+        self._checkpoint_io = io.checkpoint_io if isinstance(io, SplitCheckpointIO) else io
 
     @property
     def memory_report(self) -> MemoryReport | None:
@@ -151,7 +166,6 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
         """The client process's split model: its half only, its server behind the wire."""
         split = client_process_split(model, self.cut_layer, self._client_device or self.root_device)
         split.remote = RemoteServer(self._connect(), split.boundary.traffic)
-        assert isinstance(self.checkpoint_io, SplitCheckpointIO)
         self.checkpoint_io.remote = split.remote
         return split
 
@@ -430,7 +444,6 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
         if state is not None:
             check_resumable(state, {k: getattr(self, k) for k in RESUME_KEYS}, checkpoint_path)
             self.zo_steps = state["zo_steps"]
-            assert isinstance(self.checkpoint_io, SplitCheckpointIO)
             self.checkpoint_io.load_server_half(checkpoint_path)
             self._pending_state = state
             self._apply_pending_state()
