@@ -14,6 +14,7 @@ import pytest
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch import nn
+from torchmetrics import Metric
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from hosl_lightning import DirectionSampler, HOSLStrategy, SyntheticLMDataModule
@@ -218,3 +219,43 @@ class NoLanguageModel(LightningModule):
 def test_module_without_hf_model_fails_with_a_helpful_message():
     with pytest.raises(ValueError, match=r"no Hugging Face model inside NoLanguageModel.*self\.model ="):
         fit(NoLanguageModel())
+
+
+class CountingMetric(Metric):
+    """Counts its updates in its own state, as any torchmetrics metric accumulates."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("updates", default=torch.tensor(0), dist_reduce_fx="sum")
+        self.add_state("losses", default=[], dist_reduce_fx="cat")
+
+    def update(self, loss: torch.Tensor) -> None:
+        self.updates += 1
+        self.losses.append(loss.detach().reshape(1))
+
+    def compute(self) -> torch.Tensor:
+        return self.updates
+
+
+class MetricFineTuner(RecordingFineTuner):
+    """Updates a torchmetrics metric in its training_step, by forward and by update."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.by_forward, self.by_update = CountingMetric(), CountingMetric()
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.by_forward(loss)
+        self.by_update.update(loss)
+        return loss
+
+
+def test_a_dropin_modules_torchmetrics_update_once_per_batch() -> None:
+    module = MetricFineTuner(tiny_llama())
+    fit(module)
+    assert len(module.step_losses) == STEPS * (2 * Q + 1)  # the training_step ran for every probe
+    for metric in (module.by_forward, module.by_update):
+        assert metric.update_count == STEPS and int(metric.compute()) == STEPS
+        clean = module.step_losses[2 * Q::2 * Q + 1]  # each step's last call is the clean one
+        assert torch.cat(metric.losses).tolist() == pytest.approx(clean)

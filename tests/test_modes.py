@@ -92,6 +92,25 @@ def test_hosl_server_gradient_comes_from_the_forward_server_grad_names(server_gr
         torch.testing.assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
+def test_train_loss_is_the_mean_probe_loss_whatever_server_grad() -> None:
+    """One quantity under ``train_loss`` in every setting; the clean loss, where computed anyway, beside it."""
+    model, data = tiny(), batch()
+    outputs = {}
+    for server_grad in ("perturbed", "mean", "clean"):
+        split, zo = hosl_split(copy.deepcopy(model))
+        settings = ZOSettings(queries=Q, mu=MU, server_grad=server_grad)
+        outputs[server_grad] = in_process_step(split.train(), "hosl", data, settings, STEP, lambda loss: loss.backward(), zo)
+    split = SplitCausalLM(copy.deepcopy(model), 1).eval()
+    with torch.no_grad():
+        clean = split.server_losses(split.client_forward(data["input_ids"], data["attention_mask"]),
+                                    {"labels": data["labels"]})[0]
+    for server_grad, output in outputs.items():
+        torch.testing.assert_close(output.loss, outputs["perturbed"].loss, msg=server_grad)
+        assert (output.clean_loss is None) == (server_grad != "clean")
+    torch.testing.assert_close(outputs["clean"].clean_loss, clean)
+    assert not torch.equal(outputs["clean"].loss, outputs["clean"].clean_loss)
+
+
 def test_fo_gives_the_gradients_of_unsplit_backprop() -> None:
     unsplit, data = tiny(), batch()
     split_source = copy.deepcopy(unsplit)

@@ -4,7 +4,7 @@ Its model's forward runs both halves, so the server half of the cut is the modul
 :class:`DropInLink` is the :class:`~hosl_lightning.core.boundary.ClientLink` that makes it one: the mode's
 client half (:mod:`hosl_lightning.modes.hosl`, the same code as every other path) perturbs the client and
 asks the link for a probe; the link calls ``training_step`` there (no grad, no dropout, ``self.log``
-silenced) and keeps its loss. The clean call, unperturbed and with autograd in the module's own mode, is
+silenced, torchmetrics put back as they were) and keeps its loss. The clean call, unperturbed and with autograd in the module's own mode, is
 what Lightning backpropagates into the server and what ``self.log`` reports.
 
 Its cost: one call of ``training_step`` per probe (2Q, or Q + 1 with ``fzoo``) and one more, clean, per
@@ -22,12 +22,13 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import Tensor
+from torchmetrics import Metric
 
 from hosl_lightning.core.boundary import Targets
 from hosl_lightning.core.split import CutActivations
 from hosl_lightning.core.split_model import SplitCausalLM
-from hosl_lightning.core.zo import ZOSGD, ZOEstimate
-from hosl_lightning.modes import READ_BY_THE_MODULE, ClientContext, ZOSettings, eval_mode, get_mode
+from hosl_lightning.core.zo import ZOSGD
+from hosl_lightning.modes import READ_BY_THE_MODULE, ClientContext, StepOutput, ZOSettings, eval_mode, get_mode
 
 
 @contextmanager
@@ -38,6 +39,22 @@ def silenced_logging(module: LightningModule) -> Iterator[None]:
         yield
     finally:
         del module.log, module.log_dict
+
+
+@contextmanager
+def metrics_unchanged(module: LightningModule) -> Iterator[None]:
+    """Probe forwards call the user's training_step; its torchmetrics must update once per step (in the clean
+    call), not 2Q+1 times: each metric's state is put back as it was after a probe's call."""
+    saved = [(metric, {name: list(value) if isinstance(value, list) else value.clone()
+                       for name, value in metric.metric_state.items()}, metric._update_count, metric._computed)
+             for metric in module.modules() if isinstance(metric, Metric)]
+    try:
+        yield
+    finally:
+        for metric, state, count, computed in saved:
+            for name, value in state.items():
+                setattr(metric, name, value)
+            metric._update_count, metric._computed = count, computed
 
 
 def loss_of(output: STEP_OUTPUT) -> Tensor:
@@ -87,7 +104,8 @@ class DropInLink:
             with torch.enable_grad(), self.split.server_side():
                 self.output = scaled(self.training_step(), self.weight)  # with autograd: trains the server
             return
-        with torch.no_grad(), eval_mode(self.module), silenced_logging(self.module), self.split.server_side():
+        with torch.no_grad(), eval_mode(self.module), silenced_logging(self.module), metrics_unchanged(self.module), \
+                self.split.server_side():
             self.values.append(loss_of(scaled(self.training_step(), self.weight)))
 
     def losses(self, count: int) -> tuple[Tensor, Tensor]:
@@ -106,12 +124,13 @@ class DropInLink:
 def dropin_step(
     module: LightningModule, split: SplitCausalLM, optimizer: ZOSGD, settings: ZOSettings, step: int,
     training_step: Callable[[], STEP_OUTPUT], weight: Tensor | None = None,
-) -> tuple[STEP_OUTPUT, ZOEstimate]:
+) -> tuple[STEP_OUTPUT, StepOutput]:
     """One hosl step of a drop-in module: the mode's client half over :class:`DropInLink`, then the client's ZO
-    update. Returns what Lightning backpropagates into the server (the clean call's output) and the estimate."""
+    update. Returns what Lightning backpropagates into the server (the clean call's output) and the mode's output
+    (its ``loss`` is the mean probe loss, HOSLModule's ``train_loss``; the module logs its clean call's own)."""
     link = DropInLink(module, split, training_step, weight)
     output = get_mode("hosl").client_step(ClientContext(split, settings, step, optimizer), link, READ_BY_THE_MODULE)
     assert output.estimate is not None
     with split.client_side():
         optimizer.step(estimate=output.estimate)
-    return link.output, output.estimate
+    return link.output, output

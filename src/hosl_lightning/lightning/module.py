@@ -97,7 +97,9 @@ class HOSLModule(LightningModule):
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()  # type: ignore[union-attr]
-        self.log("train_loss", output.loss, prog_bar=True, on_step=True, on_epoch=False)
+        self.log("train_loss", output.loss, prog_bar=True, on_step=True, on_epoch=False)  # see StepOutput.loss
+        if output.clean_loss is not None:
+            self.log("train_loss_clean", output.clean_loss, on_step=True, on_epoch=False)
         return output.loss
 
     # ---- evaluation -------------------------------------------------------------------------------------

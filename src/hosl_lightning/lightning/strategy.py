@@ -315,17 +315,19 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
         assert self.client_optimizer is not None
         split, base_step = self.split_model, super().training_step
         self.telemetry.start_step(split)
-        output, estimate = dropin_step(module, split, self.client_optimizer, self.dropin_settings(), self.zo_steps,
-                                       lambda: base_step(*args, **kwargs), weight)
+        output, step = dropin_step(module, split, self.client_optimizer, self.dropin_settings(), self.zo_steps,
+                                   lambda: base_step(*args, **kwargs), weight)
         self.client_scheduler.step()
         self.zo_steps += 1
-        self._log_step(estimate)
+        self._log_step(step.estimate, {"probe_loss": float(step.loss)})  # HOSLModule's train_loss
         return output
 
-    def _log_step(self, estimate: ZOEstimate | None) -> None:
+    def _log_step(self, estimate: ZOEstimate | None, extra: dict[str, float] | None = None) -> None:
         assert self.lightning_module is not None
         sync = self._client_sync  # with several clients: all that keeping them in step has cost so far
-        extra = {} if sync is None else {"sync_bytes_up": float(sync.bytes_up), "sync_bytes_down": float(sync.bytes_down)}
+        extra = dict(extra or {})
+        if sync is not None:
+            extra.update(sync_bytes_up=float(sync.bytes_up), sync_bytes_down=float(sync.bytes_down))
         if self.mode == "hosl":
             extra.update(self.predicted_decrease.step_metrics(self.client_optimizer))
         metrics = self.telemetry.step_metrics(self.split_model, estimate, self.optimizers[0] if self.optimizers else None,

@@ -52,8 +52,11 @@ class ZOSettings:
 
 @dataclass
 class StepOutput:
-    loss: Tensor  # detached training loss for logging
+    # The step's training loss (detached, logged as ``train_loss``), one quantity in every setting: the mean of the
+    # probe losses when a side learns by ZO (hosl, zo; whatever server_grad), the batch's loss in fo (no probes).
+    loss: Tensor
     estimate: ZOEstimate | None = None  # the ZO update of this step, if any (applied by whoever owns the optimizer)
+    clean_loss: Tensor | None = None  # the unperturbed loss, where the step computed it anyway (server_grad: clean)
 
 
 @dataclass

@@ -54,11 +54,11 @@ def client_step(ctx: ClientContext, link: ClientLink, inputs: StepInputs) -> Ste
     if settings.server_grad == "clean":  # one more client forward, unperturbed, in the model's own mode
         with torch.no_grad():
             link.up(lambda: model.client_forward(inputs.input_ids, inputs.attention_mask), clean=True)
-    values, loss = link.losses(len(settings.points()))
+    values, loss = link.losses(len(settings.points()))  # loss: the clean point's with server_grad "clean"
     values = ensure_finite(ctx.step, "a probe loss", values.detach().float().reshape(-1))
     coefficients = ensure_finite(ctx.step, "a projected gradient", optimizer.coefficients(values, settings.mu))
-    return StepOutput(loss=ensure_finite(ctx.step, "the training loss", loss),
-                      estimate=optimizer.estimate(ctx.step, coefficients))
+    clean = ensure_finite(ctx.step, "the training loss", loss) if settings.server_grad == "clean" else None
+    return StepOutput(loss=values.mean(), estimate=optimizer.estimate(ctx.step, coefficients), clean_loss=clean)
 
 
 def server_step(ctx: ServerContext, uplink: Uplink, targets: Targets, step: int) -> Reply:
