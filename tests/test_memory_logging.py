@@ -48,10 +48,11 @@ class _Collect(Logger):
         self.rows.append((step, dict(metrics)))
 
 
-def _fit(mode: str, every: int, steps: int = 3, **kwargs: Any) -> tuple[Any, HOSLStrategy, _Collect]:
+def _fit(mode: str, every: int | None, steps: int = 3, **kwargs: Any) -> tuple[Any, HOSLStrategy, _Collect]:
     torch.manual_seed(0)
     module = HOSLModule(model_config=TINY_LLAMA)
-    strategy = HOSLStrategy(cut_layer=1, **for_mode(mode, q=2, zo_lr=1e-3), memory_every_n_steps=every, **kwargs)
+    measuring = {} if every is None else {"memory_every_n_steps": every}  # None: the default
+    strategy = HOSLStrategy(cut_layer=1, **for_mode(mode, q=2, zo_lr=1e-3), **measuring, **kwargs)
     logger = _Collect()
     trainer = quiet_trainer(strategy, max_steps=steps, logger=logger, log_every_n_steps=1)
     trainer.fit(module, tiny_data())
@@ -120,6 +121,16 @@ def test_measured_steps_train_exactly_like_unmeasured_ones(runs: dict) -> None:
     assert not any(k.startswith("hosl/memory/") for _, row in logger.rows for k in row)
     for a, b in zip(measured.split_model.state_dict().values(), plain.split_model.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_memory_profiling_is_opt_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Off by default: measuring a CUDA side resets the device's peak statistics, which are the user's too."""
+    resets: list[Any] = []
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *args, **kwargs: resets.append(args))
+    _, strategy, logger = _fit("hosl", every=None, steps=2)
+    assert strategy.memory_every_n_steps == 0 and strategy.memory_report is None
+    assert not any(k.startswith("hosl/memory/") for _, row in logger.rows for k in row)
+    assert resets == []
 
 
 def test_tracker_runs_only_on_the_first_two_steps_and_every_n(monkeypatch: pytest.MonkeyPatch) -> None:

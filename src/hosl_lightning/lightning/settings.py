@@ -117,8 +117,10 @@ class RunSettings:
             edge device beside a server); by default the Trainer's device.
         memory_every_n_steps: measure each side's memory (peak, parameters, gradients, optimizer state,
             activations) on the first two steps of a fit and then on every step whose index is a multiple of
-            n; 0 turns it off. A measured step is slower (on CPU, torch's MemTracker sees every tensor);
-            other steps pay nothing. The latest :class:`~hosl_lightning.measurement.MemoryReport` is
+            n; 0 (the default) turns it off. Opt-in because on CUDA a measured step resets the device's peak
+            statistics at every switch between halves, which clobbers the user's own ``max_memory_allocated``
+            and Lightning's ``DeviceStatsMonitor``. A measured step is slower (on CPU, torch's MemTracker sees
+            every tensor); other steps pay nothing. The latest :class:`~hosl_lightning.measurement.MemoryReport` is
             ``strategy.memory_report`` and is logged on every step under ``hosl/memory/`` (see
             :mod:`hosl_lightning.measurement` for what is measured how on CPU and CUDA).
         transport: ``"in_process"`` (both halves in this process, the default) or ``"distributed"``: client and

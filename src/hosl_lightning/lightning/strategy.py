@@ -70,7 +70,7 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
         batch_probes: bool | None = None,
         client_device: str | None = None,
         server_device: str | None = None,
-        memory_every_n_steps: int = 50,
+        memory_every_n_steps: int = 0,
         transport: str = "in_process",
         backend: str | None = None,
         timeout_s: float = 300.0,

@@ -23,7 +23,9 @@ How a side's peak is measured depends on its device:
   ``max_memory_allocated``, ``reset_peak_memory_stats``), read and reset at every switch of side, so each
   phase of work is measured alone. A side holds its exact persistent bytes plus the net allocations of its
   own phases so far; its peak is the highest of that level plus the rise within one of its phases. This
-  works whether the halves share a device or not. It resets the device's peak statistics on measured steps,
+  works whether the halves share a device or not. It resets the device's peak statistics on measured steps
+  (the user's ``max_memory_allocated`` and ``DeviceStatsMonitor`` read the same counters: that is why
+  ``HOSLStrategy(memory_every_n_steps=...)`` is off unless asked for),
   and a library's one-off workspace (e.g. cuBLAS's, on the first matmul) is charged to the side that
   triggered it. The tests check this arithmetic on CPU against the trackers, with a simulated allocator.
 
