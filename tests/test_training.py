@@ -189,6 +189,23 @@ def test_half_precision_weights_are_rejected_for_zeroth_order_modes(mode: str) -
         trainer.fit(_module(), tiny_data())
 
 
+@pytest.mark.parametrize("mode", ["hosl", "zo"])
+def test_bf16_weights_fail_before_training_naming_dtype(mode: str) -> None:
+    module = HOSLModule(model_config=TINY_LLAMA, dtype="bfloat16")
+    trainer = quiet_trainer(HOSLStrategy(cut_layer=1, mode=mode), max_steps=1)
+    with pytest.raises(ValueError, match=rf"^dtype='bfloat16' loads the model's weights in torch.bfloat16 \(e.g. "
+                                         rf"'.*'\), but mode='{mode}' updates them by zeroth-order steps.*: use "
+                                         rf"dtype='float32' \(the default\), or use mode='fo'"):
+        trainer.fit(module, tiny_data())
+    assert trainer.global_step == 0  # refused at setup, before any step
+
+
+def test_bf16_weights_train_in_fo() -> None:
+    trainer = quiet_trainer(HOSLStrategy(cut_layer=1, mode="fo"), max_steps=1)
+    trainer.fit(HOSLModule(model_config=TINY_LLAMA, dtype="bfloat16"), tiny_data())
+    assert trainer.global_step == 1
+
+
 def test_hosl_module_needs_the_hosl_strategy() -> None:
     trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False)

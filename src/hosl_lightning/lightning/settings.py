@@ -308,10 +308,12 @@ class RunSettings:
             if self.client_optimizer is not None and self.client_sync == "seeds":
                 check_replayable(self.client_optimizer)
 
-    def zo_optimizer_over(self, *halves: Any) -> ZOSGD:
-        """The ``zo_optimizer`` over the ZO parameters of ``halves``; each client of several draws its own seed."""
+    def zo_optimizer_over(self, *halves: Any, dtype: str | None = None) -> ZOSGD:
+        """The ``zo_optimizer`` over the ZO parameters of ``halves``; each client of several draws its own seed.
+        ``dtype``: the module's ``dtype`` option, named when the weights it loaded cannot take ZO steps."""
         seed = self.seed if self.role != "client" else client_seed(self.seed, self._peers.rank(), self.clients)
         named = [(n, p) for half in halves for n, p in half.named_parameters() if getattr(p, "_hosl_zo", False)]
+        check_zo_dtype(named, self.mode, dtype)
         if not named and self.client_frozen:
             raise ValueError(f"client_frozen={self.client_frozen} freezes every weight of the client half, leaving the "
                              f"zeroth-order optimizer nothing to train: freeze fewer modules, or set zo_lr: 0 to keep "
@@ -465,6 +467,21 @@ def check_precision(plugin: Precision, mode: str, transport: str, fused_client_u
             "'forward_gradient' turns into the client's coefficients would be scaled too: use precision '32-true' or "
             "'bf16-mixed'"
         )
+
+
+def check_zo_dtype(named: list[tuple[str, Any]], mode: str, dtype: str | None) -> None:
+    """Weights loaded in reduced precision are refused for the ZO side naming ``dtype``, their cause (the precision
+    plugin is checked apart, by :func:`check_precision`, before anything loads)."""
+    reduced = next(((name, p) for name, p in named if p.is_floating_point() and p.element_size() < 4), None)
+    if reduced is None:
+        return
+    name, param = reduced
+    cause = (f"dtype={dtype!r} loads the model's weights" if dtype is not None else "the model's weights are")
+    fix = ("use dtype='float32' (the default)" if dtype is not None else
+           "load the model in float32 (from_pretrained(..., dtype=torch.float32))")
+    raise ValueError(f"{cause} in {param.dtype} (e.g. {name!r}), but mode={mode!r} updates them by zeroth-order "
+                     f"steps, which vanish or drift in reduced precision: {fix}, or use mode='fo'; for speed, "
+                     "precision='bf16-mixed' computes in bfloat16 over float32 weights")
 
 
 def device_option(name: str, value: str | None) -> torch.device | None:

@@ -38,6 +38,7 @@ from hosl_lightning.lightning.cut import client_process_split, cut_module, insta
 from hosl_lightning.lightning.decrease import PredictedDecrease
 from hosl_lightning.lightning.dropin import dropin_step, pop_loss_weight, scaled
 from hosl_lightning.lightning.launcher import ServerLauncher
+from hosl_lightning.lightning.module import HOSLModule
 from hosl_lightning.lightning.settings import STRATEGY_NAME, RunSettings, check_precision
 from hosl_lightning.lightning.telemetry import StepTelemetry, prefixed
 from hosl_lightning.measurement import MemoryReport
@@ -185,6 +186,7 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
         assert module is not None
         split, mode = self.split_model, get_mode(self.mode)
         zo_halves = mode.zo_halves
+        dtype = module.hparams.get("dtype") if isinstance(module, HOSLModule) else None  # named if it is the cause
         if "server" in zo_halves and self.role != "client":
             if module.automatic_optimization:
                 raise ValueError(
@@ -196,10 +198,10 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
                     f"lr_scheduler is not valid in mode={self.mode!r}: no first-order optimizer is left to schedule "
                     "(one ZOSGD trains both halves); schedule zo_lr with HOSLStrategy(zo_lr_schedule=...)"
                 )
-            self._zo_optimizers(trainer, self.zo_optimizer_over(split.client, split.server))
+            self._zo_optimizers(trainer, self.zo_optimizer_over(split.client, split.server, dtype=dtype))
         elif "client" in zo_halves and self.role == "client":
             # The client's only optimizer is its ZOSGD; registered with Lightning so each step counts once.
-            self._zo_optimizers(trainer, self.zo_optimizer_over(split.client))
+            self._zo_optimizers(trainer, self.zo_optimizer_over(split.client, dtype=dtype))
             self.client_optimizer = self.optimizers[0] if "server" not in zo_halves else None
         elif "client" in mode.frozen_halves and self.role == "client":
             self.optimizers, self.lr_scheduler_configs = [NoUpdate()], []  # so that each step counts once
@@ -207,7 +209,7 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
             super().setup_optimizers(trainer)
             self._fuse_client_update(module)
             if "client" in zo_halves:
-                self.client_optimizer = self.zo_optimizer_over(split.client)
+                self.client_optimizer = self.zo_optimizer_over(split.client, dtype=dtype)
                 self.client_scheduler = zo_lr_scheduler(self.client_optimizer, self.zo_lr_schedule,
                                                         trainer.estimated_stepping_batches)
         self._apply_pending_state()
