@@ -219,3 +219,11 @@ def test_predict_on_language_model_data_says_what_to_use_instead(tmp_path: Path,
     assert line.startswith("hosl-lightning predict: error: predict is not valid for this data: it predicts label words "
                            "of a classification DataModule (PromptClassificationDataModule); for a language model use "
                            "validate or test")
+
+
+def test_help_lists_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    listed = {line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("    ") and line.split()}
+    assert {"fit", "validate", "test", "predict", "tune", "export"} <= listed

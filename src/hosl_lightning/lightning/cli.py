@@ -50,6 +50,14 @@ def reading_non_finite() -> Iterator[None]:
             loader.yaml_implicit_resolvers = saved
 
 
+# The commands of ``hosl-lightning`` that are not Trainer methods: the entry point (hosl_lightning.cli) runs them
+# before this CLI parses anything; they are listed here so that ``hosl-lightning --help`` shows all it can do.
+OTHER_COMMANDS = {
+    "tune": "Search hyperparameters over a fit config (hosl-lightning tune --help).",
+    "export": "Write a plain transformers model from a split run's checkpoint (hosl-lightning export --help).",
+}
+
+
 class HOSLCLI(LightningCLI):
     """LightningCLI with HOSLStrategy as the default strategy; reports the loss trend and zero-shot vs final scores."""
 
@@ -88,6 +96,11 @@ class HOSLCLI(LightningCLI):
         lr = init_args.get("lr")
         if isinstance(lr, (int, float)):  # torch would refuse a negative one only when the fit starts
             check_number("model.optimizer.init_args.lr", lr, 0)
+
+    def _add_subcommands(self, parser: Any, **kwargs: Any) -> None:
+        super()._add_subcommands(parser, **kwargs)
+        for name, description in OTHER_COMMANDS.items():
+            parser._subcommands_action.add_subcommand(name, self.init_parser(description=description), help=description)
 
     def _parse_ckpt_path(self) -> None:
         """The model the user names is the model that runs: a checkpoint's hyperparameters fill in only the
