@@ -1,9 +1,10 @@
 """Data for hosl-lightning: tasks, where their rows come from, tokenising, batching and the DataModules.
 
 Modules: ``tasks`` (templates, label words, the built-in tasks), ``sources`` (local files, bundled assets,
-the hub), ``sampling`` (seeded samples, the epoch shuffle), ``encoding`` (tokenizer, prompt and label-word
-ids, truncation), ``collation`` (padded batches), ``tokenized`` (what the DataModules below share),
-``classification`` and ``text_lm`` (the DataModules), ``synthetic`` (data without download).
+the hub), ``sampling`` (seeded samples, the epoch shuffle), ``partition`` (each client's share of a training
+split), ``encoding`` (tokenizer, prompt and label-word ids, truncation), ``collation`` (padded batches),
+``tokenized`` (what the DataModules below share), ``classification`` and ``text_lm`` (the DataModules),
+``synthetic`` (data without download).
 
 The names below are imported on first use (PEP 562), so that e.g. the synthetic data, which needs only
 torch and Lightning, loads without ``datasets``, pandas, pyarrow or transformers.
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
     from hosl_lightning.data.classification import PromptClassificationDataModule
     from hosl_lightning.data.collation import IGNORE_INDEX
     from hosl_lightning.data.encoding import resolve_tokenizer, special_prefix
+    from hosl_lightning.data.partition import PARTITIONS, Partition
     from hosl_lightning.data.sampling import EpochShuffle, sample_train, seeded_order
     from hosl_lightning.data.sources import ASSETS_DIR, SPLITS, HubSource
     from hosl_lightning.data.synthetic import ProgressionDataset, SyntheticLMDataModule
@@ -38,6 +40,8 @@ _HOME: dict[str, str] = {
     "IGNORE_INDEX": "collation",
     "resolve_tokenizer": "encoding",
     "special_prefix": "encoding",
+    "PARTITIONS": "partition",
+    "Partition": "partition",
     "EpochShuffle": "sampling",
     "sample_train": "sampling",
     "seeded_order": "sampling",
@@ -59,12 +63,14 @@ _HOME: dict[str, str] = {
 __all__ = [
     "ASSETS_DIR",
     "IGNORE_INDEX",
+    "PARTITIONS",
     "SPLITS",
     "TASKS",
     "TASK_NAMES",
     "ClassificationTask",
     "EpochShuffle",
     "HubSource",
+    "Partition",
     "ProgressionDataset",
     "Prompt",
     "PromptClassificationDataModule",

@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerBase
 from hosl_lightning.core.options import UserError, check_choice, check_int
 from hosl_lightning.data.collation import PromptCollator
 from hosl_lightning.data.encoding import PromptEncoder
+from hosl_lightning.data.partition import Partition
 from hosl_lightning.data.sampling import sample_train, seeded_order
 from hosl_lightning.data.sources import SPLITS, SplitSource, check_columns, check_has_text, local_sources
 from hosl_lightning.data.tasks import ClassificationTask, get_task
@@ -60,6 +61,13 @@ class PromptClassificationDataModule(_TokenizedDataModule):
         shuffle_seed: seed of the training shuffle alone (default: ``seed``), to repeat a fit on the same
             examples in another order, e.g. to measure how much a result owes to the order.
         padding_side: ``"right"`` or ``"left"``.
+        partition: how several clients share the training split: ``"none"`` (each reads all of it), ``"iid"``
+            (equal seeded shards) or ``"dirichlet"`` (label skew: each class divided among the clients in
+            Dirichlet(``alpha``) proportions; smaller ``alpha``, fewer classes per client). Drawn from ``seed``, the
+            same in every client, so shards are disjoint and cover the split (:mod:`hosl_lightning.data.partition`).
+        alpha: the Dirichlet concentration of ``partition="dirichlet"`` (unset: 0.5); refused with other schemes.
+        client_index / num_clients: which shard this process takes, of how many (unset: ``RANK - 1`` of
+            ``WORLD_SIZE - 1``, as torchrun sets them for a distributed run's clients).
     """
 
     def __init__(
@@ -88,9 +96,14 @@ class PromptClassificationDataModule(_TokenizedDataModule):
         tokenizer_kwargs: dict[str, Any] | None = None,
         cache_dir: str | None = None,
         shuffle_seed: int | None = None,
+        partition: Literal["none", "iid", "dirichlet"] = "none",
+        alpha: float | None = None,
+        client_index: int | None = None,
+        num_clients: int | None = None,
     ) -> None:
         super().__init__(tokenizer, tokenizer_kwargs, max_length, batch_size, eval_batch_size, seed, padding_side,
                          num_workers, cache_dir, shuffle_seed)
+        self.partition = Partition(partition, alpha, client_index, num_clients)
         check_choice("loss", loss, ("lm", "classification"))
         check_int("k_shot", k_shot, 1, none="no per-class sample")
         for name, value in (("num_train", num_train), ("num_validation", num_validation), ("num_test", num_test)):
@@ -211,12 +224,12 @@ class PromptClassificationDataModule(_TokenizedDataModule):
         source = self.sources["train"]
         carved = self._has("validation") and self.sources["validation"].carved
         carve = (self.limits["validation"] or 0) if carved else 0  # required when carved (checked in __init__)
+        classes, where = self._classes(self._raw_split("train"), source), f"the train split ({source.describe()})"
         train, validation = sample_train(
-            self._classes(self._raw_split("train"), source), seed=self.seed, names=self.task.label_values,
-            where=f"the train split ({source.describe()})", k_shot=self.k_shot, num_train=self.limits["train"],
-            carve=carve,
+            classes, seed=self.seed, names=self.task.label_values, where=where, k_shot=self.k_shot,
+            num_train=self.limits["train"], carve=carve,
         )
-        self._indices["train"] = train
+        self._indices["train"] = self.partition.shard(train, classes, self.seed, where)  # this client's share
         if carved:
             self._indices["validation"] = validation
 

@@ -7,11 +7,14 @@ falling loss is visible within a couple hundred steps on a tiny model.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
-from hosl_lightning.core.options import check_int
+from hosl_lightning.core.options import check_choice, check_int
+from hosl_lightning.data.partition import Partition
 from hosl_lightning.data.sampling import EpochShuffle
 
 
@@ -42,6 +45,8 @@ class SyntheticLMDataModule(LightningDataModule):
         train_size / val_size: number of sequences per split.
         batch_size: sequences per batch.
         seed: data seed (validation uses ``seed + 1``).
+        partition / client_index / num_clients: this client's share of the training sequences, as
+            :class:`~hosl_lightning.data.PromptClassificationDataModule`'s (``"none"`` or ``"iid"``: no classes here).
     """
 
     def __init__(
@@ -53,8 +58,13 @@ class SyntheticLMDataModule(LightningDataModule):
         val_size: int = 256,
         batch_size: int = 16,
         seed: int = 0,
+        partition: Literal["none", "iid"] = "none",
+        client_index: int | None = None,
+        num_clients: int | None = None,
     ) -> None:
         super().__init__()
+        check_choice("partition", partition, ("none", "iid"))  # "dirichlet" divides classes, and these have none
+        self.partition = Partition(partition, None, client_index, num_clients)
         for key, value, low in (("vocab_size", vocab_size, 2), ("seq_len", seq_len, 2), ("max_stride", max_stride, 1),
                                 ("train_size", train_size, 1), ("val_size", val_size, 1), ("batch_size", batch_size, 1)):
             check_int(key, value, low)
@@ -62,7 +72,9 @@ class SyntheticLMDataModule(LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         h = self.hparams
-        self.train_set = ProgressionDataset(h.train_size, h.seq_len, h.vocab_size, h.max_stride, h.seed)
+        train = ProgressionDataset(h.train_size, h.seq_len, h.vocab_size, h.max_stride, h.seed)
+        shard = self.partition.shard(range(h.train_size), None, h.seed, "the synthetic train split")
+        self.train_set = train if self.partition.scheme == "none" else Subset(train, shard)  # this client's share
         self.val_set = ProgressionDataset(h.val_size, h.seq_len, h.vocab_size, h.max_stride, h.seed + 1)
 
     def train_dataloader(self) -> DataLoader:

@@ -8,8 +8,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from hosl_lightning.core.options import UserError, check_int
+from hosl_lightning.core.options import UserError, check_choice, check_int
 from hosl_lightning.data.collation import LMCollator
+from hosl_lightning.data.partition import Partition
 from hosl_lightning.data.sampling import seeded_order
 from hosl_lightning.data.sources import check_columns, check_has_text, local_sources
 from hosl_lightning.data.tokenized import ListDataset, _TokenizedDataModule
@@ -23,7 +24,8 @@ class TextLMDataModule(_TokenizedDataModule):
     truncation, special tokens included). Texts of fewer than 2 tokens hold no next-token target and are
     dropped, with a warning; a split left empty is an error.
 
-    Args: as :class:`PromptClassificationDataModule`, with ``text_column`` the column to train on.
+    Args: as :class:`PromptClassificationDataModule`, with ``text_column`` the column to train on
+    (``partition="dirichlet"`` needs classes, so ``"none"`` and ``"iid"`` only).
     """
 
     def __init__(
@@ -46,9 +48,14 @@ class TextLMDataModule(_TokenizedDataModule):
         tokenizer_kwargs: dict[str, Any] | None = None,
         cache_dir: str | None = None,
         shuffle_seed: int | None = None,
+        partition: Literal["none", "iid"] = "none",
+        client_index: int | None = None,
+        num_clients: int | None = None,
     ) -> None:
         super().__init__(tokenizer, tokenizer_kwargs, max_length, batch_size, eval_batch_size, seed, padding_side,
                          num_workers, cache_dir, shuffle_seed)
+        check_choice("partition", partition, ("none", "iid"))  # "dirichlet" divides classes, and these have none
+        self.partition = Partition(partition, None, client_index, num_clients)
         for name, value in (("num_train", num_train), ("num_validation", num_validation), ("num_test", num_test)):
             check_int(name, value, 1, none="the whole split")
         self.save_hyperparameters(ignore=[] if isinstance(tokenizer, (str, type(None))) else ["tokenizer"])
@@ -79,6 +86,8 @@ class TextLMDataModule(_TokenizedDataModule):
         check_columns(dataset, [self.text_column], "text_column", source)
         limit = self.limits[split]
         indices = seeded_order(len(dataset), self.seed)[:limit] if limit else list(range(len(dataset)))
+        if split == "train":  # this client's share
+            indices = self.partition.shard(indices, None, self.seed, f"the train split ({source.describe()})")
         texts = list(dataset.select(indices)[self.text_column])
         check_has_text(texts, f"text_column={self.text_column!r}", self.text_column, source)
         for row, text in zip(indices, texts, strict=True):

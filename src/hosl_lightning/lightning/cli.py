@@ -49,7 +49,6 @@ def reading_non_finite() -> Iterator[None]:
         else:
             loader.yaml_implicit_resolvers = saved
 
-
 # The commands of ``hosl-lightning`` that are not Trainer methods: the entry point (hosl_lightning.cli) runs them
 # before this CLI parses anything; they are listed here so that ``hosl-lightning --help`` shows all it can do.
 OTHER_COMMANDS = {
