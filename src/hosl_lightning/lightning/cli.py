@@ -7,7 +7,9 @@ process serves and which trains is the strategy's launcher's business (:mod:`.la
 
 from __future__ import annotations
 
+import logging
 import re
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -140,8 +142,25 @@ class HOSLCLI(LightningCLI):
             raise UserError(f"{type(error).__name__}: {error}") from error
 
 
+class _DropAdvert(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip: For seamless cloud logging")
+
+
+def quiet_library_noise() -> None:
+    """Silence what the libraries print that is neither ours nor actionable by a user of this command: Lightning's
+    advertisement for its cloud logger (on every fit, even with ``logger: false``), and the deprecation warning
+    that Lightning's own pytree helper raises under this torch (``isinstance(treespec, LeafSpec)``). Installed
+    once; warnings and logs of our own, and every other library message, still show."""
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropAdvert) for f in logger.filters):
+        logger.addFilter(_DropAdvert())
+
+
 def build_cli(args: list[str] | None = None) -> HOSLCLI:
     """Parse ``args`` (default: the command line) and run the subcommand; returns the CLI with its trainer."""
+    quiet_library_noise()
     return HOSLCLI(
         HOSLModule,
         subclass_mode_data=True,

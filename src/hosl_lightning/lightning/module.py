@@ -63,7 +63,10 @@ class HOSLModule(LightningModule):
         # optimizer factories are callables that do not pickle; the CLI records them in its config file
         ignored = ["optimizer", "lr_scheduler"] + (["model"] if isinstance(model, PreTrainedModel) else [])
         self.save_hyperparameters(ignore=ignored)
-        self.model = load_causal_lm(model, model_config, dtype, gguf_file)
+        # from_pretrained returns a model in eval mode and Lightning keeps each submodule's mode (and warns that it
+        # found them in eval mode): fine-tune in training mode, as transformers' Trainer does (the modes decide where
+        # dropout applies: modes/base.py); evaluation switches to eval mode and back.
+        self.model = load_causal_lm(model, model_config, dtype, gguf_file).train()
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         self.metrics = nn.ModuleDict()  # built on first use: the number of classes comes with the data
@@ -86,11 +89,6 @@ class HOSLModule(LightningModule):
                 f"HOSLModule trains under HOSLStrategy, got {type(self.trainer.strategy).__name__}: "
                 "use Trainer(strategy=HOSLStrategy(cut_layer=...)) or strategy: hosl in the config"
             )
-
-    def on_train_start(self) -> None:
-        # from_pretrained returns a model in eval mode and Lightning keeps each submodule's mode: fine-tune in
-        # training mode, as transformers' Trainer does (the modes decide where dropout applies: modes/base.py).
-        self.model.train()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         output = self.trainer.strategy.run_step(batch)  # type: ignore[attr-defined]

@@ -40,6 +40,7 @@ from hosl_lightning.lightning.dropin import dropin_step, pop_loss_weight, scaled
 from hosl_lightning.lightning.launcher import ServerLauncher
 from hosl_lightning.lightning.module import HOSLModule
 from hosl_lightning.lightning.settings import STRATEGY_NAME, RunSettings, check_precision
+from hosl_lightning.lightning.summary import use_split_summaries
 from hosl_lightning.lightning.telemetry import StepTelemetry, prefixed
 from hosl_lightning.measurement import MemoryReport
 from hosl_lightning.modes import ClientContext, ModeName, ServerContext, ServerGrad, StepInputs, StepOutput, get_mode
@@ -153,6 +154,7 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
         check_precision(self.precision_plugin, self.mode, self.transport, self.fused_client_update,
                         self.settings.estimator)
         self._cut(self.lightning_module)
+        use_split_summaries(trainer.callbacks)  # count the ZO-trained weights as trainable
         self.telemetry.steps_seen = 0
         super().setup(trainer)
         if self.role == "client":

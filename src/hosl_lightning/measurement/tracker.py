@@ -8,6 +8,7 @@ of it.
 from __future__ import annotations
 
 from collections.abc import Iterable
+import warnings
 from functools import partial
 from typing import Any
 
@@ -21,11 +22,37 @@ from hosl_lightning.measurement.reports import ClientMemory
 
 try:
     from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+    from torch.distributed._tools.mod_tracker import ModTracker
 except ImportError as error:  # a torch too old for it, or one built without torch.distributed
     raise ImportError(
         f"measuring memory on CPU needs torch's MemTracker (torch.distributed._tools.mem_tracker), which torch "
         f"{torch.__version__} lacks: install a torch that has it, or measure only sides on CUDA (method='cuda')"
     ) from error
+
+
+
+class _QuietModTracker(ModTracker):
+    """torch's ModTracker without its false alarm: it names a module that has no parent in the tree it saw by its
+    type, so two distinct modules of one type nested (a split model's halves call blocks of the model they came
+    from) read as one module entered twice, and it warns "The module hierarchy tracking maybe be messed up. Please
+    file a bug to PyTorch", replacing ``warnings.formatwarning`` for the whole process as it does. Nothing measured
+    here reads its per-module hierarchy (only whether backward runs), so the warning is neither true nor
+    actionable: it is silenced, and the format put back."""
+
+    def _get_append_fn(self, w_mod: Any, name: str, is_bw: bool) -> Any:
+        append = super()._get_append_fn(w_mod, name, is_bw)
+
+        def quiet(*args: Any) -> None:
+            format_warning = warnings.formatwarning
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="The module hierarchy tracking maybe be messed up")
+                try:
+                    append(*args)
+                finally:
+                    warnings.formatwarning = format_warning
+
+        return quiet
+
 
 _TOTAL = "Total"  # MemTracker's key of a device's total in its snapshots
 _CATEGORIES = {"Parameter": "params", "Buffer": "buffers", "Gradient": "grads", "Activation": "activations",
@@ -45,6 +72,7 @@ class SideTracker(MemTracker):
 
     def __init__(self, owned: Iterable[Tensor] = ()) -> None:
         super().__init__()
+        self._mod_tracker = _QuietModTracker()
         self.active = True
         self._owned = list(owned)
         self._owned_ids = {id(p) for p in self._owned}
