@@ -75,18 +75,26 @@ def refuse_unused(options: dict[str, Any]) -> None:
 class RunSettings:
     """The options of a split run (checked when the strategy is built) and what they make of this process.
 
+    Options that only some modes read (``q``, ``mu``, the ``zo_*`` options, ``embedding_directions``,
+    ``pair_probes``, ``direction``, ``seed``: the zeroth-order side's, read in ``hosl`` and ``zo``; ``server_grad``
+    and ``batch_probes``: ``hosl``'s) default to None, "unset", which stands for the default named below. One that
+    is set while the chosen mode or ``zo_optimizer`` does not use it is refused, naming both, never ignored.
+
     Args:
         cut_layer: the client runs the embeddings and decoder blocks ``[0, cut_layer)``; the server the rest.
         mode: ``"hosl"`` (ZO client, FO server), ``"fo"`` (first-order split learning baseline: the server
             returns dL/dh), ``"zo"`` (both halves zeroth-order with one shared seed, MeZO over the split model) or
             ``"frozen"`` (the client never learns: one forward a step, no probes; the server learns by backprop, and
-            only the loss comes back; the ZO options do not apply).
-        q: number of random directions (queries) per step; each costs two client forwards.
-        mu: smoothing radius of the two-point estimate.
-        zo_lr: learning rate of the zeroth-order updates (the client in hosl mode, both halves in zo mode).
-        zo_weight_decay: decoupled weight decay of the ZO updates; biases and norm weights are exempt.
-        zo_lr_schedule: ``"constant"`` (the paper's), ``"linear"`` or ``"cosine"``: ``zo_lr`` decayed to 0 over the
-            fit's steps (``trainer.estimated_stepping_batches``); checkpointed and resumed with the run.
+            only the loss comes back; the ZO options do not apply and are refused).
+        q: number of random directions (queries) per step (unset: 1). Each costs two client forwards with the
+            two-point optimizers (``zo_sgd``, ``zo_momentum``: +mu and -mu) and one with ``fzoo`` (+mu; fzoo adds one
+            unperturbed forward per step).
+        mu: smoothing radius (unset: 1e-3): how far each probe moves the weights along its direction, +-mu for the
+            two-point estimate, +mu for fzoo's one-sided one.
+        zo_lr: learning rate of the zeroth-order updates (the client in hosl mode, both halves in zo mode; unset: 1e-6).
+        zo_weight_decay: decoupled weight decay of the ZO updates; biases and norm weights are exempt (unset: 0).
+        zo_lr_schedule: ``"constant"`` (the paper's, unset), ``"linear"`` or ``"cosine"``: ``zo_lr`` decayed to 0 over
+            the fit's steps (``trainer.estimated_stepping_batches``); checkpointed and resumed with the run.
         zo_optimizer: the zeroth-order optimizer (the client's in hosl, both halves' in zo): a name or
             ``{name: ..., <option>: ...}``. ``"zo_sgd"`` (the default: the paper's ZO-SGD, two-point), ``"fzoo"``
             (one-sided, Q + 1 forwards, step divided by the spread of the losses; needs q >= 2),
@@ -94,17 +102,17 @@ class RunSettings:
             ``"forward_gradient"`` (hosl only: exact projected gradients <dL/dh, J u_q> from Q forward-mode client
             forwards and one server forward and backward; no ``mu``; not with a drop-in module). See
             :mod:`hosl_lightning.zo_optimizers` and README, "Choosing the client optimizer".
-        embedding_directions: ``"dense"`` (the paper's: a direction over the whole token-embedding table) or
+        embedding_directions: ``"dense"`` (the paper's, unset: a direction over the whole token-embedding table) or
             ``"sparse"`` (only the rows the step's probes read; unbiased, since the gradient is zero on every other
             row, with the table's share of d_c gone from the variance, and an update that costs those rows only;
             ``zo_weight_decay`` > 0 still decays every row). Plain ``nn.Embedding`` tables only; others (OPT's
             learned positions) stay dense.
         pair_probes: run a query's +mu and -mu probes as one client forward of the batch twice over, each
-            direction drawn once for both: faster probes, for the activations of a doubled batch. ``False`` (the
-            default) runs them one after the other, drawing twice, and keeps the client at the inference floor.
-            Drop-in modules run their probes one at a time.
-        direction: ``"gaussian"`` or ``"rademacher"`` directions.
-        seed: base seed of the directions; direction q of step t is drawn from hash(seed, t, q, tensor).
+            direction drawn once for both: faster probes, for the activations of a doubled batch. ``False`` (unset)
+            runs them one after the other, drawing twice, and keeps the client at the inference floor. Two-point
+            optimizers only (fzoo has no +-mu pairs); a drop-in module runs its probes one at a time and refuses True.
+        direction: ``"gaussian"`` (unset) or ``"rademacher"`` directions.
+        seed: base seed of the directions (unset: 0); direction q of step t is drawn from hash(seed, t, q, tensor).
         server_grad: which forward the server's gradient comes from in hosl mode: ``"perturbed"`` (the first
             probe's point, free: the +mu point of query 1, the authors' choice; with ``fzoo`` the unperturbed
             point), ``"mean"`` (all probe points) or ``"clean"``
@@ -127,8 +135,8 @@ class RunSettings:
             server in separate processes that talk over ``torch.distributed``; rank 0 is the server, rank 1 the
             client, and each process builds and holds only its own half (see README, "Client and server in
             separate processes").
-        backend: the ``torch.distributed`` backend of a distributed run: ``"gloo"`` (the default, on both sides) or
-            ``"nccl"`` (one client, GPUs on both sides; untested without a GPU).
+        backend: the ``torch.distributed`` backend of a distributed run: ``"gloo"`` (what None, unset, stands for;
+            on both sides) or ``"nccl"`` (one client, GPUs on both sides; untested without a GPU).
         timeout_s: in a distributed run, how long either side waits for the other before failing with an
             error that names the peer and what was awaited. Joining at the start waits at most
             ``max(timeout_s, 60)`` s (plus 5 s for torch to report), then raises ``PeerUnreachable`` naming the
@@ -169,6 +177,8 @@ class RunSettings:
             drop-in module: Lightning's automatic step clips and accumulates gradients that are gone by then),
             and without a GradScaler (``"16-mixed"``: it unscales gradients after the backward pass). Gradient
             clipping and accumulation are refused by Lightning for manual optimization already.
+        checkpoint_io: your own ``CheckpointIO`` (or one given as a Trainer plugin), which stores every checkpoint;
+            the strategy wraps it so that a distributed run's server saves and loads its half of each with it.
     """
 
     def _init_settings(self, options: dict[str, Any]) -> None:

@@ -48,7 +48,8 @@ from hosl_lightning.modes.frozen import NoUpdate
 
 
 class HOSLStrategy(RunSettings, SingleDeviceStrategy):
-    # The options' documentation lives with their checks (settings.RunSettings); jsonargparse reads it from here.
+    # The options' documentation lives with their checks (settings.RunSettings); the class and its __init__ (which
+    # Lightning users, IDEs and jsonargparse read) carry it from there (see below the class).
     __doc__ = "Hybrid-order split learning: zeroth-order client, first-order server, cut at ``cut_layer``.\n\n" + (
         RunSettings.__doc__ or "")
 
@@ -470,4 +471,5 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
             strategy_registry.register(STRATEGY_NAME, cls, description="Hybrid-order split learning (hosl-lightning)")
 
 
+HOSLStrategy.__init__.__doc__ = HOSLStrategy.__doc__  # its own docstring: every option, where users look
 HOSLStrategy.register_strategies(StrategyRegistry)
