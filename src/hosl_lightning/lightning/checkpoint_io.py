@@ -128,6 +128,23 @@ class SplitCheckpointIO(CheckpointIO):
             self.remote.load(self.name_of(path))
 
 
+class WrapsCheckpointIO:
+    """The strategy's ``checkpoint_io``: the user's (``checkpoint_io=`` or a Trainer plugin; torch's by default),
+    wrapped in one :class:`SplitCheckpointIO` so that a distributed run's server saves and loads its half with it."""
+
+    _checkpoint_io: CheckpointIO | None  # Lightning's Strategy keeps what it was given here
+
+    @property
+    def checkpoint_io(self) -> SplitCheckpointIO:
+        split = self.__dict__.setdefault("_split_io", SplitCheckpointIO())
+        split.checkpoint_io = self._checkpoint_io
+        return split
+
+    @checkpoint_io.setter
+    def checkpoint_io(self, io: CheckpointIO | None) -> None:
+        self._checkpoint_io = io.checkpoint_io if isinstance(io, SplitCheckpointIO) else io
+
+
 RESUME_KEYS = ("mode", "cut_layer", "seed", "direction", "zo_optimizer")  # a run resumes only with these
 RESUME_DEFAULTS = {"zo_optimizer": {"name": "zo_sgd"}}  # what a checkpoint saved before the key existed ran with
 

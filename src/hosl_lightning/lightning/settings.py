@@ -486,8 +486,9 @@ def check_zo_dtype(named: list[tuple[str, Any]], mode: str, dtype: str | None) -
     if reduced is None:
         return
     name, param = reduced
-    cause = (f"dtype={dtype!r} loads the model's weights" if dtype is not None else "the model's weights are")
-    fix = ("use dtype='float32' (the default)" if dtype is not None else
+    named_dtype = str(param.dtype) == f"torch.{dtype}"  # the module's dtype option is the cause
+    cause = f"dtype={dtype!r} loads the model's weights" if named_dtype else "the model's weights are"
+    fix = ("use dtype='float32' (the default)" if named_dtype else
            "load the model in float32 (from_pretrained(..., dtype=torch.float32))")
     raise ValueError(f"{cause} in {param.dtype} (e.g. {name!r}), but mode={mode!r} updates them by zeroth-order "
                      f"steps, which vanish or drift in reduced precision: {fix}, or use mode='fo'; for speed, "

@@ -28,7 +28,7 @@ from hosl_lightning.distributed.serving import load_server_half, serve_half, zo_
 from hosl_lightning.distributed.sync import ZOUpdate, weights_digest
 from hosl_lightning.lightning.checkpoint_io import (
     RESUME_KEYS,
-    SplitCheckpointIO,
+    WrapsCheckpointIO,
     check_finite_weights,
     check_resumable,
     restore_zo_state,
@@ -38,7 +38,6 @@ from hosl_lightning.lightning.cut import client_process_split, cut_module, insta
 from hosl_lightning.lightning.decrease import PredictedDecrease
 from hosl_lightning.lightning.dropin import dropin_step, pop_loss_weight, scaled
 from hosl_lightning.lightning.launcher import ServerLauncher
-from hosl_lightning.lightning.module import HOSLModule
 from hosl_lightning.lightning.settings import STRATEGY_NAME, RunSettings, check_precision
 from hosl_lightning.lightning.summary import use_split_summaries
 from hosl_lightning.lightning.telemetry import StepTelemetry, prefixed
@@ -47,9 +46,8 @@ from hosl_lightning.modes import ClientContext, ModeName, ServerContext, ServerG
 from hosl_lightning.modes.frozen import NoUpdate
 
 
-class HOSLStrategy(RunSettings, SingleDeviceStrategy):
-    # The options' documentation lives with their checks (settings.RunSettings); the class and its __init__ (which
-    # Lightning users, IDEs and jsonargparse read) carry it from there (see below the class).
+class HOSLStrategy(RunSettings, WrapsCheckpointIO, SingleDeviceStrategy):
+    # The options' documentation lives with their checks (settings.RunSettings); the class and its __init__ carry it.
     __doc__ = "Hybrid-order split learning: zeroth-order client, first-order server, cut at ``cut_layer``.\n\n" + (
         RunSettings.__doc__ or "")
 
@@ -93,10 +91,8 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
         checkpoint_io: CheckpointIO | None = None,
         **kwargs: Any,
     ) -> None:
-        self._init_settings({k: v for k, v in locals().items() if k not in ("self", "kwargs", "__class__",
-                                                                             "checkpoint_io")})
-        self._split_io = SplitCheckpointIO()  # before Lightning's __init__, which sets checkpoint_io
-        super().__init__(device="cpu", checkpoint_io=checkpoint_io, **kwargs)
+        self._init_settings({k: v for k, v in locals().items() if k not in ("self", "kwargs", "__class__")})
+        super().__init__(device="cpu", checkpoint_io=checkpoint_io, **kwargs)  # wrapped: WrapsCheckpointIO
         self.peft_model: Any = None  # the PeftModel around the adapted model, once adapters are injected
         self.parallel_devices: list[torch.device] | None = None  # filled in by the Trainer from `devices`
         self.client_scheduler: Any = None  # the zo_lr schedule of a client ZOSGD that Lightning does not count
@@ -111,17 +107,6 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
     # ---- plug-ins ----------------------------------------------------------------------------------------
     def _configure_launcher(self) -> None:
         self._launcher = ServerLauncher(self)
-
-    @property  # type: ignore[override]
-    def checkpoint_io(self) -> SplitCheckpointIO:
-        """The user's CheckpointIO (``checkpoint_io=`` or a Trainer plugin; torch's by default), wrapped so that a
-        distributed run's server saves and loads its half of every checkpoint with it."""
-        self._split_io.checkpoint_io = self._checkpoint_io
-        return self._split_io
-
-    @checkpoint_io.setter
-    def checkpoint_io(self, io: CheckpointIO | None) -> None:
-        self._checkpoint_io = io.checkpoint_io if isinstance(io, SplitCheckpointIO) else io
 
     @property
     def memory_report(self) -> MemoryReport | None:
@@ -189,7 +174,7 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
         assert module is not None
         split, mode = self.split_model, get_mode(self.mode)
         zo_halves = mode.zo_halves
-        dtype = module.hparams.get("dtype") if isinstance(module, HOSLModule) else None  # named if it is the cause
+        dtype = getattr(module, "hparams", {}).get("dtype")  # HOSLModule's: named if it is the cause
         if "server" in zo_halves and self.role != "client":
             if module.automatic_optimization:
                 raise ValueError(
@@ -330,9 +315,8 @@ class HOSLStrategy(RunSettings, SingleDeviceStrategy):
     def _log_step(self, estimate: ZOEstimate | None, extra: dict[str, float] | None = None) -> None:
         assert self.lightning_module is not None
         sync = self._client_sync  # with several clients: all that keeping them in step has cost so far
-        extra = dict(extra or {})
-        if sync is not None:
-            extra.update(sync_bytes_up=float(sync.bytes_up), sync_bytes_down=float(sync.bytes_down))
+        extra = {**(extra or {}), **({} if sync is None else {"sync_bytes_up": float(sync.bytes_up),
+                                                                "sync_bytes_down": float(sync.bytes_down)})}
         if self.mode == "hosl":
             extra.update(self.predicted_decrease.step_metrics(self.client_optimizer))
         metrics = self.telemetry.step_metrics(self.split_model, estimate, self.optimizers[0] if self.optimizers else None,
