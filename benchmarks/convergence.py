@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from hosl_lightning import load_causal_lm, resolve_tokenizer
-from hosl_lightning.lightning.settings import UNSET
+from hosl_lightning.lightning.option_use import UNSET
 
 from .common import training
 from .common.cache import load_cache, save, sitting_parser

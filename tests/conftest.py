@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hosl_lightning import HOSLStrategy, SyntheticLMDataModule
-from hosl_lightning.lightning.settings import options_for as for_mode  # noqa: F401 - for the tests
+from hosl_lightning.lightning.option_use import options_for as for_mode  # noqa: F401 - for the tests
 
 TINY_LLAMA = dict(
     model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,

@@ -14,7 +14,7 @@ import yaml
 
 from hosl_lightning import HOSLStrategy
 from hosl_lightning.core.zo import ZOSGD
-from hosl_lightning.lightning.settings import UNSET
+from hosl_lightning.lightning.option_use import UNSET
 from hosl_lightning.modes import MODES, ZO_OPTIONS
 from hosl_lightning.zo_optimizers import ZO_OPTIMIZERS
 

@@ -19,7 +19,7 @@ import lightning as L
 import torch
 
 from hosl_lightning import HOSLModule, HOSLStrategy, SplitCausalLM
-from hosl_lightning.lightning.settings import options_for
+from hosl_lightning.lightning.option_use import options_for
 from hosl_lightning.modes import DivergenceError
 
 from .cache import digest

@@ -18,60 +18,13 @@ from hosl_lightning.distributed.clients import ClientSync
 from hosl_lightning.distributed.peers import BACKENDS, Peers
 from hosl_lightning.distributed.sync import CLIENT_SYNCS, SCHEDULES, check_replayable, check_stateless, client_seed
 from hosl_lightning.distributed.wire import Wire, WireError
+from hosl_lightning.lightning.option_use import UNSET, refuse_unused
 from hosl_lightning.models import adapter_config
 from hosl_lightning.modes import MODES, SERVER_GRADS, ZOSettings
-from hosl_lightning.zo_optimizers import ZO_OPTIMIZERS, build_zo_optimizer, zo_optimizer_spec
+from hosl_lightning.zo_optimizers import build_zo_optimizer, zo_optimizer_spec
 
 STRATEGY_NAME = "hosl"
 TRANSPORTS: tuple[str, ...] = ("in_process", "distributed")
-# What an option that only some modes read stands for when left unset (None). Unset is how the strategy tells
-# a user's choice from a default, so that an option the chosen mode does not read is refused only when set.
-UNSET: dict[str, Any] = {"q": 1, "mu": 1e-3, "zo_lr": 1e-6, "zo_weight_decay": 0.0, "zo_lr_schedule": "constant",
-                         "zo_optimizer": "zo_sgd", "embedding_directions": "dense", "pair_probes": False,
-                         "direction": "gaussian", "seed": 0}
-
-
-def options_for(mode: str, **options: Any) -> dict[str, Any]:
-    """``mode`` and those of ``options`` that it and its zo_optimizer read (and the ones every mode reads): for a sweep
-    that runs several modes or optimizers from one set of options, where the strategy would refuse ``q`` in ``fo``."""
-    dependent = {name for other in MODES.values() for name in other.options}
-    kept = {k: v for k, v in options.items() if k not in dependent or k in MODES[mode].options}
-    if MODES[mode].zo_halves:  # and those that its zo_optimizer reads
-        optimizer, _ = zo_optimizer_spec(kept.get("zo_optimizer"))
-        dependent = {name for cls in ZO_OPTIMIZERS.values() for name in cls.strategy_options}
-        kept = {k: v for k, v in kept.items() if k not in dependent or k in optimizer.strategy_options}
-    return {"mode": mode, **kept}
-
-
-def refuse_unused(options: dict[str, Any]) -> None:
-    """Refuse an option the user set (not None) that the chosen mode or zo_optimizer does not read, naming both.
-
-    Data-driven: each mode declares the options it reads (``Mode.options``) and each zo_optimizer its own
-    (``ZOSGD.strategy_options``); an option some of them read and the chosen one does not is the user's mistake.
-    """
-    mode = MODES.get(options["mode"])
-    if mode is None:
-        return  # the mode's own check names the valid ones
-    readers: dict[str, list[str]] = {}
-    for other in MODES.values():
-        for name in other.options:
-            readers.setdefault(name, []).append(other.name)
-    for name, users in readers.items():
-        if options.get(name) is not None and name not in mode.options:
-            raise ValueError(f"{name}={options[name]!r} is not valid with mode={mode.name!r}, which does not use it: "
-                             f"remove {name}, or choose a mode that uses it ({', '.join(map(repr, users))})")
-    if not mode.zo_halves:
-        return
-    optimizer, _ = zo_optimizer_spec(options.get("zo_optimizer"))
-    for name in {name for cls in ZO_OPTIMIZERS.values() for name in cls.strategy_options} - set(
-            optimizer.strategy_options):
-        if options.get(name) is not None:
-            users = [cls.name for cls in ZO_OPTIMIZERS.values() if name in cls.strategy_options]
-            raise ValueError(f"{name}={options[name]!r} is not valid with zo_optimizer {optimizer.name!r}, which does "
-                             f"not use it: remove {name}, or choose a zo_optimizer that uses it "
-                             f"({', '.join(map(repr, users))})")
-
-
 class RunSettings:
     """The options of a split run (checked when the strategy is built) and what they make of this process.
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
 from lightning.pytorch.utilities import rank_zero_info
@@ -88,11 +87,10 @@ class HOSLStrategy(RunSettings, WrapsCheckpointIO, SingleDeviceStrategy):
         client_frozen: list[str] | None = None,
         client_checkpointing: bool = False,
         fused_client_update: bool = False,
-        checkpoint_io: CheckpointIO | None = None,
         **kwargs: Any,
     ) -> None:
         self._init_settings({k: v for k, v in locals().items() if k not in ("self", "kwargs", "__class__")})
-        super().__init__(device="cpu", checkpoint_io=checkpoint_io, **kwargs)  # wrapped: WrapsCheckpointIO
+        super().__init__(device="cpu", **kwargs)  # a checkpoint_io in kwargs is wrapped: see WrapsCheckpointIO
         self.peft_model: Any = None  # the PeftModel around the adapted model, once adapters are injected
         self.parallel_devices: list[torch.device] | None = None  # filled in by the Trainer from `devices`
         self.client_scheduler: Any = None  # the zo_lr schedule of a client ZOSGD that Lightning does not count
