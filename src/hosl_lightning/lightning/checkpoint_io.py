@@ -128,23 +128,6 @@ class SplitCheckpointIO(CheckpointIO):
             self.remote.load(self.name_of(path))
 
 
-class WrapsCheckpointIO:
-    """The strategy's ``checkpoint_io``: the user's (``checkpoint_io=`` or a Trainer plugin; torch's by default),
-    wrapped in one :class:`SplitCheckpointIO` so that a distributed run's server saves and loads its half with it."""
-
-    _checkpoint_io: CheckpointIO | None  # Lightning's Strategy keeps what it was given here
-
-    @property
-    def checkpoint_io(self) -> SplitCheckpointIO:
-        split = self.__dict__.setdefault("_split_io", SplitCheckpointIO())
-        split.checkpoint_io = self._checkpoint_io
-        return split
-
-    @checkpoint_io.setter
-    def checkpoint_io(self, io: CheckpointIO | None) -> None:
-        self._checkpoint_io = io.checkpoint_io if isinstance(io, SplitCheckpointIO) else io
-
-
 RESUME_KEYS = ("mode", "cut_layer", "seed", "direction", "zo_optimizer")  # a run resumes only with these
 RESUME_DEFAULTS = {"zo_optimizer": {"name": "zo_sgd"}}  # what a checkpoint saved before the key existed ran with
 
@@ -199,3 +182,54 @@ def weights_must_fit(checkpoint: dict[str, Any], module: Any) -> Iterator[None]:
         raise UserError(f"the checkpoint's weights do not fit this run's model: the checkpoint was saved with "
                          f"{described[0] or 'another model'}, this run has {described[1] or 'its own'}; name the "
                          f"checkpoint's model, or another checkpoint ({str(error).splitlines()[0]})") from error
+
+
+class SplitCheckpoints:
+    """A strategy's checkpoints, for :class:`~.strategy.HOSLStrategy`: what it saves and loads beside the weights.
+
+    ``checkpoint_io`` is the user's (``checkpoint_io=`` or a Trainer plugin; torch's by default), wrapped in one
+    :class:`SplitCheckpointIO`, so that a distributed run's server saves and loads its half with it. A checkpoint
+    carries the ZO state (``hosl_state_dict()``), is never written with NaN weights, and resumes only a run with
+    the same settings (:data:`RESUME_KEYS`). The strategy provides ``hosl_state_dict``, ``zo_steps`` and
+    ``_apply_pending_state``.
+    """
+
+    _checkpoint_io: CheckpointIO | None  # Lightning's Strategy keeps what it was given here
+    zo_steps: int
+    _pending_state: dict[str, Any] | None
+    lightning_module: Any
+
+    @property
+    def checkpoint_io(self) -> SplitCheckpointIO:
+        split = self.__dict__.setdefault("_split_io", SplitCheckpointIO())
+        split.checkpoint_io = self._checkpoint_io
+        return split
+
+    @checkpoint_io.setter
+    def checkpoint_io(self, io: CheckpointIO | None) -> None:
+        self._checkpoint_io = io.checkpoint_io if isinstance(io, SplitCheckpointIO) else io
+
+    def hosl_state_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _apply_pending_state(self) -> None:
+        raise NotImplementedError
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        check_finite_weights(checkpoint.get("state_dict", {}), filepath, self.zo_steps)  # never a NaN checkpoint
+        super().save_checkpoint({**checkpoint, "hosl": self.hosl_state_dict()}, filepath, storage_options)  # type: ignore[misc]
+
+    def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
+        with weights_must_fit(checkpoint, self.lightning_module):
+            super().load_model_state_dict(checkpoint, strict=strict)  # type: ignore[misc]
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)  # type: ignore[misc]
+        state = checkpoint.get("hosl")
+        if state is not None:
+            check_resumable(state, {k: getattr(self, k) for k in RESUME_KEYS}, checkpoint_path)
+            self.zo_steps = state["zo_steps"]
+            self.checkpoint_io.load_server_half(checkpoint_path)
+            self._pending_state = state
+            self._apply_pending_state()
+        return checkpoint

@@ -25,6 +25,8 @@ from hosl_lightning.zo_optimizers import build_zo_optimizer, zo_optimizer_spec
 
 STRATEGY_NAME = "hosl"
 TRANSPORTS: tuple[str, ...] = ("in_process", "distributed")
+
+
 class RunSettings:
     """The options of a split run (checked when the strategy is built) and what they make of this process.
 
@@ -140,7 +142,6 @@ class RunSettings:
         refuse_unused(options)
         o = SimpleNamespace(**{**options, **{k: v for k, v in UNSET.items() if options[k] is None}})
         check_int("cut_layer", o.cut_layer, 0)
-        check_choice("mode", o.mode, tuple(MODES))
         check_int("q", o.q, 1)
         check_number("mu", o.mu, 0, strict=True)
         check_number("zo_lr", o.zo_lr, 0)

@@ -1,7 +1,7 @@
 """HOSLStrategy: cut the model, place the halves, and run each step of the chosen mode. It wires plug-ins
 together: the mode (:mod:`hosl_lightning.modes`) over a link (in-process, the wire, or a drop-in module's own
 ``training_step``), the peers of a distributed run, :class:`~.launcher.ServerLauncher` for the server process,
-:class:`~.checkpoint_io.SplitCheckpointIO` for the server's half of checkpoints, and :class:`~.telemetry.StepTelemetry`.
+:class:`~.checkpoint_io.SplitCheckpoints` for checkpoints (the server's half beside the user's CheckpointIO), and :class:`~.telemetry.StepTelemetry`.
 """
 
 from __future__ import annotations
@@ -25,14 +25,7 @@ from hosl_lightning.distributed.client import ClientSplitCausalLM, RemoteServer
 from hosl_lightning.distributed.peers import SERVER_RANK
 from hosl_lightning.distributed.serving import load_server_half, serve_half, zo_parameter_count
 from hosl_lightning.distributed.sync import ZOUpdate, weights_digest
-from hosl_lightning.lightning.checkpoint_io import (
-    RESUME_KEYS,
-    WrapsCheckpointIO,
-    check_finite_weights,
-    check_resumable,
-    restore_zo_state,
-    weights_must_fit,
-)
+from hosl_lightning.lightning.checkpoint_io import RESUME_KEYS, SplitCheckpoints, restore_zo_state
 from hosl_lightning.lightning.cut import client_process_split, cut_module, install_split
 from hosl_lightning.lightning.decrease import PredictedDecrease
 from hosl_lightning.lightning.dropin import dropin_step, pop_loss_weight, scaled
@@ -45,7 +38,7 @@ from hosl_lightning.modes import ClientContext, ModeName, ServerContext, ServerG
 from hosl_lightning.modes.frozen import NoUpdate
 
 
-class HOSLStrategy(RunSettings, WrapsCheckpointIO, SingleDeviceStrategy):
+class HOSLStrategy(RunSettings, SplitCheckpoints, SingleDeviceStrategy):
     # The options' documentation lives with their checks (settings.RunSettings); the class and its __init__ carry it.
     __doc__ = "Hybrid-order split learning: zeroth-order client, first-order server, cut at ``cut_layer``.\n\n" + (
         RunSettings.__doc__ or "")
@@ -90,7 +83,7 @@ class HOSLStrategy(RunSettings, WrapsCheckpointIO, SingleDeviceStrategy):
         **kwargs: Any,
     ) -> None:
         self._init_settings({k: v for k, v in locals().items() if k not in ("self", "kwargs", "__class__")})
-        super().__init__(device="cpu", **kwargs)  # a checkpoint_io in kwargs is wrapped: see WrapsCheckpointIO
+        super().__init__(device="cpu", **kwargs)  # a checkpoint_io in kwargs is wrapped: see SplitCheckpoints
         self.peft_model: Any = None  # the PeftModel around the adapted model, once adapters are injected
         self.parallel_devices: list[torch.device] | None = None  # filled in by the Trainer from `devices`
         self.client_scheduler: Any = None  # the zo_lr schedule of a client ZOSGD that Lightning does not count
@@ -418,25 +411,6 @@ class HOSLStrategy(RunSettings, WrapsCheckpointIO, SingleDeviceStrategy):
         scheduler = None if self.client_scheduler is None else self.client_scheduler.state_dict()
         return {**{k: getattr(self, k) for k in RESUME_KEYS}, "zo_steps": self.zo_steps, "client_optimizer": optimizer,
                 "client_scheduler": scheduler, "directions": None if drawing is None else drawing.direction_signature()}
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
-        check_finite_weights(checkpoint.get("state_dict", {}), filepath, self.zo_steps)  # never a NaN checkpoint
-        super().save_checkpoint({**checkpoint, "hosl": self.hosl_state_dict()}, filepath, storage_options)
-
-    def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
-        with weights_must_fit(checkpoint, self.lightning_module):
-            super().load_model_state_dict(checkpoint, strict=strict)
-
-    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
-        state = checkpoint.get("hosl")
-        if state is not None:
-            check_resumable(state, {k: getattr(self, k) for k in RESUME_KEYS}, checkpoint_path)
-            self.zo_steps = state["zo_steps"]
-            self.checkpoint_io.load_server_half(checkpoint_path)
-            self._pending_state = state
-            self._apply_pending_state()
-        return checkpoint
 
     def _apply_pending_state(self) -> None:
         """The client's ZO optimizer exists only after setup; restore it whichever comes first."""
