@@ -17,7 +17,7 @@ from torch import nn
 
 from hosl_lightning import HOSLModule, HOSLStrategy, SplitCausalLM, load_causal_lm
 from hosl_lightning.core.fused_update import FusedUpdate
-from hosl_lightning.lightning.settings import check_precision
+from hosl_lightning.lightning.precision_checks import check_precision
 from hosl_lightning.measurement import measure_client_inference, measure_client_step
 from hosl_lightning.modes.in_process import fo_step
 
@@ -162,8 +162,8 @@ def test_fused_sgd_with_checkpointing_sits_near_the_floor_without_a_dense_table_
 @pytest.mark.parametrize("option", ["client_checkpointing", "fused_client_update"])
 @pytest.mark.parametrize("mode", ["hosl", "zo", "frozen"])
 def test_memory_options_are_refused_where_the_client_does_not_learn_by_backprop(option: str, mode: str) -> None:
-    with pytest.raises(ValueError, match=rf"{option}=True is not valid with mode='{mode}': its client half does not "
-                                         rf"learn by backprop; it applies in mode 'fo'"):
+    with pytest.raises(ValueError, match=rf"{option}=True is not valid with mode='{mode}', which does not use it: "
+                                         rf"remove {option}, or choose a mode that uses it \('fo'\)"):
         HOSLStrategy(mode=mode, **{option: True})
 
 

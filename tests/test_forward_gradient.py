@@ -173,9 +173,10 @@ def test_two_processes_end_with_the_in_process_weights(model_dir: Path, tmp_path
 # ------------------------------------------------------------------------------------------ refusals
 @pytest.mark.parametrize(("options", "message"), [
     ({"mode": "zo"}, "zo_optimizer 'forward_gradient' is not valid with mode='zo': it needs dL/dh"),
-    ({"server_grad": "mean"}, "server_grad='mean' is not valid with zo_optimizer 'forward_gradient', which never"),
+    ({"server_grad": "mean"}, "server_grad='mean' is not valid with zo_optimizer 'forward_gradient', which does"),
     ({"batch_probes": False}, "batch_probes=False is not valid with zo_optimizer 'forward_gradient'"),
     ({"pair_probes": True}, "pair_probes=True is not valid with zo_optimizer 'forward_gradient'"),
+    ({"mu": 1e-3}, "mu=0.001 is not valid with zo_optimizer 'forward_gradient', which does not use it"),
 ])
 def test_options_it_cannot_honour_are_refused_naming_them(options: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -185,7 +186,7 @@ def test_options_it_cannot_honour_are_refused_naming_them(options: dict[str, Any
 def test_a_scaled_loss_is_refused() -> None:
     from lightning.pytorch.plugins.precision import MixedPrecision
 
-    from hosl_lightning.lightning.settings import check_precision
+    from hosl_lightning.lightning.precision_checks import check_precision
 
     scaled = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))  # as 16-mixed on a GPU
     with pytest.raises(ValueError, match="precision='16-mixed' scales the server's loss by its GradScaler"):
@@ -197,7 +198,7 @@ def test_a_drop_in_module_is_refused_before_training() -> None:
     from test_dropin import PlainFineTuner, fit, tiny_llama
 
     with pytest.raises(ValueError, match="'forward_gradient' is not valid with a drop-in module .*HOSLModule"):
-        fit(PlainFineTuner(tiny_llama()), zo_optimizer="forward_gradient", q=1, mu=1e-3)
+        fit(PlainFineTuner(tiny_llama()), zo_optimizer="forward_gradient", q=1, mu=None)
 
 
 def test_it_trains_from_a_config_in_process() -> None:

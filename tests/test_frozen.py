@@ -144,7 +144,7 @@ def test_the_client_process_optimizer_updates_nothing_and_keeps_no_state() -> No
 def test_half_precision_weights_are_allowed_since_no_zo_update_runs() -> None:
     from lightning.pytorch.plugins.precision import HalfPrecision
 
-    from hosl_lightning.lightning.settings import check_precision
+    from hosl_lightning.lightning.precision_checks import check_precision
 
     check_precision(HalfPrecision("16-true"), "frozen", "in_process")  # refused for hosl and zo, not here
     with pytest.raises(ValueError, match="zeroth-order"):

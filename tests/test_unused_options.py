@@ -59,10 +59,13 @@ def test_unset_options_stand_for_their_defaults_in_every_mode(mode: str) -> None
 
 
 def test_a_new_mode_or_zo_optimizer_declares_what_it_reads() -> None:
-    assert set(MODES["fo"].options) == set()
+    assert set(MODES["fo"].options) == {"client_checkpointing", "fused_client_update"}  # a backprop client's memory
+    assert set(MODES["frozen"].options) == set()
     assert set(MODES["zo"].options) == set(ZO_OPTIONS)
     assert set(MODES["hosl"].options) == {*ZO_OPTIONS, "server_grad", "batch_probes"}
-    assert ZOSGD.strategy_options == ("pair_probes",) and ZO_OPTIMIZERS["fzoo"].strategy_options == ()
+    assert ZOSGD.strategy_options == ("mu", "server_grad", "batch_probes", "pair_probes")
+    assert ZO_OPTIMIZERS["fzoo"].strategy_options == ("mu", "server_grad", "batch_probes")
+    assert ZO_OPTIMIZERS["forward_gradient"].strategy_options == ()  # no probes: none of them
 
 
 @pytest.mark.parametrize("name", ["quickstart", "synthetic", "synthetic-fo", "synthetic-zo"])

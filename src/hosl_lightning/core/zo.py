@@ -117,9 +117,10 @@ class ZOSGD(Optimizer):
     min_queries: ClassVar[int] = 1
     extra_memory: ClassVar[str] = "none"  # client memory beyond the weights, documented per optimizer
     options: ClassVar[dict[str, Any]] = {}  # its own options (beyond lr, weight decay, directions) and defaults
-    unread_options: ClassVar[tuple[str, ...]] = ()  # run options (HOSLStrategy's) that it never reads
     # The strategy options it reads among those some zo_optimizer ignores; one it does not list is refused when set.
-    strategy_options: ClassVar[tuple[str, ...]] = ("pair_probes",)  # a two-point estimate's +mu/-mu pair
+    # mu: the probes' radius; server_grad / batch_probes: where the server's gradient comes from among the probes
+    # and how their losses run; pair_probes: a two-point estimate's +mu/-mu pair run as one forward.
+    strategy_options: ClassVar[tuple[str, ...]] = ("mu", "server_grad", "batch_probes", "pair_probes")
 
     def __init__(
         self,

@@ -22,6 +22,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 
 from hosl_lightning.core.options import UserError
+from hosl_lightning.core.zo import ZOSGD
 from hosl_lightning.models.sources import looks_like_path
 from hosl_lightning.modes import DIVERGENCE_HINT, DivergenceError
 
@@ -190,13 +191,16 @@ class SplitCheckpoints:
     ``checkpoint_io`` is the user's (``checkpoint_io=`` or a Trainer plugin; torch's by default), wrapped in one
     :class:`SplitCheckpointIO`, so that a distributed run's server saves and loads its half with it. A checkpoint
     carries the ZO state (``hosl_state_dict()``), is never written with NaN weights, and resumes only a run with
-    the same settings (:data:`RESUME_KEYS`). The strategy provides ``hosl_state_dict``, ``zo_steps`` and
-    ``_apply_pending_state``.
+    the same settings (:data:`RESUME_KEYS`): ``hosl_state_dict()`` and ``_apply_pending_state()`` are here. The
+    strategy provides ``zo_steps``, ``client_optimizer``, ``client_scheduler`` and ``optimizers``.
     """
 
     _checkpoint_io: CheckpointIO | None  # Lightning's Strategy keeps what it was given here
     zo_steps: int
     _pending_state: dict[str, Any] | None
+    client_optimizer: Any
+    client_scheduler: Any
+    optimizers: list[Any]
     lightning_module: Any
 
     @property
@@ -208,12 +212,6 @@ class SplitCheckpoints:
     @checkpoint_io.setter
     def checkpoint_io(self, io: CheckpointIO | None) -> None:
         self._checkpoint_io = io.checkpoint_io if isinstance(io, SplitCheckpointIO) else io
-
-    def hosl_state_dict(self) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def _apply_pending_state(self) -> None:
-        raise NotImplementedError
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
         check_finite_weights(checkpoint.get("state_dict", {}), filepath, self.zo_steps)  # never a NaN checkpoint
@@ -233,3 +231,26 @@ class SplitCheckpoints:
             self._pending_state = state
             self._apply_pending_state()
         return checkpoint
+
+    def _drawing_optimizer(self) -> ZOSGD | None:
+        """The ZOSGD whose directions this process draws (the client's; in zo the one over both halves)."""
+        if self.client_optimizer is not None:
+            return self.client_optimizer
+        first = self.optimizers[0] if self.optimizers else None
+        return first if isinstance(first, ZOSGD) else None
+
+    def hosl_state_dict(self) -> dict[str, Any]:
+        optimizer = None if self.client_optimizer is None else self.client_optimizer.state_dict()
+        drawing = self._drawing_optimizer()
+        scheduler = None if self.client_scheduler is None else self.client_scheduler.state_dict()
+        return {**{k: getattr(self, k) for k in RESUME_KEYS}, "zo_steps": self.zo_steps, "client_optimizer": optimizer,
+                "client_scheduler": scheduler, "directions": None if drawing is None else drawing.direction_signature()}
+
+    def _apply_pending_state(self) -> None:
+        """The client's ZO optimizer exists only after setup; restore it whichever comes first."""
+        state = self._pending_state
+        drawing = self._drawing_optimizer()
+        if state is None or drawing is None:
+            return
+        restore_zo_state(state, drawing, self.client_optimizer, self.client_scheduler)
+        self._pending_state = None

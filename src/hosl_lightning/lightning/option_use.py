@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from hosl_lightning.core.options import UserError
 from hosl_lightning.modes import MODES
 from hosl_lightning.zo_optimizers import ZO_OPTIMIZERS, zo_optimizer_spec
 
@@ -17,7 +18,8 @@ from hosl_lightning.zo_optimizers import ZO_OPTIMIZERS, zo_optimizer_spec
 # a user's choice from a default, so that an option the chosen mode does not read is refused only when set.
 UNSET: dict[str, Any] = {"q": 1, "mu": 1e-3, "zo_lr": 1e-6, "zo_weight_decay": 0.0, "zo_lr_schedule": "constant",
                          "zo_optimizer": "zo_sgd", "embedding_directions": "dense", "pair_probes": False,
-                         "direction": "gaussian", "seed": 0}
+                         "direction": "gaussian", "seed": 0, "client_checkpointing": False,
+                         "fused_client_update": False}
 
 
 def options_for(mode: str, **options: Any) -> dict[str, Any]:
@@ -37,6 +39,7 @@ def refuse_unused(options: dict[str, Any]) -> None:
 
     Data-driven: each mode declares the options it reads (``Mode.options``) and each zo_optimizer its own
     (``ZOSGD.strategy_options``); an option some of them read and the chosen one does not is the user's mistake.
+    A zo_optimizer that needs dL/dh (``estimator == "forward"``) is refused in a mode whose server learns by probes.
     """
     mode = MODES.get(options["mode"])
     if mode is None:
@@ -47,15 +50,19 @@ def refuse_unused(options: dict[str, Any]) -> None:
             readers.setdefault(name, []).append(other.name)
     for name, users in readers.items():
         if options.get(name) is not None and name not in mode.options:
-            raise ValueError(f"{name}={options[name]!r} is not valid with mode={mode.name!r}, which does not use it: "
+            raise UserError(f"{name}={options[name]!r} is not valid with mode={mode.name!r}, which does not use it: "
                              f"remove {name}, or choose a mode that uses it ({', '.join(map(repr, users))})")
     if not mode.zo_halves:
         return
     optimizer, _ = zo_optimizer_spec(options.get("zo_optimizer"))
+    if optimizer.estimator == "forward" and "server" in mode.zo_halves:
+        raise UserError(f"zo_optimizer {optimizer.name!r} is not valid with mode={mode.name!r}: it needs dL/dh from a "
+                        f"first-order server, and mode {mode.name!r} trains the server by zeroth-order probes too; use "
+                        "mode 'hosl', or another zo_optimizer")
     for name in {name for cls in ZO_OPTIMIZERS.values() for name in cls.strategy_options} - set(
             optimizer.strategy_options):
         if options.get(name) is not None:
             users = [cls.name for cls in ZO_OPTIMIZERS.values() if name in cls.strategy_options]
-            raise ValueError(f"{name}={options[name]!r} is not valid with zo_optimizer {optimizer.name!r}, which does "
+            raise UserError(f"{name}={options[name]!r} is not valid with zo_optimizer {optimizer.name!r}, which does "
                              f"not use it: remove {name}, or choose a zo_optimizer that uses it "
                              f"({', '.join(map(repr, users))})")

@@ -10,7 +10,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
-from lightning.pytorch.plugins.precision import HalfPrecision, MixedPrecision, Precision
 
 from hosl_lightning.core.options import check_bool, check_choice, check_int, check_number
 from hosl_lightning.core.zo import DIRECTIONS, EMBEDDING_DIRECTIONS, ZO_LR_SCHEDULES, ZOSGD
@@ -19,6 +18,7 @@ from hosl_lightning.distributed.peers import BACKENDS, Peers
 from hosl_lightning.distributed.sync import CLIENT_SYNCS, SCHEDULES, check_replayable, check_stateless, client_seed
 from hosl_lightning.distributed.wire import Wire, WireError
 from hosl_lightning.lightning.option_use import UNSET, refuse_unused
+from hosl_lightning.lightning.precision_checks import check_zo_dtype
 from hosl_lightning.models import adapter_config
 from hosl_lightning.modes import MODES, SERVER_GRADS, ZOSettings
 from hosl_lightning.zo_optimizers import build_zo_optimizer, zo_optimizer_spec
@@ -32,7 +32,7 @@ class RunSettings:
 
     Options that only some modes read (``q``, ``mu``, the ``zo_*`` options, ``embedding_directions``,
     ``pair_probes``, ``direction``, ``seed``: the zeroth-order side's, read in ``hosl`` and ``zo``; ``server_grad``
-    and ``batch_probes``: ``hosl``'s) default to None, "unset", which stands for the default named below. One that
+    and ``batch_probes``: ``hosl``'s; ``client_checkpointing`` and ``fused_client_update``: ``fo``'s) default to None, "unset", which stands for the default named below. One that
     is set while the chosen mode or ``zo_optimizer`` does not use it is refused, naming both, never ignored.
 
     Args:
@@ -121,7 +121,7 @@ class RunSettings:
         client_checkpointing: activation checkpointing of the client's decoder blocks (``torch.utils.checkpoint``,
             non-reentrant): only each block's input is kept between the forward and the backward pass, and the
             block runs again in the backward pass. The same gradients, for about one block's activations instead
-            of all of them. Modes whose client learns by backprop only (``"fo"``).
+            of all of them. Modes whose client learns by backprop only (``"fo"``; unset: off).
         fused_client_update: step each client parameter inside the backward pass, as soon as its gradient is
             ready, and free that gradient at once (``Tensor.register_post_accumulate_grad_hook``), so the client
             never holds a full gradient. The step is the module's optimizer's, with the hyperparameters (and lr
@@ -156,8 +156,6 @@ class RunSettings:
         if o.q < optimizer_class.min_queries:
             raise ValueError(f"q={o.q} is not valid with zo_optimizer {optimizer_class.name!r}: it needs "
                              f"q >= {optimizer_class.min_queries}")
-        check_unread(optimizer_class, o.mode, {"server_grad": o.server_grad, "batch_probes": o.batch_probes,
-                                               "pair_probes": o.pair_probes or None})
         check_int("seed", o.seed, 0)
         if o.server_grad is not None:
             check_choice("server_grad", o.server_grad, SERVER_GRADS)
@@ -185,12 +183,8 @@ class RunSettings:
             raise ValueError(f"client_frozen={o.client_frozen!r} is not valid: give a list of module names inside the "
                              "client half, e.g. ['embeddings.embed_tokens']")
         self.client_frozen = None if o.client_frozen is None else list(o.client_frozen)
-        for name in ("client_checkpointing", "fused_client_update"):
+        for name in ("client_checkpointing", "fused_client_update"):  # fo's (Mode.options): refused elsewhere
             check_bool(name, getattr(o, name))
-            if getattr(o, name) and not MODES[o.mode].client_backprop:
-                learning = [repr(m.name) for m in MODES.values() if m.client_backprop]
-                raise ValueError(f"{name}=True is not valid with mode={o.mode!r}: its client half does not learn by "
-                                 f"backprop; it applies in mode {' or '.join(learning)}, or set {name}=False")
         self.client_checkpointing, self.fused_client_update = o.client_checkpointing, o.fused_client_update
         self.cut_layer, self.mode = o.cut_layer, o.mode
         # None: the path's own choice (a drop-in module takes its gradient from the clean call it makes anyway).
@@ -385,68 +379,6 @@ class RunSettings:
     def dropin_settings(self) -> ZOSettings:
         return ZOSettings(self.settings.queries, self.settings.mu, "clean", batch_probes=False,
                           estimator=self.settings.estimator, pair_probes=False)
-
-
-def check_unread(optimizer_class: type[ZOSGD], mode: str, given: dict[str, Any]) -> None:
-    """Refuse a client optimizer in a mode it cannot run in, and options given that it never reads (``given``: the
-    value of each option, None where it was left unset)."""
-    if optimizer_class.estimator == "forward" and mode == "zo":
-        raise ValueError(f"zo_optimizer {optimizer_class.name!r} is not valid with mode='zo': it needs dL/dh from a "
-                         "first-order server, and mode 'zo' trains the server by zeroth-order probes too; use mode "
-                         "'hosl', or another zo_optimizer")
-    for name, value in given.items():
-        if value is not None and name in optimizer_class.unread_options:
-            raise ValueError(f"{name}={value!r} is not valid with zo_optimizer {optimizer_class.name!r}, which never "
-                             f"reads it (it reads no {', '.join(optimizer_class.unread_options)}): leave it unset")
-
-
-def check_precision(plugin: Precision, mode: str, transport: str, fused_client_update: bool = False,
-                    estimator: str = "two_point") -> None:
-    """Refuse precisions that would break zeroth-order updates, a fused update or a distributed run, before
-    anything loads."""
-    if fused_client_update and isinstance(plugin, MixedPrecision) and plugin.scaler is not None:
-        raise ValueError(
-            f"precision={plugin.precision!r} uses a GradScaler, which unscales and checks the gradients after the "
-            "backward pass, but fused_client_update=True has stepped and freed the client's by then: use precision "
-            "'32-true' or 'bf16-mixed', or fused_client_update=False"
-        )
-    if transport == "distributed" and plugin.precision != "32-true":
-        raise ValueError(
-            f"precision={plugin.precision!r}: a distributed run computes in float32 on both sides (the server "
-            "has no precision plugin), so use precision '32-true' or transport='in_process'"
-        )
-    if MODES[mode].zo_halves and isinstance(plugin, HalfPrecision):
-        raise ValueError(
-            f"precision={plugin.precision!r} stores weights in half precision, but mode={mode!r} updates "
-            "client weights by zeroth-order steps, which need float32: use precision '32-true' or 'bf16-mixed'"
-        )
-    if mode == "zo" and isinstance(plugin, MixedPrecision) and plugin.scaler is not None:
-        raise ValueError(
-            "precision='16-mixed' uses a GradScaler, which must never touch zeroth-order updates, and "
-            "mode='zo' trains only by them: use precision '32-true' or 'bf16-mixed'"
-        )
-    if estimator == "forward" and isinstance(plugin, MixedPrecision) and plugin.scaler is not None:
-        raise ValueError(
-            "precision='16-mixed' scales the server's loss by its GradScaler, so the dL/dh that zo_optimizer "
-            "'forward_gradient' turns into the client's coefficients would be scaled too: use precision '32-true' or "
-            "'bf16-mixed'"
-        )
-
-
-def check_zo_dtype(named: list[tuple[str, Any]], mode: str, dtype: str | None) -> None:
-    """Weights loaded in reduced precision are refused for the ZO side naming ``dtype``, their cause (the precision
-    plugin is checked apart, by :func:`check_precision`, before anything loads)."""
-    reduced = next(((name, p) for name, p in named if p.is_floating_point() and p.element_size() < 4), None)
-    if reduced is None:
-        return
-    name, param = reduced
-    named_dtype = str(param.dtype) == f"torch.{dtype}"  # the module's dtype option is the cause
-    cause = f"dtype={dtype!r} loads the model's weights" if named_dtype else "the model's weights are"
-    fix = ("use dtype='float32' (the default)" if named_dtype else
-           "load the model in float32 (from_pretrained(..., dtype=torch.float32))")
-    raise ValueError(f"{cause} in {param.dtype} (e.g. {name!r}), but mode={mode!r} updates them by zeroth-order "
-                     f"steps, which vanish or drift in reduced precision: {fix}, or use mode='fo'; for speed, "
-                     "precision='bf16-mixed' computes in bfloat16 over float32 weights")
 
 
 def device_option(name: str, value: str | None) -> torch.device | None:

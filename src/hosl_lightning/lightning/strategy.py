@@ -25,12 +25,14 @@ from hosl_lightning.distributed.client import ClientSplitCausalLM, RemoteServer
 from hosl_lightning.distributed.peers import SERVER_RANK
 from hosl_lightning.distributed.serving import load_server_half, serve_half, zo_parameter_count
 from hosl_lightning.distributed.sync import ZOUpdate, weights_digest
-from hosl_lightning.lightning.checkpoint_io import RESUME_KEYS, SplitCheckpoints, restore_zo_state
+from hosl_lightning.lightning.checkpoint_io import SplitCheckpoints
 from hosl_lightning.lightning.cut import client_process_split, cut_module, install_split
 from hosl_lightning.lightning.decrease import PredictedDecrease
 from hosl_lightning.lightning.dropin import dropin_step, pop_loss_weight, scaled
+from hosl_lightning.lightning.fused_client import FusedClientUpdate
 from hosl_lightning.lightning.launcher import ServerLauncher
-from hosl_lightning.lightning.settings import STRATEGY_NAME, RunSettings, check_precision
+from hosl_lightning.lightning.precision_checks import check_precision
+from hosl_lightning.lightning.settings import STRATEGY_NAME, RunSettings
 from hosl_lightning.lightning.summary import use_split_summaries
 from hosl_lightning.lightning.telemetry import StepTelemetry, prefixed
 from hosl_lightning.measurement import MemoryReport
@@ -38,7 +40,7 @@ from hosl_lightning.modes import ClientContext, ModeName, ServerContext, ServerG
 from hosl_lightning.modes.frozen import NoUpdate
 
 
-class HOSLStrategy(RunSettings, SplitCheckpoints, SingleDeviceStrategy):
+class HOSLStrategy(RunSettings, SplitCheckpoints, FusedClientUpdate, SingleDeviceStrategy):
     # The options' documentation lives with their checks (settings.RunSettings); the class and its __init__ carry it.
     __doc__ = "Hybrid-order split learning: zeroth-order client, first-order server, cut at ``cut_layer``.\n\n" + (
         RunSettings.__doc__ or "")
@@ -78,8 +80,8 @@ class HOSLStrategy(RunSettings, SplitCheckpoints, SingleDeviceStrategy):
         client_adapter: dict[str, Any] | None = None,
         server_adapter: dict[str, Any] | None = None,
         client_frozen: list[str] | None = None,
-        client_checkpointing: bool = False,
-        fused_client_update: bool = False,
+        client_checkpointing: bool | None = None,
+        fused_client_update: bool | None = None,
         **kwargs: Any,
     ) -> None:
         self._init_settings({k: v for k, v in locals().items() if k not in ("self", "kwargs", "__class__")})
@@ -198,21 +200,6 @@ class HOSLStrategy(RunSettings, SplitCheckpoints, SingleDeviceStrategy):
         if self.role == "client":
             self._start_client_sync()
         self.check_trainer(len(self.parallel_devices or [None]), trainer.accumulate_grad_batches, module.automatic_optimization)
-
-    def _fuse_client_update(self, module: LightningModule) -> None:
-        """With ``fused_client_update``: the client's parameters step inside the backward pass (``core.fused_update``)."""
-        if self.fused_update is not None:
-            self.fused_update.detach()
-            self.fused_update = None
-        client = self.split_model.client
-        if not self.fused_client_update or client is None:
-            return
-        self.check_trainer(len(self.parallel_devices or [None]), 1, module.automatic_optimization)  # before any hook
-        if len(self.optimizers) != 1:
-            raise ValueError(f"fused_client_update=True steps the client with the module's one optimizer, but it "
-                             f"configures {len(self.optimizers)}: configure one, or set fused_client_update=False")
-        self.fused_update = FusedUpdate(self.optimizers[0], client.parameters(),
-                                        [m for m in client.modules() if isinstance(m, nn.Embedding)]).attach()
 
     def _zo_optimizers(self, trainer: Trainer, optimizer: ZOSGD) -> None:
         """A ZOSGD as the one optimizer Lightning counts, with its zo_lr schedule (the module steps it)."""
@@ -385,9 +372,7 @@ class HOSLStrategy(RunSettings, SplitCheckpoints, SingleDeviceStrategy):
         super().on_exception(exception)
 
     def teardown(self) -> None:
-        if self.fused_update is not None:  # the module's parameters step only inside this strategy's fits
-            self.fused_update.detach()
-            self.fused_update = None
+        self._unfuse_client_update()  # the module's parameters step only inside this strategy's fits
         remote = getattr(self._split, "remote", None)  # a client process's link to its server
         self.close_peers(self._failure, remote.close if remote is not None else None)
         module = self._lightning_module  # on the meta device after a failed start: moving it would hide the error
@@ -396,30 +381,6 @@ class HOSLStrategy(RunSettings, SplitCheckpoints, SingleDeviceStrategy):
             super().teardown()
         finally:
             self._lightning_module = module
-
-    # ---- checkpoints -----------------------------------------------------------------------------------
-    def _drawing_optimizer(self) -> ZOSGD | None:
-        """The ZOSGD whose directions this process draws (the client's; in zo the one over both halves)."""
-        if self.client_optimizer is not None:
-            return self.client_optimizer
-        first = self.optimizers[0] if self.optimizers else None
-        return first if isinstance(first, ZOSGD) else None
-
-    def hosl_state_dict(self) -> dict[str, Any]:
-        optimizer = None if self.client_optimizer is None else self.client_optimizer.state_dict()
-        drawing = self._drawing_optimizer()
-        scheduler = None if self.client_scheduler is None else self.client_scheduler.state_dict()
-        return {**{k: getattr(self, k) for k in RESUME_KEYS}, "zo_steps": self.zo_steps, "client_optimizer": optimizer,
-                "client_scheduler": scheduler, "directions": None if drawing is None else drawing.direction_signature()}
-
-    def _apply_pending_state(self) -> None:
-        """The client's ZO optimizer exists only after setup; restore it whichever comes first."""
-        state = self._pending_state
-        drawing = self._drawing_optimizer()
-        if state is None or drawing is None:
-            return
-        restore_zo_state(state, drawing, self.client_optimizer, self.client_scheduler)
-        self._pending_state = None
 
     @classmethod
     def register_strategies(cls, strategy_registry: Any) -> None:

@@ -7,8 +7,8 @@ of it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 import warnings
+from collections.abc import Iterable
 from functools import partial
 from typing import Any
 

@@ -100,11 +100,6 @@ class Mode:
     options: tuple[str, ...] = ()
     reply_for: Callable[[ZOSettings], str] | None = None  # where the reply depends on the settings (hosl's estimator)
 
-    @property
-    def client_backprop(self) -> bool:
-        """The client half learns by backprop (fo): where client_checkpointing and fused_client_update apply."""
-        return "client" not in self.zo_halves and "client" not in self.frozen_halves
-
     def __post_init__(self) -> None:
         if self.reply not in REPLIES:
             raise ValueError(f"a mode's reply is one of {', '.join(map(repr, REPLIES))}, got {self.reply!r}")

@@ -69,4 +69,4 @@ def one_activation(settings: ZOSettings) -> int:
 
 
 MODE = Mode(name="fo", zo_halves=(), client_step=client_step, server_step=server_step, reply="grad",
-            probes=one_activation)
+            probes=one_activation, options=("client_checkpointing", "fused_client_update"))  # a backprop client's memory

@@ -21,7 +21,7 @@ from hosl_lightning.modes.base import ClientContext, StepInputs, StepOutput, ens
 server_step = fo.server_step  # one forward and one backward at h; dL/dh down, from that same forward
 
 
-def client_step(ctx: ClientContext, link: ClientLink, inputs: StepInputs) -> StepOutput:
+def tangent_client_step(ctx: ClientContext, link: ClientLink, inputs: StepInputs) -> StepOutput:
     model, settings, optimizer = ctx.model, ctx.settings, ctx.optimizer
     assert optimizer is not None, "a forward-gradient client needs its ZO optimizer"
     if inputs.input_ids is None:

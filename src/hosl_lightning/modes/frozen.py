@@ -46,4 +46,4 @@ class NoUpdate(Optimizer):
 
 
 MODE = Mode(name="frozen", zo_halves=(), frozen_halves=("client",), client_step=client_step, server_step=server_step,
-            reply="loss", probes=one_activation)
+            reply="loss", probes=one_activation, options=())  # no ZO options, no client backprop

@@ -47,7 +47,7 @@ def reply(settings: ZOSettings) -> str:
 def client_step(ctx: ClientContext, link: ClientLink, inputs: StepInputs) -> StepOutput:
     model, settings, optimizer = ctx.model, ctx.settings, ctx.optimizer
     if settings.estimator == "forward":
-        return forward_gradient.client_step(ctx, link, inputs)
+        return forward_gradient.tangent_client_step(ctx, link, inputs)
     assert optimizer is not None, "a hosl client needs its ZO optimizer"
     link.start("hosl", ctx.step, inputs.targets, probes(settings))
     send_probes(ctx, link, inputs)  # each sent at once: the client keeps nothing

@@ -34,7 +34,8 @@ class ForwardGradient(ZOSGD):
     name = "forward_gradient"
     estimator = "forward"
     extra_memory = "none (one weight's tangent while its module runs; one activation-sized tangent until dL/dh)"
-    unread_options: ClassVar[tuple[str, ...]] = ("mu", "server_grad", "batch_probes", "pair_probes")
+    # No probes: no mu, and nothing for server_grad, batch_probes or pair_probes to choose (the server runs once).
+    strategy_options: ClassVar[tuple[str, ...]] = ()
 
     def coefficients(self, losses: Tensor, mu: float) -> Tensor:
         raise TypeError("forward_gradient takes its coefficients from dL/dh and the client's tangents "

@@ -26,7 +26,7 @@ class FZOO(ZOSGD):
     estimator = "one_sided"
     min_queries = 2  # a standard deviation needs two perturbed losses
     extra_memory = "none"
-    strategy_options = ()  # no +mu/-mu pairs to run as one forward: pair_probes does not apply
+    strategy_options = ("mu", "server_grad", "batch_probes")  # no +mu/-mu pairs to run as one forward: no pair_probes
 
     def coefficients(self, losses: Tensor, mu: float) -> Tensor:
         differences = losses[1:] - losses[0]  # L_q - L_0: mu cancels against sigma's
