@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hosl_lightning.core.options import check_choice, check_int, check_number
+from hosl_lightning.core.options import UserError, check_choice, check_int, check_number
 
 PARTITIONS: tuple[str, ...] = ("none", "iid", "dirichlet")
 DEFAULT_ALPHA = 0.5
@@ -42,18 +42,18 @@ class Partition:
         check_choice("partition", self.scheme, PARTITIONS)
         if self.alpha is not None:
             if self.scheme != "dirichlet":
-                raise ValueError(f"alpha={self.alpha!r} is not valid with partition={self.scheme!r}, which does not "
+                raise UserError(f"alpha={self.alpha!r} is not valid with partition={self.scheme!r}, which does not "
                                  "use it: remove alpha, or use partition='dirichlet'")
             check_number("alpha", self.alpha, 0, strict=True)
         for name in ("client_index", "num_clients"):
             value = getattr(self, name)
             if value is not None and self.scheme == "none":
-                raise ValueError(f"{name}={value!r} is not valid with partition='none', which gives every client the "
+                raise UserError(f"{name}={value!r} is not valid with partition='none', which gives every client the "
                                  "whole split: remove it, or choose partition 'iid' or 'dirichlet'")
         check_int("num_clients", self.num_clients, 1, none="WORLD_SIZE - 1, as torchrun sets it")
         check_int("client_index", self.client_index, 0, none="RANK - 1, as torchrun sets it")
         if None not in (self.client_index, self.num_clients) and self.client_index >= self.num_clients:  # type: ignore[operator]
-            raise ValueError(f"client_index={self.client_index} is not valid: it must be below num_clients="
+            raise UserError(f"client_index={self.client_index} is not valid: it must be below num_clients="
                              f"{self.num_clients} (clients are numbered 0..{self.num_clients - 1})")  # type: ignore[operator]
 
     def client(self) -> tuple[int, int]:
@@ -62,7 +62,7 @@ class Partition:
         if index is None or clients is None:
             rank, world = os.environ.get("RANK"), os.environ.get("WORLD_SIZE")
             if rank is None or world is None or int(rank) < 1 or int(world) < 2:
-                raise ValueError(
+                raise UserError(
                     f"partition={self.scheme!r} needs this client's index and the number of clients: set client_index "
                     "and num_clients, or run it as a client of a distributed run (torchrun sets RANK >= 1 and "
                     f"WORLD_SIZE; here RANK={rank!r}, WORLD_SIZE={world!r})")
@@ -81,7 +81,7 @@ class Partition:
             mine = {indices[i] for i in np.array_split(order, clients)[index]}
         else:
             if classes is None:
-                raise ValueError(f"partition='dirichlet' is not valid for {where}: it divides each class among the "
+                raise UserError(f"partition='dirichlet' is not valid for {where}: it divides each class among the "
                                  "clients and these examples have no class; use partition='iid'")
             mine = set(dirichlet_shards(indices, classes, clients, self.alpha or DEFAULT_ALPHA, seed, where)[index])
         return [i for i in indices if i in mine]
@@ -103,5 +103,5 @@ def dirichlet_shards(indices: Sequence[int], classes: Sequence[int], clients: in
                 shard.extend(part.tolist())
         if all(shards):
             return shards
-    raise ValueError(f"partition='dirichlet' with alpha={alpha} left a client of {clients} without examples of "
+    raise UserError(f"partition='dirichlet' with alpha={alpha} left a client of {clients} without examples of "
                      f"{where} ({len(indices)} examples) in {_DRAWS} draws: raise alpha, or use fewer clients")
