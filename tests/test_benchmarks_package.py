@@ -80,3 +80,15 @@ def test_paired_difference_pairs_common_seeds_only() -> None:
     point, low, high, seeds = paired(a, b)
     assert (point, seeds) == (pytest.approx(25.0), 1) and low <= point <= high
     assert difference_cell(None) == "-" and difference_cell((25.0, 0.0, 50.0, 1), seeds=True) == "+25.0 [+0.0, +50.0] (1)"
+
+
+def test_client_weights_leave_out_the_frozen_modules() -> None:
+    """d_c of the claims study's frozen-embeddings client: the client half's weights less its token table."""
+    from benchmarks.common.models import client_weights
+
+    config = dict(model_type="llama", vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=64, max_position_embeddings=32)
+    model = load_causal_lm(model_config=config)
+    full = client_weights(model, 2, None)
+    assert full == sum(p.numel() for p in SplitCausalLM(model, 2).client.parameters())
+    assert client_weights(model, 2, None, ("embeddings.embed_tokens",)) == full - 64 * 32

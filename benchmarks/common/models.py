@@ -91,7 +91,7 @@ def client_weights(base: Any, cut: int, adapter: dict[str, Any] | None, frozen: 
     A and B alone (r x (in + out) per adapted linear layer)."""
     if adapter is None:
         split = SplitCausalLM(copy.deepcopy(base), cut)
-        freeze_client_modules(split, list(frozen or ()))
+        freeze_client_modules(split.client, list(frozen or ()))
         return sum(p.numel() for p in split.client.parameters() if p.requires_grad)
     total = 0
     for layer in base.model.layers[:cut]:
