@@ -144,7 +144,10 @@ class _TokenizedDataModule(LightningDataModule):
         rows = getattr(getattr(model, "config", None), "vocab_size", None)
         if not isinstance(rows, int):
             return
-        size = len(self.tokenizer)
+        # The base vocabulary and the pad id, not len(tokenizer): a tokenizer may list added tokens past the table
+        # that text never maps to (transformers 5.4 adds five to SmolLM2's GGUF tokenizer, 49157 against 49152 rows).
+        pad = self.tokenizer.pad_token_id
+        size = max(int(self.tokenizer.vocab_size), 0 if pad is None else int(pad) + 1)
         if size > rows:
             name = getattr(self.tokenizer, "name_or_path", "") or type(self.tokenizer).__name__
             raise UserError(f"tokenizer={name!r} is not valid for this model: it has {size} tokens, but the model "
