@@ -98,9 +98,10 @@ def test_parallel_clients_hold_the_same_weights_after_every_round() -> None:
             return message
 
     digests: dict[int, list[str]] = {rank: [] for rank in ranks}
+    halves = {rank: _module() for rank in ranks}  # built here: _module seeds the global RNG, which threads would race on
 
     def client(rank: int) -> None:
-        half = _module()
+        half = halves[rank]
         optimizer = ZOSGD(list(half.named_parameters()), lr=0.05, seed=client_seed(7, rank, len(ranks)))
         sync = ClientSync(LoopbackWire(rank), half, optimizer, "parallel", "seeds", 1, steps_per_round)
         coefficients = torch.Generator().manual_seed(rank)
