@@ -71,10 +71,9 @@ def run_process(role: str, model_dir: str, port: int, args: dict, out: str, rank
     fit(trainer, module, train_dataloaders=DataLoader(data, batch_size=None))
     seconds = time.perf_counter() - started
     traffic = None if role == "server" else module.model.boundary.traffic
-    sync = strategy._client_sync  # all it cost, its final hand-off included (the logged metric misses that)
+    sync_up, sync_down = strategy.sync_bytes or (None, None)  # its final hand-off included (the logged metric misses it)
     Path(out).write_text(json.dumps({
-        "sync_bytes_up": None if sync is None else sync.bytes_up,
-        "sync_bytes_down": None if sync is None else sync.bytes_down,
+        "sync_bytes_up": sync_up, "sync_bytes_down": sync_down,
         "role": role, "imports_mib": imports_mib, "peak_rss_mib": process_peak_rss_mib(), "seconds": seconds,
         "bytes_up_last_step": None if traffic is None else traffic.bytes_up,
         "bytes_down_last_step": None if traffic is None else traffic.bytes_down,

@@ -122,3 +122,19 @@ def test_parallel_clients_hold_the_same_weights_after_every_round() -> None:
     differ = [index for index, (a, b) in enumerate(zip(digests[1], digests[2])) if a != b]
     assert not differ, f"the clients' weights differ after {len(differ)} of {rounds} rounds, first after round {differ[0]}"
     assert len(set(digests[1])) == rounds  # and they did move every round
+
+
+def test_the_strategy_reads_out_what_keeping_clients_in_step_cost() -> None:
+    """``HOSLStrategy.sync_bytes``: the public read of the clients' sync bytes (benchmarks/processes.py reads it after
+    fit, when the final hand-off is counted too); None where nothing syncs, and not writable."""
+    from hosl_lightning import HOSLStrategy
+    from hosl_lightning.distributed.clients import ClientSync
+
+    strategy = HOSLStrategy()
+    assert strategy.sync_bytes is None  # in-process: no other client to keep in step with
+    sync = ClientSync(None, _module(), None, "sequential", "weights", 1, 1)  # type: ignore[arg-type]  # no wire used
+    sync.bytes_up, sync.bytes_down = 3, 5
+    strategy._client_sync = sync  # as setup does in a client process of a run with several clients
+    assert strategy.sync_bytes == (3, 5)
+    with pytest.raises(AttributeError):
+        strategy.sync_bytes = (0, 0)  # type: ignore[misc]

@@ -1,9 +1,9 @@
 """Forwards at ``theta + scale * u`` that never write ``theta``: one probe at a time, or both signs at once.
 
 While a probe forward runs, each module that owns ZO parameters reads ``w + scale * u`` just for the duration
-of its own forward call (one tensor-sized temporary at a time), and the stored weights are never written.
-Restoring is therefore exact by construction, in any dtype, where an in-place ``+mu, -2mu, +mu`` round trip
-in fp32 drifts by one ulp on about half of the elements every probe.
+of its own forward call (one tensor-sized temporary at a time, placed by :mod:`hosl_lightning.core.module_hooks`),
+and the stored weights are never written. Restoring is therefore exact by construction, in any dtype, where an
+in-place ``+mu, -2mu, +mu`` round trip in fp32 drifts by one ulp on about half of the elements every probe.
 
 A plain token embedding never builds its perturbed table: it adds ``scale * u[ids]`` to the rows the batch
 looked up, drawing only those rows (all of a sparse direction's rows are the batch's own).
@@ -22,43 +22,21 @@ import torch
 from torch import Tensor, nn
 
 from hosl_lightning.core.directions import DirectionSampler
+from hosl_lightning.core.module_hooks import (
+    ZOParameters,
+    check_reached,
+    is_plain_embedding,
+    owners,
+    substituted_parameters,
+)
 
 
-class ZOSGD(Protocol):
+class ZOSGD(ZOParameters, Protocol):
     """What a perturbation needs of its optimizer (:class:`hosl_lightning.core.zo.ZOSGD`)."""
 
-    keys: dict[int, int]  # id(parameter) -> direction key
-    names: dict[int, str]
     sampler: DirectionSampler
 
     def row_directions(self, weight: Tensor, step: int, query: int, ids: Tensor) -> Tensor: ...
-
-
-def is_plain_embedding(module: nn.Module) -> bool:
-    """An embedding whose output is exactly ``weight[ids]``, so perturbing rows equals perturbing the table.
-
-    Subclasses that scale or offset inside ``forward`` (OPT's learned positions, Gemma's scaled embedding)
-    and ``max_norm`` (which renormalises the looked-up rows) take the general path instead.
-    """
-    return type(module).forward is nn.Embedding.forward and isinstance(module, nn.Embedding) and module.max_norm is None
-
-
-def owners(optimizer: ZOSGD, modules: Sequence[nn.Module]) -> Iterator[nn.Module]:
-    for root in modules:
-        for module in root.modules():
-            if any(p is not None and id(p) in optimizer.keys for p in module._parameters.values()):
-                yield module
-
-
-def check_reached(optimizer: ZOSGD, modules: Sequence[nn.Module], reached: set[int], half: bool) -> None:
-    in_scope = {id(p) for root in modules for p in root.parameters()} if half else optimizer.keys
-    missing = [optimizer.names[key] for key in optimizer.keys if key in in_scope and key not in reached]
-    if missing:
-        raise RuntimeError(
-            f"{len(missing)} zeroth-order parameter(s) were not used by any module's forward during a probe (or a "
-            f"tangent forward), so perturbing them is impossible: {missing[:5]}. Parameters must be read by the module that "
-            "owns them (a module reading another module's .weight directly escapes the perturbation)."
-        )
 
 
 def _shifted(optimizer: ZOSGD, param: nn.Parameter, step: int, query: int, scales: Sequence[float]) -> list[Tensor]:
@@ -75,48 +53,15 @@ def _shifted(optimizer: ZOSGD, param: nn.Parameter, step: int, query: int, scale
 def perturbed(optimizer: ZOSGD, modules: Sequence[nn.Module], step: int, query: int, scale: float,
               half: bool = False) -> Iterator[None]:
     """Run forwards of ``modules`` at ``theta + scale * u(step, query)`` (see :meth:`ZOSGD.perturbed`)."""
-    swapped: dict[tuple[int, str], tuple[nn.Module, str, nn.Parameter]] = {}
-    temps: dict[int, Tensor] = {}  # one perturbed copy per parameter, shared by every module reading it
-    reached: set[int] = set()
 
-    def swap_in(module: nn.Module, _args: Any) -> None:
-        for name, param in list(module._parameters.items()):
-            if param is None or id(param) not in optimizer.keys or (id(module), name) in swapped:
-                continue
-            if id(param) not in temps:
-                temps[id(param)] = _shifted(optimizer, param, step, query, (scale,))[0]
-            module._parameters[name] = temps[id(param)]
-            swapped[(id(module), name)] = (module, name, param)
-            reached.add(id(param))
-
-    def swap_out(module: nn.Module, _args: Any, _output: Any) -> None:
-        for key, (owner, name, param) in list(swapped.items()):
-            if owner is module:
-                owner._parameters[name] = param
-                del swapped[key]
-                if not any(p is param for _, _, p in swapped.values()):
-                    temps.pop(id(param), None)
+    def shifted(param: nn.Parameter) -> Tensor:
+        return _shifted(optimizer, param, step, query, (scale,))[0]
 
     def perturb_rows(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
-        reached.add(id(module.weight))
         return optimizer.row_directions(module.weight, step, query, args[0]).mul_(scale).add_(output)
 
-    handles = []
-    for module in owners(optimizer, modules):
-        if is_plain_embedding(module) and id(module.weight) in optimizer.keys:
-            handles.append(module.register_forward_hook(perturb_rows))
-        else:
-            handles.append(module.register_forward_pre_hook(swap_in))
-            handles.append(module.register_forward_hook(swap_out))
-    try:
+    with substituted_parameters(optimizer, modules, shifted, perturb_rows, half):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
-        for owner, name, param in swapped.values():
-            owner._parameters[name] = param
-        temps.clear()
-    check_reached(optimizer, modules, reached, half)
 
 
 def _halves(value: Any, rows: int, index: int) -> Any:

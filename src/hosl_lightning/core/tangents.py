@@ -4,9 +4,10 @@ Forward-mode AD (``torch.autograd.forward_ad``) gives, for the seeded direction 
 ``d h / d theta . u_q`` alongside ``h``. With the server's ``dL/dh``, ``<dL/dh, J u_q> = <grad L, u_q>`` exactly:
 the projected gradient that the two-point estimate approximates with ``(L+ - L-) / 2 mu``.
 
-The tangent is placed the way :mod:`hosl_lightning.core.perturbation` places a perturbation, module by module:
-while a module that owns ZO weights runs its own forward, it reads dual tensors ``(w, u)`` (one tensor-sized
-direction at a time, drawn from the same seeds as the probes), and its stored weights are never touched. A plain
+The tangent is placed the way :mod:`hosl_lightning.core.perturbation` places a perturbation, module by module
+(both through :mod:`hosl_lightning.core.module_hooks`): while a module that owns ZO weights runs its own forward,
+it reads dual tensors ``(w, u)`` (one tensor-sized direction at a time, drawn from the same seeds as the probes),
+and its stored weights are never touched. A plain
 token embedding keeps its table and gives its output the tangent ``u[ids]``: only the rows looked up are drawn,
 dense or sparse, by :meth:`~hosl_lightning.core.zo.ZOSGD.row_directions`, the probes' own function. No
 full-size tangent of the client ever exists, and nothing is kept for a backward.
@@ -28,15 +29,13 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from hosl_lightning.core.directions import DirectionSampler
-from hosl_lightning.core.perturbation import check_reached, is_plain_embedding, owners
+from hosl_lightning.core.module_hooks import ZOParameters, substituted_parameters
 from hosl_lightning.core.split import CutActivations
 
 
-class ZOSGD(Protocol):
+class ZOSGD(ZOParameters, Protocol):
     """What a tangent needs of its optimizer (:class:`hosl_lightning.core.zo.ZOSGD`)."""
 
-    keys: dict[int, int]  # id(parameter) -> direction key
-    names: dict[int, str]
     sampler: DirectionSampler
 
     def row_directions(self, weight: Tensor, step: int, query: int, ids: Tensor) -> Tensor: ...
@@ -50,50 +49,17 @@ def math_attention() -> Any:
 @contextmanager
 def tangents(optimizer: ZOSGD, modules: Sequence[nn.Module], step: int, query: int) -> Iterator[None]:
     """Inside a ``forward_ad.dual_level``: forwards of ``modules`` carry the tangent ``u(step, query)``."""
-    swapped: dict[tuple[int, str], tuple[nn.Module, str, nn.Parameter]] = {}
-    duals: dict[int, Tensor] = {}  # one dual per parameter, shared by every module reading it
-    reached: set[int] = set()
 
-    def swap_in(module: nn.Module, _args: Any) -> None:
-        for name, param in list(module._parameters.items()):
-            if param is None or id(param) not in optimizer.keys or (id(module), name) in swapped:
-                continue
-            if id(param) not in duals:
-                direction = optimizer.sampler.direction(step, query, optimizer.keys[id(param)], param)
-                duals[id(param)] = fwAD.make_dual(param.detach(), direction)
-            module._parameters[name] = duals[id(param)]  # type: ignore[assignment]
-            swapped[(id(module), name)] = (module, name, param)
-            reached.add(id(param))
-
-    def swap_out(module: nn.Module, _args: Any, _output: Any) -> None:
-        for key, (owner, name, param) in list(swapped.items()):
-            if owner is module:
-                owner._parameters[name] = param
-                del swapped[key]
-                if not any(p is param for _, _, p in swapped.values()):
-                    duals.pop(id(param), None)
+    def dual(param: nn.Parameter) -> Tensor:
+        direction = optimizer.sampler.direction(step, query, optimizer.keys[id(param)], param)
+        return fwAD.make_dual(param.detach(), direction)
 
     def tangent_rows(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
-        reached.add(id(module.weight))
         primal = fwAD.unpack_dual(output).primal
         return fwAD.make_dual(primal, optimizer.row_directions(module.weight, step, query, args[0]))
 
-    handles = []
-    for module in owners(optimizer, modules):
-        if is_plain_embedding(module) and id(module.weight) in optimizer.keys:
-            handles.append(module.register_forward_hook(tangent_rows))
-        else:
-            handles.append(module.register_forward_pre_hook(swap_in))
-            handles.append(module.register_forward_hook(swap_out))
-    try:
+    with substituted_parameters(optimizer, modules, dual, tangent_rows):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
-        for owner, name, param in swapped.values():
-            owner._parameters[name] = param
-        duals.clear()
-    check_reached(optimizer, modules, reached, half=False)
 
 
 def forward_with_tangent(optimizer: ZOSGD, client: nn.Module, step: int, query: int,

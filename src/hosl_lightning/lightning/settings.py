@@ -219,6 +219,16 @@ class RunSettings:
         return self._peers.role
 
     @property
+    def sync_bytes(self) -> tuple[int, int] | None:
+        """``(bytes up, bytes down)`` this client process has spent keeping its half in step with the other clients
+        (``client_sync``), all told: after ``fit`` this includes the final hand-off, which the last logged
+        ``sync_bytes_up`` / ``sync_bytes_down`` metrics miss. None where there is nothing to sync (in-process, the
+        server, or a run with one client)."""
+        if self._client_sync is None:
+            return None
+        return self._client_sync.bytes_up, self._client_sync.bytes_down
+
+    @property
     def backend(self) -> str | None:
         return self._peers.backend
 
