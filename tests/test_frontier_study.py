@@ -5,6 +5,7 @@ SmolLM2 or measures anything."""
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any
 
 import pytest
@@ -88,3 +89,54 @@ def test_rows_read_the_first_versions_records() -> None:
     assert frozen4["over_floor"] == pytest.approx(270 / 250, rel=1e-6)
     assert frozen4["floor_mib"] == pytest.approx(250.0, rel=1e-6)
     assert (frozen4["client_rss_mib"], frozen4["client_sec"], frozen4["bytes_up"]) == (900.5, 0.1, 147456)
+
+
+def test_report_only_rebuilds_the_report_from_the_first_versions_files(tmp_path, monkeypatch) -> None:
+    """Records written as files under their pinned keys: ``--report-only`` reads them and judges the targets."""
+    cache_dir = tmp_path / "frontier"
+    cache_dir.mkdir()
+    for stem, record in records().items():
+        (cache_dir / f"{stem}.json").write_text(json.dumps(record, indent=1))
+    assert {p.stem for p in cache_dir.glob("*.json")} >= {PINNED_KEYS[(None, 2)], PINNED_KEYS[("frozen", 2)]}
+    monkeypatch.setattr(frontier, "CACHE", cache_dir)
+    frontier.main(["--report-only", "--out", str(tmp_path / "out")])
+    text = (tmp_path / "out" / "frontier.md").read_text()
+    # (a) frozen within 1.05x at every cut: 1.01x at cut 2, 1.08x at cut 4 (the worst)
+    assert ("within at 1 of 2 cuts measured; the worst, 1.08x at cut 4: **missed**, 0.03 over the bound (3%) "
+            "(not measured yet at cuts 1, 8, 16, 24)") in text
+    # (b) frozen's step 2.6 s against hosl's 4.8 s at cut 2
+    assert "2.60 s against 4.80 s, 0.54x: met, 0.21 under the bound; both at commit 4b5a4f3" in text
+    # (c) fused SGD at cut 2: 280 / 200
+    assert "fo + checkpointing + fused SGD within 1.5x of the floor at cut 2**: 1.40x: met, 0.10 under" in text
+    pivot = text[text.index("| client option | cut 2 | cut 4 |"):].splitlines()
+    assert pivot[2:] == ["| fo (AdamW) | 5.00 | - |", "| fo + checkpointing + fused SGD | 1.40 | - |",
+                         "| hosl (default client) | 1.00 | - |", "| frozen | 1.01 | 1.08 |"]
+    csv_rows = (tmp_path / "out" / "frontier.csv").read_text().splitlines()
+    assert len(csv_rows) == 6 and csv_rows[0].startswith("cut,option,peak_mib,floor_mib,over_floor,")
+
+
+def test_a_study_with_no_frozen_or_hosl_record_says_so() -> None:
+    lines = frontier.verdicts(frontier.rows({k: v for k, v in records().items() if "frozen" not in k}))
+    assert lines[0].endswith("not measured yet.") and lines[1].endswith("not measured yet.")
+    assert "1.40x: met" in lines[2]
+
+
+def test_a_sitting_on_a_tiny_model_writes_records_the_report_reads(tmp_path, monkeypatch) -> None:
+    """run() end to end on a 2-block model of SmolLM2's vocabulary (no two-process run): the floor and an option
+    at one cut, under their keys, read back by the report."""
+    from hosl_lightning import load_causal_lm
+
+    config = dict(model_type="llama", vocab_size=frontier.SMOLLM2_SHAPE["vocab_size"], hidden_size=16,
+                  num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, intermediate_size=32,
+                  max_position_embeddings=64)
+    monkeypatch.setattr(frontier, "load_causal_lm", lambda name: load_causal_lm(model_config=config))
+    monkeypatch.setattr(frontier, "CACHE", tmp_path / "frontier")
+    frozen = option("frozen")
+    frontier.run((1,), (frozen,), steps=1, rss=False, rss_steps=1, budget_min=60)
+    stored = frontier.load_cache(tmp_path / "frontier")
+    assert set(stored) == {frontier.key(None, 1, 1), frontier.key(frozen, 1, 1)}
+    record = stored[frontier.key(frozen, 1, 1)]
+    assert {"choice", "cut", "steps", "commit", "date", "load_before", "client", "per_step", "timed_first_step",
+            "client_sec", "server_sec", "bytes_up", "bytes_down", "seconds"} <= set(record)
+    (row,) = frontier.rows(stored)
+    assert (row["option"], row["cut"], row["timed_first_step"]) == ("frozen", 1, True)
