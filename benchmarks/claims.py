@@ -45,7 +45,7 @@ from hosl_lightning import load_causal_lm, resolve_tokenizer
 
 from .common.cache import digest, load_cache, save, sitting_parser
 from .common.environment import RESULTS, code_state, command_line, machine, quiet_lightning
-from .common.models import client_weights
+from .common.models import client_weights, exported
 from .common.plotting import pyplot, save_figure
 from .common.stats import bootstrap_difference, difference_cell, paired
 from .common.tasks import ALL_DATASETS, BATCH, CUT, DATASETS, DEFAULT_DATA, MAX_LENGTH, MODEL, MODEL_NAME
@@ -406,11 +406,7 @@ def main(argv: list[str] | None = None) -> int:
                 save(memory_key(method, cut), measure_memory(method, base, tokenizer, DEFAULT_DATA, code, cut), CACHE)
             elif missing_rss:
                 method, cut = missing_rss[0]
-                model_dir = RESULTS / "_processes_tmp" / "smollm2-135m"
-                if not (model_dir / "model.safetensors").exists():
-                    from hosl_lightning.models import export_model
-
-                    export_model(base, model_dir)
+                model_dir = exported(RESULTS / "_processes_tmp" / "smollm2-135m", base)
                 print(f"[{elapsed:5.1f} min] client process memory of {method.name} at cut {cut}", flush=True)
                 save(rss_key(method, cut), measure_rss(method, cut, model_dir, code), CACHE)
             else:

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from .common.environment import RESULTS
-from .common.models import SMOLLM2, SMOLLM2_SHAPE, client_weights, random_batch
+from .common.models import SMOLLM2, SMOLLM2_SHAPE, client_weights, exported, random_batch
 
 HANDOFF_CLIENTS = {  # a client's name and its peft adapter (None: the full client), as the retired adapters study
     "full client": None,
@@ -43,6 +43,8 @@ def _batches(steps: int, batch: int, length: int):
 
 def run_process(role: str, model_dir: str, port: int, args: dict, out: str, rank: int = 0, world_size: int = 2,
                 extra: dict | None = None) -> None:
+    """One process of a run: ``args`` holds steps, batch, length, cut and, optionally, the module's ``optimizer`` (a
+    picklable factory; AdamW by default); ``extra``, the strategy's options. Writes its report to ``out``."""
     import lightning as L
     import torch
     from torch.utils.data import DataLoader
@@ -59,11 +61,12 @@ def run_process(role: str, model_dir: str, port: int, args: dict, out: str, rank
         "transport": "distributed", "rank": rank, "world_size": world_size,
         "init_method": f"tcp://127.0.0.1:{port}", **(extra or {}),
     }
+    optimizer = args.get("optimizer", torch.optim.AdamW)
     if role == "in_process":
-        module = HOSLModule(model=model_dir)
+        module = HOSLModule(model=model_dir, optimizer=optimizer)
     else:
         with deferred_weights():
-            module = HOSLModule(model=model_dir)
+            module = HOSLModule(model=model_dir, optimizer=optimizer)
     strategy = HOSLStrategy(cut_layer=args["cut"], memory_every_n_steps=0, **options)
     trainer = L.Trainer(strategy=strategy, max_steps=args["steps"], logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
@@ -122,11 +125,7 @@ def main() -> None:
     args = {"steps": options.steps, "batch": options.batch, "length": options.length, "cut": options.cut}
     tmp = Path(options.out) / "_processes_tmp"
     tmp.mkdir(parents=True, exist_ok=True)
-    model_dir = tmp / SMOLLM2
-    if not (model_dir / "model.safetensors").exists():
-        from hosl_lightning.models import export_model, load_causal_lm
-
-        export_model(load_causal_lm(SMOLLM2), model_dir)
+    model_dir = exported(tmp / SMOLLM2)
     started = time.perf_counter()
     (alone,) = spawn(["in_process"], str(model_dir), args, tmp)
     server, client = spawn(["server", "client"], str(model_dir), args, tmp)

@@ -34,6 +34,15 @@ def machine() -> str:
             f"transformers {transformers.__version__}, lightning {L.__version__}, Python {platform.python_version()}")
 
 
+def load_average() -> str:
+    """The machine's load average, as a record keeps it: timings depend on it, memory figures do not."""
+    try:
+        one, five, _ = os.getloadavg()
+    except OSError:
+        return "unknown"
+    return f"{one:.1f} (1 min), {five:.1f} (5 min) on {os.cpu_count()} logical cores"
+
+
 def command_line(study: str, argv: list[str] | None) -> str:
     """The command that reproduces this run, as a shell would take it (``argv`` None: this process's arguments)."""
     args = sys.argv[1:] if argv is None else argv

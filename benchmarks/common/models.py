@@ -73,6 +73,16 @@ def prepare_model(layers: int, directory: Path) -> Path:
     return directory
 
 
+def exported(directory: Path, model: Any | None = None) -> Path:
+    """SmolLM2-135M-Instruct (or ``model``, already loaded) as ``config.json`` + ``model.safetensors`` in
+    ``directory``, made once: what each process of a two-process run loads its half from."""
+    if not (directory / "model.safetensors").exists():
+        from hosl_lightning.models import export_model
+
+        export_model(load_causal_lm(SMOLLM2) if model is None else model, directory)
+    return directory
+
+
 def random_batch(vocab: int, batch: int, length: int, labels: str = "last",
                  generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """Random token ids without padding. ``labels``: "last" labels each row's last position only, as a prompt's
