@@ -67,7 +67,7 @@ class PromptClassificationDataModule(_TokenizedDataModule):
         partition: how several clients share the training split: ``"none"`` (each reads all of it), ``"iid"``
             (equal seeded shards) or ``"dirichlet"`` (label skew: each class divided among the clients in
             Dirichlet(``alpha``) proportions; smaller ``alpha``, fewer classes per client). Drawn from ``seed``, the
-            same in every client, so shards are disjoint and cover the split (:mod:`hosl_lightning.data.partition`).
+            same in every client, so shards are disjoint and cover the split (``hosl_lightning.data.partition``).
         alpha: the Dirichlet concentration of ``partition="dirichlet"`` (unset: 0.5); refused with other schemes.
         client_index: which shard this process takes (unset: ``RANK - 1``, as torchrun sets it for a
             distributed run's clients).

@@ -36,7 +36,7 @@ class ProgressionDataset(Dataset):
 
 
 class SyntheticLMDataModule(LightningDataModule):
-    """Train/validation splits of :class:`ProgressionDataset` (no files, no tokenizer).
+    """Train/validation splits of ``ProgressionDataset`` (no files, no tokenizer).
 
     Args:
         vocab_size: token ids are drawn below this; match the model's vocabulary.
