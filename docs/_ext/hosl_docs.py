@@ -132,11 +132,18 @@ _STRUCTURE = ("Unexpected indentation", "ends without a blank line", "Inline ", 
               "Malformed table", "Unexpected section title", "Title underline too short", "Duplicate explicit target")
 
 
+# Docstrings that reST still misreads, shown as written (a literal block) until their source is fixed. Every other
+# public docstring is valid reST (Google-style Args read by napoleon) and renders as such; a malformed one is a
+# build warning, so an error under -W. HOSLStrategy's: strategy.py appends RunSettings.__doc__ without
+# inspect.cleandoc, so everything after its first paragraph keeps the class body's indent (a block quote, its
+# Args never parsed). Drop the entry once that is fixed (tests/test_strategy_docs.py reads the 8-space indent).
+AS_WRITTEN = frozenset({"hosl_lightning.HOSLStrategy"})
+
+
 def docstring_as_written(app: Sphinx, what: str, name: str, obj: Any, options: Any, lines: list[str]) -> None:
-    """The package's docstrings are plain text written for ``help()``, not all of it valid reStructuredText. One
-    that reST would misread (an indented continuation, a bare ``*``) is shown as written, in a literal block;
-    the others render as reST, roles and all."""
-    if not lines:
+    """A docstring of ``AS_WRITTEN`` that reST would misread (an indented continuation, a bare ``*``) is shown as
+    written, in a literal block; one that reads cleanly renders as reST, roles and all."""
+    if name not in AS_WRITTEN or not lines:
         return
     stream = io.StringIO()
     plain = re.sub(r":[\w:.-]+:`", "`", "\n".join(lines))  # roles need Sphinx's environment: structure is the question

@@ -28,7 +28,7 @@ def _nbytes(tensor: Tensor | None) -> int:
 
 @dataclass
 class TrafficCounter:
-    """Bytes and messages that crossed the cut since the last :meth:`reset`."""
+    """Bytes and messages that crossed the cut since the last ``reset()``."""
 
     bytes_up: int = 0
     bytes_down: int = 0

@@ -124,7 +124,7 @@ class DirectionSampler:
 
         Each entry is a function of (seed, step, query, key, row, column) alone, so a row's direction does not
         depend on which other rows the step reads, and probes, updates and replays draw the same values. All rows
-        are drawn at once, by integer hashing (:func:`_hash32`) over a tensor of counters: a fixed handful of
+        are drawn at once, by integer hashing (``_hash32``) over a tensor of counters: a fixed handful of
         vectorised calls whatever the number of rows, where a generator per row cost two launches a row.
         """
         seed = self.seed_for(step, query, key, SPARSE_ROW)

@@ -341,7 +341,7 @@ def _untied_head(head: nn.Linear, input_embeddings: nn.Module) -> nn.Linear:
 
 
 def split_causal_lm(model: transformers.PreTrainedModel, cut_layer: int) -> tuple[ClientHalf, ServerHalf]:
-    """Cut `model` after decoder block `cut_layer` (0 = embeddings only on the client, L = all blocks).
+    """Cut ``model`` after decoder block ``cut_layer`` (0 = embeddings only on the client, L = all blocks).
 
     The halves share the model's own submodules (and so its weights, dtype, device and train/eval mode);
     only a tied LM head is cloned, so the client's embedding and the server's head train independently.

@@ -310,7 +310,7 @@ class SplitCausalLM(nn.Module):
 
     def scores_across(self, activations: CutActivations, labels: Tensor, source_rows: Tensor | None) -> Tensor:
         """Send the activations and labels up and the scores down: in-process here, over the wire in a client
-        process (:class:`~hosl_lightning.distributed.client.ClientSplitCausalLM`)."""
+        process (``hosl_lightning.distributed.client.ClientSplitCausalLM``)."""
         with self.server_side():
             up, targets = self.boundary.send_up(activations, {"labels": labels, "source_rows": source_rows})
             assert targets is not None
@@ -322,7 +322,7 @@ class SplitCausalLM(nn.Module):
     def server_scores(self, activations: CutActivations, labels: Tensor, source_rows: Tensor | None = None) -> Tensor:
         """The server's half of :meth:`sequence_log_likelihood`: each row's summed labelled-token log-probability.
 
-        With ``source_rows`` (from :func:`shared_prompts`), ``activations`` hold only the rows forwarded, and row r
+        With ``source_rows`` (from ``shared_prompts``), ``activations`` hold only the rows forwarded, and row r
         of ``labels`` is scored on row ``source_rows[r]`` of them.
         """
         nll, row_of_token = self._label_token_nll(self.server(activations), labels, source_rows)
@@ -341,7 +341,7 @@ class SplitCausalLM(nn.Module):
         """Same contract as ``AutoModelForCausalLM.forward`` for training and scoring (no KV cache).
 
         ``position_ids`` (packed sequences), ``logits_to_keep`` and ``return_dict`` act as in transformers; the
-        arguments that would change the result but cannot be honoured here (:data:`REFUSED_FORWARD_ARGUMENTS`)
+        arguments that would change the result but cannot be honoured here (``REFUSED_FORWARD_ARGUMENTS``)
         are refused by name. Other keywords are ignored, as the unsplit model ignores them (a classification
         batch's ``class_labels``, ``use_cache``).
         """

@@ -107,7 +107,7 @@ class ZOSGD(Optimizer):
     other; it never reads ``.grad``. Each parameter's direction key is its position in the order given
     at construction (plus ``first_key``), shared with :meth:`perturbed` so probes and updates draw the same ``u_q``.
 
-    Subclasses (:mod:`hosl_lightning.zo_optimizers`) change the estimator, the coefficients or the update; the
+    Subclasses (``hosl_lightning.zo_optimizers``) change the estimator, the coefficients or the update; the
     class attributes say what a run must know about them.
     """
 
@@ -174,7 +174,7 @@ class ZOSGD(Optimizer):
 
     # ---- the estimate ------------------------------------------------------------------------------------
     def coefficients(self, losses: Tensor, mu: float) -> Tensor:
-        """This optimizer's coefficients from the probe losses (in :func:`probe_points` order)."""
+        """This optimizer's coefficients from the probe losses (in ``probe_points`` order)."""
         return estimate_coefficients(losses, mu, self.estimator)
 
     def estimate(self, step: int, coefficients: Tensor) -> ZOEstimate:
@@ -226,7 +226,7 @@ class ZOSGD(Optimizer):
         return rates.pop() * sum(c * c for c in coefficients) / len(coefficients)
 
     def update(self, param: Tensor, group: dict[str, Any], estimate: ZOEstimate, coefficients: list[float]) -> None:
-        """One tensor's share of :meth:`step` (decoupled weight decay, then the ZO update); subclasses replace it."""
+        """One tensor's share of ``step()`` (decoupled weight decay, then the ZO update); subclasses replace it."""
         if group["weight_decay"]:
             param.mul_(1.0 - group["lr"] * group["weight_decay"])
         self.add_directions(param, self.sampler, estimate.step, coefficients, group["lr"],
@@ -282,7 +282,7 @@ class ZOSGD(Optimizer):
     def paired(self, modules: Sequence[nn.Module], step: int, query: int, mu: float, rows: int,
                half: bool = False) -> Any:
         """The ``+mu`` and ``-mu`` probes of ``query`` as one forward of a doubled batch of ``rows`` rows (first
-        half ``+mu``), each direction drawn once for both (:func:`hosl_lightning.core.perturbation.paired`)."""
+        half ``+mu``), each direction drawn once for both (``hosl_lightning.core.perturbation.paired``)."""
         return paired(self, modules, step, query, mu, rows, half)
 
 

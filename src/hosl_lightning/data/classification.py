@@ -43,20 +43,23 @@ class PromptClassificationDataModule(_TokenizedDataModule):
             over ``data_dir``. Without any, a built-in task reads its bundled folder or the hub. A
             ``validation_file`` equal to ``train_file`` carves validation out of train (disjoint), as the
             hub tasks do (MeZO's protocol: dev carved from train, test = the official validation split).
-        text_column / label_column: columns of the generic task (``label_column`` also renames a built-in's).
+        text_column: the text column of the generic task.
+        label_column: the label column of the generic task (also renames a built-in's).
         label_words: label value -> word, e.g. ``{"negative": " terrible", "positive": " great"}``;
             required for ``"generic"``, overrides a built-in's otherwise.
         template: format string over columns (default for generic: ``"{text} It was"``).
         max_length: maximum tokens per row (prompt + answer); default: the tokenizer's
             ``model_max_length`` when it is a real limit, else no limit. Long prompts are cut from the left
             of the task's ``truncate_column``; the answer never is.
-        batch_size / eval_batch_size: examples per batch (a scoring batch has ``eval_batch_size * C`` rows).
+        batch_size: examples per batch.
+        eval_batch_size: examples per evaluation batch (a scoring batch has ``eval_batch_size * C`` rows).
         loss: ``"lm"`` (train on the gold label word's tokens) or ``"classification"`` (training batches
             in scoring layout, for a loss over the classes' scores, as MeZO's option).
         k_shot: k training examples per class (seeded, balanced; an error if a class has fewer).
-        num_train / num_validation / num_test: at most n examples of each split, the first n of a seeded
-            permutation (MeZO: 1000 / 500 / 1000). ``num_validation`` is required when validation is carved
+        num_train: at most n training examples, the first n of a seeded permutation (MeZO: 1000).
+        num_validation: as ``num_train``, for validation (MeZO: 500); required when validation is carved
             out of train.
+        num_test: as ``num_train``, for test (MeZO: 1000).
         seed: seed of all sampling and of the training shuffle (which also depends on the epoch).
         shuffle_seed: seed of the training shuffle alone (default: ``seed``), to repeat a fit on the same
             examples in another order, e.g. to measure how much a result owes to the order.
@@ -64,10 +67,11 @@ class PromptClassificationDataModule(_TokenizedDataModule):
         partition: how several clients share the training split: ``"none"`` (each reads all of it), ``"iid"``
             (equal seeded shards) or ``"dirichlet"`` (label skew: each class divided among the clients in
             Dirichlet(``alpha``) proportions; smaller ``alpha``, fewer classes per client). Drawn from ``seed``, the
-            same in every client, so shards are disjoint and cover the split (:mod:`hosl_lightning.data.partition`).
+            same in every client, so shards are disjoint and cover the split (``hosl_lightning.data.partition``).
         alpha: the Dirichlet concentration of ``partition="dirichlet"`` (unset: 0.5); refused with other schemes.
-        client_index / num_clients: which shard this process takes, of how many (unset: ``RANK - 1`` of
-            ``WORLD_SIZE - 1``, as torchrun sets them for a distributed run's clients).
+        client_index: which shard this process takes (unset: ``RANK - 1``, as torchrun sets it for a
+            distributed run's clients).
+        num_clients: how many shards there are (unset: ``WORLD_SIZE - 1``).
     """
 
     def __init__(

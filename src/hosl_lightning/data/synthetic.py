@@ -36,17 +36,20 @@ class ProgressionDataset(Dataset):
 
 
 class SyntheticLMDataModule(LightningDataModule):
-    """Train/validation splits of :class:`ProgressionDataset` (no files, no tokenizer).
+    """Train/validation splits of ``ProgressionDataset`` (no files, no tokenizer).
 
     Args:
         vocab_size: token ids are drawn below this; match the model's vocabulary.
         seq_len: tokens per sequence.
         max_stride: strides are drawn from ``[1, max_stride]``.
-        train_size / val_size: number of sequences per split.
+        train_size: number of training sequences.
+        val_size: number of validation sequences.
         batch_size: sequences per batch.
         seed: data seed (validation uses ``seed + 1``).
-        partition / client_index / num_clients: this client's share of the training sequences, as
-            :class:`~hosl_lightning.data.PromptClassificationDataModule`'s (``"none"`` or ``"iid"``: no classes here).
+        partition: how the clients share the training sequences, as
+            :class:`~hosl_lightning.PromptClassificationDataModule`'s (``"none"`` or ``"iid"``: no classes here).
+        client_index: which share this client takes, as there.
+        num_clients: how many shares there are, as there.
     """
 
     def __init__(

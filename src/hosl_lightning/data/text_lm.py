@@ -24,7 +24,7 @@ class TextLMDataModule(_TokenizedDataModule):
     truncation, special tokens included). Texts of fewer than 2 tokens hold no next-token target and are
     dropped, with a warning; a split left empty is an error.
 
-    Args: as :class:`PromptClassificationDataModule`, with ``text_column`` the column to train on
+    Its arguments are :class:`PromptClassificationDataModule`'s, with ``text_column`` the column to train on
     (``partition="dirichlet"`` needs classes, so ``"none"`` and ``"iid"`` only).
     """
 
