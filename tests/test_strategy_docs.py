@@ -14,9 +14,9 @@ from hosl_lightning import HOSLStrategy
 def _documented(doc: str) -> set[str]:
     names = set()
     for line in doc.splitlines():
-        match = re.match(r"^ {8}([a-z_]+(?: / [a-z_]+)*):", line)
+        match = re.match(r"^ {4}([a-z_]+):", line)
         if match:
-            names.update(match.group(1).split(" / "))
+            names.add(match.group(1))
     return names
 
 

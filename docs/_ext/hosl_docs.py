@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import inspect
-import io
 import os
 import re
 import subprocess
@@ -18,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from docutils import nodes
-from docutils.core import publish_doctree
 from docutils.statemachine import StringList
 from sphinx.application import Sphinx
 from sphinx.util.docutils import SphinxDirective
@@ -88,7 +86,8 @@ def _summary(entry: Any) -> str:
         doc = (inspect.getdoc(entry) or "").split("\n\n")[0].replace("\n", " ")
         return f"``{entry.__module__}.{entry.__qualname__}``" + (f": {doc}" if doc else "")
     fields = getattr(entry, "__dataclass_fields__", {})
-    shown = [f"{name}={getattr(entry, name)!r}" for name in fields
+    package = str(Path(hosl_lightning.__file__).parent)  # a bundled file's path, shown from the package, not this machine
+    shown = [f"{name}={getattr(entry, name)!r}".replace(package, "<hosl_lightning>") for name in fields
              if isinstance(getattr(entry, name), str | int | float | bool | tuple | dict)
              and not callable(getattr(entry, name)) and name != "name"]
     return f"{type(entry).__name__}(" + ", ".join(f"``{item}``" for item in shown) + ")"
@@ -128,33 +127,7 @@ def link_repository_files(app: Sphinx, docname: str, source: list[str]) -> None:
     source[0] = _LINK.sub(replace, source[0])
 
 
-_STRUCTURE = ("Unexpected indentation", "ends without a blank line", "Inline ", "Unknown target name",
-              "Malformed table", "Unexpected section title", "Title underline too short", "Duplicate explicit target")
-
-
-# Docstrings that reST still misreads, shown as written (a literal block) until their source is fixed. Every other
-# public docstring is valid reST (Google-style Args read by napoleon) and renders as such; a malformed one is a
-# build warning, so an error under -W. HOSLStrategy's: strategy.py appends RunSettings.__doc__ without
-# inspect.cleandoc, so everything after its first paragraph keeps the class body's indent (a block quote, its
-# Args never parsed). Drop the entry once that is fixed (tests/test_strategy_docs.py reads the 8-space indent).
-AS_WRITTEN = frozenset({"hosl_lightning.HOSLStrategy"})
-
-
-def docstring_as_written(app: Sphinx, what: str, name: str, obj: Any, options: Any, lines: list[str]) -> None:
-    """A docstring of ``AS_WRITTEN`` that reST would misread (an indented continuation, a bare ``*``) is shown as
-    written, in a literal block; one that reads cleanly renders as reST, roles and all."""
-    if name not in AS_WRITTEN or not lines:
-        return
-    stream = io.StringIO()
-    plain = re.sub(r":[\w:.-]+:`", "`", "\n".join(lines))  # roles need Sphinx's environment: structure is the question
-    publish_doctree(plain, settings_overrides={"warning_stream": stream, "report_level": 2,
-                                                          "halt_level": 5})
-    if any(problem in stream.getvalue() for problem in _STRUCTURE):
-        lines[:] = ["::", "", *(f"    {line}" for line in lines), ""]
-
-
 def setup(app: Sphinx) -> dict[str, Any]:
-    app.connect("autodoc-process-docstring", docstring_as_written)
     app.connect("source-read", link_repository_files)
     app.add_directive("hosl-api", ApiDirective)
     app.add_directive("hosl-registry", RegistryDirective)

@@ -76,8 +76,9 @@ class RunSettings:
             loss it logs); a drop-in module refuses the others.
         batch_probes: compute the 2Q server losses in one batched forward (faster) instead of one at a time.
             Unset: batched; a drop-in module runs its probes one at a time and refuses True.
-        client_device / server_device: where each half lives (e.g. ``"cpu"`` and ``"cuda:0"`` to emulate an
-            edge device beside a server); by default the Trainer's device.
+        client_device: where the client half lives (e.g. ``"cpu"``, with ``server_device="cuda:0"``, to emulate
+            an edge device beside a server); by default the Trainer's device.
+        server_device: where the server half lives; by default the Trainer's device.
         memory_every_n_steps: measure each side's memory (peak, parameters, gradients, optimizer state,
             activations) on the first two steps of a fit and then on every step whose index is a multiple of
             n; 0 (the default) turns it off. Opt-in because on CUDA a measured step resets the device's peak
@@ -96,24 +97,28 @@ class RunSettings:
             error that names the peer and what was awaited. Joining at the start waits at most
             ``max(timeout_s, 60)`` s (plus 5 s for torch to report), then raises ``PeerUnreachable`` naming the
             peer, the address and what to check (server not started, port held by another program).
-        init_method / rank / world_size: how the processes find each other; by default ``"env://"`` and the
-            ``RANK`` / ``WORLD_SIZE`` / ``MASTER_ADDR`` / ``MASTER_PORT`` variables that ``torchrun`` sets.
-            Rank 0 is the server; ranks 1..world_size-1 are clients, each with its own data.
+        init_method: how the processes of a distributed run find each other; by default ``"env://"``, the
+            ``MASTER_ADDR`` and ``MASTER_PORT`` variables that ``torchrun`` sets.
+        rank: this process's rank; by default ``RANK``. Rank 0 is the server; ranks 1..world_size-1 are clients,
+            each with its own data.
+        world_size: the number of processes, the server and its clients; by default ``WORLD_SIZE``.
         schedule: with several clients, ``"sequential"`` (they take turns of ``steps_per_turn`` steps, the client
             half passing from one to the next: sequential split learning) or ``"parallel"`` (they train at the
             same time and their halves are averaged every ``sync_every_n_steps`` steps: split-federated learning).
         client_sync: how client halves are kept in step: ``"seeds"`` (the ZO updates travel as (seed, step, lr,
             coefficients) and are replayed: bytes instead of megabytes; needs zo_weight_decay=0) or ``"weights"``
             (the half's weights; the only choice in ``fo`` mode).
-        steps_per_turn / sync_every_n_steps: the length of a turn (sequential) and of a round (parallel).
+        steps_per_turn: the length in steps of a client's turn (``schedule="sequential"``).
+        sync_every_n_steps: the length in steps of a round (``schedule="parallel"``).
         server_checkpoint_dir: where the server keeps its half of each client checkpoint (``<name>.server.pt``, on
             the server's disk); a client names only the file, never a path, so no peer can write elsewhere.
-        client_adapter / server_adapter: peft adapters on that side's decoder blocks, as a dict of
+        client_adapter: peft adapters on the client's decoder blocks, as a dict of
             ``peft.LoraConfig`` fields (e.g. ``{r: 8, lora_alpha: 16, target_modules: [q_proj, v_proj]}``; add
             ``peft_type`` for another method) or a peft config. A side with adapters trains only them (its base
             weights are frozen: ZO never perturbs them and backprop gives them no gradient); a side without
             trains all its weights. ``strategy.peft_model`` is the PeftModel for saving and merging
             (:mod:`hosl_lightning.models`). In-process runs only; needs ``pip install 'hosl-lightning[peft]'``.
+        server_adapter: peft adapters on the server's decoder blocks, as ``client_adapter`` on the client's.
         client_frozen: modules of the client half whose weights do not train, by their names inside it (e.g.
             ``[embeddings.embed_tokens]``: ZO then perturbs the client's blocks only, a smaller d_c). A tied LM
             head is the server's own copy and still trains. A name the client does not have fails, listing those

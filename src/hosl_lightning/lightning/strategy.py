@@ -6,6 +6,7 @@ together: the mode (:mod:`hosl_lightning.modes`) over a link (in-process, the wi
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -43,7 +44,7 @@ from hosl_lightning.modes.frozen import NoUpdate
 class HOSLStrategy(RunSettings, SplitCheckpoints, FusedClientUpdate, SingleDeviceStrategy):
     # The options' documentation lives with their checks (settings.RunSettings); the class and its __init__ carry it.
     __doc__ = "Hybrid-order split learning: zeroth-order client, first-order server, cut at ``cut_layer``.\n\n" + (
-        RunSettings.__doc__ or "")
+        inspect.cleandoc(RunSettings.__doc__ or ""))
 
     strategy_name = STRATEGY_NAME
 
