@@ -235,6 +235,8 @@ class Rates:
             edge = " (at the grid's edge)" if value in (min(grid), max(grid)) and len(grid) > 1 else ""
             self._take(method.name, cut, pick, f"lowest validation loss of {len(grid)} after {pick.steps} steps{edge}"
                        + (" (claims study)" if claims else ""))
+        elif None not in configs and all(c.key() in self.cache for c in configs):  # type: ignore[union-attr]
+            self.why[(method.name, cut)] = "every rate of the sweep diverged: no final run until the grid changes"
         return pick
 
     def final(self, group: str, name: str, cut: int, seed: int, dataset: str = TASK) -> Entry:

@@ -94,9 +94,14 @@ class Tables:
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
         self.runs: dict[tuple[str, int, str], Runs] = defaultdict(list)
+        self.diverged: list[Entry] = []  # finished without a test score: the run diverged
         for entry in plan.entries + plan.bbc:
             if not entry.sweep and plan.done(entry):
-                self.runs[(entry.dataset, entry.cut, entry.method)].append(plan.cache[entry.config.key()])
+                record = plan.cache[entry.config.key()]
+                if record.get("test"):
+                    self.runs[(entry.dataset, entry.cut, entry.method)].append(record)
+                else:
+                    self.diverged.append(entry)
         for runs in self.runs.values():
             runs.sort(key=lambda r: r["config"]["seed"])
 
@@ -133,8 +138,10 @@ def write_report(cache: dict[str, dict[str, Any]], setup: Setup, out: Path, comm
                      + frozen_verdict(gains, len(setup.seeds)),
                      f"- **{dataset}, the deep cut within {FO_GAP:g} point of fo:** "
                      + deep_verdict(clients, tables.get(dataset, deep, FO.name)[0], deep, len(setup.seeds))]
+    diverged = [f"- {e.label()}: {plan.cache[e.config.key()]['diverged']}" for e in tables.diverged]
     lines = [*header(tables, command), "## Verdicts (issue 40)", "", *verdicts, "", *body, *sweep_section(tables),
-             *missing_section(plan)]
+             *missing_section(plan), *(["## Diverged runs", "", "Done, not scored, not rerun:", "", *diverged, ""]
+                                      if diverged else [])]
     out.mkdir(parents=True, exist_ok=True)
     (out / "cut_depth.md").write_text("\n".join(lines) + "\n")
     with (out / "cut_depth.csv").open("w", newline="") as handle:

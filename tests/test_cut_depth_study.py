@@ -139,3 +139,8 @@ def test_a_tiny_study_runs_end_to_end(tmp_path: Path) -> None:
     assert "| 4 | hosl/forward_gradient-sparse | 1 |" in report and "## Missing runs" in report
     assert (tmp_path / "cut_depth.csv").read_text().count("\n") == 1 + len([e for e in plan.entries if not e.sweep
                                                                            and plan.done(e)])
+    key = next(k for k, r in cache.items() if r is fg)  # a run that diverged is done, listed, and scores nothing
+    cache[key] = {**fg, "diverged": "step 1: the training loss is nan", "test": None}
+    write_report(cache, setup, tmp_path, "test")
+    report = (tmp_path / "cut_depth.md").read_text()
+    assert "| 4 | hosl/forward_gradient-sparse | 0 |" in report and "step 1: the training loss is nan" in report
