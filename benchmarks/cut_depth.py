@@ -198,7 +198,7 @@ class Rates:
         fo = self._sweep(FO, CUT, None, claims=True)
         for cut in setup.cuts:
             if fo is not None:
-                self._take("fo", cut, fo, "fo's sweep (claims study); fo is one computation at every cut"
+                self._take(FO.name, cut, fo, "fo's sweep (claims study); fo is one computation at every cut"
                            if cut != CUT else None)
             if cut == CUT:
                 server = fo
@@ -323,8 +323,8 @@ class Plan:
                        f"h budget, {left:.2f} h left; the deep cut's larger Q: {deep}.")]
         upcoming = self.runnable()[:4]
         if upcoming:
-            lines.append("Next: " + "; ".join(e.label() for e in upcoming) + (" ..." if len(self.runnable()) > 4
-                                                                               else "") + ".")
+            more = len(self.runnable()) > len(upcoming)
+            lines.append("Next: " + "; ".join(e.label() for e in upcoming) + ("; ..." if more else "."))
         if self.fo_check is False:
             lines.append("fo's deep-cut check differs from cut 2: fo's seeds at cuts 16 and 26 are in the plan.")
         cpu = machine().split(",")[0]
