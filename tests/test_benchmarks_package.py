@@ -19,8 +19,8 @@ STUDIES = sorted(".".join(p.relative_to(ROOT).with_suffix("").parts) for p in (R
 
 
 def test_the_studies_are_the_expected_ones() -> None:
-    assert {"benchmarks.claims", "benchmarks.convergence", "benchmarks.memory", "benchmarks.speed",
-            "benchmarks.processes", "benchmarks.tuning_ranks", "benchmarks.frontier", "benchmarks.diagnostics.passes",
+    assert {"benchmarks.claims", "benchmarks.convergence", "benchmarks.cut_depth", "benchmarks.frontier", "benchmarks.memory",
+            "benchmarks.speed", "benchmarks.processes", "benchmarks.tuning_ranks", "benchmarks.diagnostics.passes",
             "benchmarks.diagnostics.subset_choice", "benchmarks.diagnostics.bf16_probes"} <= set(STUDIES)
 
 
@@ -33,7 +33,7 @@ def test_every_module_imports_without_path_tricks(name: str) -> None:
 
 
 def test_every_cached_run_is_found_by_its_key() -> None:
-    from benchmarks import claims
+    from benchmarks import claims, cut_depth  # noqa: F401 - cut_depth registers its methods, for their keys
     from benchmarks.common.cache import load_cache
     from benchmarks.common.training import CACHE, METHOD, RunConfig, memory_key
     from benchmarks.convergence import HOSL_OPTIONS

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -98,23 +99,27 @@ class RunConfig:
 
 
 class Curve(L.Callback):
-    """Validation loss and accuracy every ``every`` steps, with the client's cumulative seconds and the train loss."""
+    """Validation loss and accuracy every ``every`` steps, with each half's cumulative seconds and the train loss.
+
+    The seconds are the training steps' own (the strategy's ``hosl/client_sec`` and ``hosl/server_sec``), not the
+    validation's. Runs cached before ``server_s`` was kept have ``client_s`` alone."""
 
     def __init__(self, every: int, val_batches: list[dict[str, Any]]) -> None:
         self.every, self.val_batches = every, val_batches
         self.points: list[dict[str, float]] = []
         self.train_loss: list[float] = []
-        self.client_s = 0.0
+        self.client_s = self.server_s = 0.0
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, *args: Any) -> None:
         metrics = trainer.callback_metrics
         self.client_s += float(metrics.get("hosl/client_sec", 0.0))
+        self.server_s += float(metrics.get("hosl/server_sec", 0.0))
         self.train_loss.append(float(metrics.get("train_loss", float("nan"))))
         step = trainer.global_step
         if step % self.every == 0 or step == trainer.max_steps:
             scores = pl_module.evaluate(self.val_batches, stage="val")
             self.points.append({"step": step, "val_loss": scores["val_loss"], "val_acc": scores["val_acc"],
-                                "client_s": self.client_s})
+                                "client_s": self.client_s, "server_s": self.server_s})
 
 
 @torch.no_grad()
@@ -153,15 +158,19 @@ def run(config: RunConfig, base: Any, tokenizer: Any, data_dir: Path, code: str)
     trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=1, max_steps=config.steps, max_epochs=-1,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, callbacks=[curve])
-    started, diverged = time.perf_counter(), None
+    started, diverged, load = time.perf_counter(), None, os.getloadavg()[0]
     try:
         trainer.fit(module, train_dataloaders=train_dm.train_dataloader())
     except DivergenceError as error:
         diverged = str(error)
     record: dict[str, Any] = {"config": asdict(config), "options": asdict(method), "commit": code,
                               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
-                              "train_s": time.perf_counter() - started, "diverged": diverged,
-                              "curve": curve.points, "train_loss": curve.train_loss, "client_s": curve.client_s}
+                              "load_1min": load, "train_s": time.perf_counter() - started, "diverged": diverged,
+                              "curve": curve.points, "train_loss": curve.train_loss, "client_s": curve.client_s,
+                              "server_s": curve.server_s}
+    if method.mode == "hosl":  # each half's first-order predicted loss decrease, summed over the fit
+        decrease = strategy.predicted_decrease
+        record["predicted_decrease"] = {**decrease.totals, "steps": decrease.steps}
     if method.client_adapter is None:
         record["client_shift"] = client_shift(strategy.split_model, base, config.cut)
     if diverged is None and not config.is_sweep:  # sweep runs are judged on validation only
