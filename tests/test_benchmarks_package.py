@@ -19,8 +19,8 @@ STUDIES = sorted(".".join(p.relative_to(ROOT).with_suffix("").parts) for p in (R
 
 
 def test_the_studies_are_the_expected_ones() -> None:
-    assert {"benchmarks.claims", "benchmarks.convergence", "benchmarks.cut_depth", "benchmarks.frontier", "benchmarks.memory",
-            "benchmarks.speed", "benchmarks.processes", "benchmarks.tuning_ranks", "benchmarks.diagnostics.passes",
+    assert {"benchmarks.claims", "benchmarks.convergence", "benchmarks.cut_depth", "benchmarks.frontier",
+            "benchmarks.memory", "benchmarks.speed", "benchmarks.processes", "benchmarks.tuning_ranks", "benchmarks.diagnostics.passes",
             "benchmarks.diagnostics.subset_choice", "benchmarks.diagnostics.bf16_probes"} <= set(STUDIES)
 
 
