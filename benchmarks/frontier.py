@@ -37,7 +37,10 @@ from __future__ import annotations
 
 import copy
 import csv
+import json
+import multiprocessing as mp
 import statistics
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -167,30 +170,51 @@ def measure_rss(choice: FrontierOption, cut: int, model_dir: Path, steps: int) -
             "server_rss_mib": server["peak_rss_mib"], "rss_steps": steps}
 
 
+def measure_in_child(choice: FrontierOption | None, cut: int, steps: int, out: str, model: str | dict) -> None:
+    """The client's peak and, for an option, its in-process costs, in a process of their own: the Trainers and
+    memory trackers of a long sitting otherwise pile up in one process (20 GiB by cut 2, then the OOM killer)."""
+    quiet_lightning()
+    base = (load_causal_lm(model) if isinstance(model, str) else load_causal_lm(model_config=model)).eval()
+    result: dict[str, Any] = {"client": measure_peak(base, choice, cut)}
+    if choice is not None:
+        result |= measure_costs(base, choice, cut, steps)
+    Path(out).write_text(json.dumps(result))
+
+
+def measured(choice: FrontierOption | None, cut: int, steps: int, model: str | dict) -> dict[str, Any]:
+    """``measure_in_child``'s result, from a spawned process that exits when done. ``model``: a name for
+    ``load_causal_lm``, or a config dict (the tests' tiny model)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "measured.json"
+        process = mp.get_context("spawn").Process(target=measure_in_child, args=(choice, cut, steps, str(out), model))
+        process.start()
+        process.join()
+        if process.exitcode != 0:
+            raise SystemExit(f"measuring {choice.name if choice else 'the floor'} at cut {cut} failed "
+                             f"(exit code {process.exitcode}); see its output above")
+        return json.loads(out.read_text())
+
+
 def run(cuts: tuple[int, ...], choices: tuple[FrontierOption, ...], steps: int, rss: bool, rss_steps: int,
-        budget_min: float) -> None:
-    """Measure every (option, cut) not in the cache, the floor of each cut first; start none after ``budget_min``."""
+        budget_min: float, model: str | dict = SMOLLM2) -> None:
+    """Measure every (option, cut) not in the cache, the floor of each cut first; start none after ``budget_min``.
+    Each record is measured in fresh processes, so one record's leftovers cannot move the next one's figures."""
     cache = load_cache(CACHE)
     code = code_state()
     started_sitting = time.perf_counter()
-    base = None
     for cut in cuts:
         for choice in [c for c in (None, *choices) if key(c, cut, steps) not in cache]:
             if (time.perf_counter() - started_sitting) / 60 > budget_min:
                 print(f"budget of {budget_min:g} min spent; stopping", flush=True)
                 return
-            if base is None:
-                base = load_causal_lm(SMOLLM2).eval()
             started = time.perf_counter()
             record: dict[str, Any] = {"choice": None if choice is None else asdict(choice), "cut": cut, "batch": BATCH,
                                       "length": LENGTH, "steps": steps, "commit": code,
                                       "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                                       "load_before": load_average()}
-            record["client"] = measure_peak(base, choice, cut)
-            if choice is not None:
-                record |= measure_costs(base, choice, cut, steps)
-                if rss:
-                    record |= measure_rss(choice, cut, exported(RESULTS / "_processes_tmp" / SMOLLM2, base), rss_steps)
+            record |= measured(choice, cut, steps, model)
+            if choice is not None and rss:
+                record |= measure_rss(choice, cut, exported(RESULTS / "_processes_tmp" / SMOLLM2), rss_steps)
             record["seconds"] = time.perf_counter() - started
             save(key(choice, cut, steps), record, CACHE)
             cache[key(choice, cut, steps)] = record

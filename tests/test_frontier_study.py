@@ -124,15 +124,12 @@ def test_a_study_with_no_frozen_or_hosl_record_says_so() -> None:
 def test_a_sitting_on_a_tiny_model_writes_records_the_report_reads(tmp_path, monkeypatch) -> None:
     """run() end to end on a 2-block model of SmolLM2's vocabulary (no two-process run): the floor and an option
     at one cut, under their keys, read back by the report."""
-    from hosl_lightning import load_causal_lm
-
     config = dict(model_type="llama", vocab_size=frontier.SMOLLM2_SHAPE["vocab_size"], hidden_size=16,
                   num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, intermediate_size=32,
                   max_position_embeddings=64)
-    monkeypatch.setattr(frontier, "load_causal_lm", lambda name: load_causal_lm(model_config=config))
     monkeypatch.setattr(frontier, "CACHE", tmp_path / "frontier")
     frozen = option("frozen")
-    frontier.run((1,), (frozen,), steps=1, rss=False, rss_steps=1, budget_min=60)
+    frontier.run((1,), (frozen,), steps=1, rss=False, rss_steps=1, budget_min=60, model=config)
     stored = frontier.load_cache(tmp_path / "frontier")
     assert set(stored) == {frontier.key(None, 1, 1), frontier.key(frozen, 1, 1)}
     record = stored[frontier.key(frozen, 1, 1)]
