@@ -11,6 +11,7 @@ import torch
 import yaml
 
 from hosl_lightning.cli import build_cli, main
+from hosl_lightning.core.options import UserError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 FAST = ["--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1",
@@ -74,7 +75,8 @@ def test_the_command_line_runs_without_lightnings_args_warning() -> None:
 
 
 @pytest.mark.parametrize("override", ["--trainer.strategy.init_args.mode=hsol", "--trainer.strategy.init_args.q=0",
-                                      "--model.model=./no/such/dir", "--trainer.strategy.init_args.cut_layer=9"])
+                                      "--trainer.strategy.init_args.mode=fo", "--model.model=./no/such/dir",
+                                      "--trainer.strategy.init_args.cut_layer=9"])
 def test_every_refused_option_reports_in_one_style(override: str, tmp_path: Path) -> None:
     """A value jsonargparse refuses, one a constructor refuses and one found once the model is there (cut_layer=9
     of 4 blocks, a traceback before) all print one line, exit 2."""
@@ -122,6 +124,75 @@ def test_user_errors_found_early_or_late_read_alike(override: str, message: str,
     """cut_layer=-1 and cut_layer=9 one way; inf as 1e999; Lightning's own refusals before the model loads."""
     monkeypatch.chdir(tmp_path)
     assert _refusal([*FIT, override], capsys) == f"hosl-lightning fit: error: {message}"
+
+
+UNUSED_Q = "q=2 is not valid with mode='fo', which does not use it: remove q, or choose a mode that uses it ('hosl', 'zo')"
+UNION_NOISE = "Does not validate against any of the Union subtypes"
+
+
+def _fo_config_with_q(tmp_path: Path) -> str:
+    config = yaml.safe_load((CONFIGS / "synthetic-fo.yaml").read_text())
+    config["trainer"]["strategy"]["init_args"]["q"] = 2
+    path = tmp_path / "fo-with-q.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--config", str(CONFIGS / "synthetic.yaml"), "--trainer.strategy.init_args.mode=fo"], UNUSED_Q),
+        (["--config", str(CONFIGS / "synthetic-fo.yaml"), "--trainer.strategy.init_args.q", "2"], UNUSED_Q),
+        (["--config", "FO_WITH_Q"], UNUSED_Q),  # set in the YAML itself
+        (["--config", str(CONFIGS / "synthetic.yaml"), "--trainer.strategy.init_args.zo_optimizer=fzoo",
+          "--trainer.strategy.init_args.pair_probes=true"],
+         "pair_probes=True is not valid with zo_optimizer 'fzoo', which does not use it: remove pair_probes, or choose "
+         "a zo_optimizer that uses it ('zo_sgd', 'zo_momentum')"),
+    ],
+    ids=["mode-on-the-command-line", "q-on-the-command-line", "q-in-the-yaml", "pair_probes-with-fzoo"],
+)
+def test_a_strategys_refusal_prints_its_own_line_not_jsonargparses_union_error(
+        args: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
+    """HOSLStrategy refuses these when jsonargparse builds it, inside the Trainer's ``strategy: str | Strategy``:
+    jsonargparse wraps the refusal in its union-type error, which the command line used to print around it."""
+    monkeypatch.chdir(tmp_path)
+    args = [_fo_config_with_q(tmp_path) if arg == "FO_WITH_Q" else arg for arg in args]
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", *args, "--trainer.max_steps=1", "--trainer.enable_progress_bar=false"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if "error" in line.lower()] == [f"hosl-lightning fit: error: {message}"]
+    assert UNION_NOISE not in err and "ValueError" not in err
+
+
+@pytest.mark.parametrize("where", ["command-line", "yaml"])
+def test_a_misspelt_strategy_option_keeps_jsonargparses_own_error(where: str, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """Only a constructor's own refusal replaces jsonargparse's message: an option the strategy has no parameter
+    for is jsonargparse's to name."""
+    if where == "yaml":
+        config = yaml.safe_load((CONFIGS / "synthetic.yaml").read_text())
+        config["trainer"]["strategy"]["init_args"]["qq"] = 2
+        (tmp_path / "typo.yaml").write_text(yaml.safe_dump(config))
+        args = ["--config", str(tmp_path / "typo.yaml")]
+    else:
+        args = ["--config", str(CONFIGS / "synthetic.yaml"), "--trainer.strategy.init_args.qq=2"]
+    line = _refusal(["fit", *args, "--print_config"], capsys)
+    assert line.startswith('hosl-lightning fit: error: Parser key "trainer.strategy": ')
+    assert line.endswith("Option 'qq' is not accepted")
+
+
+def test_a_refusal_jsonargparse_got_past_is_not_blamed_for_another_error() -> None:
+    from hosl_lightning.lightning.cli import _Refusals
+
+    def refuse(**options: object) -> None:
+        raise UserError("q=2 is not valid with mode='fo'")
+
+    refusals = _Refusals()
+    with pytest.raises(UserError):
+        refusals(refuse, q=2)
+    assert refusals.cause_of(ValueError("Errors:\n  - q=2 is not valid with mode='fo'\n")) is refusals.raised[0]
+    assert refusals.cause_of(ValueError("Option 'qq' is not accepted")) is None
 
 
 def test_a_quoted_inf_stays_text_and_the_loader_is_left_as_it_was() -> None:

@@ -59,6 +59,29 @@ OTHER_COMMANDS = {
 }
 
 
+class _Refusals:
+    """jsonargparse's instantiator for every class the config names (model and data keep Lightning's): it calls the
+    class as jsonargparse would, and keeps each :class:`UserError` its constructor raises. jsonargparse reports a
+    refusal of a class in a union (the Trainer's ``strategy: str | Strategy``) as "Does not validate against any of
+    the Union subtypes ...", with our message among its lines and the UserError itself dropped (only the first
+    subtype's error is chained); :meth:`cause_of` finds it again."""
+
+    def __init__(self) -> None:
+        self.raised: list[UserError] = []
+
+    def __call__(self, class_type: type, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return class_type(*args, **kwargs)
+        except UserError as error:
+            self.raised.append(error)
+            raise
+
+    def cause_of(self, error: BaseException) -> UserError | None:
+        """The latest refusal whose message ``error`` carries: not one that jsonargparse got past (another subtype
+        of the union took the value) while something else failed."""
+        return next((refusal for refusal in reversed(self.raised) if str(refusal) in str(error)), None)
+
+
 class HOSLCLI(LightningCLI):
     """LightningCLI with HOSLStrategy as the default strategy; reports the loss trend and zero-shot vs final scores."""
 
@@ -128,9 +151,13 @@ class HOSLCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         """In a distributed run the model is built on the meta device; each process then loads only its half.
 
-        A bad option refused by a constructor (``q=0 is not valid: ...``) becomes a :class:`UserError`, which the
-        command line reports as it reports jsonargparse's own: one line, exit status 2.
+        A bad option refused by a constructor (``q=0 is not valid: ...``) is reported as that constructor's
+        :class:`UserError`, also where jsonargparse wraps it (a strategy's refusal, inside its union-type error);
+        another error of a constructor becomes one. The command line reports them as it reports jsonargparse's own:
+        one line, exit status 2.
         """
+        refusals = _Refusals()
+        self.parser.add_instantiator(refusals, object)  # after Lightning's, which build the model and data
         try:
             if not self._distributed():
                 return super().instantiate_classes()
@@ -139,6 +166,9 @@ class HOSLCLI(LightningCLI):
         except UserError:
             raise
         except (ValueError, TypeError, FileNotFoundError, ModuleNotFoundError) as error:
+            refusal = refusals.cause_of(error)
+            if refusal is not None:
+                raise refusal from error
             raise UserError(f"{type(error).__name__}: {error}") from error
 
 
