@@ -22,20 +22,28 @@ cut-2 runs of fo, frozen and the paper's ZO-SGD are the claims study's own files
 - **fo is one computation at every cut.** It trains every weight by backprop with one AdamW, and the cut only
   moves where the backward pass crosses; the weights after training are bit-for-bit the same at every cut
   (``tests/test_cut_depth_study.py`` checks it on a tiny Llama). So cut 2's fo runs serve every cut, and one fo
-  run at the deep cut (seed 0) checks it on SmolLM2: should its test predictions differ from cut 2's, fo's other
-  seeds at cuts 16 and 26 join the plan.
+  run at the deep cut (seed 0) checks it on SmolLM2, against cut 2's seed 0 found by its exact key: should its
+  test predictions differ from cut 2's, fo's other seeds at cuts 16 and 26 (and at the deep cut on bbc_news) join
+  the plan, and the report takes each cut's own fo runs. A mismatch may also come from the two records' commits or
+  machines; the report names both.
 - **Learning rates** (seed 0, ``SWEEP_STEPS`` steps, validated once on 100 examples, the lowest validation loss
   wins): fo's AdamW lr is the claims study's pick. The server's AdamW lr at a cut is frozen's pick there from
   ``SERVER_LRS`` (the server learning alone); at cut 2 it is fo's, as in the claims study. Every hosl client's
   server runs it, so a client minus frozen compares equal servers. ZO-SGD's zo_lr is swept over its claims grid
-  (the claims study's pick at cut 2); the forward-gradient client's over ``FG_ZO_LRS`` at Q=1, and its larger-Q
-  runs take the Q=1 pick at their cut (the mean over Q directions has the same expected step and less variance,
-  so that rate is safe there; a larger one is left untried).
+  (the claims study's pick at cut 2); the forward-gradient client's over ``FG_ZO_LRS`` at Q=1. The larger Q has a
+  sweep of its own at cut 2 (Q=``LARGER_Q``): the Q=1 pick there and 10x it (``LARGER_Q_FACTORS``; the mean over
+  Q directions has the same expected step and less variance, so a larger rate may now be the better one). Every
+  larger-Q run, at every cut and the deep cut's Q included, takes the Q=1 pick at its cut times the factor that
+  sweep chose (at cut 2, the sweep's pick itself).
 - **Order.** Sweeps before the runs that take their rates; then frozen, fo's check and the Q=1 forward-gradient
-  client at cuts 16 and 26, seed by seed; ZO-SGD there; the forward-gradient client at cut 2; Q=8 at cuts 2 and
-  16; the deep cut's larger Q; bbc_news (``--bbc-news``, at the rotten_tomatoes rates) last.
+  client at cuts 16 and 26, seed by seed; ZO-SGD there; the forward-gradient client at cut 2; the larger Q's sweep
+  at cut 2, then Q=8 at cuts 2 and 16; the deep cut's larger Q; bbc_news (``--bbc-news``, at the rotten_tomatoes
+  rates) last.
+- **The claims study's runs** (cut 2's fo, frozen and ZO-SGD) are taken by their keys and never run here: those
+  not cached yet are listed as pending elsewhere (``python -m benchmarks.claims`` runs them), not as done.
 - **Cost.** ``Costs`` estimates each run from per-block costs fitted to the cached runs (2-core AMD EPYC); the
-  plan prints its hours, and the deep cut's larger Q is the first thing it drops to fit ``BUDGET_H``.
+  plan prints its hours (wall hours of that 2-core machine, not CPU-core hours), and the deep cut's larger Q is
+  the first thing it drops to fit ``BUDGET_H``.
 """
 
 from __future__ import annotations
@@ -79,6 +87,7 @@ DEEP_CUT, LARGER_Q, DEEP_QS = 26, 8, (8, 4, 2)
 BUDGET_H = 12.0  # the study's new runs, on the 2-core machine
 SERVER_LRS = (1e-5, 1e-4)  # frozen's sweep of the server's AdamW lr at cuts past 2
 FG_ZO_LRS = (1e-6, 1e-5, 1e-4)
+LARGER_Q_FACTORS = (1.0, 10.0)  # the larger Q's sweep at cut 2: the Q=1 pick there, and 10x it
 FO, ZO_SGD = METHOD["fo"], METHOD["hosl/zo_sgd-dense"]  # the convergence study's (claims' cut-2 runs)
 FROZEN_SWEEP = dataclasses.replace(FROZEN, lrs=SERVER_LRS)  # the same runs' keys: a key leaves the grid out
 
@@ -181,6 +190,13 @@ class Entry:
         return f"{self.method} at cut {self.cut} on {self.dataset}, {what}{rate}"
 
 
+def scaled(rate: float | None, factor: float) -> float:
+    """``rate`` x ``factor`` to 6 significant digits: 1e-5 x 10 is 1e-4, not 0.00010000000000000002 (a run's key
+    holds its rates)."""
+    assert rate is not None
+    return float(f"{rate * factor:.6g}")
+
+
 def rates(config: RunConfig) -> str:
     return ", ".join(f"{name} {value:g}" for name, value in (("lr", config.lr), ("zo_lr", config.zo_lr))
                      if value is not None)
@@ -196,6 +212,7 @@ class Rates:
         self.picks: dict[tuple[str, int], RunConfig] = {}
         self.why: dict[tuple[str, int], str] = {}
         fo = self._sweep(FO, CUT, None, claims=True)
+        q1: dict[int, RunConfig | None] = {}  # the Q=1 forward-gradient client's pick at each cut
         for cut in setup.cuts:
             if fo is not None:
                 self._take(FO.name, cut, fo, "fo's sweep (claims study); fo is one computation at every cut"
@@ -207,22 +224,38 @@ class Rates:
             else:
                 server = self._sweep(FROZEN_SWEEP, cut, None)
             self._sweep(ZO_SGD, cut, server, claims=cut == CUT)
-            fg = self._sweep(FG[1], cut, server)
+            q1[cut] = self._sweep(FG[1], cut, server)
+        self.factor = self._larger_q_sweep(q1.get(CUT))
+        for cut, pick in q1.items():
             for q, method in FG.items():
-                if q > 1 and fg is not None:
-                    self._take(method.name, cut, fg, "the Q=1 pick at this cut (not swept)")
+                if q > 1 and pick is not None and self.factor is not None and (q, cut) != (LARGER_Q, CUT):
+                    self._take(method.name, cut, dataclasses.replace(pick, zo_lr=scaled(pick.zo_lr, self.factor)),
+                               f"the Q=1 pick at this cut x{self.factor:g}, the factor Q={LARGER_Q}'s sweep at cut "
+                               f"{CUT} chose")
+
+    def _larger_q_sweep(self, q1: RunConfig | None) -> float | None:
+        """The larger Q's sweep at cut 2 (the Q=1 pick there, and ``LARGER_Q_FACTORS`` times it): the factor it
+        chose, which every larger-Q run takes over the Q=1 pick at its cut (None until the sweep is complete)."""
+        grid = tuple(None if q1 is None else scaled(q1.zo_lr, f) for f in LARGER_Q_FACTORS)
+        pick = self._sweep(FG[LARGER_Q], CUT, q1, grid=grid)
+        if pick is None:
+            return None
+        factors = ", ".join(f"x{f:g}" for f in LARGER_Q_FACTORS)
+        self.why[(FG[LARGER_Q].name, CUT)] += f"; the grid: the Q=1 pick at cut {CUT} {factors}"
+        return next(f for f, value in zip(LARGER_Q_FACTORS, grid) if value == pick.zo_lr)
 
     def _take(self, name: str, cut: int, pick: RunConfig, why: str | None) -> None:
         self.picks[(name, cut)] = pick
         if why:
             self.why[(name, cut)] = why
 
-    def _sweep(self, method: Method, cut: int, server: RunConfig | None, claims: bool = False) -> RunConfig | None:
+    def _sweep(self, method: Method, cut: int, server: RunConfig | None, claims: bool = False,
+               grid: tuple[float | None, ...] | None = None) -> RunConfig | None:
         """Enter ``method``'s sweep at ``cut`` (the server at ``server``'s lr where it sweeps the client) and return
-        its pick once complete."""
+        its pick once complete. ``grid``: the rates it tries where not the method's own (None: not known yet)."""
         first_order = method.mode in ("fo", "frozen")
-        grid = method.lrs if first_order else method.zo_lrs
-        configs = [None if not first_order and server is None else
+        grid = grid or (method.lrs if first_order else method.zo_lrs)
+        configs = [None if value is None or not first_order and server is None else
                    RunConfig(method.name, TASK, 0, self.setup.sweep_steps, value if first_order else server.lr,
                              None if first_order else value, self.setup.n_val, 0, self.setup.sweep_steps, cut=cut,
                              num_train=self.setup.num_train)
@@ -232,7 +265,8 @@ class Rates:
         pick = None if None in configs else selected(self.cache, configs)  # type: ignore[arg-type]
         if pick is not None:
             value = pick.lr if first_order else pick.zo_lr
-            edge = " (at the grid's edge)" if value in (min(grid), max(grid)) and len(grid) > 1 else ""
+            tried = [c.lr if first_order else c.zo_lr for c in configs if c is not None]
+            edge = " (at the grid's edge)" if value in (min(tried), max(tried)) and len(grid) > 1 else ""
             self._take(method.name, cut, pick, f"lowest validation loss of {len(grid)} after {pick.steps} steps{edge}"
                        + (" (claims study)" if claims else ""))
         elif None not in configs and all(c.key() in self.cache for c in configs):  # type: ignore[union-attr]
@@ -258,7 +292,8 @@ class Plan:
         cuts, seeds, deep = setup.cuts, setup.seeds, setup.deep
         later = cuts[1:]
         sweeps = lambda name, at: [e for c in at for e in r.sweeps.get((name, c), [])]
-        self.fo_check = fo_same_at_every_cut(cache, setup)
+        self.fo_runs = fo_check_runs(cache, r)
+        self.fo_check = fo_same_at_every_cut(self.fo_runs)
         first = sweeps(FO.name, (CUT,)) + sweeps(FROZEN.name, later) + sweeps(FG[1].name, later)
         for seed in seeds:  # fo at the deep cut, seed 0: the check that cut 2's fo serves every cut
             for cut in later:
@@ -268,18 +303,26 @@ class Plan:
         zo_sgd = sweeps(ZO_SGD.name, later) + [r.final("ZO-SGD", ZO_SGD.name, c, s) for s in seeds for c in later]
         cut_2 = sweeps(ZO_SGD.name, (CUT,)) + sweeps(FG[1].name, (CUT,)) + [
             r.final("cut 2", name, CUT, s) for s in seeds for name in (FROZEN.name, FO.name, ZO_SGD.name, FG[1].name)]
-        larger = [r.final(f"Q={LARGER_Q}", FG[LARGER_Q].name, c, s) for s in seeds for c in cuts[:-1]]
+        larger = sweeps(FG[LARGER_Q].name, (CUT,)) + [r.final(f"Q={LARGER_Q}", FG[LARGER_Q].name, c, s)
+                                                       for s in seeds for c in cuts[:-1]]
         core = first + zo_sgd + cut_2 + larger
         # decided as if fo's check holds, so that a failed check does not orphan the deep runs already cached
         nominal = [e for e in core if e.method != FO.name or e.cut == CUT or (e.cut, e.seed) == (deep, seeds[0])]
         self.deep_q = next((q for q in DEEP_QS if self.hours(nominal + self._deep(q)) <= BUDGET_H), None)
         self.entries = core + (self._deep(self.deep_q) if self.deep_q else [])
         self.budget_entries = list(self.entries)
-        # fo on bbc_news at the deep cut is the claims study's cut-2 fo there (one computation at every cut)
-        self.bbc = [r.final("bbc_news", name, deep, s, BBC) for s in seeds
-                    for name in (FROZEN.name, FG[1].name, ZO_SGD.name)]
+        # fo on bbc_news at the deep cut is the claims study's cut-2 fo there (one computation at every cut), unless
+        # fo's check failed
+        bbc_methods = (FROZEN.name, FG[1].name, ZO_SGD.name) + ((FO.name,) if self.fo_check is False else ())
+        self.bbc = [r.final("bbc_news", name, deep, s, BBC) for s in seeds for name in bbc_methods]
         if bbc:
             self.entries += self.bbc
+
+    @property
+    def everything(self) -> list[Entry]:
+        """The plan's entries, and bbc_news's where ``--bbc-news`` did not add them: each run once. (Not a set: the
+        runs of a sweep that waits on another are equal entries, one a rate.)"""
+        return self.entries + [e for e in self.bbc if e not in self.entries]
 
     def _deep(self, q: int) -> list[Entry]:
         return [self.rates.final(f"deep Q={q}", FG[q].name, self.setup.deep, s) for s in self.setup.seeds]
@@ -304,15 +347,22 @@ class Plan:
     def missing(self) -> list[Entry]:
         return [e for e in self.entries if not self.done(e)]
 
+    def pending_elsewhere(self) -> list[Entry]:
+        """The claims study's runs that this plan takes and the cache lacks: ``python -m benchmarks.claims`` runs
+        them (the same keys); this study never does."""
+        return [e for e in self.everything if e.claims and not self.done(e)]
+
     def summary(self) -> str:
-        """The plan as a table of its groups, what is cached, and the estimated hours of what is left."""
-        lines = [f"{'group':<14} {'runs':>5} {'cached':>7} {'claims':>7} {'est. h':>7} {'est. h left':>12}"]
-        everything = self.entries + [e for e in self.bbc if e not in self.entries]
+        """The plan as a table of its groups, what is cached, what the claims study has still to run, and the
+        estimated hours of what is left."""
+        lines = [(f"{'group':<14} {'runs':>5} {'cached':>7} {'claims':>7} {'pending elsewhere':>18} {'est. h':>7} "
+                  f"{'est. h left':>12}")]
+        everything, elsewhere = self.everything, self.pending_elsewhere()
         for group in dict.fromkeys(e.group for e in everything):
             of = [e for e in everything if e.group == group]
             left = [e for e in of if not self.done(e)]
             lines.append(f"{group:<14} {len(of):>5} {sum(map(self.done, of)):>7} {sum(e.claims for e in of):>7} "
-                         f"{self.hours(of):>7.2f} {self.hours(left):>12.2f}"
+                         f"{sum(e in elsewhere for e in of):>18} {self.hours(of):>7.2f} {self.hours(left):>12.2f}"
                          + ("  (optional: --bbc-news)" if group == "bbc_news" and self.bbc[0] not in self.entries
                             else ""))
         total, left = self.hours(self.budget_entries), self.hours([e for e in self.budget_entries if not self.done(e)])
@@ -321,6 +371,10 @@ class Plan:
         runs = sum(not e.claims for e in self.budget_entries)
         lines += ["", (f"This study's {runs} runs (less the claims study's): {total:.2f} h estimated of a {BUDGET_H:g} "
                        f"h budget, {left:.2f} h left; the deep cut's larger Q: {deep}.")]
+        if elsewhere:
+            lines.append(f"Pending elsewhere, not done: {len(elsewhere)} of the claims study's runs are not cached yet "
+                         f"({listing(elsewhere)}); `python -m benchmarks.claims` runs them (the same cache keys), this "
+                         "study never does.")
         upcoming = self.runnable()[:4]
         if upcoming:
             more = len(self.runnable()) > len(upcoming)
@@ -337,16 +391,33 @@ class Plan:
         return "\n".join(lines)
 
 
-def fo_same_at_every_cut(cache: dict[str, dict[str, Any]], setup: Setup) -> bool | None:
-    """Whether fo's check run (the deep cut, seed 0) predicted every test example as cut 2's seed 0 did (None: not
-    both run yet). The cut does not change fo's arithmetic, so it should."""
-    runs = {r["config"]["cut"]: r for r in cache.values() if r["config"].get("method") == FO.name
-            and r["config"].get("dataset") == TASK and r["config"].get("seed") == setup.seeds[0]
-            and r["config"].get("steps") == setup.steps and r["config"].get("n_test") == setup.n_test
-            and r.get("test")}
-    if CUT not in runs or setup.deep not in runs:
+def listing(entries: list[Entry]) -> str:
+    """``entries`` by method, cut and dataset: "frozen at cut 2 on rotten_tomatoes: seeds 1, 2; ..."."""
+    groups: dict[tuple[str, int, str, bool], list[Entry]] = {}
+    for entry in entries:
+        groups.setdefault((entry.method, entry.cut, entry.dataset, entry.sweep), []).append(entry)
+    return "; ".join(f"{method} at cut {cut} on {dataset}: " + (f"sweep ({len(of)} rates)" if sweep else
+                                                                "seeds " + ", ".join(str(e.seed) for e in of))
+                     for (method, cut, dataset, sweep), of in groups.items())
+
+
+def fo_check_runs(cache: dict[str, dict[str, Any]], rates: Rates) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """fo's records of its check, found by their exact keys: seed 0 at cut 2 and at the deep cut (None: not both
+    run yet)."""
+    keys = [None if e.config is None else e.config.key()
+            for e in (rates.final("", FO.name, cut, rates.setup.seeds[0]) for cut in (CUT, rates.setup.deep))]
+    if None in keys or not all(k in cache for k in keys):
         return None
-    return runs[CUT]["test"]["correct"] == runs[setup.deep]["test"]["correct"]
+    return cache[keys[0]], cache[keys[1]]  # type: ignore[index]
+
+
+def fo_same_at_every_cut(runs: tuple[dict[str, Any], dict[str, Any]] | None) -> bool | None:
+    """Whether fo's check run at the deep cut predicted every test example as cut 2's did (diverged alike where it
+    diverged); None: not both run yet. The cut does not change fo's arithmetic, so it should."""
+    if runs is None:
+        return None
+    outcome = [((r.get("test") or {}).get("correct"), r.get("diverged")) for r in runs]
+    return outcome[0] == outcome[1]
 
 
 # --- sittings -------------------------------------------------------------------------------------------------------

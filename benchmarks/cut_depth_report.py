@@ -16,7 +16,7 @@ from .common.plotting import pyplot, save_figure
 from .common.stats import difference_cell, paired, paired_point
 from .common.tasks import CUT, MODEL_NAME
 from .convergence_report import mean_curve
-from .cut_depth import BBC, FG, FO, FROZEN, LARGER_Q, TASK, ZO_SGD, Entry, Plan, Setup, rates
+from .cut_depth import BBC, FG, FO, FROZEN, LARGER_Q, TASK, ZO_SGD, Entry, Plan, Setup, listing, rates
 
 GAIN, FO_GAP = 1.0, 1.0  # the issue's targets: a client beats frozen by >= 1 point; the deep cut within 1 of fo
 
@@ -74,11 +74,14 @@ def step_seconds(record: dict[str, Any]) -> tuple[float, float | None, float, bo
     return client, None, record["train_s"] / steps, False
 
 
-def point_seconds(record: dict[str, Any], point: dict[str, float]) -> float:
-    """The seconds of the steps up to ``point`` (the fit's wall time pro rata where server seconds were not kept)."""
-    if "server_s" in point:
-        return point["client_s"] + point["server_s"]
-    return point["step"] * record["train_s"] / record["config"]["steps"]
+def seconds_curve(runs: Runs) -> list[tuple[float, float]]:
+    """Mean validation accuracy against the mean client plus server seconds of the steps up to it, over the runs
+    that kept server seconds. The others (cached before ``server_s``: the claims study's cut-2 runs) kept only
+    the fit's wall time, validation, loading and other processes' load included (frozen's seed 0 took 6672 s under
+    heavy load), which is not comparable: they are left out, not plotted pro rata."""
+    timed = [r for r in runs if "server_s" in r]
+    return [(statistics.mean(p["client_s"] + p["server_s"] for r in timed for p in r["curve"] if p["step"] == step),
+             accuracy) for step, accuracy in (mean_curve(timed, "val_acc") if timed else [])]
 
 
 def client_share(runs: Runs) -> str:
@@ -95,7 +98,7 @@ class Tables:
         self.plan = plan
         self.runs: dict[tuple[str, int, str], Runs] = defaultdict(list)
         self.diverged: list[Entry] = []  # finished without a test score: the run diverged
-        for entry in plan.entries + plan.bbc:
+        for entry in plan.everything:  # each run once: --bbc-news puts bbc_news's runs in plan.entries too
             if not entry.sweep and plan.done(entry):
                 record = plan.cache[entry.config.key()]
                 if record.get("test"):
@@ -105,15 +108,19 @@ class Tables:
         for runs in self.runs.values():
             runs.sort(key=lambda r: r["config"]["seed"])
 
-    def methods(self, cut: int) -> list[str]:
-        larger = LARGER_Q if cut != self.plan.setup.deep else self.plan.deep_q
-        return [FROZEN.name, ZO_SGD.name, FG[1].name, *([FG[larger].name] if larger else []), FO.name]
+    def methods(self, cut: int, dataset: str = TASK) -> list[str]:
+        """The methods ``dataset``'s plan runs at ``cut``, in the table's order, and fo (cut 2's runs serve where
+        it has none of its own)."""
+        planned = {e.method for e in self.plan.everything if e.cut == cut and e.dataset == dataset and not e.sweep}
+        order = [FROZEN.name, ZO_SGD.name, *(m.name for m in FG.values()), FO.name]
+        return [name for name in order if name in planned or name == FO.name]
 
     def get(self, dataset: str, cut: int, method: str) -> tuple[Runs, str]:
         """The runs and, for fo at a cut it has no runs of its own, where they come from (cut 2's: the same
-        computation)."""
+        computation). Where fo's check failed, each cut's own fo runs alone."""
         own = self.runs.get((dataset, cut, method), [])
-        if method == FO.name and cut != CUT and len(own) < len(self.plan.setup.seeds):
+        if (method == FO.name and cut != CUT and len(own) < len(self.plan.setup.seeds)
+                and self.plan.fo_check is not False):
             cut_2 = [self.plan.cache[e.config.key()] for e in (self.plan.rates.final("", FO.name, CUT, s, dataset)
                                                                 for s in self.plan.setup.seeds) if self.plan.done(e)]
             return cut_2, "cut 2's runs"
@@ -132,13 +139,19 @@ def write_report(cache: dict[str, dict[str, Any]], setup: Setup, out: Path, comm
         body += table
         rows += new_rows
         deep = setup.deep
-        clients = {m: tables.get(dataset, deep, m)[0] for m in tables.methods(deep)
+        clients = {m: tables.get(dataset, deep, m)[0] for m in tables.methods(deep, dataset)
                    if m not in (FROZEN.name, FO.name)}
         verdicts += [f"- **{dataset}, a learning client beats frozen (>= {GAIN:g} point, interval above 0):** "
                      + frozen_verdict(gains, len(setup.seeds)),
                      f"- **{dataset}, the deep cut within {FO_GAP:g} point of fo:** "
                      + deep_verdict(clients, tables.get(dataset, deep, FO.name)[0], deep, len(setup.seeds))]
     diverged = [f"- {e.label()}: {plan.cache[e.config.key()]['diverged']}" for e in tables.diverged]
+    elsewhere = plan.pending_elsewhere()
+    if elsewhere:
+        verdicts.append(f"- **Waiting on the claims study:** not in the cache yet: {listing(elsewhere)}. They are "
+                        "the claims study's runs, under the same cache keys (`results/convergence/`): `python -m "
+                        "benchmarks.claims` runs them and this study never does; rebuild this report "
+                        "(`python -m benchmarks.cut_depth --report-only`) once they are in.")
     lines = [*header(tables, command), "## Verdicts (issue 40)", "", *verdicts, "", *body, *sweep_section(tables),
              *missing_section(plan), *(["## Diverged runs", "", "Done, not scored, not rerun:", "", *diverged, ""]
                                       if diverged else [])]
@@ -165,8 +178,9 @@ def header(tables: Tables, command: str) -> list[str]:
              f"{setup.n_test} test examples; cuts {', '.join(map(str, setup.cuts))} of {setup.layers} blocks (the "
              f"deep cut leaves {setup.layers - setup.deep} on the server). The forward-gradient client's larger Q at "
              f"the deep cut: {f'Q={plan.deep_q}' if plan.deep_q else 'none'} (the largest the budget allows). fo "
-             "trains every weight by backprop and the cut does not change its arithmetic: where fo has no runs of its "
-             f"own at a cut, cut 2's serve ({fo_check_line(plan)})."), ""]
+             "trains every weight by backprop and the cut does not change its arithmetic: "
+             + (f"{fo_check_line(plan)}." if plan.fo_check is False else
+                f"where fo has no runs of its own at a cut, cut 2's serve ({fo_check_line(plan)}).")), ""]
 
 
 def accuracy_table(tables: Tables, dataset: str) -> tuple[list[str], dict[int, dict[str, tuple | None]], list[dict]]:
@@ -181,7 +195,7 @@ def accuracy_table(tables: Tables, dataset: str) -> tuple[list[str], dict[int, d
     for cut in setup.cuts if dataset == TASK else (setup.deep,):
         frozen, fo = tables.get(dataset, cut, FROZEN.name)[0], tables.get(dataset, cut, FO.name)[0]
         gains[cut] = {}
-        for method in tables.methods(cut):
+        for method in tables.methods(cut, dataset):
             runs, source = tables.get(dataset, cut, method)
             learning = method not in (FROZEN.name, FO.name)
             if learning:
@@ -199,7 +213,10 @@ def accuracy_table(tables: Tables, dataset: str) -> tuple[list[str], dict[int, d
                    "s is the fit's wall time per step (validation included). Times compare only between runs on one "
                    "machine under like load (each run records its machine and load average). The client share: the "
                    "client's part of the first-order loss decrease both halves predicted over the fit "
-                   "(`hosl/predicted_decrease_*`)."), ""]
+                   "(`hosl/predicted_decrease_*`). hosl's server seconds include that diagnostic's two passes over "
+                   "the server's gradients and weights (about 0.13 s a step, `forward_gradient.md`), which frozen's "
+                   "and fo's do not. The figure (`cut_depth.png`) plots against seconds only the runs that kept "
+                   "server seconds: the * runs are left out of its seconds panels."), ""]
     return lines, gains, rows
 
 
@@ -215,10 +232,22 @@ def timing_cells(runs: Runs) -> list[str]:
 
 
 def fo_check_line(plan: Plan) -> str:
-    check = plan.fo_check
-    return ("fo's check at the deep cut, seed 0, is not run yet" if check is None else
-            "fo at the deep cut, seed 0, predicted every test example as at cut 2" if check else
-            "fo at the deep cut, seed 0, predicted differently from cut 2: its own seeds run at every cut")
+    """What fo's check found, naming both records' commits (and machines where they differ)."""
+    if plan.fo_runs is None:
+        return "fo's check at the deep cut, seed 0, is not run yet"
+    at_2, deep = plan.fo_runs
+    cut = plan.setup.deep
+    code = (f"records: cut 2's {at_2['commit']}, cut {cut}'s {deep['commit']}"
+            + ("" if at_2.get("machine") == deep.get("machine") else
+               f"; machines {at_2.get('machine', 'not recorded')} and {deep.get('machine', 'not recorded')}"))
+    if plan.fo_check:
+        return f"fo at cut {cut}, seed 0, predicted every test example as at cut 2; {code}"
+    tests = [(r.get("test") or {}).get("correct") for r in plan.fo_runs]
+    differ = (f"predicted {sum(a != b for a, b in zip(*tests))} of {len(tests[0])} test examples differently from "
+              "cut 2's" if None not in tests and len(tests[0]) == len(tests[1]) else "ended differently from cut 2's")
+    return (f"fo's check FAILED: at cut {cut}, seed 0, fo {differ} ({code}). The cut does not change fo's arithmetic, "
+            "so the mismatch may come from the two records' commits or machines rather than from the cut; either "
+            "way cut 2's runs no longer stand in: each cut's table takes its own fo runs, which the plan now holds")
 
 
 CSV_FIELDS = ["dataset", "cut", "method", "runs_from", "seed", "lr", "zo_lr", "test_acc", "client_s_per_step",
@@ -252,12 +281,14 @@ def sweep_section(tables: Tables) -> list[str]:
             lines.append(f"| {cut} | {name} | {tried} | {chosen} | {why} |")
     return [*lines, "", (f"Sweeps: rotten_tomatoes, seed 0, {plan.setup.sweep_steps} steps, validated once on "
                          f"{plan.setup.n_val} examples. The hosl clients' server runs the chosen server lr of its cut "
-                         "(frozen's; fo's at cut 2). bbc_news runs take the rotten_tomatoes rates."), ""]
+                         f"(frozen's; fo's at cut 2). Every larger Q's zo_lr is the Q=1 pick at its cut times the "
+                         f"factor the Q={LARGER_Q} sweep at cut 2 chose (x1 or x10: it tries the Q=1 pick there and "
+                         "10x it). bbc_news runs take the rotten_tomatoes rates."), ""]
 
 
 def sweep_cell(plan: Plan, entry: Entry) -> str:
     if entry.config is None:
-        return "... (waits for the server lr)"
+        return "... (waits on an earlier sweep)"
     record = plan.cache.get(entry.config.key())
     value = entry.config.lr if entry.config.zo_lr is None else entry.config.zo_lr
     loss = ("not run" if record is None else "diverged" if record["diverged"] or not record["curve"]
@@ -276,7 +307,8 @@ def missing_section(plan: Plan) -> list[str]:
     for (method, cut, dataset, sweep), entries in groups.items():
         what = (f"sweep ({len(entries)} rates)" if sweep else
                 "seeds " + ", ".join(str(e.seed) for e in entries))
-        notes = (["the claims study's: `python -m benchmarks.claims`"] if entries[0].claims else []) + (
+        notes = (["the claims study's, never run here: `python -m benchmarks.claims` adds them"]
+                 if entries[0].claims else []) + (
             ["its rates wait on an unfinished sweep"] if any(e.config is None for e in entries) else [])
         lines.append(f"- {method} at cut {cut} on {dataset}: {what}" + (f" ({'; '.join(notes)})" if notes else ""))
     return [*lines, ""]
@@ -294,15 +326,20 @@ def plot(path: Path, tables: Tables, cuts: tuple[int, ...]) -> None:
             runs, source = tables.get(TASK, cut, method)
             if not runs:
                 continue
-            accuracy = mean_curve(runs, "val_acc")
-            seconds = [statistics.mean(point_seconds(r, p) for r in runs for p in r["curve"] if p["step"] == step)
-                       for step, _ in accuracy]
+            accuracy, timed = mean_curve(runs, "val_acc"), seconds_curve(runs)
             style = {"marker": "o", "color": color[method], "label": method + (f" ({source})" if source else "")}
             axes[0][column].plot([s for s, _ in accuracy], [100 * a for _, a in accuracy], **style)
-            axes[1][column].plot(seconds, [100 * a for _, a in accuracy], **style)
+            if timed:
+                axes[1][column].plot([s for s, _ in timed], [100 * a for _, a in timed], **style)
         axes[0][column].set(title=f"cut {cut}: validation accuracy", xlabel="step", ylabel="accuracy (%)")
         axes[1][column].set(title=f"cut {cut}: against the steps' seconds", xlabel="client + server seconds",
                             ylabel="accuracy (%)")
         if axes[0][column].lines:
             axes[0][column].legend(fontsize=7)
+        if not axes[1][column].lines:
+            axes[1][column].text(0.5, 0.5, "no run with server seconds yet", ha="center", va="center",
+                                 transform=axes[1][column].transAxes)
+    figure.suptitle("Seconds panels: only the runs that kept server seconds. Runs cached before (the claims study's "
+                    "cut-2 runs) timed the whole fit,\nvalidation, loading and other processes' load included, and are "
+                    "left out.", fontsize=9)
     save_figure(figure, path, dpi=90)

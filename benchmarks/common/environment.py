@@ -38,9 +38,17 @@ def load_average() -> str:
     """The machine's load average, as a record keeps it: timings depend on it, memory figures do not."""
     try:
         one, five, _ = os.getloadavg()
-    except OSError:
+    except (OSError, AttributeError):  # AttributeError: a platform without it (Windows)
         return "unknown"
     return f"{one:.1f} (1 min), {five:.1f} (5 min) on {os.cpu_count()} logical cores"
+
+
+def load_1min() -> float | None:
+    """The 1-minute load average, as a run's record keeps it (None where the platform gives none)."""
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
 
 
 def command_line(study: str, argv: list[str] | None) -> str:

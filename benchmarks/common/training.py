@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -24,7 +23,7 @@ from hosl_lightning.lightning.option_use import options_for
 from hosl_lightning.modes import DivergenceError
 
 from .cache import digest
-from .environment import RESULTS, machine
+from .environment import RESULTS, load_1min, machine
 from .tasks import ALL_DATASETS, BATCH, CUT, DATASETS, MAX_LENGTH, MODEL, MU, datamodule
 
 CACHE = RESULTS / "convergence"  # both studies' runs and memory records
@@ -158,7 +157,7 @@ def run(config: RunConfig, base: Any, tokenizer: Any, data_dir: Path, code: str)
     trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=1, max_steps=config.steps, max_epochs=-1,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, callbacks=[curve])
-    started, diverged, load = time.perf_counter(), None, os.getloadavg()[0]
+    started, diverged, load = time.perf_counter(), None, load_1min()
     try:
         trainer.fit(module, train_dataloaders=train_dm.train_dataloader())
     except DivergenceError as error:
