@@ -462,12 +462,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bbc-news", action="store_true", help="also the deep cut on bbc_news (after the rest)")
     parser.add_argument("--cache", type=Path, default=CACHE, help=argparse.SUPPRESS)  # the tests' empty caches
     args = parser.parse_args(argv)
-    torch.set_num_threads(2)
     plan = Plan(load_cache(args.cache), bbc=args.bbc_news)
     print(plan.summary(), flush=True)
     if args.dry_run:
         return 0
     if not args.report_only:
+        torch.set_num_threads(2)  # only when it trains: a report must not change its caller's torch
         quiet_lightning()
 
         def load() -> tuple[Any, Any]:

@@ -20,6 +20,15 @@ TINY_LLAMA = dict(
 # Tiny matrices run fastest and, on a busy 2-core machine, most steadily on one thread.
 torch.set_num_threads(1)
 
+
+@pytest.fixture(autouse=True)
+def one_torch_thread() -> Any:
+    """Every test starts on one thread, whatever the one before it set: test_remote compares an in-process run in
+    this process with two processes on one thread each, bit for bit, and a second thread changes float sums."""
+    torch.set_num_threads(1)
+    yield
+
+
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 warnings.filterwarnings("ignore", ".*LeafSpec.*")
 

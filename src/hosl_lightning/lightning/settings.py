@@ -76,32 +76,27 @@ class RunSettings:
             loss it logs); a drop-in module refuses the others.
         batch_probes: compute the 2Q server losses in one batched forward (faster) instead of one at a time.
             Unset: batched; a drop-in module runs its probes one at a time and refuses True.
-        client_device: where the client half lives (e.g. ``"cpu"``, with ``server_device="cuda:0"``, to emulate
-            an edge device beside a server); by default the Trainer's device.
-        server_device: where the server half lives; by default the Trainer's device.
-        memory_every_n_steps: measure each side's memory (peak, parameters, gradients, optimizer state,
-            activations) on the first two steps of a fit and then on every step whose index is a multiple of
-            n; 0 (the default) turns it off. Opt-in because on CUDA a measured step resets the device's peak
-            statistics at every switch between halves, which clobbers the user's own ``max_memory_allocated``
-            and Lightning's ``DeviceStatsMonitor``. A measured step is slower (on CPU, torch's MemTracker sees
-            every tensor); other steps pay nothing. The latest :class:`~hosl_lightning.measurement.MemoryReport` is
-            ``strategy.memory_report`` and is logged on every step under ``hosl/memory/`` (see
-            :mod:`hosl_lightning.measurement` for what is measured how on CPU and CUDA).
+        client_device: the client half's device (e.g. ``"cpu"`` beside ``server_device="cuda:0"``); unset: the
+            Trainer's.
+        server_device: the server half's device; unset: the Trainer's.
+        memory_every_n_steps: measure each side's memory (peak, parameters, gradients, optimizer state, activations)
+            on a fit's first two steps and then every n-th; 0 (the default) turns it off. Opt-in: on CUDA a measured
+            step resets the device's peak statistics at each switch of halves, clobbering your own
+            ``max_memory_allocated`` and Lightning's ``DeviceStatsMonitor``; on CPU it is slower (MemTracker sees
+            every tensor). The latest :class:`~hosl_lightning.measurement.MemoryReport` is
+            ``strategy.memory_report``, logged under ``hosl/memory/`` (:mod:`hosl_lightning.measurement`).
         transport: ``"in_process"`` (both halves in this process, the default) or ``"distributed"``: client and
             server in separate processes that talk over ``torch.distributed``; rank 0 is the server, rank 1 the
             client, and each process builds and holds only its own half (see README, "Client and server in
             separate processes").
         backend: the ``torch.distributed`` backend of a distributed run: ``"gloo"`` (what None, unset, stands for;
             on both sides) or ``"nccl"`` (one client, GPUs on both sides; untested without a GPU).
-        timeout_s: in a distributed run, how long either side waits for the other before failing with an
-            error that names the peer and what was awaited. Joining at the start waits at most
-            ``max(timeout_s, 60)`` s (plus 5 s for torch to report), then raises ``PeerUnreachable`` naming the
-            peer, the address and what to check (server not started, port held by another program).
-        init_method: how the processes of a distributed run find each other; by default ``"env://"``, the
-            ``MASTER_ADDR`` and ``MASTER_PORT`` variables that ``torchrun`` sets.
-        rank: this process's rank; by default ``RANK``. Rank 0 is the server; ranks 1..world_size-1 are clients,
-            each with its own data.
-        world_size: the number of processes, the server and its clients; by default ``WORLD_SIZE``.
+        timeout_s: in a distributed run, how long either side waits for the other before an error naming the
+            peer and what was awaited. Joining waits at most ``max(timeout_s, 60)`` s (plus 5 s for torch), then
+            raises ``PeerUnreachable`` naming the peer, the address and what to check.
+        init_method: how a distributed run's processes meet; unset: ``"env://"`` (torchrun's ``MASTER_ADDR/PORT``).
+        rank: this process's rank (unset: ``RANK``): 0 is the server, 1..world_size-1 clients, each with its data.
+        world_size: the number of processes, server and clients (unset: ``WORLD_SIZE``).
         schedule: with several clients, ``"sequential"`` (they take turns of ``steps_per_turn`` steps, the client
             half passing from one to the next: sequential split learning) or ``"parallel"`` (they train at the
             same time and their halves are averaged every ``sync_every_n_steps`` steps: split-federated learning).
@@ -121,8 +116,7 @@ class RunSettings:
         server_adapter: peft adapters on the server's decoder blocks, as ``client_adapter`` on the client's.
         client_frozen: modules of the client half whose weights do not train, by their names inside it (e.g.
             ``[embeddings.embed_tokens]``: ZO then perturbs the client's blocks only, a smaller d_c). A tied LM
-            head is the server's own copy and still trains. A name the client does not have fails, listing those
-            it has.
+            head is the server's own copy and still trains. An unknown name fails, listing the client's.
         client_checkpointing: activation checkpointing of the client's decoder blocks (``torch.utils.checkpoint``,
             non-reentrant): only each block's input is kept between the forward and the backward pass, and the
             block runs again in the backward pass. The same gradients, for about one block's activations instead
@@ -225,13 +219,9 @@ class RunSettings:
 
     @property
     def sync_bytes(self) -> tuple[int, int] | None:
-        """``(bytes up, bytes down)`` this client process has spent keeping its half in step with the other clients
-        (``client_sync``), all told: after ``fit`` this includes the final hand-off, which the last logged
-        ``sync_bytes_up`` / ``sync_bytes_down`` metrics miss. None where there is nothing to sync (in-process, the
-        server, or a run with one client)."""
-        if self._client_sync is None:
-            return None
-        return self._client_sync.bytes_up, self._client_sync.bytes_down
+        """``(bytes up, bytes down)`` this client process spent on ``client_sync``, the final hand-off included (the
+        logged ``sync_bytes_up`` / ``_down`` miss it); None with nothing to sync (in-process, server, one client)."""
+        return None if (sync := self._client_sync) is None else (sync.bytes_up, sync.bytes_down)
 
     @property
     def backend(self) -> str | None:
