@@ -1,15 +1,17 @@
-"""The forward-gradient client side by side with fo and hosl: seconds per step (server seconds apart) and client peak.
+"""The forward-gradient client side by side with fo, hosl and frozen: seconds per step (server seconds apart) and client
+peak.
 
     python -m benchmarks.diagnostics.forward_gradient [--steps 3] [--quick] [--out benchmarks/results]
 
 One process, one model (SmolLM2-135M through ``load_causal_lm("smollm2-135m")``; ``--quick``: its shape with 4
 blocks and random weights), cut after block 2, a batch of 8 x 64 tokens with one answer token per row, AdamW on
-the first-order side. Timed in CPU seconds (this process's, all threads): fo, hosl with ZO-SGD at Q=1, and
-``forward_gradient`` at Q=1 and Q=8, each the median of ``--steps`` steps after a warm-up step. Server seconds are
-its forward, its backward and its optimizer's step. Then each client's peak memory during a step (``measure_client_step``, torch's MemTracker)
-against the inference floor (``measure_client_inference``), and the cost of the predicted-decrease diagnostic's
-two passes over the server's gradients and weights. On a shared machine even CPU seconds are contended (caches,
-memory bandwidth): compare them within one run only.
+the first-order side. Timed in CPU seconds (this process's, all threads): fo, hosl with ZO-SGD at Q=1,
+``forward_gradient`` at Q=1 and Q=8, and frozen (the client never learns: any learning client's floor), each the
+median of ``--steps`` steps after a warm-up step. Server seconds are its forward, its backward and its optimizer's
+step. Then each client's peak memory during a step (``measure_client_step``, torch's MemTracker) against the
+inference floor (``measure_client_inference``), and the cost of the predicted-decrease diagnostic's two passes over
+the server's gradients and weights. On a shared machine even CPU seconds are contended (caches, memory bandwidth):
+compare them within one run only.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from hosl_lightning.core.zo import ZOSGD
 from hosl_lightning.lightning.decrease import gradient_dot_weights
 from hosl_lightning.measurement import MIB, measure_client_inference, measure_client_step
 from hosl_lightning.modes import ZOSettings
-from hosl_lightning.modes.in_process import fo_step, hosl_step
+from hosl_lightning.modes.in_process import fo_step, hosl_step, in_process_step
 from hosl_lightning.zo_optimizers import ForwardGradient
 
 from ..common.environment import code_state
@@ -41,6 +43,7 @@ SETTINGS = {  # name -> (mode, client optimizer class, settings)
     "hosl zo_sgd Q=1": ("hosl", ZOSGD, ZOSettings(queries=1)),
     "hosl forward_gradient Q=1": ("hosl", ForwardGradient, ZOSettings(queries=1, estimator="forward")),
     "hosl forward_gradient Q=8": ("hosl", ForwardGradient, ZOSettings(queries=8, estimator="forward")),
+    "frozen": ("frozen", None, ZOSettings()),
 }
 
 
@@ -76,8 +79,10 @@ def time_steps(model: SplitCausalLM, name: str, batch: dict, steps: int) -> tupl
     for step in range(steps + 1):
         server_s[0] = 0.0
         started = time.process_time()
-        if zo is None:
+        if mode == "fo":
             fo_step(split, batch, backward)
+        elif zo is None:
+            in_process_step(split, mode, batch, settings, step, backward)
         else:
             hosl_step(split, batch, zo, settings, step, backward)
         step_optimizer()
@@ -156,6 +161,8 @@ def main() -> None:
         f"- forward_gradient Q=1 / fo CPU seconds a step: {seconds[fg1] / seconds['fo']:.2f} (target <= 1).",
         (f"- forward_gradient Q=1 / hosl zo_sgd Q=1 CPU seconds a step: {seconds[fg1] / seconds['hosl zo_sgd Q=1']:.2f} "
          "(target <= 0.75)."),
+        (f"- frozen / hosl zo_sgd Q=1 CPU seconds a step: {seconds['frozen'] / seconds['hosl zo_sgd Q=1']:.2f}; "
+         f"forward_gradient Q=1 / frozen: {seconds[fg1] / seconds['frozen']:.2f} (what learning costs the client)."),
         f"- forward_gradient server CPU seconds Q=8 / Q=1: {server[fg8] / server[fg1]:.2f} (target within 10%).",
         ("- forward_gradient client peak / floor: "
          + ", ".join(f"{name.split()[-1]} {peaks[name] / floor:.2f}" for name in (fg1, fg8) if name in peaks)
