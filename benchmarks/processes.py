@@ -137,10 +137,10 @@ def main() -> None:
     lines = [
         "# Process memory: a two-process hosl run beside the one-process run",
         "",
-        f"Command: `python -m benchmarks.processes --steps {options.steps}` ({minutes:.1f} min). SmolLM2-135M "
-        f"(safetensors, fp32), cut after block {options.cut}, {options.steps} hosl steps of batch {options.batch} x "
-        f"{options.length}, Q=1, AdamW on the server. Peak resident memory of each process (VmHWM), which "
-        "includes Python, torch and the libraries.",
+        (f"Command: `python -m benchmarks.processes --steps {options.steps}` ({minutes:.1f} min). SmolLM2-135M "
+         f"(safetensors, fp32), cut after block {options.cut}, {options.steps} hosl steps of batch {options.batch} x "
+         f"{options.length}, Q=1, AdamW on the server. Peak resident memory of each process (VmHWM), which "
+         "includes Python, torch and the libraries."),
         "",
         "| process | holds | peak RSS (MiB) | of which imports | peak - imports | fit seconds |",
         "|---|---|---:|---:|---:|---:|",
@@ -149,9 +149,9 @@ def main() -> None:
           for name, holds, r in [("one process", "both halves", alone), ("server (rank 0)", "server half", server),
                                  ("client (rank 1)", "client half", client)]],
         "",
-        f"- Bytes per step over the wire (client's count, last step): up {client['bytes_up_last_step']}, "
-        f"down {client['bytes_down_last_step']}; in-process the same step counts up {alone['bytes_up_last_step']}, "
-        f"down {alone['bytes_down_last_step']}.",
+        (f"- Bytes per step over the wire (client's count, last step): up {client['bytes_up_last_step']}, "
+         f"down {client['bytes_down_last_step']}; in-process the same step counts up {alone['bytes_up_last_step']}, "
+         f"down {alone['bytes_down_last_step']}."),
         "",
         f"## Two clients taking turns (sequential split learning, turns of 2 steps, {options.steps} steps each)",
         "",
