@@ -92,3 +92,43 @@ def test_client_weights_leave_out_the_frozen_modules() -> None:
     full = client_weights(model, 2, None)
     assert full == sum(p.numel() for p in SplitCausalLM(model, 2).client.parameters())
     assert client_weights(model, 2, None, ("embeddings.embed_tokens",)) == full - 64 * 32
+
+
+def _report_job(value: int, out: str) -> None:
+    """A spawned job (module level: a child process imports it) that reports ``value``."""
+    Path(out).write_text(f'{{"value": {value}}}')
+
+
+def _exit_job(code: int, out: str) -> None:
+    raise SystemExit(code)
+
+
+def _sleep_job(seconds: float, out: str) -> None:
+    import time
+
+    time.sleep(seconds)
+
+
+def test_spawned_reports_come_back_in_order_and_stay_in_the_folder(tmp_path) -> None:
+    from functools import partial
+
+    from benchmarks.common.spawned import spawned_reports
+
+    reports = spawned_reports({"b": partial(_report_job, 2), "a": partial(_report_job, 1)}, "a test", tmp_path)
+    assert reports == [{"value": 2}, {"value": 1}]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json"]
+
+
+@pytest.mark.parametrize("failing", ["exit", "timeout"])
+def test_a_failed_spawned_job_says_which_and_stops_the_others(failing: str) -> None:
+    import multiprocessing as mp
+    from functools import partial
+
+    from benchmarks.common.spawned import spawned_reports
+
+    first, timeout = (partial(_exit_job, 3), 300) if failing == "exit" else (partial(_sleep_job, 600), 2)
+    with pytest.raises(SystemExit) as raised:
+        spawned_reports({"first": first, "sleeper": partial(_sleep_job, 600)}, "a test run", timeout_s=timeout)
+    how = "exit code 3" if failing == "exit" else f"still running after {timeout} s, stopped"
+    assert str(raised.value) == f"a test run failed (first: {how}); see its output above"
+    assert not mp.active_children()  # the sleeper was stopped, not left behind
