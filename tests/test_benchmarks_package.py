@@ -5,6 +5,7 @@ and the shared helpers the studies lean on do what they say. Rebuilding the repo
 from __future__ import annotations
 
 import importlib
+import json
 from pathlib import Path
 
 import pytest
@@ -132,3 +133,37 @@ def test_a_failed_spawned_job_says_which_and_stops_the_others(failing: str) -> N
     how = "exit code 3" if failing == "exit" else f"still running after {timeout} s, stopped"
     assert str(raised.value) == f"a test run failed (first: {how}); see its output above"
     assert not mp.active_children()  # the sleeper was stopped, not left behind
+
+
+def _outcome(record: dict) -> str:
+    """A run's record as its cache file holds it, less when it ran and how long it took (no two runs share those)."""
+    timing = ("date", "train_s", "load_1min", "client_s", "server_s")
+    kept = {k: v for k, v in record.items() if k not in timing}
+    kept["curve"] = [{k: v for k, v in point.items() if k not in timing} for point in record["curve"]]
+    return json.dumps(kept, sort_keys=True)
+
+
+def test_a_run_prints_its_progress_and_its_record_and_key_stay_the_same(capsys) -> None:
+    from conftest import TINY_LLAMA
+    from test_tasks import bpe_tokenizer
+
+    from benchmarks.common import training
+    from hosl_lightning.data import ASSETS_DIR
+
+    training.register(training.Method("progress check: fo", "fo"))
+    config = training.RunConfig("progress check: fo", "rotten_tomatoes", 0, steps=4, lr=1e-3, zo_lr=None, n_val=8,
+                                n_test=8, eval_every=2, num_train=32)
+    key, tokenizer = config.key(), bpe_tokenizer()
+    torch.manual_seed(0)
+    base = load_causal_lm(model_config={**TINY_LLAMA, "vocab_size": len(tokenizer), "max_position_embeddings": 128})
+    capsys.readouterr()
+    silent = training.run(config, base, tokenizer, ASSETS_DIR, "test", progress_every=0)
+    assert "    step " not in capsys.readouterr().err
+    shown = training.run(config, base, tokenizer, ASSETS_DIR, "test", progress_every=3)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("    step ")]
+    # step 2: a validation; step 3: every 3 steps; step 4: the last, and a validation
+    assert [line.split(":")[0] for line in lines] == ["    step 2/4", "    step 3/4", "    step 4/4"], lines
+    assert all(" min, about " in line and " s a step); train loss " in line for line in lines), lines
+    assert [line.split("; val acc ")[1].split(" at ")[1] for line in lines] == ["step 2", "step 2", "step 4"]
+    assert _outcome(shown) == _outcome(silent) and len(shown["curve"]) == 2 and "test" in shown
+    assert config.key() == key and shown["config"] == silent["config"]
