@@ -58,8 +58,9 @@ def test_every_cached_run_is_found_by_its_key() -> None:
 def test_first_blocks_copy_keeps_the_client_and_leaves_the_model(model_type: str) -> None:
     from benchmarks.common.models import first_blocks_copy, keep_blocks
 
-    config = dict(model_type=model_type, vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
-                  intermediate_size=64, ffn_dim=64, max_position_embeddings=32, word_embed_proj_dim=32)
+    config = {"model_type": model_type, "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 4,
+              "num_attention_heads": 4, "intermediate_size": 64, "ffn_dim": 64, "max_position_embeddings": 32,
+              "word_embed_proj_dim": 32}
     torch.manual_seed(0)
     model = load_causal_lm(model_config=config).eval()
     trimmed = first_blocks_copy(model, 2)
@@ -74,7 +75,9 @@ def test_first_blocks_copy_keeps_the_client_and_leaves_the_model(model_type: str
 def test_paired_difference_pairs_common_seeds_only() -> None:
     from benchmarks.common.stats import difference_cell, paired, paired_point
 
-    run = lambda seed, correct: {"config": {"seed": seed}, "test": {"correct": correct}}  # noqa: E731
+    def run(seed: int, correct: list[int]) -> dict:
+        return {"config": {"seed": seed}, "test": {"correct": correct}}
+
     a = [run(0, [1, 1, 0, 1]), run(1, [1, 1, 1, 1])]
     b = [run(0, [1, 0, 0, 1]), run(2, [0, 0, 0, 0])]
     assert paired_point(a, b) == pytest.approx(25.0)
@@ -87,8 +90,9 @@ def test_client_weights_leave_out_the_frozen_modules() -> None:
     """d_c of the claims study's frozen-embeddings client: the client half's weights less its token table."""
     from benchmarks.common.models import client_weights
 
-    config = dict(model_type="llama", vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=2, intermediate_size=64, max_position_embeddings=32)
+    config = {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 4,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 64,
+              "max_position_embeddings": 32}
     model = load_causal_lm(model_config=config)
     full = client_weights(model, 2, None)
     assert full == sum(p.numel() for p in SplitCausalLM(model, 2).client.parameters())
