@@ -38,9 +38,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
-import multiprocessing as mp
 import statistics
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -59,6 +57,7 @@ from .common.cache import digest, load_cache, save, sitting_parser
 from .common.environment import RESULTS, code_state, command_line, load_average, machine, quiet_lightning
 from .common.memory import measure_client
 from .common.models import SMOLLM2, SMOLLM2_SHAPE, exported, random_batch
+from .common.spawned import spawned_reports
 from .processes import spawn
 
 CUTS = (1, 2, 4, 8, 16, 24)
@@ -184,15 +183,9 @@ def measure_in_child(choice: FrontierOption | None, cut: int, steps: int, out: s
 def measured(choice: FrontierOption | None, cut: int, steps: int, model: str | dict) -> dict[str, Any]:
     """``measure_in_child``'s result, from a spawned process that exits when done. ``model``: a name for
     ``load_causal_lm``, or a config dict (the tests' tiny model)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "measured.json"
-        process = mp.get_context("spawn").Process(target=measure_in_child, args=(choice, cut, steps, str(out), model))
-        process.start()
-        process.join()
-        if process.exitcode != 0:
-            raise SystemExit(f"measuring {choice.name if choice else 'the floor'} at cut {cut} failed "
-                             f"(exit code {process.exitcode}); see its output above")
-        return json.loads(out.read_text())
+    (result,) = spawned_reports({"measured": partial(measure_in_child, choice, cut, steps, model=model)},
+                                f"measuring {choice.name if choice else 'the floor'} at cut {cut}")
+    return result
 
 
 def run(cuts: tuple[int, ...], choices: tuple[FrontierOption, ...], steps: int, rss: bool, rss_steps: int,

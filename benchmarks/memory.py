@@ -72,11 +72,12 @@ OPTIONS = (  # one row per way to train the client, each measured in every setti
 OPTION = {o.name: o for o in OPTIONS}
 MODES = (*OPTION, FLOOR)  # the rows of a setting, in order
 QUERIES = 1
-OPT_125M = dict(vocab_size=50272, hidden_size=768, ffn_dim=3072, num_hidden_layers=12, num_attention_heads=12,
-                max_position_embeddings=2048, word_embed_proj_dim=768)
+OPT_125M = {"vocab_size": 50272, "hidden_size": 768, "ffn_dim": 3072, "num_hidden_layers": 12,
+            "num_attention_heads": 12, "max_position_embeddings": 2048, "word_embed_proj_dim": 768}
 OPT_NAME, SMOL_NAME = "OPT-125M-shaped (random)", "SmolLM2-135M"
-FULL = dict(cuts=(1, 2, 4, 6), batches=(16, 64), seqs=(64, 128))
-QUICK = {OPT_NAME: dict(cuts=(1, 4), batches=(16,), seqs=(64,)), SMOL_NAME: dict(cuts=(2,), batches=(16,), seqs=(64,))}
+FULL = {"cuts": (1, 2, 4, 6), "batches": (16, 64), "seqs": (64, 128)}
+QUICK = {OPT_NAME: {"cuts": (1, 4), "batches": (16,), "seqs": (64,)},
+         SMOL_NAME: {"cuts": (2,), "batches": (16,), "seqs": (64,)}}
 # Targets from issue 4, item 2a.
 TARGET_FO_OVER_HOSL = 3.7  # the paper's figure: OPT-125M, batch 64 (the authors' batch size)
 TARGET_HOSL_OVER_FLOOR = 1.25
@@ -186,13 +187,13 @@ def write_markdown(path: Path, rows: list[Row], per_setting: dict, info: dict) -
         f"- Machine: {info['machine']}.",
         f"- Code: {info['code']}.",
         f"- Date: {info['date']}.",
-        f"- Measured with `hosl_lightning.measurement` (torch MemTracker on CPU). `fo`, `zo`, `hosl` and the client "
-        f"options: the client's peak during a training step (two steps, with AdamW on fo's client, so its optimizer "
-        f"state exists); Q={QUERIES} for `zo` and `hosl` unless the option says otherwise (mu=1e-3, server gradient "
-        f"from the perturbed point, 2Q server losses in one batched forward). `floor`: the client's weights plus one "
-        f"no-grad forward.",
-        "- Batches: random token ids, no padding, one labelled position per row (the last, as a prompt's "
-        "label word). fp32 weights.",
+        ("- Measured with `hosl_lightning.measurement` (torch MemTracker on CPU). `fo`, `zo`, `hosl` and the client "
+         "options: the client's peak during a training step (two steps, with AdamW on fo's client, so its optimizer "
+         f"state exists); Q={QUERIES} for `zo` and `hosl` unless the option says otherwise (mu=1e-3, server gradient "
+         "from the perturbed point, 2Q server losses in one batched forward). `floor`: the client's weights plus one "
+         "no-grad forward."),
+        ("- Batches: random token ids, no padding, one labelled position per row (the last, as a prompt's "
+         "label word). fp32 weights."),
         *[f"- {note}" for note in info["notes"]],
         "",
         "## Targets (issue 4, item 2a)",
@@ -202,13 +203,13 @@ def write_markdown(path: Path, rows: list[Row], per_setting: dict, info: dict) -
     met_paper = sum(v["fo/hosl"] >= TARGET_FO_OVER_HOSL for _, v in paper)
     met_floor = sum(v["hosl/floor"] <= TARGET_HOSL_OVER_FLOOR for v in per_setting.values())
     lines += [
-        f"- **fo/hosl client peak >= {TARGET_FO_OVER_HOSL}** (the paper's \"up to 3.7x\") where the setting matches "
-        f"the paper's. We take that to be the OPT-125M-shaped model at batch {PAPER_BATCH}, the batch size of the "
-        f"authors' code; the paper's cut layer and sequence length are not known here, so every cut and both "
-        f"lengths at that batch are held to it. Met in **{met_paper} of {len(paper)}** such settings. Other "
-        f"settings report the ratio without a target.",
-        f"- **hosl client peak <= {TARGET_HOSL_OVER_FLOOR} x floor**, held in every setting: met in "
-        f"**{met_floor} of {len(per_setting)}**.",
+        (f"- **fo/hosl client peak >= {TARGET_FO_OVER_HOSL}** (the paper's \"up to 3.7x\") where the setting matches "
+         f"the paper's. We take that to be the OPT-125M-shaped model at batch {PAPER_BATCH}, the batch size of the "
+         "authors' code; the paper's cut layer and sequence length are not known here, so every cut and both "
+         f"lengths at that batch are held to it. Met in **{met_paper} of {len(paper)}** such settings. Other "
+         "settings report the ratio without a target."),
+        (f"- **hosl client peak <= {TARGET_HOSL_OVER_FLOOR} x floor**, held in every setting: met in "
+         f"**{met_floor} of {len(per_setting)}**."),
         "",
     ]
     over = [(k, v) for k, v in per_setting.items() if v["hosl/floor"] > TARGET_HOSL_OVER_FLOOR]
@@ -227,8 +228,8 @@ def write_markdown(path: Path, rows: list[Row], per_setting: dict, info: dict) -
     fo_values = [v["fo/hosl"] for v in per_setting.values()]
     floor_values = [v["hosl/floor"] for v in per_setting.values()]
     if fo_values:
-        lines += [f"Across all settings fo/hosl ranges {min(fo_values):.2f}-{max(fo_values):.2f} and hosl/floor "
-                  f"{min(floor_values):.2f}-{max(floor_values):.2f}.", ""]
+        lines += [(f"Across all settings fo/hosl ranges {min(fo_values):.2f}-{max(fo_values):.2f} and hosl/floor "
+                   f"{min(floor_values):.2f}-{max(floor_values):.2f}."), ""]
 
     for model in dict.fromkeys(r.model for r in rows):
         modes = [m for m in MODES if any(r.model == model and r.mode == m for r in rows)]
@@ -252,11 +253,11 @@ def write_markdown(path: Path, rows: list[Row], per_setting: dict, info: dict) -
               "",
               "- `params`: the client's weights. Largest client tensor: " + "; ".join(
                   f"{model}: `{name}`, {mib(size):.1f} MiB" for model, (name, size) in info["largest"].items()) + ".",
-              "- `activations`: anything allocated inside a forward. For zo and hosl that includes the perturbed "
-              "copy `w + mu*u` of each parameter while its module runs (one tensor at a time).",
+              ("- `activations`: anything allocated inside a forward. For zo and hosl that includes the perturbed "
+               "copy `w + mu*u` of each parameter while its module runs (one tensor at a time)."),
               "- `optimizer state`: the optimizer's state tensors: AdamW's two moments for fo; ZOSGD keeps none.",
-              "- `temporaries`: allocated in the backward or inside an optimizer's step: AdamW's working tensors "
-              "for fo; for zo and hosl, ZOSGD's update, which regenerates each direction `u` one chunk at a time.",
+              ("- `temporaries`: allocated in the backward or inside an optimizer's step: AdamW's working tensors "
+               "for fo; for zo and hosl, ZOSGD's update, which regenerates each direction `u` one chunk at a time."),
               "- `grads`: fo's gradients of the client's weights.",
               "- `other`: buffers and anything else.",
               "",
@@ -291,7 +292,7 @@ def plot(path: Path, rows: list[Row], per_setting: dict) -> None:
             if not points:
                 continue
             color, marker = styles[mode]
-            hollow = dict(markersize=11, markerfacecolor="none", linestyle=":") if mode == "zo" else {}
+            hollow = {"markersize": 11, "markerfacecolor": "none", "linestyle": ":"} if mode == "zo" else {}
             ax.plot(*zip(*points), marker=marker, color=color, label=mode,
                     **{"linestyle": "--" if mode == "floor" else "-", **hollow})
         ax.set_title(f"{model}: client peak, batch {batch}, seq {seq}")
@@ -400,8 +401,8 @@ def main(argv: list[str] | None = None) -> None:
 
     per_setting = ratios(rows)
     runtime = time.perf_counter() - started
-    info = dict(command=command, runtime=f"{runtime / 60:.1f} min ({runtime:.0f} s)", machine=machine(),
-                code=code, date=time.strftime("%Y-%m-%d %H:%M %Z"), notes=notes, largest=largest)
+    info = {"command": command, "runtime": f"{runtime / 60:.1f} min ({runtime:.0f} s)", "machine": machine(),
+            "code": code, "date": time.strftime("%Y-%m-%d %H:%M %Z"), "notes": notes, "largest": largest}
     write_csv(args.out / "memory.csv", rows, per_setting)
     write_markdown(args.out / "memory.md", rows, per_setting, info)
     plot(args.out / "memory.png", rows, per_setting)

@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import socket
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 from .common.environment import RESULTS
 from .common.models import SMOLLM2, SMOLLM2_SHAPE, client_weights, exported, random_batch
+from .common.spawned import spawned_reports
 
 HANDOFF_CLIENTS = {  # a client's name and its peft adapter (None: the full client), as the retired adapters study
     "full client": None,
@@ -84,21 +85,14 @@ def run_process(role: str, model_dir: str, port: int, args: dict, out: str, rank
 
 
 def spawn(roles: list[str], model_dir: str, args: dict, tmp: Path, extra: dict | None = None) -> list[dict]:
-    """Run one process per role (rank = position) on a free loopback port; each one's report, in rank order."""
-    context = mp.get_context("spawn")
+    """Run one process per role (rank = position) on a free loopback port; each one's report (``tmp``'s
+    ``{role}{rank}.json``), in rank order."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    outs = [str(tmp / f"{role}{rank}.json") for rank, role in enumerate(roles)]
-    processes = [context.Process(target=run_process, args=(role, model_dir, port, args, out, rank, len(roles), extra))
-                 for rank, (role, out) in enumerate(zip(roles, outs))]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(1800)
-        if process.exitcode != 0:
-            raise SystemExit(f"a process failed (exit code {process.exitcode}); see its output above")
-    return [json.loads(Path(out).read_text()) for out in outs]
+    jobs = {f"{role}{rank}": partial(run_process, role, model_dir, port, args, rank=rank, world_size=len(roles),
+                                     extra=extra) for rank, role in enumerate(roles)}
+    return spawned_reports(jobs, f"a run of {' + '.join(roles)}", folder=tmp)
 
 
 def handoff_lines(model_dir: Path, cut: int) -> list[str]:
@@ -137,10 +131,10 @@ def main() -> None:
     lines = [
         "# Process memory: a two-process hosl run beside the one-process run",
         "",
-        f"Command: `python -m benchmarks.processes --steps {options.steps}` ({minutes:.1f} min). SmolLM2-135M "
-        f"(safetensors, fp32), cut after block {options.cut}, {options.steps} hosl steps of batch {options.batch} x "
-        f"{options.length}, Q=1, AdamW on the server. Peak resident memory of each process (VmHWM), which "
-        "includes Python, torch and the libraries.",
+        (f"Command: `python -m benchmarks.processes --steps {options.steps}` ({minutes:.1f} min). SmolLM2-135M "
+         f"(safetensors, fp32), cut after block {options.cut}, {options.steps} hosl steps of batch {options.batch} x "
+         f"{options.length}, Q=1, AdamW on the server. Peak resident memory of each process (VmHWM), which "
+         "includes Python, torch and the libraries."),
         "",
         "| process | holds | peak RSS (MiB) | of which imports | peak - imports | fit seconds |",
         "|---|---|---:|---:|---:|---:|",
@@ -149,9 +143,9 @@ def main() -> None:
           for name, holds, r in [("one process", "both halves", alone), ("server (rank 0)", "server half", server),
                                  ("client (rank 1)", "client half", client)]],
         "",
-        f"- Bytes per step over the wire (client's count, last step): up {client['bytes_up_last_step']}, "
-        f"down {client['bytes_down_last_step']}; in-process the same step counts up {alone['bytes_up_last_step']}, "
-        f"down {alone['bytes_down_last_step']}.",
+        (f"- Bytes per step over the wire (client's count, last step): up {client['bytes_up_last_step']}, "
+         f"down {client['bytes_down_last_step']}; in-process the same step counts up {alone['bytes_up_last_step']}, "
+         f"down {alone['bytes_down_last_step']}."),
         "",
         f"## Two clients taking turns (sequential split learning, turns of 2 steps, {options.steps} steps each)",
         "",

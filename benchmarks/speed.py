@@ -47,7 +47,9 @@ CLIENT_CUT, CLIENT_BATCH, CLIENT_LENGTH, CLIENT_LAYERS = 2, 8, 64, 4
 def step_plan(batch: int, small_batch: int) -> list[tuple[ClientOption, int]]:
     """The step-time rows: (option, batch). fo; the paper's hosl at Q 1, 4 and 8, its probe losses batched and one
     at a time, at ``batch`` and at Q=8 at ``small_batch``; then hosl with each other client option at ``batch``."""
-    hosl = lambda q, batched: ClientOption("hosl", queries=q, batch_probes=batched)  # noqa: E731
+    def hosl(q: int, batched: bool) -> ClientOption:
+        return ClientOption("hosl", queries=q, batch_probes=batched)
+
     return ([(FO, batch)] + [(hosl(q, batched), batch) for q in (1, 4, 8) for batched in (True, False)]
             + [(hosl(8, batched), small_batch) for batched in (True, False)]
             + [(option, batch) for option in CLIENT_OPTIONS[1:]])

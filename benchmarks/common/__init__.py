@@ -1,2 +1,2 @@
-"""What the studies share: the machine and code state, the run cache, paired statistics, plotting, models, tasks
-and the training harness of the accuracy studies."""
+"""What the studies share: the machine and code state, the run cache, paired statistics, plotting, models, tasks,
+the training harness of the accuracy studies, and work in fresh processes."""

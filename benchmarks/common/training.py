@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import functools
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ CACHE = RESULTS / "convergence"  # both studies' runs and memory records
 NUM_TRAIN = 2400  # 300 steps x 8: one pass
 STEPS, EVAL_EVERY, N_VAL, N_TEST, SEEDS = 300, 50, 100, 500, (0, 1, 2)
 SWEEP_STEPS, SWEEP_DATASET = 60, "rotten_tomatoes"
+PROGRESS_EVERY = 50  # steps between a run's progress lines on stderr (0: none)
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,37 @@ class Curve(L.Callback):
                                 "client_s": self.client_s, "server_s": self.server_s})
 
 
+class Progress(L.Callback):
+    """A run's progress, a line on stderr every ``every`` steps, after each of ``curve``'s validations and at the last
+    step: the step, the minutes so far, those left at the mean wall time of the steps so far (their validations
+    included), the last train loss and the last validation accuracy. It reads and prints, nothing more: a record and
+    its key are the same with it and without it."""
+
+    def __init__(self, every: int, curve: Curve | None = None) -> None:
+        self.every, self.curve = every, curve
+        self.started, self.validations = time.perf_counter(), 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
+        self.started = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, *args: Any) -> None:
+        step, total = trainer.global_step, trainer.max_steps
+        points = [] if self.curve is None else self.curve.points
+        validated, self.validations = len(points) > self.validations, len(points)
+        if step <= 0 or not (step % self.every == 0 or step == total or validated):
+            return
+        seconds = time.perf_counter() - self.started
+        line = f"    step {step}/{total}: {seconds / 60:.1f} min"
+        if total > 0:
+            line += f", about {seconds / step * (total - step) / 60:.1f} min left ({seconds / step:.1f} s a step)"
+        loss = trainer.callback_metrics.get("train_loss")
+        if loss is not None:
+            line += f"; train loss {float(loss):.4f}"
+        if points:
+            line += f"; val acc {points[-1]['val_acc']:.4f} at step {points[-1]['step']}"
+        print(line, file=sys.stderr, flush=True)
+
+
 @torch.no_grad()
 def score_examples(module: HOSLModule, batches: list[dict[str, Any]]) -> tuple[list[int], float]:
     """Each test example's correctness (argmax over its classes' label-word log-likelihoods) and the mean loss."""
@@ -134,9 +167,11 @@ def score_examples(module: HOSLModule, batches: list[dict[str, Any]]) -> tuple[l
     return correct, statistics.mean(losses)
 
 
-def run(config: RunConfig, base: Any, tokenizer: Any, data_dir: Path, code: str) -> dict[str, Any]:
+def run(config: RunConfig, base: Any, tokenizer: Any, data_dir: Path, code: str,
+        progress_every: int = PROGRESS_EVERY) -> dict[str, Any]:
     """Train and score one configuration; a run that diverges is recorded as such, not retried. ``code`` is the
-    code the process imported (``code_state()`` at its start), which the record keeps."""
+    code the process imported (``code_state()`` at its start), which the record keeps. ``progress_every``: steps
+    between progress lines on stderr (``Progress``; 0: none)."""
     method, spec = METHOD[config.method], next(d for d in ALL_DATASETS if d.name == config.dataset)
     train_dm = datamodule(spec, data_dir, tokenizer, config.seed, num_train=config.num_train)
     eval_dm = datamodule(spec, data_dir, tokenizer, 0, num_validation=config.n_val, num_test=config.n_test or 1)
@@ -156,7 +191,8 @@ def run(config: RunConfig, base: Any, tokenizer: Any, data_dir: Path, code: str)
     curve = Curve(config.eval_every, val_batches)
     trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=1, max_steps=config.steps, max_epochs=-1,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, callbacks=[curve])
+                        enable_model_summary=False, num_sanity_val_steps=0,
+                        callbacks=[curve] + ([Progress(progress_every, curve)] if progress_every > 0 else []))
     started, diverged, load = time.perf_counter(), None, load_1min()
     try:
         trainer.fit(module, train_dataloaders=train_dm.train_dataloader())
