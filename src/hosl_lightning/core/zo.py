@@ -291,13 +291,13 @@ class ZOSGD(Optimizer):
         directly by another module would silently escape the perturbation). With ``half``, only the parameters
         of ``modules`` must be reached: one half's probe of an optimizer over both (zo's halves, in one process).
         """
-        return perturbed(self, modules, step, query, scale, half)
+        return perturbed(self.parameter_directions, modules, step, query, scale, half)
 
     def paired(self, modules: Sequence[nn.Module], step: int, query: int, mu: float, rows: int,
                half: bool = False) -> Any:
         """The ``+mu`` and ``-mu`` probes of ``query`` as one forward of a doubled batch of ``rows`` rows (first
         half ``+mu``), each direction drawn once for both (``hosl_lightning.core.perturbation.paired``)."""
-        return paired(self, modules, step, query, mu, rows, half)
+        return paired(self.parameter_directions, modules, step, query, mu, rows, half)
 
 
 def zo_lr_scheduler(optimizer: ZOSGD, schedule: str, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
