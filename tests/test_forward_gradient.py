@@ -87,7 +87,8 @@ def test_the_two_point_estimate_converges_to_it_as_mu_shrinks() -> None:
         logits = split.server.logits(split.server(up)[:, :-1])
         return torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"][:, 1:].flatten())
 
-    up, tangent = forward_with_tangent(optimizer, split.client, 0, 0, lambda: split.client_forward(ids, mask))
+    up, tangent = forward_with_tangent(optimizer.parameter_directions, split.client, 0, 0,
+                                       lambda: split.client_forward(ids, mask))
     hidden = up.hidden.detach().requires_grad_(True)
     loss(replace(up, hidden=hidden)).backward()
     exact = float((hidden.grad * tangent).sum())  # fp64 throughout

@@ -8,7 +8,7 @@ would, and a client update is fully described by a list of (seed, scalar) pairs.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -17,6 +17,7 @@ from torch import Tensor
 from hosl_lightning.core.options import check_choice, check_int
 
 DIRECTIONS = ("gaussian", "rademacher")
+EMBEDDING_DIRECTIONS = ("dense", "sparse")  # a token-embedding table's direction: every row, or the rows read
 _MASK64 = (1 << 64) - 1
 SPARSE_ROW = _MASK64  # the "chunk" index of a sparse direction's seed (its rows are hashed in, see sparse_rows)
 
@@ -148,3 +149,45 @@ class DirectionSampler:
             return torch.randn(shape, generator=generator, device=like.device, dtype=like.dtype)
         signs = torch.randint(0, 2, shape, generator=generator, device=like.device, dtype=torch.int8)
         return signs.to(like.dtype).mul_(2).sub_(1)
+
+
+class ParameterDirections:
+    """The seeded directions of one optimizer's zeroth-order parameters, which its probes, tangents and updates draw.
+
+    Each parameter's direction key is its position in ``named`` plus ``first_key`` (a server process's share of an
+    all-ZO split continues the client's keys, so both draw exactly the directions one optimizer over both halves
+    would), and ``sampler`` draws its direction from (step, query, key). A token-embedding table's direction is also
+    drawn by rows (:meth:`row_directions`): the dense direction's, or a sparse one's, whose support (the rows the
+    step's probes read, which its update moves) is recorded here for the step (:meth:`support`).
+
+    :class:`hosl_lightning.core.zo.ZOSGD` holds one (``parameter_directions``) and draws its updates through it;
+    probes (:mod:`hosl_lightning.core.perturbation`) and tangents (:mod:`hosl_lightning.core.tangents`) take it, so
+    all three draw the same ``u_q``.
+    """
+
+    def __init__(self, named: Sequence[tuple[str, Tensor]], sampler: DirectionSampler, first_key: int = 0,
+                 embedding_directions: str = "dense") -> None:
+        check_choice("embedding_directions", embedding_directions, EMBEDDING_DIRECTIONS)
+        self.sampler = sampler
+        self.names = {id(p): n for n, p in named}  # id(parameter) -> its name, for messages
+        self.keys = {id(p): first_key + index for index, (_, p) in enumerate(named)}  # id(parameter) -> direction key
+        self.embedding_directions = embedding_directions
+        self._support: dict[int, Tensor] = {}  # key -> the sorted rows a sparse direction covers this step
+        self._support_step: int | None = None
+
+    def row_directions(self, weight: Tensor, step: int, query: int, ids: Tensor) -> Tensor:
+        """``u(step, query)[ids]`` for an embedding table: the dense direction's rows, or the sparse one's, whose
+        support (the rows the update moves) is every row the step's probes read."""
+        key = self.keys[id(weight)]
+        if self.embedding_directions == "dense":
+            return self.sampler.rows(step, query, key, weight, ids)
+        if self._support_step != step:
+            self._support, self._support_step = {}, step
+        read, where = torch.unique(ids, return_inverse=True)
+        known = self._support.get(key)
+        self._support[key] = read if known is None else torch.unique(torch.cat([known, read]))
+        return self.sampler.sparse_rows(step, query, key, read, weight)[where]
+
+    def support(self, step: int) -> dict[int, Tensor]:
+        """For each key with a sparse direction, the sorted rows ``step``'s probes have read (none for other steps)."""
+        return dict(self._support) if self._support_step == step else {}

@@ -4,25 +4,21 @@ Probes (:mod:`hosl_lightning.core.perturbation`: ``w + scale * u``) and tangents
 (:mod:`hosl_lightning.core.tangents`: the dual ``(w, u)``) both need the same thing: while a module that owns ZO
 parameters runs its own forward, it reads a stand-in built for each of them, and the stored weights are never
 written. Only one tensor-sized stand-in per parameter exists at a time, and a module that reads another module's
-weight directly escapes the hooks, which :func:`check_reached` turns into an error instead of a silent miss.
+weight directly escapes the hooks, which :func:`check_reached` turns into an error instead of a silent miss. The ZO
+parameters are those of a :class:`~hosl_lightning.core.directions.ParameterDirections` (an optimizer's).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Protocol
+from typing import Any
 
 from torch import Tensor, nn
 
+from hosl_lightning.core.directions import ParameterDirections
+
 EmbeddingHook = Callable[[nn.Module, tuple[Any, ...], Tensor], Tensor]  # (embedding, args, output) -> new output
-
-
-class ZOParameters(Protocol):
-    """What the hooks need of the optimizer (:class:`hosl_lightning.core.zo.ZOSGD`): which parameters are ZO."""
-
-    keys: dict[int, int]  # id(parameter) -> direction key
-    names: dict[int, str]
 
 
 def is_plain_embedding(module: nn.Module) -> bool:
@@ -34,16 +30,16 @@ def is_plain_embedding(module: nn.Module) -> bool:
     return type(module).forward is nn.Embedding.forward and isinstance(module, nn.Embedding) and module.max_norm is None
 
 
-def owners(optimizer: ZOParameters, modules: Sequence[nn.Module]) -> Iterator[nn.Module]:
+def owners(directions: ParameterDirections, modules: Sequence[nn.Module]) -> Iterator[nn.Module]:
     for root in modules:
         for module in root.modules():
-            if any(p is not None and id(p) in optimizer.keys for p in module._parameters.values()):
+            if any(p is not None and id(p) in directions.keys for p in module._parameters.values()):
                 yield module
 
 
-def check_reached(optimizer: ZOParameters, modules: Sequence[nn.Module], reached: set[int], half: bool) -> None:
-    in_scope = {id(p) for root in modules for p in root.parameters()} if half else optimizer.keys
-    missing = [optimizer.names[key] for key in optimizer.keys if key in in_scope and key not in reached]
+def check_reached(directions: ParameterDirections, modules: Sequence[nn.Module], reached: set[int], half: bool) -> None:
+    in_scope = {id(p) for root in modules for p in root.parameters()} if half else directions.keys
+    missing = [directions.names[key] for key in directions.keys if key in in_scope and key not in reached]
     if missing:
         raise RuntimeError(
             f"{len(missing)} zeroth-order parameter(s) were not used by any module's forward during a probe (or a "
@@ -53,7 +49,7 @@ def check_reached(optimizer: ZOParameters, modules: Sequence[nn.Module], reached
 
 
 @contextmanager
-def substituted_parameters(optimizer: ZOParameters, modules: Sequence[nn.Module],
+def substituted_parameters(directions: ParameterDirections, modules: Sequence[nn.Module],
                            substitute: Callable[[nn.Parameter], Tensor], embedding_hook: EmbeddingHook,
                            half: bool = False) -> Iterator[None]:
     """Forwards of ``modules`` in which each module owning ZO parameters reads ``substitute(param)`` for them.
@@ -61,7 +57,7 @@ def substituted_parameters(optimizer: ZOParameters, modules: Sequence[nn.Module]
     A substitute is built when the first module reading its parameter starts its forward and dropped when the last
     one ends (a weight shared by two modules is one substitute). A plain token embedding keeps its table instead:
     ``embedding_hook`` rewrites its output, so that only the rows looked up need drawing. On a clean exit, every ZO
-    parameter in scope (the whole optimizer's, or with ``half`` only those of ``modules``) must have been read.
+    parameter in scope (all of ``directions``', or with ``half`` only those of ``modules``) must have been read.
     """
     swapped: dict[tuple[int, str], tuple[nn.Module, str, nn.Parameter]] = {}
     substitutes: dict[int, Tensor] = {}  # one per parameter, shared by every module reading it
@@ -69,7 +65,7 @@ def substituted_parameters(optimizer: ZOParameters, modules: Sequence[nn.Module]
 
     def swap_in(module: nn.Module, _args: Any) -> None:
         for name, param in list(module._parameters.items()):
-            if param is None or id(param) not in optimizer.keys or (id(module), name) in swapped:
+            if param is None or id(param) not in directions.keys or (id(module), name) in swapped:
                 continue
             if id(param) not in substitutes:
                 substitutes[id(param)] = substitute(param)
@@ -90,8 +86,8 @@ def substituted_parameters(optimizer: ZOParameters, modules: Sequence[nn.Module]
         return embedding_hook(module, args, output)
 
     handles = []
-    for module in owners(optimizer, modules):
-        if is_plain_embedding(module) and id(module.weight) in optimizer.keys:
+    for module in owners(directions, modules):
+        if is_plain_embedding(module) and id(module.weight) in directions.keys:
             handles.append(module.register_forward_hook(embedding_rows))
         else:
             handles.append(module.register_forward_pre_hook(swap_in))
@@ -104,4 +100,4 @@ def substituted_parameters(optimizer: ZOParameters, modules: Sequence[nn.Module]
         for owner, name, param in swapped.values():
             owner._parameters[name] = param
         substitutes.clear()
-    check_reached(optimizer, modules, reached, half)
+    check_reached(directions, modules, reached, half)

@@ -16,51 +16,39 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from hosl_lightning.core.directions import DirectionSampler
-from hosl_lightning.core.module_hooks import (
-    ZOParameters,
-    check_reached,
-    is_plain_embedding,
-    owners,
-    substituted_parameters,
-)
+from hosl_lightning.core.directions import ParameterDirections
+from hosl_lightning.core.module_hooks import check_reached, is_plain_embedding, owners, substituted_parameters
 
 
-class ZOSGD(ZOParameters, Protocol):
-    """What a perturbation needs of its optimizer (:class:`hosl_lightning.core.zo.ZOSGD`)."""
-
-    sampler: DirectionSampler
-
-    def row_directions(self, weight: Tensor, step: int, query: int, ids: Tensor) -> Tensor: ...
-
-
-def _shifted(optimizer: ZOSGD, param: nn.Parameter, step: int, query: int, scales: Sequence[float]) -> list[Tensor]:
+def _shifted(directions: ParameterDirections, param: nn.Parameter, step: int, query: int,
+             scales: Sequence[float]) -> list[Tensor]:
     """``param + s * u`` for each ``s``, drawing ``u`` once, chunk by chunk."""
     outs = [torch.empty_like(param) for _ in scales]
     weights = param.detach()
-    for rows, u in optimizer.sampler.chunks(step, query, optimizer.keys[id(param)], param):
+    for rows, u in directions.sampler.chunks(step, query, directions.keys[id(param)], param):
         for out, scale in zip(outs, scales):
             torch.mul(u, scale, out=out[rows]).add_(weights[rows])  # scale * u, then + w: as a lookup rounds
     return outs
 
 
 @contextmanager
-def perturbed(optimizer: ZOSGD, modules: Sequence[nn.Module], step: int, query: int, scale: float,
+def perturbed(directions: ParameterDirections, modules: Sequence[nn.Module], step: int, query: int, scale: float,
               half: bool = False) -> Iterator[None]:
-    """Run forwards of ``modules`` at ``theta + scale * u(step, query)`` (see :meth:`ZOSGD.perturbed`)."""
+    """Run forwards of ``modules`` at ``theta + scale * u(step, query)``, ``u`` drawn by ``directions`` (an
+    optimizer's: see :meth:`hosl_lightning.core.zo.ZOSGD.perturbed`)."""
 
     def shifted(param: nn.Parameter) -> Tensor:
-        return _shifted(optimizer, param, step, query, (scale,))[0]
+        return _shifted(directions, param, step, query, (scale,))[0]
 
     def perturb_rows(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
-        return optimizer.row_directions(module.weight, step, query, args[0]).mul_(scale).add_(output)
+        return directions.row_directions(module.weight, step, query, args[0]).mul_(scale).add_(output)
 
-    with substituted_parameters(optimizer, modules, shifted, perturb_rows, half):
+    with substituted_parameters(directions, modules, shifted, perturb_rows, half):
         yield
 
 
@@ -86,7 +74,7 @@ def _joined(first: Any, second: Any, module: nn.Module) -> Any:
 
 
 @contextmanager
-def paired(optimizer: ZOSGD, modules: Sequence[nn.Module], step: int, query: int, mu: float, rows: int,
+def paired(directions: ParameterDirections, modules: Sequence[nn.Module], step: int, query: int, mu: float, rows: int,
            half: bool = False) -> Iterator[None]:
     """Run a forward of ``rows`` = 2B rows whose first B rows see ``theta + mu u`` and last B ``theta - mu u``.
 
@@ -101,7 +89,7 @@ def paired(optimizer: ZOSGD, modules: Sequence[nn.Module], step: int, query: int
     forwards: dict[int, tuple[nn.Module, Any]] = {}
 
     def split_forward(module: nn.Module, original: Any) -> Any:
-        names = [n for n, p in module._parameters.items() if p is not None and id(p) in optimizer.keys]
+        names = [n for n, p in module._parameters.items() if p is not None and id(p) in directions.keys]
 
         def run(args: tuple[Any, ...], kwargs: dict[str, Any], shifted: dict[str, Tensor], sign: float) -> Any:
             params = {n: module._parameters[n] for n in names}
@@ -117,10 +105,10 @@ def paired(optimizer: ZOSGD, modules: Sequence[nn.Module], step: int, query: int
             reached.update(id(module._parameters[n]) for n in names)
             enclosing = sign_of_half[0]
             if enclosing is not None:  # inside one half of an enclosing module: that half's sign only
-                shifted = {n: _shifted(optimizer, module._parameters[n], step, query, (enclosing * mu,))[0]
+                shifted = {n: _shifted(directions, module._parameters[n], step, query, (enclosing * mu,))[0]
                            for n in names}
                 return run(args, kwargs, shifted, enclosing)
-            pairs = {n: _shifted(optimizer, module._parameters[n], step, query, (mu, -mu)) for n in names}
+            pairs = {n: _shifted(directions, module._parameters[n], step, query, (mu, -mu)) for n in names}
             outputs = []
             for index, sign in enumerate((1.0, -1.0)):
                 part_args = tuple(_halves(a, rows, index) for a in args)
@@ -134,7 +122,7 @@ def paired(optimizer: ZOSGD, modules: Sequence[nn.Module], step: int, query: int
 
     def perturb_rows(module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
         reached.add(id(module.weight))
-        offset = optimizer.row_directions(module.weight, step, query, args[0])
+        offset = directions.row_directions(module.weight, step, query, args[0])
         enclosing = sign_of_half[0]
         if enclosing is not None:
             return offset.mul_(enclosing * mu).add_(output)
@@ -148,8 +136,8 @@ def paired(optimizer: ZOSGD, modules: Sequence[nn.Module], step: int, query: int
         return offset.add_(output)
 
     handles = []
-    for module in owners(optimizer, modules):
-        if is_plain_embedding(module) and id(module.weight) in optimizer.keys:
+    for module in owners(directions, modules):
+        if is_plain_embedding(module) and id(module.weight) in directions.keys:
             handles.append(module.register_forward_hook(perturb_rows))
         else:
             forwards[id(module)] = (module, module.__dict__.get("forward"))
@@ -164,4 +152,4 @@ def paired(optimizer: ZOSGD, modules: Sequence[nn.Module], step: int, query: int
                 del module.forward
             else:
                 module.forward = own  # type: ignore[method-assign]
-    check_reached(optimizer, modules, reached, half)
+    check_reached(directions, modules, reached, half)

@@ -1,7 +1,8 @@
 """Zeroth-order estimates and ZO-SGD, the client optimizer every other one builds on.
 
-Directions are regenerated from seeds (:mod:`hosl_lightning.core.directions`) and probes never write the
-weights (:mod:`hosl_lightning.core.perturbation`), so a client holds nothing but its weights between forwards.
+Directions are regenerated from seeds (:mod:`hosl_lightning.core.directions`: the optimizer holds its parameters'
+:class:`~hosl_lightning.core.directions.ParameterDirections`) and probes never write the weights
+(:mod:`hosl_lightning.core.perturbation`), so a client holds nothing but its weights between forwards.
 
 Two estimators turn probe losses into projected gradients ``c_q``, so that the update is always
 ``-lr * (1/Q) sum_q c_q u_q`` (a few numbers per step, replayable from their seeds):
@@ -29,13 +30,19 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from hosl_lightning.core.directions import DIRECTIONS, DirectionSampler, mix_seed
+from hosl_lightning.core.directions import (
+    DIRECTIONS,
+    EMBEDDING_DIRECTIONS,
+    DirectionSampler,
+    ParameterDirections,
+    mix_seed,
+)
 from hosl_lightning.core.options import check_choice, check_number
 from hosl_lightning.core.perturbation import paired, perturbed
 
-__all__ = ["DIRECTIONS", "DirectionSampler", "mix_seed"]  # re-exported: where callers have always found them
+# re-exported: where callers have always found them
+__all__ = ["DIRECTIONS", "EMBEDDING_DIRECTIONS", "DirectionSampler", "mix_seed"]
 ESTIMATORS = ("two_point", "one_sided", "forward")
-EMBEDDING_DIRECTIONS = ("dense", "sparse")
 ZO_LR_SCHEDULES = ("constant", "linear", "cosine")
 T = TypeVar("T")
 
@@ -104,8 +111,10 @@ class ZOSGD(Optimizer):
     """Zeroth-order SGD: ``theta -= lr * ((1/Q) sum_q c_q u_q + wd * theta)`` with regenerated directions.
 
     A real ``torch.optim.Optimizer`` so that LR schedulers, checkpoints and Lightning treat it like any
-    other; it never reads ``.grad``. Each parameter's direction key is its position in the order given
-    at construction (plus ``first_key``), shared with :meth:`perturbed` so probes and updates draw the same ``u_q``.
+    other; it never reads ``.grad``. Its parameters' directions are ``parameter_directions`` (a
+    ``hosl_lightning.core.directions.ParameterDirections``): each parameter's direction key is its position in the
+    order given at construction (plus ``first_key``), and :meth:`perturbed`, :meth:`paired` and the update all draw
+    through it, so probes and updates draw the same ``u_q``.
 
     Subclasses (``hosl_lightning.zo_optimizers``) change the estimator, the coefficients or the update; the
     class attributes say what a run must know about them.
@@ -150,15 +159,34 @@ class ZOSGD(Optimizer):
         no_decay = [p for n, p in named if is_no_decay(n, p)]
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         super().__init__([g for g in groups if g["params"]], {"lr": lr, "weight_decay": weight_decay, **(defaults or {})})
-        self.sampler = DirectionSampler(direction, seed)
-        self.names = {id(p): n for n, p in named}
-        # first_key: a server process's share of an all-ZO split continues the client's keys, so both draw
-        # exactly the directions that one optimizer over both halves would.
-        self.keys = {id(p): first_key + index for index, (_, p) in enumerate(named)}
-        self.embedding_directions = embedding_directions
+        self.parameter_directions = ParameterDirections(named, DirectionSampler(direction, seed), first_key,
+                                                        embedding_directions)
         self.predicted_decrease: float | None = None  # of the last step (first_order_decrease), for the diagnostic
-        self._support: dict[int, Tensor] = {}  # key -> the sorted rows a sparse direction covers this step
-        self._support_step: int | None = None
+
+    # ---- the parameters' directions (parameter_directions) -----------------------------------------------
+    @property
+    def sampler(self) -> DirectionSampler:
+        """Draws each parameter's direction from (seed, step, query, key)."""
+        return self.parameter_directions.sampler
+
+    @property
+    def keys(self) -> dict[int, int]:
+        """``id(parameter)`` -> its direction key."""
+        return self.parameter_directions.keys
+
+    @property
+    def names(self) -> dict[int, str]:
+        """``id(parameter)`` -> its name."""
+        return self.parameter_directions.names
+
+    @property
+    def embedding_directions(self) -> str:
+        """``"dense"`` or ``"sparse"``: a token-embedding table's direction covers every row, or the rows read."""
+        return self.parameter_directions.embedding_directions
+
+    def row_directions(self, weight: Tensor, step: int, query: int, ids: Tensor) -> Tensor:
+        """``u(step, query)[ids]`` for an embedding table (``parameter_directions.row_directions``)."""
+        return self.parameter_directions.row_directions(weight, step, query, ids)
 
     @classmethod
     def check_options(cls, **options: Any) -> None:
@@ -179,21 +207,7 @@ class ZOSGD(Optimizer):
 
     def estimate(self, step: int, coefficients: Tensor) -> ZOEstimate:
         """The step's estimate, with the rows its sparse directions covered."""
-        rows = dict(self._support) if self._support_step == step else {}
-        return ZOEstimate(step, coefficients, rows)
-
-    def row_directions(self, weight: Tensor, step: int, query: int, ids: Tensor) -> Tensor:
-        """``u(step, query)[ids]`` for an embedding table: the dense direction's rows, or the sparse one's, whose
-        support (the rows the update moves) is every row the step's probes read."""
-        key = self.keys[id(weight)]
-        if self.embedding_directions == "dense":
-            return self.sampler.rows(step, query, key, weight, ids)
-        if self._support_step != step:
-            self._support, self._support_step = {}, step
-        read, where = torch.unique(ids, return_inverse=True)
-        known = self._support.get(key)
-        self._support[key] = read if known is None else torch.unique(torch.cat([known, read]))
-        return self.sampler.sparse_rows(step, query, key, read, weight)[where]
+        return ZOEstimate(step, coefficients, self.parameter_directions.support(step))
 
     # ---- the update --------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -277,13 +291,13 @@ class ZOSGD(Optimizer):
         directly by another module would silently escape the perturbation). With ``half``, only the parameters
         of ``modules`` must be reached: one half's probe of an optimizer over both (zo's halves, in one process).
         """
-        return perturbed(self, modules, step, query, scale, half)
+        return perturbed(self.parameter_directions, modules, step, query, scale, half)
 
     def paired(self, modules: Sequence[nn.Module], step: int, query: int, mu: float, rows: int,
                half: bool = False) -> Any:
         """The ``+mu`` and ``-mu`` probes of ``query`` as one forward of a doubled batch of ``rows`` rows (first
         half ``+mu``), each direction drawn once for both (``hosl_lightning.core.perturbation.paired``)."""
-        return paired(self, modules, step, query, mu, rows, half)
+        return paired(self.parameter_directions, modules, step, query, mu, rows, half)
 
 
 def zo_lr_scheduler(optimizer: ZOSGD, schedule: str, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:

@@ -29,7 +29,7 @@ def tangent_client_step(ctx: ClientContext, link: ClientLink, inputs: StepInputs
                          "itself: train with hosl_lightning.HOSLModule")
 
     def tangent_forward(query: int) -> tuple[CutActivations, Tensor]:
-        return forward_with_tangent(optimizer, model.client, ctx.step, query,
+        return forward_with_tangent(optimizer.parameter_directions, model.client, ctx.step, query,
                                     lambda: model.client_forward(inputs.input_ids, inputs.attention_mask))
 
     link.start("hosl", ctx.step, inputs.targets, 1)
