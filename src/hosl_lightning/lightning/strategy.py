@@ -18,7 +18,6 @@ from lightning_utilities.core.rank_zero import rank_zero_only
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from hosl_lightning.core.boundary import InProcessLink, Reply, Targets, Uplink
 from hosl_lightning.core.fused_update import FusedUpdate
 from hosl_lightning.core.split_model import SplitCausalLM
 from hosl_lightning.core.zo import ZOSGD, ZOEstimate, zo_lr_scheduler
@@ -37,8 +36,9 @@ from hosl_lightning.lightning.settings import STRATEGY_NAME, RunSettings
 from hosl_lightning.lightning.summary import use_split_summaries
 from hosl_lightning.lightning.telemetry import StepTelemetry, prefixed
 from hosl_lightning.measurement import MemoryReport
-from hosl_lightning.modes import ClientContext, ModeName, ServerContext, ServerGrad, StepInputs, StepOutput, get_mode
+from hosl_lightning.modes import ClientContext, ModeName, ServerGrad, StepInputs, StepOutput, get_mode
 from hosl_lightning.modes.frozen import NoUpdate
+from hosl_lightning.modes.in_process import in_process_step
 
 
 class HOSLStrategy(RunSettings, SplitCheckpoints, FusedClientUpdate, SingleDeviceStrategy):
@@ -228,17 +228,14 @@ class HOSLStrategy(RunSettings, SplitCheckpoints, FusedClientUpdate, SingleDevic
         return output
 
     def _in_process_step(self, split: SplitCausalLM, batch: dict[str, Tensor], optimizer: Any, step: int, backward: Any) -> StepOutput:
+        """Both halves here (``modes.in_process``), then the optimizers' steps: the one ZO optimizer over both
+        halves (zo), or the client's ZO update and the first-order optimizer's step."""
         mode = get_mode(self.mode)
         both_zo = "server" in mode.zo_halves
         zo = optimizer.optimizer if both_zo else self.client_optimizer  # zo: the one ZOSGD over both halves
-        server = ServerContext(split, self.settings, backward, zo if both_zo else None)
-
-        def server_step(name: str, uplink: Uplink, targets: Targets, at_step: int) -> Reply:
-            return get_mode(name).server_step(server, uplink, targets, at_step)
-
-        link = InProcessLink(split.boundary, server_step, split.client_side, split.server_side)
-        client = ClientContext(split, self.settings, step, zo, grad_scaler=getattr(self.precision_plugin, "scaler", None))
-        output = mode.client_step(client, link, StepInputs.of(batch))
+        output = in_process_step(split, self.mode, batch, self.settings, step, backward, client_optimizer=zo,
+                                 server_optimizer=zo if both_zo else None,
+                                 grad_scaler=getattr(self.precision_plugin, "scaler", None))
         if both_zo:
             optimizer.step(estimate=output.estimate)
         else:

@@ -1,6 +1,7 @@
 """Run one step of a mode with both halves in this process: the client half over an in-process link whose
 server end is the same mode's server half. Benchmarks, memory measurements and tests call these directly;
-:class:`~hosl_lightning.lightning.strategy.HOSLStrategy` does the same with Lightning's backward.
+:class:`~hosl_lightning.lightning.strategy.HOSLStrategy`'s in-process step calls :func:`in_process_step` with
+Lightning's backward.
 """
 
 from __future__ import annotations
