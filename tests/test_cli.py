@@ -126,6 +126,24 @@ def test_user_errors_found_early_or_late_read_alike(override: str, message: str,
     assert _refusal([*FIT, override], capsys) == f"hosl-lightning fit: error: {message}"
 
 
+@pytest.mark.parametrize("override", ["--trainer.strategy.init_args.mode=fo", "--trainer.max_steps=-3",
+                                      "--model.optimizer.init_args.lr=-0.1"])
+def test_print_config_refuses_what_fit_refuses_before_the_model_loads(override: str, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
+    """``--print_config`` printed these configs (exit status 0), which ``fit`` then refused: mode fo over a config
+    that sets q. It refuses them as ``fit`` does, and still loads no model."""
+    from hosl_lightning.lightning import module
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(module, "load_causal_lm", lambda *a: pytest.fail("the model loaded"))
+    refused = _refusal([*FIT, override], capsys)
+    with pytest.raises(SystemExit) as exit_:
+        main([*FIT, override, "--print_config"])
+    printed = capsys.readouterr()
+    assert exit_.value.code == 2 and printed.out == ""
+    assert [line for line in printed.err.splitlines() if line.startswith("hosl-lightning ")] == [refused]
+
+
 UNUSED_Q = "q=2 is not valid with mode='fo', which does not use it: remove q, or choose a mode that uses it ('hosl', 'zo')"
 UNION_NOISE = "Does not validate against any of the Union subtypes"
 
