@@ -117,6 +117,10 @@ FIT = ["fit", "--config", str(CONFIGS / "synthetic.yaml"), "--trainer.enable_pro
                                                  "accumulate; use 1, and a larger data batch_size instead")),
         ("--trainer.max_steps=-3", "trainer.max_steps=-3 is not valid: it must be an integer >= 0, or -1 for no limit"),
         ("--model.optimizer.init_args.lr=-0.1", "model.optimizer.init_args.lr=-0.1 is not valid: it must be a number >= 0"),
+        ("--model.optimizer.init_args.betas=[2,3]", ("model.optimizer.init_args.betas=(2.0, 3.0) is not valid: each beta "
+                                                     "must be a number in [0, 1), e.g. [0.9, 0.999]")),
+        ("--model.optimizer.init_args.betas=[0.9,1]", ("model.optimizer.init_args.betas=(0.9, 1.0) is not valid: each "
+                                                       "beta must be a number in [0, 1), e.g. [0.9, 0.999]")),
     ],
 )
 def test_user_errors_found_early_or_late_read_alike(override: str, message: str, tmp_path: Path,
@@ -127,7 +131,7 @@ def test_user_errors_found_early_or_late_read_alike(override: str, message: str,
 
 
 @pytest.mark.parametrize("override", ["--trainer.strategy.init_args.mode=fo", "--trainer.max_steps=-3",
-                                      "--model.optimizer.init_args.lr=-0.1"])
+                                      "--model.optimizer.init_args.lr=-0.1", "--model.optimizer.init_args.betas=[2,3]"])
 def test_print_config_refuses_what_fit_refuses_before_the_model_loads(override: str, tmp_path: Path,
                                                                       capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
     """``--print_config`` printed these configs (exit status 0), which ``fit`` then refused: mode fo over a config
@@ -142,6 +146,21 @@ def test_print_config_refuses_what_fit_refuses_before_the_model_loads(override: 
     printed = capsys.readouterr()
     assert exit_.value.code == 2 and printed.out == ""
     assert [line for line in printed.err.splitlines() if line.startswith("hosl-lightning ")] == [refused]
+
+
+def test_the_optimizers_betas_in_the_yaml_are_refused_before_the_model_loads(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
+    """AdamW's betas out of [0, 1) ended in torch's traceback once the model had loaded and the fit started."""
+    from hosl_lightning.lightning import module
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(module, "load_causal_lm", lambda *a: pytest.fail("the model loaded"))
+    config = yaml.safe_load((CONFIGS / "synthetic.yaml").read_text())
+    config["model"]["optimizer"]["init_args"]["betas"] = [0.9, -0.5]
+    (tmp_path / "betas.yaml").write_text(yaml.safe_dump(config))
+    assert _refusal(["fit", "--config", str(tmp_path / "betas.yaml")], capsys) == (
+        "hosl-lightning fit: error: model.optimizer.init_args.betas=(0.9, -0.5) is not valid: each beta must be a "
+        "number in [0, 1), e.g. [0.9, 0.999]")
 
 
 UNUSED_Q = "q=2 is not valid with mode='fo', which does not use it: remove q, or choose a mode that uses it ('hosl', 'zo')"

@@ -12,6 +12,7 @@ import re
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from numbers import Real
 from typing import Any
 
 from jsonargparse import Namespace
@@ -155,6 +156,11 @@ class HOSLCLI(LightningCLI):
         lr = init_args.get("lr")
         if isinstance(lr, (int, float)):  # torch would refuse a negative one only when the fit starts
             check_number("model.optimizer.init_args.lr", lr, 0)
+        betas = init_args.get("betas")
+        if isinstance(betas, (list, tuple)) and not all(  # torch refuses them only when the fit starts, too
+                isinstance(beta, Real) and not isinstance(beta, bool) and 0 <= beta < 1 for beta in betas):
+            raise UserError(f"model.optimizer.init_args.betas={betas!r} is not valid: each beta must be a number in "
+                            "[0, 1), e.g. [0.9, 0.999]")
 
     def _add_subcommands(self, parser: Any, **kwargs: Any) -> None:
         super()._add_subcommands(parser, **kwargs)
