@@ -163,6 +163,33 @@ def test_the_optimizers_betas_in_the_yaml_are_refused_before_the_model_loads(
         "number in [0, 1), e.g. [0.9, 0.999]")
 
 
+TORCHRUN = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def test_a_distributed_run_started_without_torchrun_says_how_to_launch_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
+    """It ended in a traceback (our ValueError about the rank, raised again while Lightning handled it; with a rank
+    but no MASTER_ADDR, torch's once the half had loaded). Its config still prints: the check is the launch's."""
+    monkeypatch.chdir(tmp_path)
+    for name in TORCHRUN:
+        monkeypatch.delenv(name, raising=False)
+    distributed = [*FIT, "--trainer.max_steps=1", "--trainer.strategy.init_args.transport=distributed"]
+    assert _refusal(distributed, capsys) == (
+        "hosl-lightning fit: error: transport='distributed' needs this process's rank, the number of processes and "
+        "where the processes meet, but RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT are not set: launch every "
+        "process with torchrun, which sets them (torchrun --nproc_per_node 2 --no-python hosl-lightning fit ...), or "
+        "set them yourself, or give the strategy's rank, world_size and init_method='tcp://<server host>:<port>' "
+        "(rank 0 is the server, 1.. the clients)")
+    ranked = [*distributed, "--trainer.strategy.init_args.rank=1", "--trainer.strategy.init_args.world_size=2"]
+    assert _refusal(ranked, capsys).startswith(
+        "hosl-lightning fit: error: transport='distributed' needs where the processes meet, but MASTER_ADDR and "
+        "MASTER_PORT are not set: launch every process with torchrun")
+    with pytest.raises(SystemExit) as exit_:
+        main([*distributed, "--print_config"])
+    assert exit_.value.code == 0
+    assert yaml.safe_load(capsys.readouterr().out)["trainer"]["strategy"]["init_args"]["transport"] == "distributed"
+
+
 UNUSED_Q = "q=2 is not valid with mode='fo', which does not use it: remove q, or choose a mode that uses it ('hosl', 'zo')"
 UNION_NOISE = "Does not validate against any of the Union subtypes"
 
