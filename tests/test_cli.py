@@ -117,6 +117,10 @@ FIT = ["fit", "--config", str(CONFIGS / "synthetic.yaml"), "--trainer.enable_pro
                                                  "accumulate; use 1, and a larger data batch_size instead")),
         ("--trainer.max_steps=-3", "trainer.max_steps=-3 is not valid: it must be an integer >= 0, or -1 for no limit"),
         ("--model.optimizer.init_args.lr=-0.1", "model.optimizer.init_args.lr=-0.1 is not valid: it must be a number >= 0"),
+        ("--model.optimizer.init_args.betas=[2,3]", ("model.optimizer.init_args.betas=(2.0, 3.0) is not valid: each beta "
+                                                     "must be a number in [0, 1), e.g. [0.9, 0.999]")),
+        ("--model.optimizer.init_args.betas=[0.9,1]", ("model.optimizer.init_args.betas=(0.9, 1.0) is not valid: each "
+                                                       "beta must be a number in [0, 1), e.g. [0.9, 0.999]")),
     ],
 )
 def test_user_errors_found_early_or_late_read_alike(override: str, message: str, tmp_path: Path,
@@ -124,6 +128,66 @@ def test_user_errors_found_early_or_late_read_alike(override: str, message: str,
     """cut_layer=-1 and cut_layer=9 one way; inf as 1e999; Lightning's own refusals before the model loads."""
     monkeypatch.chdir(tmp_path)
     assert _refusal([*FIT, override], capsys) == f"hosl-lightning fit: error: {message}"
+
+
+@pytest.mark.parametrize("override", ["--trainer.strategy.init_args.mode=fo", "--trainer.max_steps=-3",
+                                      "--model.optimizer.init_args.lr=-0.1", "--model.optimizer.init_args.betas=[2,3]"])
+def test_print_config_refuses_what_fit_refuses_before_the_model_loads(override: str, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
+    """``--print_config`` printed these configs (exit status 0), which ``fit`` then refused: mode fo over a config
+    that sets q. It refuses them as ``fit`` does, and still loads no model."""
+    from hosl_lightning.lightning import module
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(module, "load_causal_lm", lambda *a: pytest.fail("the model loaded"))
+    refused = _refusal([*FIT, override], capsys)
+    with pytest.raises(SystemExit) as exit_:
+        main([*FIT, override, "--print_config"])
+    printed = capsys.readouterr()
+    assert exit_.value.code == 2 and printed.out == ""
+    assert [line for line in printed.err.splitlines() if line.startswith("hosl-lightning ")] == [refused]
+
+
+def test_the_optimizers_betas_in_the_yaml_are_refused_before_the_model_loads(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
+    """AdamW's betas out of [0, 1) ended in torch's traceback once the model had loaded and the fit started."""
+    from hosl_lightning.lightning import module
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(module, "load_causal_lm", lambda *a: pytest.fail("the model loaded"))
+    config = yaml.safe_load((CONFIGS / "synthetic.yaml").read_text())
+    config["model"]["optimizer"]["init_args"]["betas"] = [0.9, -0.5]
+    (tmp_path / "betas.yaml").write_text(yaml.safe_dump(config))
+    assert _refusal(["fit", "--config", str(tmp_path / "betas.yaml")], capsys) == (
+        "hosl-lightning fit: error: model.optimizer.init_args.betas=(0.9, -0.5) is not valid: each beta must be a "
+        "number in [0, 1), e.g. [0.9, 0.999]")
+
+
+TORCHRUN = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def test_a_distributed_run_started_without_torchrun_says_how_to_launch_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
+    """It ended in a traceback (our ValueError about the rank, raised again while Lightning handled it; with a rank
+    but no MASTER_ADDR, torch's once the half had loaded). Its config still prints: the check is the launch's."""
+    monkeypatch.chdir(tmp_path)
+    for name in TORCHRUN:
+        monkeypatch.delenv(name, raising=False)
+    distributed = [*FIT, "--trainer.max_steps=1", "--trainer.strategy.init_args.transport=distributed"]
+    assert _refusal(distributed, capsys) == (
+        "hosl-lightning fit: error: transport='distributed' needs this process's rank, the number of processes and "
+        "where the processes meet, but RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT are not set: launch every "
+        "process with torchrun, which sets them (torchrun --nproc_per_node 2 --no-python hosl-lightning fit ...), or "
+        "set them yourself, or give the strategy's rank, world_size and init_method='tcp://<server host>:<port>' "
+        "(rank 0 is the server, 1.. the clients)")
+    ranked = [*distributed, "--trainer.strategy.init_args.rank=1", "--trainer.strategy.init_args.world_size=2"]
+    assert _refusal(ranked, capsys).startswith(
+        "hosl-lightning fit: error: transport='distributed' needs where the processes meet, but MASTER_ADDR and "
+        "MASTER_PORT are not set: launch every process with torchrun")
+    with pytest.raises(SystemExit) as exit_:
+        main([*distributed, "--print_config"])
+    assert exit_.value.code == 0
+    assert yaml.safe_load(capsys.readouterr().out)["trainer"]["strategy"]["init_args"]["transport"] == "distributed"
 
 
 UNUSED_Q = "q=2 is not valid with mode='fo', which does not use it: remove q, or choose a mode that uses it ('hosl', 'zo')"

@@ -14,6 +14,7 @@ import pytest
 import torch.distributed as dist
 
 from hosl_lightning import HOSLStrategy
+from hosl_lightning.core.options import UserError
 from hosl_lightning.distributed import joining
 from hosl_lightning.distributed.peers import Peers, PeerUnreachable
 
@@ -34,8 +35,33 @@ def test_rank_and_world_size_come_from_torchrun_variables(monkeypatch: pytest.Mo
 
 def test_a_missing_rank_names_torchrun(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("RANK", raising=False)
-    with pytest.raises(ValueError, match="needs this process's rank: launch with torchrun"):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match=r"needs this process's rank, but RANK is not set: launch every process with "
+                                        r"torchrun, .* or give the strategy's rank \(rank 0 is the server"):
         _peers().rank()
+
+
+@pytest.mark.parametrize(("init_method", "options", "env", "missing"), [
+    ("env://", {}, {}, "RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT are not set"),
+    ("env://", {"rank": 1, "world_size": 2}, {}, "MASTER_ADDR and MASTER_PORT are not set"),
+    ("env://", {"rank": 1, "world_size": 2}, {"MASTER_ADDR": "127.0.0.1"}, "MASTER_PORT is not set"),
+    ("tcp://127.0.0.1:1", {}, {"RANK": "1"}, "WORLD_SIZE is not set"),
+])
+def test_a_process_started_without_torchrun_names_what_it_lacks(init_method: str, options: dict, env: dict,
+                                                                 missing: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """It was torch's ValueError about MASTER_ADDR once the half had loaded, or ours about the rank alone."""
+    torchrun = {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    for name in torchrun:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    peers = Peers(None, 1.0, init_method, **options)
+    with pytest.raises(UserError, match=f"transport='distributed' needs .*, but {missing}: launch every process with "
+                                        "torchrun"):
+        peers.check_launched()
+    for name, value in torchrun.items():
+        monkeypatch.setenv(name, value)
+    peers.check_launched()  # torchrun's variables are all it needs
 
 
 @pytest.mark.parametrize(("rank", "world_size", "message"), [

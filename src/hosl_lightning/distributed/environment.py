@@ -12,6 +12,20 @@ from urllib.parse import urlparse
 
 from lightning.fabric.plugins.environments import ClusterEnvironment
 
+from hosl_lightning.core.options import UserError
+
+#: What a process of a distributed run must be given, each as a torchrun variable (what it is, the strategy's
+#: option that gives it instead); the meeting address only where ``init_method`` is ``env://``.
+_LAUNCH = {"RANK": ("this process's rank", "rank"), "WORLD_SIZE": ("the number of processes", "world_size"),
+           "MASTER_ADDR": ("where the processes meet", "init_method='tcp://<server host>:<port>'"),
+           "MASTER_PORT": ("where the processes meet", "init_method='tcp://<server host>:<port>'")}
+
+
+def _and(items: list[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``: each once."""
+    items = list(dict.fromkeys(items))
+    return ", ".join(items[:-1]) + " and " + items[-1] if len(items) > 1 else items[0]
+
 
 class SplitEnvironment(ClusterEnvironment):
     """Rank and world size from the strategy's arguments, else from torchrun's variables; rank 0 serves."""
@@ -37,6 +51,23 @@ class SplitEnvironment(ClusterEnvironment):
     def detect() -> bool:
         return "RANK" in os.environ
 
+    def check_launched(self) -> None:
+        """Refuse a process that was not told its rank, the world size or where to meet (started without torchrun),
+        naming what is missing and how to launch it, before it loads or waits for anything."""
+        given = {"RANK": self._rank, "WORLD_SIZE": self._world_size}
+        missing = [name for name in _LAUNCH if given.get(name) is None and name not in os.environ]
+        if urlparse(self.init_method).scheme != "env":  # tcp:// or file:// says where to meet
+            missing = [name for name in missing if name not in ("MASTER_ADDR", "MASTER_PORT")]
+        if not missing:
+            return
+        needs, options = (_and([_LAUNCH[name][i] for name in missing]) for i in (0, 1))
+        them = "them" if len(missing) > 1 else "it"
+        raise UserError(
+            f"transport='distributed' needs {needs}, but {_and(missing)} {'are' if len(missing) > 1 else 'is'} not "
+            f"set: launch every process with torchrun, which sets {them} (torchrun --nproc_per_node 2 --no-python "
+            f"hosl-lightning fit ...), or set {them} yourself, or give the strategy's {options} (rank 0 is the "
+            "server, 1.. the clients)")
+
     def world_size(self) -> int:
         return self._world_size if self._world_size is not None else int(os.environ.get("WORLD_SIZE", "0"))
 
@@ -47,10 +78,7 @@ class SplitEnvironment(ClusterEnvironment):
         if self._rank is not None:
             return self._rank
         if "RANK" not in os.environ:
-            raise ValueError(
-                "transport='distributed' needs this process's rank: launch with torchrun (which sets RANK and "
-                "WORLD_SIZE), or pass rank= and world_size= (rank 0 is the server, rank 1 the client)"
-            )
+            self.check_launched()  # raises: RANK (and whatever else is missing) named
         return int(os.environ["RANK"])
 
     def set_global_rank(self, rank: int) -> None:

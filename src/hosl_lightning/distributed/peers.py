@@ -41,6 +41,13 @@ class Peers:
     def rank(self) -> int:
         return self.environment.global_rank()
 
+    def check_launched(self) -> None:
+        """Refuse a process started without its rank, the world size or where to meet, before it loads anything
+        (what :class:`SplitEnvironment` needs; another cluster environment checks its own)."""
+        check = getattr(self.environment, "check_launched", None)
+        if check is not None:
+            check()
+
     @property
     def role(self) -> str:
         return "server" if self.rank() == SERVER_RANK else "client"

@@ -11,9 +11,11 @@ import logging
 import re
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from numbers import Real
 from typing import Any
 
+from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningCLI
 
 from hosl_lightning.core.options import UserError, check_int, check_number
@@ -51,6 +53,18 @@ def reading_non_finite() -> Iterator[None]:
         else:
             loader.yaml_implicit_resolvers = saved
 
+
+def print_config_action() -> Any:
+    """jsonargparse's ``--print_config`` action, whose switches let a parse complete before the config is printed
+    (it prints halfway through the parse, before its own validation and before any constructor has checked its
+    options); None with another jsonargparse layout, which then prints as before."""
+    try:
+        from jsonargparse._actions import _ActionPrintConfig
+    except ImportError:
+        return None
+    return _ActionPrintConfig if hasattr(_ActionPrintConfig, "skip_print_config") else None
+
+
 # The commands of ``hosl-lightning`` that are not Trainer methods: the entry point (hosl_lightning.cli) runs them
 # before this CLI parses anything; they are listed here so that ``hosl-lightning --help`` shows all it can do.
 OTHER_COMMANDS = {
@@ -81,6 +95,20 @@ class _Refusals:
         of the union took the value) while something else failed."""
         return next((refusal for refusal in reversed(self.raised) if str(refusal) in str(error)), None)
 
+    @contextmanager
+    def reported(self) -> Iterator[None]:
+        """Inside, what a constructor raises leaves as a :class:`UserError`: its own refusal (found again inside
+        jsonargparse's error, see :meth:`cause_of`), or another error of a constructor, named by its type."""
+        try:
+            yield
+        except UserError:
+            raise
+        except (ValueError, TypeError, FileNotFoundError, ModuleNotFoundError) as error:
+            refusal = self.cause_of(error)
+            if refusal is not None:
+                raise refusal from error
+            raise UserError(f"{type(error).__name__}: {error}") from error
+
 
 class HOSLCLI(LightningCLI):
     """LightningCLI with HOSLStrategy as the default strategy; reports the loss trend and zero-shot vs final scores."""
@@ -91,8 +119,16 @@ class HOSLCLI(LightningCLI):
         return super().init_parser(**kwargs)
 
     def parse_arguments(self, parser: Any, args: Any) -> None:
-        with reading_non_finite():
+        """``--print_config`` prints a config only once it has passed the checks ``fit`` makes before it loads a
+        model (the Trainer's options, the optimizer's, the strategy's), and otherwise refuses it as ``fit`` would:
+        one line, exit status 2, instead of printing a config that does not run."""
+        printing = print_config_action()
+        with reading_non_finite(), printing.skip_print_config() if printing else nullcontext():
             super().parse_arguments(parser, args)
+        if printing is not None and printing.is_print_config_requested(parser):
+            self.before_instantiate_classes()
+            self._build_strategy()
+            printing.print_config_if_requested(parser, self.config)  # prints, and exits with status 0
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.set_defaults({"trainer.strategy": "hosl"})
@@ -120,6 +156,11 @@ class HOSLCLI(LightningCLI):
         lr = init_args.get("lr")
         if isinstance(lr, (int, float)):  # torch would refuse a negative one only when the fit starts
             check_number("model.optimizer.init_args.lr", lr, 0)
+        betas = init_args.get("betas")
+        if isinstance(betas, (list, tuple)) and not all(  # torch refuses them only when the fit starts, too
+                isinstance(beta, Real) and not isinstance(beta, bool) and 0 <= beta < 1 for beta in betas):
+            raise UserError(f"model.optimizer.init_args.betas={betas!r} is not valid: each beta must be a number in "
+                            "[0, 1), e.g. [0.9, 0.999]")
 
     def _add_subcommands(self, parser: Any, **kwargs: Any) -> None:
         super()._add_subcommands(parser, **kwargs)
@@ -148,6 +189,20 @@ class HOSLCLI(LightningCLI):
         init_args = getattr(strategy, "init_args", None)
         return getattr(init_args, "transport", None) == "distributed"
 
+    def _build_strategy(self) -> None:
+        """Build the config's strategy alone, as :meth:`instantiate_classes` would (its refusals reported alike),
+        and drop it: ``--print_config`` checks the strategy's options without loading the model."""
+        subcommand = self.config.get("subcommand")
+        key = f"{subcommand}.trainer.strategy"
+        if subcommand is None or key not in self.config:
+            return
+        only = Namespace(subcommand=subcommand)
+        only[key] = self.config[key]
+        refusals = _Refusals()
+        self.parser.add_instantiator(refusals, object)
+        with refusals.reported():
+            self.parser.instantiate_classes(only, instantiate_groups=False)  # groups (the model) would be built empty
+
     def instantiate_classes(self) -> None:
         """In a distributed run the model is built on the meta device; each process then loads only its half.
 
@@ -158,18 +213,11 @@ class HOSLCLI(LightningCLI):
         """
         refusals = _Refusals()
         self.parser.add_instantiator(refusals, object)  # after Lightning's, which build the model and data
-        try:
+        with refusals.reported():
             if not self._distributed():
                 return super().instantiate_classes()
             with deferred_weights():
                 super().instantiate_classes()
-        except UserError:
-            raise
-        except (ValueError, TypeError, FileNotFoundError, ModuleNotFoundError) as error:
-            refusal = refusals.cause_of(error)
-            if refusal is not None:
-                raise refusal from error
-            raise UserError(f"{type(error).__name__}: {error}") from error
 
 
 class _DropAdvert(logging.Filter):

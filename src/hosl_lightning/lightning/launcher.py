@@ -27,6 +27,7 @@ class ServerLauncher(_Launcher):
         return True
 
     def launch(self, function: Callable, *args: Any, trainer: Trainer | None = None, **kwargs: Any) -> Any:
+        self.strategy.check_launched()  # started without torchrun: say so before anything loads or waits
         if self.strategy.role == "server":
             module = self.strategy.lightning_module or (args[0] if args else None)
             return self.strategy.serve(module)

@@ -302,7 +302,7 @@ class RunSettings:
 
     def report_failure(self, exception: BaseException) -> None:
         """A failing client tells the server why, instead of vanishing mid-protocol."""
-        if self.role == "client" and self._wire is not None:
+        if self._wire is not None and self.role == "client":  # no link: no role asked of an unlaunched process
             try:
                 self._wire.send("error", wait=False, message=f"{type(exception).__name__}: {exception}")
             except Exception:  # noqa: BLE001, S110 - the server is gone: the original error is the one to report
@@ -310,7 +310,7 @@ class RunSettings:
 
     def close_peers(self, failure: BaseException | None, say_bye: Any) -> None:
         """End a client's session: finish the clients' sync, say bye (or flush the error sent), disconnect."""
-        if self.role != "client" or self._wire is None:
+        if self._wire is None or self.role != "client":
             return
         try:
             if failure is None:

@@ -102,6 +102,11 @@ class HOSLStrategy(RunSettings, SplitCheckpoints, FusedClientUpdate, SingleDevic
     def _configure_launcher(self) -> None:
         self._launcher = ServerLauncher(self)
 
+    def check_launched(self) -> None:
+        """A distributed run's process refuses to start without its rank, the world size and where to meet."""
+        if self.transport == "distributed":
+            self._peers.check_launched()
+
     @property
     def memory_report(self) -> MemoryReport | None:
         """The latest per-side memory measurement (see ``memory_every_n_steps``)."""
