@@ -1,7 +1,8 @@
 """HOSLStrategy: cut the model, place the halves, and run each step of the chosen mode. It wires plug-ins
 together: the mode (:mod:`hosl_lightning.modes`) over a link (in-process, the wire, or a drop-in module's own
-``training_step``), the peers of a distributed run, :class:`~.launcher.ServerLauncher` for the server process,
-:class:`~.checkpoint_io.SplitCheckpoints` for checkpoints (the server's half beside the user's CheckpointIO), and :class:`~.telemetry.StepTelemetry`.
+``training_step``), this process's role and peers (:class:`~.processes.SplitProcesses`),
+:class:`~.launcher.ServerLauncher` for the server process, :class:`~.checkpoint_io.SplitCheckpoints` for checkpoints
+(the server's half beside the user's CheckpointIO), and :class:`~.telemetry.StepTelemetry`.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from hosl_lightning.lightning.dropin import dropin_step, pop_loss_weight, scaled
 from hosl_lightning.lightning.fused_client import FusedClientUpdate
 from hosl_lightning.lightning.launcher import ServerLauncher
 from hosl_lightning.lightning.precision_checks import check_precision
+from hosl_lightning.lightning.processes import SplitProcesses
 from hosl_lightning.lightning.settings import STRATEGY_NAME, RunSettings
 from hosl_lightning.lightning.summary import use_split_summaries
 from hosl_lightning.lightning.telemetry import StepTelemetry, prefixed
@@ -41,7 +43,7 @@ from hosl_lightning.modes.frozen import NoUpdate
 from hosl_lightning.modes.in_process import in_process_step
 
 
-class HOSLStrategy(RunSettings, SplitCheckpoints, FusedClientUpdate, SingleDeviceStrategy):
+class HOSLStrategy(RunSettings, SplitProcesses, SplitCheckpoints, FusedClientUpdate, SingleDeviceStrategy):
     # The options' documentation lives with their checks (settings.RunSettings); the class and its __init__ carry it.
     __doc__ = "Hybrid-order split learning: zeroth-order client, first-order server, cut at ``cut_layer``.\n\n" + (
         inspect.cleandoc(RunSettings.__doc__ or ""))
@@ -86,6 +88,8 @@ class HOSLStrategy(RunSettings, SplitCheckpoints, FusedClientUpdate, SingleDevic
         **kwargs: Any,
     ) -> None:
         self._init_settings({k: v for k, v in locals().items() if k not in ("self", "kwargs", "__class__")})
+        self._init_processes(backend, timeout_s, init_method, rank, world_size)
+        self.client_optimizer: ZOSGD | None = None  # the client half's own ZOSGD (hosl), once built
         super().__init__(device="cpu", **kwargs)  # a checkpoint_io in kwargs is wrapped: see SplitCheckpoints
         self.peft_model: Any = None  # the PeftModel around the adapted model, once adapters are injected
         self.parallel_devices: list[torch.device] | None = None  # filled in by the Trainer from `devices`
