@@ -121,6 +121,10 @@ FIT = ["fit", "--config", str(CONFIGS / "synthetic.yaml"), "--trainer.enable_pro
                                                      "must be a number in [0, 1), e.g. [0.9, 0.999]")),
         ("--model.optimizer.init_args.betas=[0.9,1]", ("model.optimizer.init_args.betas=(0.9, 1.0) is not valid: each "
                                                        "beta must be a number in [0, 1), e.g. [0.9, 0.999]")),
+
+        ("--model.optimizer.init_args.eps=-1e-8", "model.optimizer.init_args.eps=-1e-08 is not valid: it must be a number >= 0"),
+        ("--model.optimizer.init_args.weight_decay=-0.01",
+         "model.optimizer.init_args.weight_decay=-0.01 is not valid: it must be a number >= 0"),
     ],
 )
 def test_user_errors_found_early_or_late_read_alike(override: str, message: str, tmp_path: Path,

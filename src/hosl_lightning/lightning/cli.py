@@ -153,9 +153,10 @@ class HOSLCLI(LightningCLI):
                 raise UserError(f"{error}, or -1 for no limit") from None
         optimizer = (config.get("model") or {}).get("optimizer")
         init_args = getattr(optimizer, "init_args", None) or {}
-        lr = init_args.get("lr")
-        if isinstance(lr, (int, float)):  # torch would refuse a negative one only when the fit starts
-            check_number("model.optimizer.init_args.lr", lr, 0)
+        for name in ("lr", "eps", "weight_decay", "momentum"):  # torch's optimizers refuse a negative one only
+            value = init_args.get(name)                         # when the fit starts
+            if isinstance(value, (int, float)):
+                check_number(f"model.optimizer.init_args.{name}", value, 0)
         betas = init_args.get("betas")
         if isinstance(betas, (list, tuple)) and not all(  # torch refuses them only when the fit starts, too
                 isinstance(beta, Real) and not isinstance(beta, bool) and 0 <= beta < 1 for beta in betas):
