@@ -50,7 +50,7 @@ def test_print_config_round_trips(tmp_path: Path, capsys: pytest.CaptureFixture[
 def test_invalid_values_fail_before_training(override: str, message: str, tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "hosl_lightning.cli", "fit", "--config", str(CONFIGS / "synthetic.yaml"), override],
-        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+        capture_output=True, text=True, cwd=tmp_path, timeout=300, check=False,
     )
     assert result.returncode != 0
     assert message in result.stderr + result.stdout
@@ -69,7 +69,8 @@ def test_validate_scores_before_any_training(tmp_path: Path, monkeypatch: pytest
 
 def test_the_command_line_runs_without_lightnings_args_warning() -> None:
     """The CLI lets LightningCLI read sys.argv itself; passing it as args too printed a warning on every run."""
-    result = subprocess.run([sys.executable, "-m", "hosl_lightning.cli", "fit", "--help"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "hosl_lightning.cli", "fit", "--help"], capture_output=True, text=True,
+                            check=False)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "usage:" in result.stdout and "not recommended" not in result.stderr + result.stdout
 
@@ -82,7 +83,7 @@ def test_every_refused_option_reports_in_one_style(override: str, tmp_path: Path
     of 4 blocks, a traceback before) all print one line, exit 2."""
     result = subprocess.run(
         [sys.executable, "-m", "hosl_lightning.cli", "fit", "--config", str(CONFIGS / "synthetic.yaml"), override],
-        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+        capture_output=True, text=True, cwd=tmp_path, timeout=300, check=False,
     )
     assert result.returncode == 2, result.stderr[-1500:]
     errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
@@ -214,8 +215,8 @@ def _fo_config_with_q(tmp_path: Path) -> str:
         (["--config", "FO_WITH_Q"], UNUSED_Q),  # set in the YAML itself
         (["--config", str(CONFIGS / "synthetic.yaml"), "--trainer.strategy.init_args.zo_optimizer=fzoo",
           "--trainer.strategy.init_args.pair_probes=true"],
-         "pair_probes=True is not valid with zo_optimizer 'fzoo', which does not use it: remove pair_probes, or choose "
-         "a zo_optimizer that uses it ('zo_sgd', 'zo_momentum')"),
+         ("pair_probes=True is not valid with zo_optimizer 'fzoo', which does not use it: remove pair_probes, or choose "
+          "a zo_optimizer that uses it ('zo_sgd', 'zo_momentum')")),
     ],
     ids=["mode-on-the-command-line", "q-on-the-command-line", "q-in-the-yaml", "pair_probes-with-fzoo"],
 )
