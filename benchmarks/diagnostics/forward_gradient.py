@@ -59,7 +59,8 @@ def timed(seconds: list[float], call: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def time_steps(model: SplitCausalLM, name: str, batch: dict, steps: int) -> tuple[float, float]:
-    """Median CPU seconds per step and mean server CPU seconds per step of setting ``name`` over ``steps`` steps.
+    """Median CPU seconds per step and median server CPU seconds per step of setting ``name`` over ``steps`` steps
+    (medians both: a mean of a few steps let one slow step put the server above the whole step).
 
     CPU seconds (``time.process_time``: every thread of this process), not wall time: on a machine shared with
     other jobs the wall time of one step varied 2x from one setting to the next, the CPU time it takes much less.
@@ -90,7 +91,7 @@ def time_steps(model: SplitCausalLM, name: str, batch: dict, steps: int) -> tupl
         if step:  # the first step warms up allocators and kernels
             seconds.append(time.process_time() - started)
             server.append(server_s[0])
-    return statistics.median(seconds), statistics.mean(server)
+    return statistics.median(seconds), statistics.median(server)
 
 
 def client_peak_mib(model: SplitCausalLM, name: str, batch: dict) -> float:
